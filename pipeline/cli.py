@@ -1,0 +1,65 @@
+"""`python -m pipeline <stage>` and the `dcgan` console script: one subcommand per stage."""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import json
+import sys
+from pathlib import Path
+
+from pipeline.errors import UserError
+
+# subcommand -> (module whose main() runs it, one-line help)
+STAGES: dict[str, tuple[str, str]] = {
+    "prepare": ("pipeline.prepare", "fetch, verify and decode MNIST into data/prepared/"),
+}
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="dcgan", description="DCGAN on MNIST: the stages of the DVC pipeline and helpers."
+    )
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    for name, (_, help_text) in STAGES.items():
+        stage = sub.add_parser(name, help=help_text, description=help_text)
+        stage.add_argument("--params", type=Path, default=Path("params.yaml"), help="params file (default: %(default)s)")
+    schema = sub.add_parser("schema", help="print the JSON schema of params.yaml (for editors)")
+    schema.add_argument("--output", type=Path, help="write it to this file instead of stdout")
+    check = sub.add_parser("check-params", help="validate params.yaml and exit")
+    check.add_argument("--params", type=Path, default=Path("params.yaml"))
+    return parser
+
+
+def run(args: argparse.Namespace) -> None:
+    if args.command == "schema":
+        from pipeline.params import json_schema
+        from pipeline.runtime import write_json
+
+        if args.output:
+            write_json(args.output, json_schema())
+        else:
+            print(json.dumps(json_schema(), indent=2))
+        return
+    if args.command == "check-params":
+        from pipeline.params import load_params
+
+        load_params(args.params)
+        print(f"{args.params} is valid")
+        return
+    module = importlib.import_module(STAGES[args.command][0])
+    options = {key: value for key, value in vars(args).items() if key not in ("command", "params")}
+    module.main(args.params, **options)
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        run(args)
+    except UserError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        return 130
+    return 0

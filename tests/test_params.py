@@ -1,0 +1,85 @@
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import yaml
+
+from pipeline.errors import UserError
+from pipeline.params import Params, flatten, json_schema, load_params
+from tests.conftest import ROOT, run_cli
+
+
+def write(tmp_path: Path, text: str) -> Path:
+    path = tmp_path / "params.yaml"
+    path.write_text(text)
+    return path
+
+
+def test_committed_params_are_the_defaults() -> None:
+    assert load_params(ROOT / "params.yaml") == Params()
+
+
+def test_typo_in_a_key_names_it_and_the_allowed_keys(tmp_path: Path) -> None:
+    with pytest.raises(UserError, match=r"unknown key 'train\.batch_sze' \(allowed here: steps, batch_size"):
+        load_params(write(tmp_path, "train:\n  batch_sze: 64\n"))
+
+
+def test_unknown_section(tmp_path: Path) -> None:
+    with pytest.raises(UserError, match=r"unknown key 'trian' \(allowed here: prepare, model"):
+        load_params(write(tmp_path, "trian:\n  steps: 1\n"))
+
+
+@pytest.mark.parametrize(
+    ("text", "pattern"),
+    [
+        ("train:\n  batch_size: many\n", r"'train\.batch_size' = \"many\" is invalid: input should be a valid integer"),
+        ("train:\n  lr_d: -0.1\n", r"'train\.lr_d' = -0\.1 is invalid: input should be greater than 0"),
+        ("train:\n  precision: fp8\n", r"'train\.precision' = \"fp8\" is invalid: input should be 'fp32' or 'bf16'"),
+        ("model:\n  d_channels: [1, 2]\n", r"'model\.d_channels' = \[1, 2\] is invalid: list should have at least 4"),
+        ("model:\n  dropout: 1.5\n", r"'model\.dropout' = 1\.5 is invalid: input should be less than 1"),
+        ("train: 5\n", r"'train' = 5 is invalid"),
+        ("- a\n- b\n", r"must be a mapping of sections, got list"),
+    ],
+)
+def test_bad_values_name_path_value_and_rule(tmp_path: Path, text: str, pattern: str) -> None:
+    with pytest.raises(UserError, match=pattern):
+        load_params(write(tmp_path, text))
+
+
+def test_invalid_yaml_names_line(tmp_path: Path) -> None:
+    with pytest.raises(UserError, match=r"is not valid YAML at line 3, column 9: mapping values are not allowed"):
+        load_params(write(tmp_path, "train:\n  steps: 1\n    lr_d: 2\n"))
+
+
+def test_missing_file(tmp_path: Path) -> None:
+    with pytest.raises(UserError, match=r"not found"):
+        load_params(tmp_path / "nope.yaml")
+
+
+def test_empty_file_gives_defaults(tmp_path: Path) -> None:
+    assert load_params(write(tmp_path, "")) == Params()
+
+
+def test_cli_reports_one_sentence_exit_2_and_writes_nothing(tmp_path: Path) -> None:
+    write(tmp_path, "train:\n  steps: 0\n")
+    result = run_cli(["prepare"], cwd=tmp_path)
+    assert result.returncode == 2
+    assert result.stderr.strip().count("\n") == 0, result.stderr
+    assert "'train.steps' = 0 is invalid" in result.stderr
+    assert "Traceback" not in result.stderr
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["params.yaml"]
+
+
+def test_flatten_uses_dvc_dotted_keys() -> None:
+    flat = flatten(Params())
+    assert flat["train.lr_g"] == "0.0002"
+    assert flat["model.d_channels"] == "[32, 64, 128, 256]"
+    assert flat["tracking.experiment"] == "dcgan-mnist"
+
+
+def test_committed_json_schema_is_current() -> None:
+    committed = json.loads((ROOT / "params.schema.json").read_text())
+    assert committed == json_schema(), "regenerate with: python -m pipeline schema --output params.schema.json"
+    assert set(committed["properties"]) == set(yaml.safe_load((ROOT / "params.yaml").read_text()))
