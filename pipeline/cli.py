@@ -13,6 +13,8 @@ from pipeline.errors import UserError
 # subcommand -> (module whose main() runs it, one-line help)
 STAGES: dict[str, tuple[str, str]] = {
     "prepare": ("pipeline.prepare", "fetch, verify and decode MNIST into data/prepared/"),
+    "classifier": ("pipeline.classifier", "train the frozen MNIST classifier used for every score"),
+    "reference": ("pipeline.reference", "cache the real-data features and the real-vs-real score floors"),
 }
 
 

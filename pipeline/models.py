@@ -1,0 +1,184 @@
+"""The tutorial's DCGAN (Generator, Discriminator) and the frozen MNIST Classifier.
+
+Every size is a constructor argument; nothing is read from module globals. Layer for
+layer these are the Keras tutorial's models: Keras' BatchNormalization(momentum=0.8) is
+PyTorch momentum 0.2 (PyTorch weighs the NEW batch by `momentum`), Keras' epsilon 1e-3,
+glorot-uniform kernels and zero biases, and Keras' "same" padding for stride 2, which pads
+only the bottom/right edge of an even-sized input.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from pipeline.params import ClassifierParams, ModelParams
+
+IMAGE_SIZE = 28
+BASE_SIZE = IMAGE_SIZE // 4  # the generator upsamples twice: 7 -> 14 -> 28
+
+
+def _batch_norm(channels: int, keras_momentum: float, eps: float) -> nn.BatchNorm2d:
+    return nn.BatchNorm2d(channels, eps=eps, momentum=1.0 - keras_momentum)
+
+
+def _conv_same(in_ch: int, out_ch: int, stride: int) -> nn.Sequential | nn.Conv2d:
+    """3x3 conv with Keras' "same" padding: (0, 1, 0, 1) for stride 2 on even inputs."""
+    if stride == 1:
+        return nn.Conv2d(in_ch, out_ch, 3, stride=1, padding=1)
+    return nn.Sequential(nn.ZeroPad2d((0, 1, 0, 1)), nn.Conv2d(in_ch, out_ch, 3, stride=stride))
+
+
+def keras_init_(module: nn.Module) -> None:
+    """Keras defaults: glorot-uniform kernels, zero biases (BN keeps gamma=1, beta=0)."""
+    for m in module.modules():
+        if isinstance(m, (nn.Conv2d, nn.Linear)):
+            nn.init.xavier_uniform_(m.weight)
+            if m.bias is not None:
+                nn.init.zeros_(m.bias)
+
+
+class Generator(nn.Module):
+    """z (N, latent_dim) -> images (N, 1, 28, 28) in [-1, 1]."""
+
+    def __init__(
+        self,
+        latent_dim: int = 100,
+        dense_channels: int = 128,
+        channels: tuple[int, int] = (128, 64),
+        bn_momentum: float = 0.8,
+        bn_eps: float = 1e-3,
+    ) -> None:
+        super().__init__()
+        self.latent_dim = latent_dim
+        self.dense_channels = dense_channels
+        self.dense = nn.Linear(latent_dim, dense_channels * BASE_SIZE * BASE_SIZE)
+        layers: list[nn.Module] = []
+        in_ch = dense_channels
+        for out_ch in channels:  # 7 -> 14 -> 28
+            layers += [
+                nn.Upsample(scale_factor=2, mode="nearest"),
+                nn.Conv2d(in_ch, out_ch, 3, padding=1),
+                _batch_norm(out_ch, bn_momentum, bn_eps),
+                nn.ReLU(inplace=True),
+            ]
+            in_ch = out_ch
+        layers += [nn.Conv2d(in_ch, 1, 3, padding=1), nn.Tanh()]
+        self.body = nn.Sequential(*layers)
+        keras_init_(self)
+
+    def forward(self, z: torch.Tensor) -> torch.Tensor:
+        x = torch.relu(self.dense(z)).view(-1, self.dense_channels, BASE_SIZE, BASE_SIZE)
+        return self.body(x)
+
+
+class Discriminator(nn.Module):
+    """images (N, 1, 28, 28) -> logits (N,); sigmoid(logit) is the probability of "real"."""
+
+    def __init__(
+        self,
+        channels: tuple[int, int, int, int] = (32, 64, 128, 256),
+        dropout: float = 0.25,
+        leaky_slope: float = 0.2,
+        bn_momentum: float = 0.8,
+        bn_eps: float = 1e-3,
+    ) -> None:
+        super().__init__()
+        c1, c2, c3, c4 = channels
+
+        def act() -> list[nn.Module]:
+            return [nn.LeakyReLU(leaky_slope, inplace=True), nn.Dropout(dropout)]
+
+        self.features = nn.Sequential(
+            _conv_same(1, c1, 2), *act(),  # 28 -> 14 (no BN on the first block, as in Keras)
+            _conv_same(c1, c2, 2),  # 14 -> 7
+            nn.ZeroPad2d((0, 1, 0, 1)),  # 7 -> 8, the tutorial's ZeroPadding2D
+            _batch_norm(c2, bn_momentum, bn_eps), *act(),
+            _conv_same(c2, c3, 2), _batch_norm(c3, bn_momentum, bn_eps), *act(),  # 8 -> 4
+            _conv_same(c3, c4, 1), _batch_norm(c4, bn_momentum, bn_eps), *act(),  # 4 -> 4
+            nn.Flatten(),
+        )  # fmt: skip
+        self.head = nn.Linear(c4 * 4 * 4, 1)
+        keras_init_(self)
+
+    def forward(self, images: torch.Tensor) -> torch.Tensor:
+        return self.head(self.features(images)).squeeze(1)
+
+
+class Classifier(nn.Module):
+    """A small MNIST CNN whose penultimate layer gives the features FID is computed on."""
+
+    def __init__(self, feature_dim: int = 128, dropout: float = 0.3) -> None:
+        super().__init__()
+
+        def block(in_ch: int, out_ch: int) -> list[nn.Module]:
+            return [nn.Conv2d(in_ch, out_ch, 3, padding=1, bias=False), nn.BatchNorm2d(out_ch), nn.ReLU(inplace=True)]
+
+        self.body = nn.Sequential(
+            *block(1, 32), *block(32, 32), nn.MaxPool2d(2),  # 28 -> 14
+            *block(32, 64), *block(64, 64), nn.MaxPool2d(2),  # 14 -> 7
+            nn.Flatten(),
+            nn.Linear(64 * 7 * 7, feature_dim), nn.ReLU(inplace=True),
+        )  # fmt: skip
+        self.dropout = nn.Dropout(dropout)
+        self.head = nn.Linear(feature_dim, 10)
+        self.feature_dim = feature_dim
+
+    def features(self, images: torch.Tensor) -> torch.Tensor:
+        """Penultimate-layer activations (N, feature_dim)."""
+        return self.body(images)
+
+    def forward(self, images: torch.Tensor) -> torch.Tensor:
+        """Class logits (N, 10)."""
+        return self.head(self.dropout(self.body(images)))
+
+
+def build_generator(params: ModelParams) -> Generator:
+    return Generator(
+        params.latent_dim, params.g_dense_channels, tuple(params.g_channels), params.bn_momentum, params.bn_eps
+    )
+
+
+def build_discriminator(params: ModelParams) -> Discriminator:
+    return Discriminator(tuple(params.d_channels), params.dropout, params.leaky_slope, params.bn_momentum, params.bn_eps)
+
+
+def build_classifier(params: ClassifierParams) -> Classifier:
+    return Classifier(params.feature_dim)
+
+
+def count_parameters(model: nn.Module) -> tuple[int, int]:
+    """(trainable, total as Keras counts it: trainable + BN moving mean and variance)."""
+    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    moving = sum(
+        m.running_mean.numel() + m.running_var.numel()
+        for m in model.modules()
+        if isinstance(m, nn.modules.batchnorm._BatchNorm) and m.running_mean is not None
+    )
+    return trainable, trainable + moving
+
+
+def summary(model: nn.Module, input_shape: tuple[int, ...]) -> str:
+    """A Keras-style table: each leaf layer's output shape and parameter count."""
+    rows: list[tuple[str, str, int]] = []
+    hooks = []
+    for name, module in model.named_modules():
+        if len(list(module.children())) == 0:
+            def hook(mod: nn.Module, _inp: object, out: torch.Tensor, name: str = name) -> None:
+                count = sum(p.numel() for p in mod.parameters(recurse=False))
+                rows.append((f"{name} ({type(mod).__name__})", str(tuple(out.shape[1:])), count))
+
+            hooks.append(module.register_forward_hook(hook))
+    was_training = model.training
+    model.eval()
+    with torch.no_grad():
+        model(torch.zeros(2, *input_shape))
+    model.train(was_training)
+    for h in hooks:
+        h.remove()
+    trainable, total = count_parameters(model)
+    width = max(len(r[0]) for r in rows) + 2
+    lines = [f"{type(model).__name__}", f"{'layer':<{width}}{'output shape':<20}{'params':>10}"]
+    lines += [f"{n:<{width}}{s:<20}{c:>10,}" for n, s, c in rows]
+    lines.append(f"trainable params: {trainable:,}   total (with BN moving statistics): {total:,}")
+    return "\n".join(lines)
