@@ -15,6 +15,7 @@ STAGES: dict[str, tuple[str, str]] = {
     "prepare": ("pipeline.prepare", "fetch, verify and decode MNIST into data/prepared/"),
     "classifier": ("pipeline.classifier", "train the frozen MNIST classifier used for every score"),
     "reference": ("pipeline.reference", "cache the real-data features and the real-vs-real score floors"),
+    "train": ("pipeline.train", "train the DCGAN; resumes from checkpoints/train.pt; logs to MLflow"),
 }
 
 

@@ -12,6 +12,10 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from pathlib import Path
+
+from pipeline import runtime
+from pipeline.errors import UserError
 from pipeline.params import ClassifierParams, ModelParams
 
 IMAGE_SIZE = 28
@@ -145,6 +149,18 @@ def build_discriminator(params: ModelParams) -> Discriminator:
 
 def build_classifier(params: ClassifierParams) -> Classifier:
     return Classifier(params.feature_dim)
+
+
+def load_generator(path: Path, params: ModelParams, device: torch.device) -> Generator:
+    """The trained generator saved by the train stage (weights only, checksum verified)."""
+    state = runtime.load_checkpoint(path, map_location=device)
+    generator = build_generator(params).to(device)
+    try:
+        generator.load_state_dict(state["generator"])
+    except (KeyError, RuntimeError) as exc:
+        first = str(exc).strip().splitlines()[0]
+        raise UserError(f"{path} does not match the model section of params.yaml ({first}).") from None
+    return generator.eval()
 
 
 def count_parameters(model: nn.Module) -> tuple[int, int]:

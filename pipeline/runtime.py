@@ -90,3 +90,55 @@ def sha256_file(path: Path | str, chunk: int = 1 << 20) -> str:
         while block := fh.read(chunk):
             digest.update(block)
     return digest.hexdigest()
+
+
+# --- checkpoints -------------------------------------------------------------------------
+# A checkpoint is torch.save's zip followed by a footer holding the SHA-256 of those
+# bytes, so truncation and bit flips are caught before torch ever parses the file, and
+# loading goes through torch's weights-only unpickler: tensors and plain containers only,
+# never arbitrary objects.
+
+_FOOTER_MAGIC = b"\nDCGAN-SHA256:"
+_FOOTER_LEN = len(_FOOTER_MAGIC) + 64
+
+
+def save_checkpoint(state: dict[str, Any], path: Path | str) -> None:
+    """Write `state` (tensors, numbers, strings, dicts, lists) atomically with a checksum."""
+    import io
+
+    buffer = io.BytesIO()
+    torch.save(state, buffer)
+    body = buffer.getvalue()
+    with atomic_path(path) as tmp:
+        tmp.write_bytes(body + _FOOTER_MAGIC + hashlib.sha256(body).hexdigest().encode())
+
+
+def load_checkpoint(path: Path | str, map_location: str | torch.device = "cpu") -> dict[str, Any]:
+    """Verify and load a checkpoint written by save_checkpoint; any damage is a UserError."""
+    import io
+    import pickle
+
+    path = Path(path)
+    try:
+        blob = path.read_bytes()
+    except OSError as exc:
+        raise UserError(f"checkpoint {path} cannot be read ({exc.strerror}).") from None
+    body, footer = blob[:-_FOOTER_LEN], blob[-_FOOTER_LEN:]
+    if len(blob) < _FOOTER_LEN or not footer.startswith(_FOOTER_MAGIC):
+        raise UserError(f"checkpoint {path} is truncated or not one of ours; delete it to start fresh.")
+    if hashlib.sha256(body).hexdigest().encode() != footer[len(_FOOTER_MAGIC) :]:
+        raise UserError(f"checkpoint {path} fails its checksum (corrupted); delete it to start fresh.")
+    try:
+        state = torch.load(io.BytesIO(body), map_location=map_location, weights_only=True)
+    except (pickle.UnpicklingError, RuntimeError, ValueError, EOFError) as exc:
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise UserError(f"checkpoint {path} holds something other than weights ({first}); refusing to load it.") from None
+    if not isinstance(state, dict):
+        raise UserError(f"checkpoint {path} does not hold a state dictionary; delete it to start fresh.")
+    return state
+
+
+def fingerprint(*parts: Any) -> str:
+    """A stable short hash of JSON-serialisable parts (params, data hashes)."""
+    text = json.dumps(parts, sort_keys=True, default=str)
+    return hashlib.sha256(text.encode()).hexdigest()[:16]

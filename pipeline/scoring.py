@@ -1,0 +1,184 @@
+"""Scoring with the frozen MNIST classifier: its file I/O, feature extraction, the real-data
+reference and the one `score` every stage reports (reference floor, training FID, evaluate).
+
+Real images and generator samples both arrive here as uint8 pixels and go through
+`data.to_model`, so the two sides of every score see identical preprocessing.
+"""
+
+from __future__ import annotations
+
+import pickle
+import warnings
+import zipfile
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from pipeline import metrics
+from pipeline.data import N_CLASSES, to_model
+from pipeline.errors import UserError
+from pipeline.models import Classifier
+from pipeline.params import EvaluateParams
+from pipeline.runtime import atomic_path, sha256_file
+
+RETRAIN = "run `dvc repro classifier` (or `python -m pipeline classifier`) to train it again"
+RECOMPUTE = "run `dvc repro reference` (or `python -m pipeline reference`) to compute it again"
+
+# What torch.load raises on a truncated, garbage or non-weights file (weights_only refuses
+# unknown globals with UnpicklingError before anything in the file is executed).
+_LOAD_ERRORS = (
+    pickle.UnpicklingError, RuntimeError, EOFError, ValueError, OSError, KeyError, TypeError,
+    AttributeError, IndexError, zipfile.BadZipFile, UnicodeDecodeError,
+)  # fmt: skip
+
+
+# --- the classifier file ---------------------------------------------------------------
+
+
+def save_classifier(model: Classifier, path: Path) -> None:
+    """Write the weights atomically as a plain state_dict of CPU tensors."""
+    state = {key: value.detach().cpu().clone() for key, value in model.state_dict().items()}
+    with atomic_path(path) as tmp:
+        torch.save(state, tmp)
+
+
+def load_classifier(path: Path, feature_dim: int, device: torch.device) -> tuple[Classifier, str]:
+    """Load frozen weights (never unpickling arbitrary objects); return the model and the file's SHA-256."""
+    path = Path(path)
+    if not path.is_file():
+        raise UserError(f"classifier weights {path} are missing; {RETRAIN}.")
+    try:
+        with warnings.catch_warnings():  # torch warns about odd pickle protocols before refusing them
+            warnings.simplefilter("ignore")
+            state = torch.load(path, map_location="cpu", weights_only=True)
+    except _LOAD_ERRORS as exc:
+        # torch's own message suggests weights_only=False, exactly the wrong advice here.
+        raise UserError(
+            f"classifier weights {path} are damaged or not a plain weights file ({type(exc).__name__}); {RETRAIN}."
+        ) from None
+    if not isinstance(state, dict) or not all(
+        isinstance(k, str) and isinstance(v, torch.Tensor) for k, v in state.items()
+    ):
+        raise UserError(f"classifier weights {path} are not a state_dict of tensors; {RETRAIN}.")
+    model = Classifier(feature_dim)
+    try:
+        model.load_state_dict(state, strict=True)
+    except RuntimeError:
+        raise UserError(
+            f"classifier weights {path} do not fit a Classifier with feature_dim={feature_dim} "
+            f"(changed params or a damaged file); {RETRAIN}."
+        ) from None
+    model.to(device).eval().requires_grad_(False)
+    return model, sha256_file(path)
+
+
+# --- features and class probabilities -----------------------------------------------------
+
+
+def classify(
+    model: Classifier, images: np.ndarray | torch.Tensor, batch_size: int, device: torch.device
+) -> tuple[np.ndarray, np.ndarray]:
+    """uint8 images (N, 28, 28) -> penultimate features (N, D) float32 and softmax probs (N, 10) float64."""
+    if images.ndim != 3 or images.shape[0] == 0:
+        raise UserError(f"classify expects a non-empty (N, 28, 28) uint8 batch; got shape {tuple(images.shape)}.")
+    was_training = model.training
+    model.eval()  # BatchNorm on running statistics, no dropout: each image's features stand alone
+    features, probs = [], []
+    with torch.inference_mode():
+        for start in range(0, images.shape[0], batch_size):
+            x = to_model(images[start : start + batch_size]).to(device)
+            f = model.features(x)  # (B, D)
+            # In eval mode dropout is the identity, so head(features) are exactly forward()'s logits.
+            logits = model.head(f).double()  # (B, 10); softmax in float64 for IS/KL
+            features.append(f.float().cpu().numpy())
+            probs.append(torch.softmax(logits, dim=1).cpu().numpy())
+    model.train(was_training)
+    return np.concatenate(features), np.concatenate(probs)
+
+
+# --- the real-data reference --------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Reference:
+    """Classifier features of the real reference images and what every score compares against."""
+
+    features: np.ndarray  # (N, D) float32, kept for KID and PRDC
+    mean: np.ndarray  # (D,) float64
+    cov: np.ndarray  # (D, D) float64, unbiased
+    label_distribution: np.ndarray  # (10,) float64, fractions of the real labels
+    classifier_sha256: str  # the weights the features came from; scores are only comparable under one
+
+
+def compute_reference(features: np.ndarray, labels: np.ndarray, classifier_sha256: str) -> Reference:
+    """Statistics of real features (N >= 2 * D, see metrics.feature_stats) and their label distribution."""
+    mean, cov = metrics.feature_stats(features)
+    labels = np.asarray(labels)
+    if labels.shape != (features.shape[0],) or labels.min() < 0 or labels.max() >= N_CLASSES:
+        raise UserError(f"reference labels must be N={features.shape[0]} digits 0-9; got shape {labels.shape}.")
+    counts = np.bincount(labels, minlength=N_CLASSES).astype(np.float64)
+    return Reference(np.asarray(features, np.float32), mean, cov, counts / counts.sum(), classifier_sha256)
+
+
+def save_reference(ref: Reference, path: Path) -> None:
+    """Uncompressed .npz of plain arrays (no pickle), written atomically."""
+    with atomic_path(path) as tmp, open(tmp, "wb") as fh:
+        np.savez(
+            fh, features=ref.features, mean=ref.mean, cov=ref.cov,
+            label_distribution=ref.label_distribution, classifier_sha256=np.array(ref.classifier_sha256),
+        )  # fmt: skip
+
+
+def load_reference(path: Path) -> Reference:
+    """Load and check a saved reference; a missing or damaged file is a UserError."""
+    path = Path(path)
+    if not path.is_file():
+        raise UserError(f"reference {path} is missing; {RECOMPUTE}.")
+    try:
+        with np.load(path, allow_pickle=False) as npz:
+            ref = Reference(
+                features=npz["features"], mean=npz["mean"], cov=npz["cov"],
+                label_distribution=npz["label_distribution"], classifier_sha256=str(npz["classifier_sha256"]),
+            )  # fmt: skip
+    except (KeyError, ValueError, OSError, EOFError, zipfile.BadZipFile) as exc:
+        raise UserError(f"reference {path} is damaged ({exc}); {RECOMPUTE}.") from None
+    n, d = ref.features.shape if ref.features.ndim == 2 else (0, 0)
+    arrays = (ref.features, ref.mean, ref.cov, ref.label_distribution)
+    if (
+        n == 0
+        or ref.mean.shape != (d,)
+        or ref.cov.shape != (d, d)
+        or ref.label_distribution.shape != (N_CLASSES,)
+        or not all(np.isfinite(a).all() for a in arrays)
+    ):
+        raise UserError(f"reference {path} has inconsistent arrays; {RECOMPUTE}.")
+    return ref
+
+
+# --- the scores ---------------------------------------------------------------------------
+
+
+def score(
+    fake_features: np.ndarray, fake_probs: np.ndarray, reference: Reference, params: EvaluateParams
+) -> dict[str, float | int | list[int]]:
+    """Every sample-quality score of one sample set against the reference, as flat JSON-ready keys."""
+    mean, cov = metrics.feature_stats(fake_features)
+    kid_mean, kid_std = metrics.kid(
+        fake_features, reference.features, params.kid_subsets, params.kid_subset_size, params.seed
+    )
+    is_mean, is_std = metrics.inception_score(fake_probs, params.is_splits)
+    classes = metrics.class_report(fake_probs, reference.label_distribution)
+    return {
+        "fid": metrics.frechet_distance(mean, cov, reference.mean, reference.cov),
+        "kid_mean": kid_mean,
+        "kid_std": kid_std,
+        "is_mean": is_mean,
+        "is_std": is_std,
+        "class_kl": classes["kl_divergence"],
+        "classes_covered": classes["classes_covered"],
+        "mean_confidence": classes["mean_confidence"],
+        **metrics.prdc(reference.features, fake_features, params.prdc_k),
+        "class_counts": classes["counts"],
+    }

@@ -1,0 +1,372 @@
+"""Stage `train`: the tutorial's DCGAN training loop, written out once.
+
+Each step, as in the Keras tutorial: draw a random batch of real images and a batch of
+fakes from fresh noise; train D on the real batch (label 1), then on the fake batch
+(label 0), two optimiser steps as the tutorial's two `train_on_batch` calls; then train
+G through D with the label "real". The generator runs once per step: its output feeds
+D's fake update (detached) and then G's update.
+
+The core, `train()`, does no file or MLflow I/O: it reports through callbacks, which
+main() wires to DVC outputs and MLflow. Host-device synchronisation happens only at
+logging points (every `log_every` steps), where the per-step losses collected on the
+device are copied out in one go.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from pipeline import data, runtime
+from pipeline.errors import UserError
+from pipeline.models import Discriminator, Generator, build_discriminator, build_generator
+from pipeline.params import ModelParams, Params, TrainParams, flatten, load_params
+
+LOG_COLUMNS = ("d_loss", "d_acc", "g_loss")
+GRID = 5  # the tutorial's 5x5 sample grid
+
+GENERATOR = Path("models/generator.pt")
+RUN_INFO = Path("models/train_run.json")
+CHECKPOINT = Path("checkpoints/train.pt")
+METRICS = Path("metrics/train.json")
+LOG = Path("metrics/train_log.csv")
+SAMPLES_DIR = Path("samples")
+LAST_SAMPLES = Path("plots/train_samples.png")
+
+
+class Diverged(UserError):
+    """A non-finite loss: training stops, the last good checkpoint is kept."""
+
+
+@dataclass
+class TrainState:
+    """Everything a run needs to continue bit-identically after a restart."""
+
+    generator: Generator
+    discriminator: Discriminator
+    opt_g: torch.optim.Optimizer
+    opt_d: torch.optim.Optimizer
+    step: int = 0
+    history: list[tuple[int, float, float, float]] = field(default_factory=list)  # (step, d_loss, d_acc, g_loss)
+    run_id: str | None = None
+
+    def to_checkpoint(self, fingerprint: str) -> dict[str, Any]:
+        return {
+            "format": 1,
+            "fingerprint": fingerprint,
+            "step": self.step,
+            "generator": self.generator.state_dict(),
+            "discriminator": self.discriminator.state_dict(),
+            "opt_g": self.opt_g.state_dict(),
+            "opt_d": self.opt_d.state_dict(),
+            "rng_cpu": torch.get_rng_state(),
+            "rng_cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
+            "history": torch.tensor(self.history, dtype=torch.float64).reshape(-1, 1 + len(LOG_COLUMNS)),
+            "run_id": self.run_id or "",
+        }
+
+    def restore(self, ckpt: dict[str, Any]) -> None:
+        self.generator.load_state_dict(ckpt["generator"])
+        self.discriminator.load_state_dict(ckpt["discriminator"])
+        self.opt_g.load_state_dict(ckpt["opt_g"])
+        self.opt_d.load_state_dict(ckpt["opt_d"])
+        torch.set_rng_state(ckpt["rng_cpu"])
+        if ckpt["rng_cuda"] and torch.cuda.is_available():
+            torch.cuda.set_rng_state_all(ckpt["rng_cuda"])
+        self.step = int(ckpt["step"])
+        self.history = [(int(r[0]), *map(float, r[1:])) for r in ckpt["history"].tolist()]
+        self.run_id = ckpt["run_id"] or None
+
+
+def new_state(model: ModelParams, params: TrainParams, device: torch.device) -> TrainState:
+    """Seeded models and the tutorial's Adam optimisers."""
+    runtime.seed_everything(params.seed)
+    generator = build_generator(model).to(device)
+    discriminator = build_discriminator(model).to(device)
+    adam = {"betas": (params.beta1, params.beta2)}
+    return TrainState(
+        generator,
+        discriminator,
+        torch.optim.Adam(generator.parameters(), lr=params.lr_g, **adam),
+        torch.optim.Adam(discriminator.parameters(), lr=params.lr_d, **adam),
+    )
+
+
+def fixed_noise(latent_dim: int, seed: int, device: torch.device) -> torch.Tensor:
+    """The 25 latent vectors every sample grid is drawn from (its own RNG: training is unaffected)."""
+    gen = torch.Generator().manual_seed(seed)
+    return torch.randn(GRID * GRID, latent_dim, generator=gen).to(device)
+
+
+@torch.no_grad()
+def sample_grid(generator: Generator, noise: torch.Tensor) -> np.ndarray:
+    """A 5x5 grid (uint8, H x W) of samples in inference mode, as the tutorial's save_imgs."""
+    was_training = generator.training
+    generator.eval()
+    pixels = data.from_model(generator(noise)).cpu()  # (25, 28, 28) uint8
+    generator.train(was_training)
+    pad = 2
+    size = data.IMAGE_SIZE + pad
+    grid = np.zeros((GRID * size + pad, GRID * size + pad), dtype=np.uint8)
+    for i, image in enumerate(pixels.numpy()):
+        r, c = divmod(i, GRID)
+        grid[pad + r * size : pad + r * size + data.IMAGE_SIZE, pad + c * size : pad + c * size + data.IMAGE_SIZE] = image
+    return grid
+
+
+def train_step(
+    state: TrainState, real: torch.Tensor, z: torch.Tensor, autocast: contextlib.AbstractContextManager[Any]
+) -> torch.Tensor:
+    """One tutorial iteration; returns (d_loss, d_acc, g_loss) as a device tensor, no sync."""
+    G, D = state.generator, state.discriminator
+    ones = torch.ones(real.shape[0], device=real.device)
+    zeros = torch.zeros_like(ones)
+    with autocast:
+        fake = G(z)  # (B, 1, 28, 28), reused by both updates below
+
+    # D on the real batch (label 1), then on the fake batch (label 0): two Adam steps.
+    state.opt_d.zero_grad(set_to_none=True)
+    with autocast:
+        logits_real = D(real).float()
+        loss_real = F.binary_cross_entropy_with_logits(logits_real, ones)
+    loss_real.backward()
+    state.opt_d.step()
+
+    state.opt_d.zero_grad(set_to_none=True)
+    with autocast:
+        logits_fake = D(fake.detach()).float()
+        loss_fake = F.binary_cross_entropy_with_logits(logits_fake, zeros)
+    loss_fake.backward()
+    state.opt_d.step()
+
+    # G through the frozen D, with the label "real".
+    state.opt_g.zero_grad(set_to_none=True)
+    D.requires_grad_(False)
+    with autocast:
+        g_loss = F.binary_cross_entropy_with_logits(D(fake).float(), ones)
+    g_loss.backward()
+    D.requires_grad_(True)
+    state.opt_g.step()
+
+    d_acc = ((logits_real > 0).float().mean() + (logits_fake < 0).float().mean()) / 2
+    return torch.stack([(loss_real + loss_fake).detach() / 2, d_acc, g_loss.detach()])
+
+
+@dataclass
+class Callbacks:
+    """Where train() reports; every field is optional."""
+
+    on_log: Callable[[list[tuple[int, float, float, float]], float], None] | None = None  # rows, images/s
+    on_sample: Callable[[int, np.ndarray], None] | None = None  # step, grid
+    on_checkpoint: Callable[[TrainState], None] | None = None
+    on_eval: Callable[[int, Generator], None] | None = None  # step, generator (quick FID)
+
+
+def _autocast(device: torch.device, precision: str) -> contextlib.AbstractContextManager[Any]:
+    if precision == "bf16":
+        return torch.autocast(device.type, dtype=torch.bfloat16)
+    return contextlib.nullcontext()
+
+
+def train(
+    state: TrainState,
+    images: torch.Tensor,
+    params: TrainParams,
+    latent_dim: int,
+    callbacks: Callbacks = Callbacks(),
+) -> TrainState:
+    """Train from `state.step` to `params.steps`. `images`: uint8 (N, 28, 28) on the device."""
+    device = images.device
+    autocast = _autocast(device, params.precision)
+    noise = fixed_noise(latent_dim, params.seed, device)
+    pending: list[tuple[int, torch.Tensor]] = []  # per-step stats still on the device
+    state.generator.train()
+    state.discriminator.train()
+    tick, tick_step = time.perf_counter(), state.step
+
+    def flush() -> None:
+        nonlocal tick, tick_step
+        if not pending:
+            return
+        values = torch.stack([t for _, t in pending]).cpu().tolist()  # the one sync
+        rows = [(step, *map(float, v)) for (step, _), v in zip(pending, values, strict=True)]
+        pending.clear()
+        for step, d_loss, _, g_loss in rows:
+            if not (np.isfinite(d_loss) and np.isfinite(g_loss)):
+                raise Diverged(
+                    f"training diverged at step {step}: D loss {d_loss}, G loss {g_loss}; "
+                    "lower the learning rates (train.lr_d / train.lr_g); the last good checkpoint is kept."
+                )
+        state.history.extend(rows)
+        now = time.perf_counter()
+        rate = (state.step - tick_step) * params.batch_size / max(now - tick, 1e-9)
+        tick, tick_step = now, state.step
+        if callbacks.on_log:
+            callbacks.on_log(rows, rate)
+
+    while state.step < params.steps:
+        idx = torch.randint(0, images.shape[0], (params.batch_size,), device=device)
+        real = data.to_model(images[idx])  # the one pixel transform, on the device
+        z = torch.randn(params.batch_size, latent_dim, device=device)
+        stats = train_step(state, real, z, autocast)
+        state.step += 1
+        pending.append((state.step, stats))
+
+        step = state.step
+        last = step == params.steps
+        if step % params.log_every == 0 or step % params.checkpoint_every == 0 or last:
+            flush()
+        if callbacks.on_sample and (step % params.sample_every == 0 or last):
+            callbacks.on_sample(step, sample_grid(state.generator, noise))
+        if callbacks.on_eval and params.fid_every and (step % params.fid_every == 0 or last):
+            callbacks.on_eval(step, state.generator)
+        if callbacks.on_checkpoint and (step % params.checkpoint_every == 0 or last):
+            callbacks.on_checkpoint(state)
+    flush()
+    return state
+
+
+# --- the stage: files, MLflow, resume -------------------------------------------------
+
+
+def checkpoint_fingerprint(params: Params, data_hash: str) -> str:
+    """What a checkpoint must match to be resumed: everything that changes the numbers.
+
+    `steps` is left out on purpose, so a finished run can be extended; logging cadence
+    and the device are left out because they do not change the trajectory (on one device).
+    """
+    train = params.train.model_dump(
+        exclude={"steps", "log_every", "sample_every", "checkpoint_every", "fid_every", "fid_samples", "device"}
+    )
+    return runtime.fingerprint(params.model.model_dump(), train, data_hash)
+
+
+def write_log(history: list[tuple[int, float, float, float]], path: Path) -> None:
+    with runtime.atomic_open(path) as fh:
+        fh.write("step," + ",".join(LOG_COLUMNS) + "\n")
+        for step, *values in history:
+            fh.write(f"{step}," + ",".join(f"{v:.6g}" for v in values) + "\n")
+
+
+def save_png(grid: np.ndarray, path: Path, scale: int = 3) -> None:
+    from PIL import Image
+
+    with runtime.atomic_path(path) as tmp:
+        Image.fromarray(grid).resize((grid.shape[1] * scale, grid.shape[0] * scale), Image.NEAREST).save(tmp, format="PNG")
+
+
+def main(params_path: Path = Path("params.yaml")) -> None:
+    from tqdm import tqdm
+
+    from pipeline import tracking
+
+    params = load_params(params_path)
+    p = params.train
+    env = dict(os.environ)
+    device = runtime.pick_device(p.device)
+    mnist = data.load_prepared(Path("data/prepared/mnist.npz"))
+    data_hash = runtime.sha256_file("data/prepared/mnist.npz")
+    fingerprint = checkpoint_fingerprint(params, data_hash)
+
+    # Resume when a matching checkpoint exists; anything else starts fresh.
+    state = new_state(params.model, p, device)
+    if CHECKPOINT.exists():
+        ckpt = runtime.load_checkpoint(CHECKPOINT, map_location=device)
+        if ckpt.get("fingerprint") != fingerprint:
+            print(f"{CHECKPOINT} was made with other params or data; starting fresh.")
+        elif int(ckpt["step"]) > p.steps:
+            print(f"{CHECKPOINT} is at step {ckpt['step']}, beyond train.steps={p.steps}; starting fresh.")
+        else:
+            state.restore(ckpt)
+            print(f"resuming from {CHECKPOINT} at step {state.step}")
+    if state.step == 0 and SAMPLES_DIR.exists():
+        for old in SAMPLES_DIR.glob("*.png"):
+            old.unlink()
+
+    root = tracking.project_root(Path.cwd(), env)
+    uri = tracking.tracking_uri(root, env)
+    experiment_id = tracking.connect(root, uri, params.tracking.experiment)
+    tags = {
+        **tracking.git_info(root),
+        **tracking.dvc_tags(env),
+        "device": runtime.device_name(device),
+        "torch": torch.__version__,
+        "cuda": torch.version.cuda or "none",
+        "data.sha256": data_hash,
+        "stage": "train",
+    }
+    tracker = tracking.Tracker.start(experiment_id, tracking.run_name(env), tags, resume_run_id=state.run_id)
+    state.run_id = tracker.run_id
+    tracker.log_params(flatten(params))
+    print(f"MLflow run {tracker.run_id} in experiment '{params.tracking.experiment}' at {uri}")
+
+    images = torch.from_numpy(mnist.train_images).to(device)
+    bar = tqdm(total=p.steps, initial=state.step, desc=f"train [{device.type}]", unit="step", dynamic_ncols=True)
+
+    def on_log(rows: list[tuple[int, float, float, float]], rate: float) -> None:
+        step, d_loss, d_acc, g_loss = rows[-1]
+        bar.update(step - bar.n)
+        bar.set_postfix_str(f"D loss {d_loss:.3f}, acc {100 * d_acc:.1f}% | G loss {g_loss:.3f} | {rate:,.0f} img/s")
+        tracker.log_metrics([dict(zip(("step", *LOG_COLUMNS), row, strict=True)) for row in rows])
+
+    def on_sample(step: int, grid: np.ndarray) -> None:
+        save_png(grid, SAMPLES_DIR / f"step_{step:06d}.png")
+        tracker.log_image(grid, key="samples", step=step)
+
+    def on_checkpoint(s: TrainState) -> None:
+        runtime.save_checkpoint(s.to_checkpoint(fingerprint), CHECKPOINT)
+        write_log(s.history, LOG)
+
+    started = time.perf_counter()
+    try:
+        train(state, images, p, params.model.latent_dim, Callbacks(on_log, on_sample, on_checkpoint))
+    except BaseException as exc:
+        bar.close()
+        tracker.finish("KILLED" if isinstance(exc, KeyboardInterrupt) else "FAILED")
+        raise
+    bar.close()
+    seconds = time.perf_counter() - started
+
+    step, d_loss, d_acc, g_loss = state.history[-1]
+    tail = np.array([r[1:] for r in state.history[-min(len(state.history), 100) :]])
+    summary = {
+        "step": step,
+        "d_loss": d_loss,
+        "d_acc": d_acc,
+        "g_loss": g_loss,
+        "d_loss_last100": float(tail[:, 0].mean()),
+        "d_acc_last100": float(tail[:, 1].mean()),
+        "g_loss_last100": float(tail[:, 2].mean()),
+        "seconds": round(seconds, 2),
+        "images_per_second": round((step - (state.history[0][0] - 1)) * p.batch_size / max(seconds, 1e-9), 1),
+    }
+    runtime.save_checkpoint({"generator": state.generator.state_dict()}, GENERATOR)
+    write_log(state.history, LOG)
+    save_png(sample_grid(state.generator, fixed_noise(params.model.latent_dim, p.seed, device)), LAST_SAMPLES)
+    runtime.write_json(RUN_INFO, {"run_id": tracker.run_id, "experiment_id": experiment_id, "tracking_uri": uri})
+    runtime.write_json(METRICS, summary)
+
+    tracker.log_metrics([{"step": step, **{f"final_{k}": v for k, v in summary.items() if k != "step"}}])
+    tracker.log_artifact(LOG)
+    cpu_generator = build_generator(params.model)
+    cpu_generator.load_state_dict({k: v.cpu() for k, v in state.generator.state_dict().items()})
+    # A batch of 8 in the example keeps the exported model's batch size dynamic.
+    example = np.random.default_rng(0).standard_normal((8, params.model.latent_dim)).astype(np.float32)
+    tracker.log_model(cpu_generator.eval(), "generator", example)
+    tracker.finish()
+    print(
+        f"step {step}: D loss {d_loss:.4f}, D acc {100 * d_acc:.1f}%, G loss {g_loss:.4f} "
+        f"({seconds:.0f} s, {summary['images_per_second']:,.0f} img/s) -> {GENERATOR}"
+    )
+    if tracker.lost:
+        print(f"warning: MLflow did not receive: {'; '.join(tracker.lost[:5])}")
+

@@ -1,0 +1,73 @@
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+
+from pipeline import runtime
+from pipeline.errors import UserError
+from pipeline.models import (
+    Classifier,
+    Discriminator,
+    Generator,
+    build_discriminator,
+    build_generator,
+    count_parameters,
+    load_generator,
+    summary,
+)
+from pipeline.params import ModelParams
+
+
+def test_parameter_counts_equal_the_keras_tutorial() -> None:
+    assert count_parameters(build_generator(ModelParams())) == (855_809, 856_193)
+    assert count_parameters(build_discriminator(ModelParams())) == (392_833, 393_729)
+
+
+def test_shapes_and_ranges() -> None:
+    torch.manual_seed(0)
+    g, d = Generator(), Discriminator()
+    images = g(torch.randn(4, 100))
+    assert images.shape == (4, 1, 28, 28)
+    assert images.min() >= -1 and images.max() <= 1
+    logits = d(images)
+    assert logits.shape == (4,)
+    features = Classifier(feature_dim=32).features(images)
+    assert features.shape == (4, 32)
+
+
+def test_every_size_is_a_constructor_argument() -> None:
+    g = build_generator(ModelParams(latent_dim=8, g_dense_channels=16, g_channels=[8, 4]))
+    d = build_discriminator(ModelParams(d_channels=[4, 8, 8, 16], dropout=0.0))
+    out = g(torch.randn(3, 8))
+    assert out.shape == (3, 1, 28, 28) and d(out).shape == (3,)
+
+
+def test_keras_batchnorm_conventions() -> None:
+    bn = next(m for m in Generator().modules() if isinstance(m, torch.nn.BatchNorm2d))
+    assert bn.momentum == pytest.approx(0.2) and bn.eps == pytest.approx(1e-3)
+
+
+def test_keras_same_padding_for_stride_two() -> None:
+    """Keras pads only bottom/right: the top-left input pixel must reach the first output."""
+    d = Discriminator(dropout=0.0)
+    conv = d.features[0][1]
+    x = torch.zeros(1, 1, 28, 28, requires_grad=True)
+    conv(d.features[0][0](x))[0, 0, 0, 0].backward()
+    assert x.grad[0, 0, 0, 0] != 0 and x.grad[0, 0, 2, 2] != 0 and x.grad[0, 0, 3, 3] == 0
+
+
+def test_summary_lists_layers_and_totals() -> None:
+    text = summary(Generator(), (100,))
+    assert "trainable params: 855,809" in text and "(128, 14, 14)" in text
+
+
+def test_load_generator_round_trip_and_mismatch(tmp_path: Path) -> None:
+    g = Generator()
+    runtime.save_checkpoint({"generator": g.state_dict()}, tmp_path / "g.pt")
+    loaded = load_generator(tmp_path / "g.pt", ModelParams(), torch.device("cpu"))
+    z = torch.randn(2, 100)
+    assert torch.equal(loaded(z), g.eval()(z))
+    with pytest.raises(UserError, match="does not match the model section"):
+        load_generator(tmp_path / "g.pt", ModelParams(latent_dim=64), torch.device("cpu"))

@@ -1,0 +1,79 @@
+from __future__ import annotations
+
+import zipfile
+from pathlib import Path
+
+import pytest
+import torch
+
+from pipeline import runtime
+from pipeline.errors import UserError
+
+
+def test_pick_device() -> None:
+    assert runtime.pick_device("cpu") == torch.device("cpu")
+    expected = "cuda" if torch.cuda.is_available() else "cpu"
+    if not torch.cuda.is_available() and not torch.backends.mps.is_available():
+        assert runtime.pick_device("auto").type == expected
+        with pytest.raises(UserError, match="no CUDA GPU is available"):
+            runtime.pick_device("cuda")
+
+
+def test_atomic_write_leaves_old_file_on_error(tmp_path: Path) -> None:
+    target = tmp_path / "out.txt"
+    target.write_text("old")
+    with pytest.raises(RuntimeError):
+        with runtime.atomic_open(target) as fh:
+            fh.write("half")
+            raise RuntimeError("crash")
+    assert target.read_text() == "old"
+    assert [p.name for p in tmp_path.iterdir()] == ["out.txt"]
+
+
+def test_checkpoint_round_trip(tmp_path: Path) -> None:
+    state = {"w": torch.arange(5.0), "step": 3, "name": "x", "nested": {"a": [1, 2]}}
+    runtime.save_checkpoint(state, tmp_path / "c.pt")
+    loaded = runtime.load_checkpoint(tmp_path / "c.pt")
+    assert torch.equal(loaded["w"], state["w"]) and loaded["nested"] == {"a": [1, 2]}
+
+
+@pytest.mark.parametrize("damage", ["truncate", "flip", "empty"])
+def test_damaged_checkpoint_is_refused(tmp_path: Path, damage: str) -> None:
+    path = tmp_path / "c.pt"
+    runtime.save_checkpoint({"w": torch.randn(100)}, path)
+    blob = bytearray(path.read_bytes())
+    if damage == "truncate":
+        blob = blob[:-10]
+    elif damage == "flip":
+        blob[200] ^= 0x01
+    else:
+        blob = bytearray()
+    path.write_bytes(bytes(blob))
+    with pytest.raises(UserError, match=r"checkpoint .* (truncated|checksum)"):
+        runtime.load_checkpoint(path)
+
+
+class Boom:
+    def __reduce__(self):  # type: ignore[no-untyped-def]
+        return (exec, ("open('PWNED', 'w').write('x')",))
+
+
+def test_pickled_payload_is_never_executed(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A hostile file with a valid checksum still only loads through the weights-only unpickler."""
+    import hashlib
+    import io
+
+    monkeypatch.chdir(tmp_path)
+    buffer = io.BytesIO()
+    torch.save({"evil": Boom()}, buffer)
+    body = buffer.getvalue()
+    (tmp_path / "c.pt").write_bytes(body + b"\nDCGAN-SHA256:" + hashlib.sha256(body).hexdigest().encode())
+    with pytest.raises(UserError, match="holds something other than weights"):
+        runtime.load_checkpoint(tmp_path / "c.pt")
+    assert not (tmp_path / "PWNED").exists()
+    assert zipfile.is_zipfile(io.BytesIO(body))  # a real torch file, not garbage
+
+
+def test_fingerprint_is_stable_and_sensitive() -> None:
+    assert runtime.fingerprint({"a": 1}, "x") == runtime.fingerprint({"a": 1}, "x")
+    assert runtime.fingerprint({"a": 1}, "x") != runtime.fingerprint({"a": 2}, "x")

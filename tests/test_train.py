@@ -1,0 +1,191 @@
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+import yaml
+
+from pipeline import runtime
+from pipeline.data import save_prepared
+from pipeline.params import ModelParams, Params, TrainParams, flatten
+from pipeline.train import Callbacks, Diverged, new_state, train
+from tests.conftest import ROOT, run_cli, synthetic_mnist
+
+SMALL_MODEL = {"g_dense_channels": 16, "g_channels": [16, 8], "d_channels": [4, 8, 8, 16]}
+TINY_TRAIN = {"steps": 6, "batch_size": 8, "sample_every": 3, "log_every": 2, "checkpoint_every": 3, "device": "cpu"}
+CPU = torch.device("cpu")
+
+
+def images() -> torch.Tensor:
+    return torch.from_numpy(synthetic_mnist(n_train=64).train_images)
+
+
+def run(steps: int, state=None, **callbacks):  # type: ignore[no-untyped-def]
+    model, params = ModelParams(**SMALL_MODEL), TrainParams(**{**TINY_TRAIN, "steps": steps})
+    state = state or new_state(model, params, CPU)
+    return train(state, images(), params, model.latent_dim, Callbacks(**callbacks))
+
+
+def weights(state) -> dict[str, torch.Tensor]:  # type: ignore[no-untyped-def]
+    return {**state.generator.state_dict(), **{f"D.{k}": v for k, v in state.discriminator.state_dict().items()}}
+
+
+def assert_identical(a, b) -> None:  # type: ignore[no-untyped-def]
+    wa, wb = weights(a), weights(b)
+    assert wa.keys() == wb.keys()
+    for key in wa:
+        assert torch.equal(wa[key], wb[key]), key
+    assert a.history == b.history
+
+
+def test_same_seed_gives_bit_identical_runs() -> None:
+    assert_identical(run(6), run(6))
+
+
+def test_other_seed_differs() -> None:
+    model, params = ModelParams(**SMALL_MODEL), TrainParams(**{**TINY_TRAIN, "seed": 1})
+    other = train(new_state(model, params, CPU), images(), params, model.latent_dim)
+    assert other.history != run(6).history
+
+
+def test_resume_from_checkpoint_is_bit_identical(tmp_path: Path) -> None:
+    saved = tmp_path / "ckpt.pt"
+    run(3, on_checkpoint=lambda s: runtime.save_checkpoint(s.to_checkpoint("fp"), saved))
+    model, params = ModelParams(**SMALL_MODEL), TrainParams(**TINY_TRAIN)
+    resumed = new_state(model, params, CPU)
+    torch.manual_seed(12345)  # a different RNG state must be overwritten by the checkpoint's
+    resumed.restore(runtime.load_checkpoint(saved))
+    assert resumed.step == 3
+    assert_identical(run(6, state=resumed), run(6))
+
+
+def test_history_and_callbacks() -> None:
+    logs, grids = [], []
+    state = run(6, on_log=lambda rows, rate: logs.append(rows), on_sample=lambda step, g: grids.append((step, g)))
+    assert [r[0] for r in state.history] == [1, 2, 3, 4, 5, 6]
+    assert [len(rows) for rows in logs] == [2, 1, 1, 2]  # log points 2, 4, 6 and checkpoint 3
+    assert all(0.0 <= r[2] <= 1.0 and r[1] > 0 and r[3] > 0 for r in state.history)
+    assert [step for step, _ in grids] == [3, 6]
+    assert grids[0][1].shape == (152, 152) and grids[0][1].dtype == np.uint8
+
+
+def test_nan_loss_stops_with_step_and_loss() -> None:
+    model, params = ModelParams(**SMALL_MODEL), TrainParams(**TINY_TRAIN)
+    state = new_state(model, params, CPU)
+    with torch.no_grad():
+        state.generator.dense.weight.fill_(float("nan"))
+    saved = []
+    with pytest.raises(Diverged, match=r"training diverged at step 1: D loss nan, G loss nan"):
+        train(state, images(), params, model.latent_dim, Callbacks(on_checkpoint=saved.append))
+    assert saved == []  # no checkpoint is written from a diverged state
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+@pytest.mark.gpu
+def test_cuda_bf16_step_runs() -> None:
+    model, params = ModelParams(**SMALL_MODEL), TrainParams(**{**TINY_TRAIN, "precision": "bf16", "device": "cuda"})
+    device = torch.device("cuda")
+    state = train(new_state(model, params, device), images().to(device), params, model.latent_dim)
+    assert len(state.history) == 6 and all(np.isfinite(r[1]) for r in state.history)
+
+
+# --- the stage, end to end -------------------------------------------------------------
+
+
+def make_project(path: Path, steps: int = 12, **train_overrides: object) -> Path:
+    path.mkdir(parents=True, exist_ok=True)
+    save_prepared(synthetic_mnist(n_train=128), path / "data/prepared/mnist.npz")
+    params = {"model": SMALL_MODEL, "train": {**TINY_TRAIN, "steps": steps, **train_overrides}}
+    (path / "params.yaml").write_text(yaml.safe_dump(params))
+    return path
+
+
+def stage_env(path: Path) -> dict[str, str]:
+    env = dict(os.environ)
+    env.pop("MLFLOW_TRACKING_URI", None)
+    env.pop("DVC_ROOT", None)
+    return env
+
+
+@pytest.mark.slow
+def test_stage_writes_outputs_and_logs_to_mlflow(tmp_path: Path) -> None:
+    project = make_project(tmp_path / "p", steps=6)
+    result = run_cli(["train"], cwd=project, env=stage_env(project))
+    assert result.returncode == 0, result.stderr
+    for out in ("models/generator.pt", "metrics/train.json", "metrics/train_log.csv", "plots/train_samples.png",
+                "samples/step_000003.png", "samples/step_000006.png", "checkpoints/train.pt"):
+        assert (project / out).is_file(), out
+    assert len((project / "metrics/train_log.csv").read_text().splitlines()) == 7
+    info = json.loads((project / "models/train_run.json").read_text())
+
+    import mlflow
+    from mlflow import MlflowClient
+
+    mlflow.set_tracking_uri(f"sqlite:///{project / 'mlflow.db'}")
+    client = MlflowClient()
+    run = client.get_run(info["run_id"])
+    assert run.info.status == "FINISHED"
+    params = Params.model_validate(yaml.safe_load((project / "params.yaml").read_text()))
+    assert run.data.params == flatten(params)
+    assert run.data.tags["data.sha256"] == runtime.sha256_file(project / "data/prepared/mnist.npz")
+    assert {"device", "torch", "cuda"} <= run.data.tags.keys()
+    assert [m.step for m in client.get_metric_history(run.info.run_id, "g_loss")] == [1, 2, 3, 4, 5, 6]
+    images_logged = [a.path for a in client.list_artifacts(run.info.run_id, "images")]
+    assert any("step+3+" in p for p in images_logged) and any("step+6+" in p for p in images_logged)
+    models = mlflow.search_logged_models(experiment_ids=[info["experiment_id"]], output_format="list")
+    generator = mlflow.pytorch.load_model(f"models:/{models[0].model_id}")
+    assert generator(torch.randn(3, 100)).shape == (3, 1, 28, 28)
+
+
+@pytest.mark.slow
+def test_killed_run_resumes_bit_identically_in_the_same_mlflow_run(tmp_path: Path) -> None:
+    steps = 40
+    reference = make_project(tmp_path / "uninterrupted", steps=steps, checkpoint_every=5, log_every=5)
+    assert run_cli(["train"], cwd=reference, env=stage_env(reference)).returncode == 0
+
+    project = make_project(tmp_path / "killed", steps=steps, checkpoint_every=5, log_every=5)
+    env = stage_env(project)
+    env["PYTHONPATH"] = str(ROOT)
+    proc = subprocess.Popen([sys.executable, "-m", "pipeline", "train"], cwd=project, env=env,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    ckpt = project / "checkpoints/train.pt"
+    deadline = time.time() + 300
+    while time.time() < deadline and proc.poll() is None:
+        if ckpt.exists() and runtime.load_checkpoint(ckpt)["step"] >= 10:
+            break
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    killed_at = runtime.load_checkpoint(ckpt)["step"]
+    assert killed_at < steps, "the run finished before it could be killed"
+    assert not (project / "models/generator.pt").exists()
+    run_id = runtime.load_checkpoint(ckpt)["run_id"]
+
+    result = run_cli(["train"], cwd=project, env=stage_env(project))
+    assert result.returncode == 0, result.stderr
+    assert f"resuming from checkpoints/train.pt at step {killed_at}" in result.stdout
+    a = runtime.load_checkpoint(project / "models/generator.pt")["generator"]
+    b = runtime.load_checkpoint(reference / "models/generator.pt")["generator"]
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    assert (project / "metrics/train_log.csv").read_text() == (reference / "metrics/train_log.csv").read_text()
+    assert json.loads((project / "models/train_run.json").read_text())["run_id"] == run_id
+
+
+@pytest.mark.slow
+def test_checkpoint_from_other_params_is_not_resumed(tmp_path: Path) -> None:
+    project = make_project(tmp_path / "p", steps=3)
+    assert run_cli(["train"], cwd=project, env=stage_env(project)).returncode == 0
+    params = yaml.safe_load((project / "params.yaml").read_text())
+    params["train"]["lr_g"] = 0.001
+    (project / "params.yaml").write_text(yaml.safe_dump(params))
+    result = run_cli(["train"], cwd=project, env=stage_env(project))
+    assert result.returncode == 0, result.stderr
+    assert "was made with other params or data; starting fresh" in result.stdout
