@@ -16,6 +16,7 @@ STAGES: dict[str, tuple[str, str]] = {
     "classifier": ("pipeline.classifier", "train the frozen MNIST classifier used for every score"),
     "reference": ("pipeline.reference", "cache the real-data features and the real-vs-real score floors"),
     "train": ("pipeline.train", "train the DCGAN; resumes from checkpoints/train.pt; logs to MLflow"),
+    "evaluate": ("pipeline.evaluate", "score the generator (or --samples FILE) with the frozen classifier"),
 }
 
 
@@ -27,6 +28,11 @@ def build_parser() -> argparse.ArgumentParser:
     for name, (_, help_text) in STAGES.items():
         stage = sub.add_parser(name, help=help_text, description=help_text)
         stage.add_argument("--params", type=Path, default=Path("params.yaml"), help="params file (default: %(default)s)")
+    evaluate = sub.choices["evaluate"]
+    evaluate.add_argument(
+        "--samples", type=Path, help="score these samples instead: .npy/.npz (N x 28 x 28, uint8 or [-1, 1]) or a PNG folder"
+    )
+    evaluate.add_argument("--output", type=Path, help="with --samples: where to write the JSON report")
     schema = sub.add_parser("schema", help="print the JSON schema of params.yaml (for editors)")
     schema.add_argument("--output", type=Path, help="write it to this file instead of stdout")
     check = sub.add_parser("check-params", help="validate params.yaml and exit")

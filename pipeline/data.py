@@ -204,6 +204,25 @@ def class_counts(labels: np.ndarray) -> dict[str, int]:
 # --- the one pixel transform -------------------------------------------------------------
 
 
+def make_grid(pixels: np.ndarray, rows: int = 5, pad: int = 2) -> np.ndarray:
+    """uint8 images (n <= rows*rows, 28, 28) -> one uint8 grid image, as the tutorial's 5x5 plots."""
+    size = IMAGE_SIZE + pad
+    grid = np.zeros((rows * size + pad, rows * size + pad), dtype=np.uint8)
+    for i, image in enumerate(pixels[: rows * rows]):
+        r, c = divmod(i, rows)
+        grid[pad + r * size : pad + r * size + IMAGE_SIZE, pad + c * size : pad + c * size + IMAGE_SIZE] = image
+    return grid
+
+
+def save_png(image: np.ndarray, path: Path, scale: int = 3) -> None:
+    """Save a uint8 grayscale image as PNG, enlarged `scale` times (nearest), atomically."""
+    from PIL import Image
+
+    big = Image.fromarray(image).resize((image.shape[1] * scale, image.shape[0] * scale), Image.NEAREST)
+    with atomic_path(path) as tmp:
+        big.save(tmp, format="PNG")
+
+
 def to_model(images: torch.Tensor | np.ndarray) -> torch.Tensor:
     """uint8 pixels (N, 28, 28) -> float32 (N, 1, 28, 28) in [-1, 1], as the tutorial scales."""
     tensor = torch.as_tensor(images)

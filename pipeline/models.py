@@ -15,6 +15,7 @@ from torch import nn
 from pathlib import Path
 
 from pipeline import runtime
+from pipeline.data import from_model
 from pipeline.errors import UserError
 from pipeline.params import ClassifierParams, ModelParams
 
@@ -161,6 +162,24 @@ def load_generator(path: Path, params: ModelParams, device: torch.device) -> Gen
         first = str(exc).strip().splitlines()[0]
         raise UserError(f"{path} does not match the model section of params.yaml ({first}).") from None
     return generator.eval()
+
+
+@torch.no_grad()
+def generate(generator: Generator, n: int, seed: int, batch_size: int, device: torch.device) -> torch.Tensor:
+    """n samples as uint8 pixels (n, 28, 28) on the CPU, in inference mode, from seeded noise.
+
+    The noise is drawn on the CPU from its own generator, so the same seed gives the same
+    latent vectors on every device and never disturbs the training RNG.
+    """
+    rng = torch.Generator().manual_seed(seed)
+    was_training = generator.training
+    generator.eval()
+    chunks = []
+    for start in range(0, n, batch_size):
+        z = torch.randn(min(batch_size, n - start), generator.latent_dim, generator=rng)
+        chunks.append(from_model(generator(z.to(device))).cpu())
+    generator.train(was_training)
+    return torch.cat(chunks)
 
 
 def count_parameters(model: nn.Module) -> tuple[int, int]:

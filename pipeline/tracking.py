@@ -145,20 +145,35 @@ class Tracker:
             if resume_run_id:
                 try:
                     if client.get_run(resume_run_id).info.experiment_id == experiment_id:
-                        run = mlflow.start_run(run_id=resume_run_id, nested=parent_run_id is not None)
+                        run = mlflow.start_run(run_id=resume_run_id)
                 except MlflowException:
                     pass  # deleted, or made in another database: start a new run
             if run is None:
-                run = mlflow.start_run(
-                    experiment_id=experiment_id,
-                    run_name=name,
-                    tags=tags,
-                    parent_run_id=parent_run_id,
-                    nested=parent_run_id is not None,
-                )
+                # A tag rather than start_run(parent_run_id=...), which needs an ACTIVE parent:
+                # evaluations nest under training runs that finished long ago.
+                if parent_run_id:
+                    tags = {**tags, "mlflow.parentRunId": parent_run_id}
+                run = mlflow.start_run(experiment_id=experiment_id, run_name=name, tags=tags)
         except Exception as exc:
             raise UserError(f"MLflow could not start a run: {_first_line(exc)}.") from None
         tracker = cls(run.info.run_id)
+        tracker._client = client
+        return tracker
+
+    @classmethod
+    def existing(cls, run_id: str, experiment_id: str) -> Tracker | None:
+        """A handle on a run made earlier (not started again), or None if this store lacks it."""
+        from mlflow import MlflowClient
+        from mlflow.exceptions import MlflowException
+
+        client = MlflowClient()
+        try:
+            run = client.get_run(run_id)
+        except MlflowException:
+            return None
+        if run.info.experiment_id != experiment_id or run.info.lifecycle_stage != "active":
+            return None
+        tracker = cls(run_id)
         tracker._client = client
         return tracker
 

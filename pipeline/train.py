@@ -112,15 +112,9 @@ def sample_grid(generator: Generator, noise: torch.Tensor) -> np.ndarray:
     """A 5x5 grid (uint8, H x W) of samples in inference mode, as the tutorial's save_imgs."""
     was_training = generator.training
     generator.eval()
-    pixels = data.from_model(generator(noise)).cpu()  # (25, 28, 28) uint8
+    pixels = data.from_model(generator(noise)).cpu().numpy()  # (25, 28, 28) uint8
     generator.train(was_training)
-    pad = 2
-    size = data.IMAGE_SIZE + pad
-    grid = np.zeros((GRID * size + pad, GRID * size + pad), dtype=np.uint8)
-    for i, image in enumerate(pixels.numpy()):
-        r, c = divmod(i, GRID)
-        grid[pad + r * size : pad + r * size + data.IMAGE_SIZE, pad + c * size : pad + c * size + data.IMAGE_SIZE] = image
-    return grid
+    return data.make_grid(pixels, GRID)
 
 
 def train_step(
@@ -257,13 +251,6 @@ def write_log(history: list[tuple[int, float, float, float]], path: Path) -> Non
             fh.write(f"{step}," + ",".join(f"{v:.6g}" for v in values) + "\n")
 
 
-def save_png(grid: np.ndarray, path: Path, scale: int = 3) -> None:
-    from PIL import Image
-
-    with runtime.atomic_path(path) as tmp:
-        Image.fromarray(grid).resize((grid.shape[1] * scale, grid.shape[0] * scale), Image.NEAREST).save(tmp, format="PNG")
-
-
 def main(params_path: Path = Path("params.yaml")) -> None:
     from tqdm import tqdm
 
@@ -319,7 +306,7 @@ def main(params_path: Path = Path("params.yaml")) -> None:
         tracker.log_metrics([dict(zip(("step", *LOG_COLUMNS), row, strict=True)) for row in rows])
 
     def on_sample(step: int, grid: np.ndarray) -> None:
-        save_png(grid, SAMPLES_DIR / f"step_{step:06d}.png")
+        data.save_png(grid, SAMPLES_DIR / f"step_{step:06d}.png")
         tracker.log_image(grid, key="samples", step=step)
 
     def on_checkpoint(s: TrainState) -> None:
@@ -351,7 +338,7 @@ def main(params_path: Path = Path("params.yaml")) -> None:
     }
     runtime.save_checkpoint({"generator": state.generator.state_dict()}, GENERATOR)
     write_log(state.history, LOG)
-    save_png(sample_grid(state.generator, fixed_noise(params.model.latent_dim, p.seed, device)), LAST_SAMPLES)
+    data.save_png(sample_grid(state.generator, fixed_noise(params.model.latent_dim, p.seed, device)), LAST_SAMPLES)
     runtime.write_json(RUN_INFO, {"run_id": tracker.run_id, "experiment_id": experiment_id, "tracking_uri": uri})
     runtime.write_json(METRICS, summary)
 

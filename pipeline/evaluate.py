@@ -1,0 +1,208 @@
+"""Stage `evaluate`: score the trained generator (or any samples) with the frozen classifier.
+
+Scores are reported next to their real-data floor (metrics/reference.json) and logged to
+the training run in MLflow: every evaluation is a nested run under it, and the training
+run's `eval_*` metrics always hold the latest scores, so the MLflow UI keeps one row per
+trained model.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import platform
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import scipy
+import torch
+
+from pipeline import data, runtime, scoring
+from pipeline.errors import UserError
+from pipeline.models import generate, load_generator
+from pipeline.params import EvaluateParams, Params, load_params
+
+CLASSIFIER = Path("models/classifier.pt")
+REFERENCE = Path("data/reference/reference.npz")
+FLOORS = Path("metrics/reference.json")
+GENERATOR = Path("models/generator.pt")
+RUN_INFO = Path("models/train_run.json")
+METRICS = Path("metrics/eval.json")
+CLASS_PLOT = Path("plots/eval_classes.csv")
+SAMPLES_PLOT = Path("plots/eval_samples.png")
+
+SCALARS = ("fid", "kid_mean", "kid_std", "is_mean", "is_std", "class_kl", "classes_covered", "mean_confidence",
+           "precision", "recall", "density", "coverage")  # fmt: skip
+
+
+def load_samples(path: Path) -> np.ndarray:
+    """Samples made elsewhere -> uint8 (N, 28, 28).
+
+    Accepts an .npy/.npz array (N x 28 x 28 or N x 1 x 28 x 28; uint8 pixels or floats in
+    [-1, 1], which go through data.from_model like our generator's output) or a folder of
+    28x28 grayscale PNGs.
+    """
+    if not path.exists():
+        raise UserError(f"samples file {path} does not exist.")
+    if path.is_dir():
+        from PIL import Image
+
+        files = sorted(path.glob("*.png"))
+        if not files:
+            raise UserError(f"{path} holds no .png files.")
+        try:
+            array = np.stack([np.asarray(Image.open(f).convert("L")) for f in files])
+        except (OSError, ValueError) as exc:
+            raise UserError(f"{path} has a PNG that cannot be read or differs in size ({exc}).") from None
+    elif path.suffix in (".npy", ".npz"):
+        try:
+            loaded = np.load(path, allow_pickle=False)
+            if isinstance(loaded, np.lib.npyio.NpzFile):
+                with loaded:
+                    keys = list(loaded.keys())
+                    if not keys:
+                        raise UserError(f"{path} holds no arrays.")
+                    array = loaded["samples" if "samples" in keys else keys[0]]
+            else:
+                array = loaded
+        except (ValueError, OSError, EOFError) as exc:
+            raise UserError(f"{path} is not a readable numpy file ({str(exc).splitlines()[0]}).") from None
+    else:
+        raise UserError(f"{path}: samples must be an .npy or .npz file or a folder of PNGs.")
+
+    if array.ndim == 4 and array.shape[1] == 1:
+        array = array[:, 0]
+    if array.ndim != 3 or array.shape[1:] != (data.IMAGE_SIZE, data.IMAGE_SIZE):
+        raise UserError(f"{path} has shape {array.shape}; expected N x 28 x 28 (or N x 1 x 28 x 28).")
+    if array.dtype == np.uint8:
+        return array
+    if not np.issubdtype(array.dtype, np.floating):
+        raise UserError(f"{path} has dtype {array.dtype}; expected uint8 pixels or floats in [-1, 1].")
+    if not np.isfinite(array).all():
+        raise UserError(f"{path} contains NaN or infinite values.")
+    if array.min() < -1.0001 or array.max() > 1.0001:
+        raise UserError(
+            f"{path} has floats in [{array.min():.3g}, {array.max():.3g}]; expected [-1, 1] (tanh output)."
+        )
+    return data.from_model(torch.from_numpy(array.astype(np.float32)).unsqueeze(1)).numpy()
+
+
+def evaluate(
+    images: np.ndarray, classifier: torch.nn.Module, reference: scoring.Reference, params: EvaluateParams,
+    device: torch.device,
+) -> dict[str, Any]:  # fmt: skip
+    """Score uint8 samples against the reference; the pure core of the stage."""
+    features, probs = scoring.classify(classifier, images, params.batch_size, device)
+    return scoring.score(features, probs, reference, params)
+
+
+def report(scores: dict[str, Any], floors: dict[str, Any], context: dict[str, Any]) -> dict[str, Any]:
+    """metrics/eval.json: each score, its real-data floor beside it, and what makes it comparable."""
+    out: dict[str, Any] = {}
+    for key in SCALARS:
+        out[key] = scores[key]
+        if key in floors:
+            out[f"{key}_floor"] = floors[key]
+    out["class_counts"] = scores["class_counts"]
+    out.update(context)
+    return out
+
+
+def print_report(result: dict[str, Any]) -> None:
+    print(f"{'score':<18}{'value':>12}{'real floor':>14}")
+    for key in SCALARS:
+        floor = result.get(f"{key}_floor")
+        floor_text = f"{floor:>14.4f}" if isinstance(floor, (int, float)) else f"{'':>14}"
+        print(f"{key:<18}{result[key]:>12.4f}{floor_text}")
+    print(f"n={result['n_samples']}, feature_dim={result['feature_dim']}, classifier sha256 {result['classifier_sha256'][:12]}…")
+
+
+def class_rows(scores: dict[str, Any], reference: scoring.Reference) -> str:
+    counts = np.asarray(scores["class_counts"], dtype=np.float64)
+    lines = ["digit,fraction,reference"]
+    lines += [f"{d},{c / counts.sum():.5f},{r:.5f}" for d, (c, r) in enumerate(zip(counts, reference.label_distribution))]
+    return "\n".join(lines) + "\n"
+
+
+def main(params_path: Path = Path("params.yaml"), samples: Path | None = None, output: Path | None = None) -> None:
+    params = load_params(params_path)
+    p = params.evaluate
+    device = runtime.pick_device(params.train.device)
+    classifier, sha = scoring.load_classifier(CLASSIFIER, params.classifier.feature_dim, device)
+    reference = scoring.load_reference(REFERENCE)
+    if reference.classifier_sha256 != sha:
+        raise UserError(f"{REFERENCE} was computed with another classifier; run `dvc repro reference`.")
+    floors = json.loads(FLOORS.read_text()) if FLOORS.is_file() else {}
+    if floors and floors.get("n_samples") not in (None, p.n_samples):
+        floors = {}  # floors at another N are not comparable
+
+    started = time.perf_counter()
+    if samples is not None:
+        images = load_samples(samples)
+        source = str(samples)
+    else:
+        generator = load_generator(GENERATOR, params.model, device)
+        images = generate(generator, p.n_samples, p.seed, p.batch_size, device).numpy()
+        source = str(GENERATOR)
+    scores = evaluate(images, classifier, reference, p, device)
+    context = {
+        "n_samples": int(images.shape[0]),
+        "feature_dim": int(reference.features.shape[1]),
+        "classifier_sha256": sha,
+        "seed": p.seed,
+        "samples": source,
+        "seconds": round(time.perf_counter() - started, 2),
+        "versions": {"torch": torch.__version__, "numpy": np.__version__, "scipy": scipy.__version__,
+                     "python": platform.python_version()},  # fmt: skip
+    }
+    result = report(scores, {k: v for k, v in floors.items() if k in SCALARS}, context)
+    print_report(result)
+
+    if samples is not None:  # scoring outside samples: a report, not a pipeline output
+        out = output or Path(f"{samples.stem}.eval.json")
+        runtime.write_json(out, result)
+        print(f"report -> {out}")
+        return
+
+    grid = data.make_grid(images[:25])
+    data.save_png(grid, SAMPLES_PLOT)
+    with runtime.atomic_open(CLASS_PLOT) as fh:
+        fh.write(class_rows(scores, reference))
+    runtime.write_json(METRICS, result)
+    log_to_mlflow(params, result, grid)
+
+
+def log_to_mlflow(params: Params, result: dict[str, Any], grid: np.ndarray) -> None:
+    """A nested run per evaluation under the training run; the latest scores on the training run."""
+    from pipeline import tracking
+
+    env = dict(os.environ)
+    root = tracking.project_root(Path.cwd(), env)
+    uri = tracking.tracking_uri(root, env)
+    experiment_id = tracking.connect(root, uri, params.tracking.experiment)
+    train_run_id = json.loads(RUN_INFO.read_text()).get("run_id") if RUN_INFO.is_file() else None
+    parent = tracking.Tracker.existing(train_run_id, experiment_id) if train_run_id else None
+    if train_run_id and parent is None:
+        print(f"training run {train_run_id} is not in {uri}; recording this evaluation as a run of its own.")
+    tags = {**tracking.dvc_tags(env), "stage": "evaluate", "generator.sha256": runtime.sha256_file(GENERATOR)}
+    name = f"evaluate n={result['n_samples']}"
+    run = tracking.Tracker.start(experiment_id, name, tags, parent_run_id=parent.run_id if parent else None)
+    run.log_params({f"evaluate.{k}": str(v) for k, v in params.evaluate.model_dump().items()}
+                   | {"classifier_sha256": result["classifier_sha256"], "feature_dim": str(result["feature_dim"])})
+    scalars = {k: float(v) for k, v in result.items() if isinstance(v, (int, float)) and not isinstance(v, bool)}
+    run.log_metrics([{"step": 0, **scalars}])
+    for path in (METRICS, CLASS_PLOT, SAMPLES_PLOT):
+        run.log_artifact(path, "evaluation")
+    run.log_image(grid, key="eval_samples", step=0)
+    run.finish()
+    if parent is not None:
+        parent.log_metrics([{"step": 0, **{f"eval_{k}": v for k, v in scalars.items()}}])
+        parent.set_tags({"eval.latest_run": run.run_id, "eval.n_samples": str(result["n_samples"]),
+                         "eval.classifier_sha256": result["classifier_sha256"]})  # fmt: skip
+    lost = run.lost + (parent.lost if parent else [])
+    print(f"MLflow: evaluation run {run.run_id}" + (f" under training run {parent.run_id}" if parent else ""))
+    if lost:
+        print(f"warning: MLflow did not receive: {'; '.join(lost[:5])}")
+
