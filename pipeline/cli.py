@@ -35,6 +35,8 @@ def build_parser() -> argparse.ArgumentParser:
     evaluate.add_argument("--output", type=Path, help="with --samples: where to write the JSON report")
     schema = sub.add_parser("schema", help="print the JSON schema of params.yaml (for editors)")
     schema.add_argument("--output", type=Path, help="write it to this file instead of stdout")
+    show = sub.add_parser("summary", help="print the Generator and Discriminator layer tables, as the tutorial does")
+    show.add_argument("--params", type=Path, default=Path("params.yaml"))
     check = sub.add_parser("check-params", help="validate params.yaml and exit")
     check.add_argument("--params", type=Path, default=Path("params.yaml"))
     return parser
@@ -49,6 +51,15 @@ def run(args: argparse.Namespace) -> None:
             write_json(args.output, json_schema())
         else:
             print(json.dumps(json_schema(), indent=2))
+        return
+    if args.command == "summary":
+        from pipeline.models import build_discriminator, build_generator, summary
+        from pipeline.params import load_params
+
+        model = load_params(args.params).model
+        print(summary(build_generator(model), (model.latent_dim,)))
+        print()
+        print(summary(build_discriminator(model), (1, 28, 28)))
         return
     if args.command == "check-params":
         from pipeline.params import load_params

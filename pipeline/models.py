@@ -10,8 +10,10 @@ only the bottom/right edge of an even-sized input.
 from __future__ import annotations
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
+from collections.abc import Iterator
 from pathlib import Path
 
 from pipeline import runtime
@@ -43,6 +45,41 @@ def keras_init_(module: nn.Module) -> None:
                 nn.init.zeros_(m.bias)
 
 
+class UpsampleConv(nn.Module):
+    """Nearest x2 upsampling followed by a 3x3 "same" conv, optionally computed by phases.
+
+    After nearest upsampling, each of the four output phases (row parity a, column parity
+    b) sees only a 2x2 window of the low-resolution input, with 3x3 taps summed in pairs.
+    Computing the four 2x2 convolutions on the small input is the same function with
+    2.25x fewer multiply-adds and no 4x larger intermediate. The parameters are the same
+    3x3 conv either way, so checkpoints do not depend on `phased`.
+    """
+
+    def __init__(self, in_ch: int, out_ch: int, phased: bool = True) -> None:
+        super().__init__()
+        self.conv = nn.Conv2d(in_ch, out_ch, 3, padding=1)
+        self.phased = phased
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if not self.phased:
+            return self.conv(F.interpolate(x, scale_factor=2, mode="nearest"))
+        w = self.conv.weight  # (out, in, 3, 3)
+        # Rows for output parity 0 read input rows (i-1, i) with taps (w0, w1+w2);
+        # parity 1 reads (i, i+1) with taps (w0+w1, w2). Columns alike.
+        rows = (torch.stack([w[:, :, 0], w[:, :, 1] + w[:, :, 2]], 2), torch.stack([w[:, :, 0] + w[:, :, 1], w[:, :, 2]], 2))
+        phases = [
+            torch.stack([r[..., 0], r[..., 1] + r[..., 2]], -1) if b == 0 else torch.stack([r[..., 0] + r[..., 1], r[..., 2]], -1)
+            for r in rows
+            for b in (0, 1)
+        ]  # 4 x (out, in, 2, 2), in order (a, b) = 00, 01, 10, 11
+        n, _, h, width = x.shape
+        out = F.conv2d(F.pad(x, (1, 1, 1, 1)), torch.cat(phases), self.conv.bias.repeat(4))  # (n, 4*out, h+1, w+1)
+        out = out.view(n, 2, 2, -1, h + 1, width + 1)
+        # phase (a, b) sits at offset (a, b) of the padded grid; interleave to (n, out, 2h, 2w)
+        out = torch.stack([torch.stack([out[:, a, b, :, a : a + h, b : b + width] for b in (0, 1)], -1) for a in (0, 1)], 3)
+        return out.reshape(n, -1, 2 * h, 2 * width)
+
+
 class Generator(nn.Module):
     """z (N, latent_dim) -> images (N, 1, 28, 28) in [-1, 1]."""
 
@@ -53,6 +90,7 @@ class Generator(nn.Module):
         channels: tuple[int, int] = (128, 64),
         bn_momentum: float = 0.8,
         bn_eps: float = 1e-3,
+        phased: bool = True,
     ) -> None:
         super().__init__()
         self.latent_dim = latent_dim
@@ -62,8 +100,7 @@ class Generator(nn.Module):
         in_ch = dense_channels
         for out_ch in channels:  # 7 -> 14 -> 28
             layers += [
-                nn.Upsample(scale_factor=2, mode="nearest"),
-                nn.Conv2d(in_ch, out_ch, 3, padding=1),
+                UpsampleConv(in_ch, out_ch, phased),
                 _batch_norm(out_ch, bn_momentum, bn_eps),
                 nn.ReLU(inplace=True),
             ]
@@ -138,9 +175,9 @@ class Classifier(nn.Module):
         return self.head(self.dropout(self.body(images)))
 
 
-def build_generator(params: ModelParams) -> Generator:
+def build_generator(params: ModelParams, phased: bool = True) -> Generator:
     return Generator(
-        params.latent_dim, params.g_dense_channels, tuple(params.g_channels), params.bn_momentum, params.bn_eps
+        params.latent_dim, params.g_dense_channels, tuple(params.g_channels), params.bn_momentum, params.bn_eps, phased
     )
 
 
@@ -193,17 +230,29 @@ def count_parameters(model: nn.Module) -> tuple[int, int]:
     return trainable, trainable + moving
 
 
+def _layers(model: nn.Module) -> Iterator[tuple[str, nn.Module]]:
+    """Leaf modules, an UpsampleConv counting as one layer."""
+    grouped: list[str] = []
+    for name, module in model.named_modules():
+        if any(name.startswith(prefix + ".") for prefix in grouped):
+            continue
+        if isinstance(module, UpsampleConv):
+            grouped.append(name)
+            yield name, module
+        elif not list(module.children()):
+            yield name, module
+
+
 def summary(model: nn.Module, input_shape: tuple[int, ...]) -> str:
     """A Keras-style table: each leaf layer's output shape and parameter count."""
     rows: list[tuple[str, str, int]] = []
     hooks = []
-    for name, module in model.named_modules():
-        if len(list(module.children())) == 0:
-            def hook(mod: nn.Module, _inp: object, out: torch.Tensor, name: str = name) -> None:
-                count = sum(p.numel() for p in mod.parameters(recurse=False))
-                rows.append((f"{name} ({type(mod).__name__})", str(tuple(out.shape[1:])), count))
+    for name, module in _layers(model):
+        def hook(mod: nn.Module, _inp: object, out: torch.Tensor, name: str = name) -> None:
+            count = sum(p.numel() for p in mod.parameters())
+            rows.append((f"{name} ({type(mod).__name__})", str(tuple(out.shape[1:])), count))
 
-            hooks.append(module.register_forward_hook(hook))
+        hooks.append(module.register_forward_hook(hook))
     was_training = model.training
     model.eval()
     with torch.no_grad():

@@ -85,6 +85,7 @@ class TrainParams(Section):
     seed: Seed = 0
     device: Device = "auto"
     precision: Literal["fp32", "bf16"] = "fp32"
+    fast_upsample: bool = True  # upsample+conv computed by phases: same function, 2.25x fewer FLOPs
     sample_every: PositiveInt = 50
     log_every: PositiveInt = 50
     checkpoint_every: PositiveInt = 500

@@ -90,7 +90,7 @@ class TrainState:
 def new_state(model: ModelParams, params: TrainParams, device: torch.device) -> TrainState:
     """Seeded models and the tutorial's Adam optimisers."""
     runtime.seed_everything(params.seed)
-    generator = build_generator(model).to(device)
+    generator = build_generator(model, params.fast_upsample).to(device)
     discriminator = build_discriminator(model).to(device)
     adam = {"betas": (params.beta1, params.beta2)}
     return TrainState(

@@ -71,3 +71,29 @@ def test_load_generator_round_trip_and_mismatch(tmp_path: Path) -> None:
     assert torch.equal(loaded(z), g.eval()(z))
     with pytest.raises(UserError, match="does not match the model section"):
         load_generator(tmp_path / "g.pt", ModelParams(latent_dim=64), torch.device("cpu"))
+
+
+def test_phased_upsample_conv_is_the_same_function_and_gradient() -> None:
+    from pipeline.models import UpsampleConv
+
+    torch.manual_seed(0)
+    layer = UpsampleConv(5, 3).double()
+    x = torch.randn(2, 5, 7, 7, dtype=torch.float64, requires_grad=True)
+    outputs, grads = [], []
+    for phased in (True, False):
+        layer.phased = phased
+        y = layer(x)
+        outputs.append(y)
+        grads.append(torch.autograd.grad((y * torch.linspace(-1, 1, y.numel()).view_as(y)).sum(), [x, layer.conv.weight, layer.conv.bias]))
+    assert outputs[0].shape == (2, 3, 14, 14)
+    torch.testing.assert_close(outputs[0], outputs[1], rtol=0, atol=1e-12)
+    for a, b in zip(*grads):
+        torch.testing.assert_close(a, b, rtol=0, atol=1e-12)
+
+
+def test_generator_checkpoints_do_not_depend_on_the_upsample_path() -> None:
+    torch.manual_seed(0)
+    fast, reference = Generator(phased=True), Generator(phased=False)
+    reference.load_state_dict(fast.state_dict())
+    z = torch.randn(4, 100)
+    torch.testing.assert_close(fast.eval()(z), reference.eval()(z), rtol=0, atol=1e-5)
