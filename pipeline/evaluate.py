@@ -10,13 +10,11 @@ from __future__ import annotations
 
 import json
 import os
-import platform
 import time
 from pathlib import Path
 from typing import Any
 
 import numpy as np
-import scipy
 import torch
 
 from pipeline import data, runtime, scoring
@@ -131,9 +129,11 @@ def main(params_path: Path = Path("params.yaml"), samples: Path | None = None, o
     p = params.evaluate
     device = runtime.pick_device(params.train.device)
     classifier, sha = scoring.load_classifier(CLASSIFIER, params.classifier.feature_dim, device)
-    reference = scoring.load_reference(REFERENCE)
-    if reference.classifier_sha256 != sha:
-        raise UserError(f"{REFERENCE} was computed with another classifier; run `dvc repro reference`.")
+    reference = scoring.load_reference(REFERENCE, classifier_sha256=sha)
+    if samples is None:  # a tracking server that is down is reported before any work
+        from pipeline import tracking
+
+        uri, experiment_id, _ = tracking.open_experiment(params.tracking.experiment, Path.cwd(), dict(os.environ))
     floors = json.loads(FLOORS.read_text()) if FLOORS.is_file() else {}
     if floors and floors.get("n_samples") not in (None, p.n_samples):
         floors = {}  # floors at another N are not comparable
@@ -148,14 +148,10 @@ def main(params_path: Path = Path("params.yaml"), samples: Path | None = None, o
         source = str(GENERATOR)
     scores = evaluate(images, classifier, reference, p, device)
     context = {
+        **scoring.scoring_metadata(sha, int(reference.features.shape[1]), p),
         "n_samples": int(images.shape[0]),
-        "feature_dim": int(reference.features.shape[1]),
-        "classifier_sha256": sha,
-        "seed": p.seed,
         "samples": source,
         "seconds": round(time.perf_counter() - started, 2),
-        "versions": {"torch": torch.__version__, "numpy": np.__version__, "scipy": scipy.__version__,
-                     "python": platform.python_version()},  # fmt: skip
     }
     result = report(scores, {k: v for k, v in floors.items() if k in SCALARS}, context)
     print_report(result)
@@ -171,17 +167,14 @@ def main(params_path: Path = Path("params.yaml"), samples: Path | None = None, o
     with runtime.atomic_open(CLASS_PLOT) as fh:
         fh.write(class_rows(scores, reference))
     runtime.write_json(METRICS, result)
-    log_to_mlflow(params, result, grid)
+    log_to_mlflow(params, result, grid, uri, experiment_id)
 
 
-def log_to_mlflow(params: Params, result: dict[str, Any], grid: np.ndarray) -> None:
+def log_to_mlflow(params: Params, result: dict[str, Any], grid: np.ndarray, uri: str, experiment_id: str) -> None:
     """A nested run per evaluation under the training run; the latest scores on the training run."""
     from pipeline import tracking
 
     env = dict(os.environ)
-    root = tracking.project_root(Path.cwd(), env)
-    uri = tracking.tracking_uri(root, env)
-    experiment_id = tracking.connect(root, uri, params.tracking.experiment)
     train_run_id = json.loads(RUN_INFO.read_text()).get("run_id") if RUN_INFO.is_file() else None
     parent = tracking.Tracker.existing(train_run_id, experiment_id) if train_run_id else None
     if train_run_id and parent is None:

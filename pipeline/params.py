@@ -11,7 +11,7 @@ from pathlib import Path
 from typing import Annotated, Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
 from pipeline.errors import UserError
 
@@ -121,6 +121,15 @@ class Params(Section):
     evaluate: EvaluateParams = EvaluateParams()
     tracking: TrackingParams = TrackingParams()
 
+    @model_validator(mode="after")
+    def _enough_samples_for_fid(self) -> Params:
+        need = 2 * self.classifier.feature_dim  # see metrics.feature_stats
+        if self.train.fid_every and self.train.fid_samples < need:
+            raise ValueError(f"train.fid_samples must be at least {need} (2 x classifier.feature_dim) for FID")
+        if self.evaluate.n_samples < need:
+            raise ValueError(f"evaluate.n_samples must be at least {need} (2 x classifier.feature_dim) for FID")
+        return self
+
 
 def _describe(error: dict[str, Any]) -> str:
     """One sentence naming the key path, the bad value and what is allowed."""
@@ -134,6 +143,8 @@ def _describe(error: dict[str, Any]) -> str:
             section = field.annotation
         allowed = ", ".join(section.model_fields)
         return f"unknown key '{path}' (allowed here: {allowed})"
+    if error["type"] == "value_error" and not error["loc"]:  # a rule across sections
+        return str(error["msg"]).removeprefix("Value error, ").rstrip(".")
     value = json.dumps(error.get("input"), default=str)
     return f"'{path}' = {value} is invalid: {error['msg'][0].lower()}{error['msg'][1:]}"
 

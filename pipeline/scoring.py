@@ -7,6 +7,8 @@ Real images and generator samples both arrive here as uint8 pixels and go throug
 
 from __future__ import annotations
 
+import hashlib
+import io
 import pickle
 import warnings
 import zipfile
@@ -14,14 +16,15 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
+import scipy
 import torch
 
 from pipeline import metrics
 from pipeline.data import N_CLASSES, to_model
 from pipeline.errors import UserError
-from pipeline.models import Classifier
+from pipeline.models import Classifier, generate
 from pipeline.params import EvaluateParams
-from pipeline.runtime import atomic_path, sha256_file
+from pipeline.runtime import atomic_path
 
 RETRAIN = "run `dvc repro classifier` (or `python -m pipeline classifier`) to train it again"
 RECOMPUTE = "run `dvc repro reference` (or `python -m pipeline reference`) to compute it again"
@@ -40,8 +43,10 @@ _LOAD_ERRORS = (
 def save_classifier(model: Classifier, path: Path) -> None:
     """Write the weights atomically as a plain state_dict of CPU tensors."""
     state = {key: value.detach().cpu().clone() for key, value in model.state_dict().items()}
-    with atomic_path(path) as tmp:
-        torch.save(state, tmp)
+    # Save through a file object: given a path, torch names the archive after the (random) temp
+    # file, and the same weights would get a different SHA-256 on every run.
+    with atomic_path(path) as tmp, open(tmp, "wb") as fh:
+        torch.save(state, fh)
 
 
 def load_classifier(path: Path, feature_dim: int, device: torch.device) -> tuple[Classifier, str]:
@@ -50,13 +55,15 @@ def load_classifier(path: Path, feature_dim: int, device: torch.device) -> tuple
     if not path.is_file():
         raise UserError(f"classifier weights {path} are missing; {RETRAIN}.")
     try:
+        blob = path.read_bytes()  # hash exactly the bytes that are loaded, not a later version of the file
         with warnings.catch_warnings():  # torch warns about odd pickle protocols before refusing them
             warnings.simplefilter("ignore")
-            state = torch.load(path, map_location="cpu", weights_only=True)
+            state = torch.load(io.BytesIO(blob), map_location="cpu", weights_only=True)
     except _LOAD_ERRORS as exc:
         # torch's own message suggests weights_only=False, exactly the wrong advice here.
         raise UserError(
-            f"classifier weights {path} are damaged or not a plain weights file ({type(exc).__name__}); {RETRAIN}."
+            f"classifier weights {path} are damaged or not a plain weights file "
+            f"({type(exc).__name__}); {RETRAIN}."
         ) from None
     if not isinstance(state, dict) or not all(
         isinstance(k, str) and isinstance(v, torch.Tensor) for k, v in state.items()
@@ -71,7 +78,7 @@ def load_classifier(path: Path, feature_dim: int, device: torch.device) -> tuple
             f"(changed params or a damaged file); {RETRAIN}."
         ) from None
     model.to(device).eval().requires_grad_(False)
-    return model, sha256_file(path)
+    return model, hashlib.sha256(blob).hexdigest()  # == runtime.sha256_file(path)
 
 
 # --- features and class probabilities -----------------------------------------------------
@@ -82,19 +89,22 @@ def classify(
 ) -> tuple[np.ndarray, np.ndarray]:
     """uint8 images (N, 28, 28) -> penultimate features (N, D) float32 and softmax probs (N, 10) float64."""
     if images.ndim != 3 or images.shape[0] == 0:
-        raise UserError(f"classify expects a non-empty (N, 28, 28) uint8 batch; got shape {tuple(images.shape)}.")
+        raise UserError(f"classify expects a non-empty (N, 28, 28) uint8 batch; got {tuple(images.shape)}.")
     was_training = model.training
     model.eval()  # BatchNorm on running statistics, no dropout: each image's features stand alone
     features, probs = [], []
-    with torch.inference_mode():
-        for start in range(0, images.shape[0], batch_size):
-            x = to_model(images[start : start + batch_size]).to(device)
-            f = model.features(x)  # (B, D)
-            # In eval mode dropout is the identity, so head(features) are exactly forward()'s logits.
-            logits = model.head(f).double()  # (B, 10); softmax in float64 for IS/KL
-            features.append(f.float().cpu().numpy())
-            probs.append(torch.softmax(logits, dim=1).cpu().numpy())
-    model.train(was_training)
+    try:
+        with torch.inference_mode():
+            for start in range(0, images.shape[0], batch_size):
+                x = to_model(images[start : start + batch_size]).to(device)
+                f = model.features(x)  # (B, D)
+                # In eval mode dropout is the identity, so head(features) are exactly forward()'s logits.
+                logits = model.head(f)  # (B, 10)
+                features.append(f.float().cpu().numpy())
+                # Softmax in float64 (IS and KL take logs of small probabilities) on the CPU: MPS lacks it.
+                probs.append(torch.softmax(logits.cpu().double(), dim=1).numpy())
+    finally:
+        model.train(was_training)
     return np.concatenate(features), np.concatenate(probs)
 
 
@@ -117,7 +127,7 @@ def compute_reference(features: np.ndarray, labels: np.ndarray, classifier_sha25
     mean, cov = metrics.feature_stats(features)
     labels = np.asarray(labels)
     if labels.shape != (features.shape[0],) or labels.min() < 0 or labels.max() >= N_CLASSES:
-        raise UserError(f"reference labels must be N={features.shape[0]} digits 0-9; got shape {labels.shape}.")
+        raise UserError(f"reference labels must be N={features.shape[0]} digits 0-9; got {labels.shape}.")
     counts = np.bincount(labels, minlength=N_CLASSES).astype(np.float64)
     return Reference(np.asarray(features, np.float32), mean, cov, counts / counts.sum(), classifier_sha256)
 
@@ -131,33 +141,58 @@ def save_reference(ref: Reference, path: Path) -> None:
         )  # fmt: skip
 
 
-def load_reference(path: Path) -> Reference:
-    """Load and check a saved reference; a missing or damaged file is a UserError."""
+def load_reference(path: Path, classifier_sha256: str | None = None) -> Reference:
+    """Load and check a saved reference; missing, damaged or (given the hash) stale is a UserError."""
     path = Path(path)
     if not path.is_file():
         raise UserError(f"reference {path} is missing; {RECOMPUTE}.")
     try:
         with np.load(path, allow_pickle=False) as npz:
             ref = Reference(
-                features=npz["features"], mean=npz["mean"], cov=npz["cov"],
-                label_distribution=npz["label_distribution"], classifier_sha256=str(npz["classifier_sha256"]),
-            )  # fmt: skip
-    except (KeyError, ValueError, OSError, EOFError, zipfile.BadZipFile) as exc:
+                features=np.asarray(npz["features"], np.float32),
+                mean=np.asarray(npz["mean"], np.float64),
+                cov=np.asarray(npz["cov"], np.float64),
+                label_distribution=np.asarray(npz["label_distribution"], np.float64),
+                classifier_sha256=str(npz["classifier_sha256"]),
+            )
+    except (KeyError, ValueError, TypeError, OSError, EOFError, zipfile.BadZipFile) as exc:
         raise UserError(f"reference {path} is damaged ({exc}); {RECOMPUTE}.") from None
     n, d = ref.features.shape if ref.features.ndim == 2 else (0, 0)
-    arrays = (ref.features, ref.mean, ref.cov, ref.label_distribution)
     if (
         n == 0
         or ref.mean.shape != (d,)
         or ref.cov.shape != (d, d)
         or ref.label_distribution.shape != (N_CLASSES,)
-        or not all(np.isfinite(a).all() for a in arrays)
+        or not all(np.isfinite(a).all() for a in (ref.features, ref.mean, ref.cov, ref.label_distribution))
     ):
         raise UserError(f"reference {path} has inconsistent arrays; {RECOMPUTE}.")
+    if classifier_sha256 is not None and classifier_sha256 != ref.classifier_sha256:
+        # Features of another classifier live in another space: every score would be meaningless.
+        raise UserError(
+            f"reference {path} was computed with classifier {ref.classifier_sha256[:12]}, not the current "
+            f"{classifier_sha256[:12]}; {RECOMPUTE}."
+        )
     return ref
 
 
 # --- the scores ---------------------------------------------------------------------------
+
+
+def generator_fid(
+    generator: torch.nn.Module, classifier: Classifier, reference: Reference, n: int, seed: int, batch_size: int,
+    device: torch.device,
+) -> float:  # fmt: skip
+    """FID of n fresh samples (seeded, inference mode) against the reference: the quick estimate."""
+    images = generate(generator, n, seed, batch_size, device)
+    features, _ = classify(classifier, images, batch_size, device)
+    mean, cov = metrics.feature_stats(features)
+    return metrics.frechet_distance(mean, cov, reference.mean, reference.cov)
+
+
+def kid_feature_scale(reference: Reference) -> float:
+    """The factor that gives the reference features a mean square of 1 per dimension."""
+    features = reference.features.astype(np.float64)
+    return float(1.0 / np.sqrt(np.mean(features**2)))
 
 
 def score(
@@ -165,8 +200,13 @@ def score(
 ) -> dict[str, float | int | list[int]]:
     """Every sample-quality score of one sample set against the reference, as flat JSON-ready keys."""
     mean, cov = metrics.feature_stats(fake_features)
+    # KID's cubic kernel (x.y/d + 1)^3 assumes features of order 1 per dimension, as Inception's
+    # are; raw classifier features are ~10x larger and the estimate drowns in its own variance.
+    # One fixed scale from the reference (unit mean square per dimension) fixes that and keeps
+    # every score under one reference comparable.
+    scale = kid_feature_scale(reference)
     kid_mean, kid_std = metrics.kid(
-        fake_features, reference.features, params.kid_subsets, params.kid_subset_size, params.seed
+        fake_features * scale, reference.features * scale, params.kid_subsets, params.kid_subset_size, params.seed
     )
     is_mean, is_std = metrics.inception_score(fake_probs, params.is_splits)
     classes = metrics.class_report(fake_probs, reference.label_distribution)
@@ -181,4 +221,22 @@ def score(
         "mean_confidence": classes["mean_confidence"],
         **metrics.prdc(reference.features, fake_features, params.prdc_k),
         "class_counts": classes["counts"],
+    }
+
+
+def scoring_metadata(
+    classifier_sha256: str, feature_dim: int, params: EvaluateParams
+) -> dict[str, str | int]:
+    """What must match for two scores to be comparable: classifier, features, preprocessing, N, seed."""
+    return {
+        "n_samples": params.n_samples,
+        "seed": params.seed,
+        "classifier_sha256": classifier_sha256,
+        "feature_dim": feature_dim,
+        "feature_layer": "Classifier.features (penultimate, after ReLU)",
+        "preprocessing": "data.to_model (uint8 / 127.5 - 1)",
+        "kid_kernel": "(x.y/d + 1)^3 on features scaled to unit mean square per dimension of the reference",
+        "numpy": np.__version__,
+        "scipy": scipy.__version__,
+        "torch": torch.__version__,
     }

@@ -88,6 +88,13 @@ def connect(root: Path, uri: str, experiment: str) -> str:
         ) from None
 
 
+def open_experiment(experiment: str, cwd: Path, env: Mapping[str, str]) -> tuple[str, str, Path]:
+    """Connect as a stage does: (tracking URI, experiment id, repository root)."""
+    root = project_root(cwd, env)
+    uri = tracking_uri(root, env)
+    return uri, connect(root, uri, experiment), root
+
+
 def _first_line(exc: BaseException) -> str:
     text = str(exc).strip()
     return (text.splitlines()[0] if text else type(exc).__name__)[:300].rstrip(".")

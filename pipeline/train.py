@@ -39,6 +39,9 @@ RUN_INFO = Path("models/train_run.json")
 CHECKPOINT = Path("checkpoints/train.pt")
 METRICS = Path("metrics/train.json")
 LOG = Path("metrics/train_log.csv")
+FID_LOG = Path("metrics/train_fid.csv")
+CLASSIFIER = Path("models/classifier.pt")
+REFERENCE = Path("data/reference/reference.npz")
 SAMPLES_DIR = Path("samples")
 LAST_SAMPLES = Path("plots/train_samples.png")
 
@@ -57,6 +60,7 @@ class TrainState:
     opt_d: torch.optim.Optimizer
     step: int = 0
     history: list[tuple[int, float, float, float]] = field(default_factory=list)  # (step, d_loss, d_acc, g_loss)
+    fid_history: list[tuple[int, float]] = field(default_factory=list)  # (step, quick FID)
     run_id: str | None = None
 
     def to_checkpoint(self, fingerprint: str) -> dict[str, Any]:
@@ -71,6 +75,7 @@ class TrainState:
             "rng_cpu": torch.get_rng_state(),
             "rng_cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
             "history": torch.tensor(self.history, dtype=torch.float64).reshape(-1, 1 + len(LOG_COLUMNS)),
+            "fid_history": torch.tensor(self.fid_history, dtype=torch.float64).reshape(-1, 2),
             "run_id": self.run_id or "",
         }
 
@@ -84,6 +89,7 @@ class TrainState:
             torch.cuda.set_rng_state_all(ckpt["rng_cuda"])
         self.step = int(ckpt["step"])
         self.history = [(int(r[0]), *map(float, r[1:])) for r in ckpt["history"].tolist()]
+        self.fid_history = [(int(step), float(fid)) for step, fid in ckpt["fid_history"].tolist()]
         self.run_id = ckpt["run_id"] or None
 
 
@@ -162,7 +168,7 @@ class Callbacks:
     on_log: Callable[[list[tuple[int, float, float, float]], float], None] | None = None  # rows, images/s
     on_sample: Callable[[int, np.ndarray], None] | None = None  # step, grid
     on_checkpoint: Callable[[TrainState], None] | None = None
-    on_eval: Callable[[int, Generator], None] | None = None  # step, generator (quick FID)
+    on_eval: Callable[[TrainState], None] | None = None  # every fid_every steps (quick FID)
 
 
 def _autocast(device: torch.device, precision: str) -> contextlib.AbstractContextManager[Any]:
@@ -222,7 +228,7 @@ def train(
         if callbacks.on_sample and (step % params.sample_every == 0 or last):
             callbacks.on_sample(step, sample_grid(state.generator, noise))
         if callbacks.on_eval and params.fid_every and (step % params.fid_every == 0 or last):
-            callbacks.on_eval(step, state.generator)
+            callbacks.on_eval(state)
         if callbacks.on_checkpoint and (step % params.checkpoint_every == 0 or last):
             callbacks.on_checkpoint(state)
     flush()
@@ -251,6 +257,11 @@ def write_log(history: list[tuple[int, float, float, float]], path: Path) -> Non
             fh.write(f"{step}," + ",".join(f"{v:.6g}" for v in values) + "\n")
 
 
+def write_fid_log(fid_history: list[tuple[int, float]], path: Path) -> None:
+    with runtime.atomic_open(path) as fh:
+        fh.write("step,fid_quick\n" + "".join(f"{step},{fid:.6g}\n" for step, fid in fid_history))
+
+
 def main(params_path: Path = Path("params.yaml")) -> None:
     from tqdm import tqdm
 
@@ -275,13 +286,12 @@ def main(params_path: Path = Path("params.yaml")) -> None:
         else:
             state.restore(ckpt)
             print(f"resuming from {CHECKPOINT} at step {state.step}")
-    if state.step == 0 and SAMPLES_DIR.exists():
+    if state.step == 0:  # a fresh run: nothing from an earlier run may survive in persisted outputs
         for old in SAMPLES_DIR.glob("*.png"):
             old.unlink()
+        FID_LOG.unlink(missing_ok=True)
 
-    root = tracking.project_root(Path.cwd(), env)
-    uri = tracking.tracking_uri(root, env)
-    experiment_id = tracking.connect(root, uri, params.tracking.experiment)
+    uri, experiment_id, root = tracking.open_experiment(params.tracking.experiment, Path.cwd(), env)
     tags = {
         **tracking.git_info(root),
         **tracking.dvc_tags(env),
@@ -313,9 +323,25 @@ def main(params_path: Path = Path("params.yaml")) -> None:
         runtime.save_checkpoint(s.to_checkpoint(fingerprint), CHECKPOINT)
         write_log(s.history, LOG)
 
+    on_eval = None
+    if p.fid_every:
+        from pipeline import scoring
+
+        classifier, sha = scoring.load_classifier(CLASSIFIER, params.classifier.feature_dim, device)
+        reference = scoring.load_reference(REFERENCE, classifier_sha256=sha)
+
+        def on_eval(s: TrainState) -> None:
+            fid = scoring.generator_fid(
+                s.generator, classifier, reference, p.fid_samples, params.evaluate.seed, params.evaluate.batch_size, device
+            )
+            s.fid_history.append((s.step, fid))
+            bar.write(f"step {s.step}: quick FID ({p.fid_samples} samples) {fid:.3f}")
+            tracker.log_metrics([{"step": s.step, "fid_quick": fid}])
+            write_fid_log(s.fid_history, FID_LOG)
+
     started = time.perf_counter()
     try:
-        train(state, images, p, params.model.latent_dim, Callbacks(on_log, on_sample, on_checkpoint))
+        train(state, images, p, params.model.latent_dim, Callbacks(on_log, on_sample, on_checkpoint, on_eval))
     except BaseException as exc:
         bar.close()
         tracker.finish("KILLED" if isinstance(exc, KeyboardInterrupt) else "FAILED")
@@ -338,6 +364,7 @@ def main(params_path: Path = Path("params.yaml")) -> None:
     }
     runtime.save_checkpoint({"generator": state.generator.state_dict()}, GENERATOR)
     write_log(state.history, LOG)
+    write_fid_log(state.fid_history, FID_LOG)  # header only when train.fid_every is 0
     data.save_png(sample_grid(state.generator, fixed_noise(params.model.latent_dim, p.seed, device)), LAST_SAMPLES)
     runtime.write_json(RUN_INFO, {"run_id": tracker.run_id, "experiment_id": experiment_id, "tracking_uri": uri})
     runtime.write_json(METRICS, summary)

@@ -83,3 +83,10 @@ def test_committed_json_schema_is_current() -> None:
     committed = json.loads((ROOT / "params.schema.json").read_text())
     assert committed == json_schema(), "regenerate with: python -m pipeline schema --output params.schema.json"
     assert set(committed["properties"]) == set(yaml.safe_load((ROOT / "params.yaml").read_text()))
+
+
+def test_rules_across_sections(tmp_path: Path) -> None:
+    with pytest.raises(UserError, match=r"params.yaml: train.fid_samples must be at least 256 \(2 x classifier.feature_dim\)"):
+        load_params(write(tmp_path, "train:\n  fid_every: 100\n  fid_samples: 100\n"))
+    with pytest.raises(UserError, match=r"evaluate.n_samples must be at least 64"):
+        load_params(write(tmp_path, "classifier:\n  feature_dim: 32\nevaluate:\n  n_samples: 50\n"))

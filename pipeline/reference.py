@@ -1,0 +1,66 @@
+"""Stage `reference`: classifier features of the real MNIST test set, and the real-vs-real floor.
+
+The floor scores `evaluate.n_samples` real training images against the reference exactly as
+generated samples are scored, so it is the best any generator can hope for at that N.
+"""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from pipeline.data import Mnist, load_prepared
+from pipeline.errors import UserError
+from pipeline.models import Classifier
+from pipeline.params import EvaluateParams, load_params
+from pipeline.runtime import pick_device, write_json
+from pipeline.scoring import (
+    Reference,
+    classify,
+    compute_reference,
+    load_classifier,
+    save_reference,
+    score,
+    scoring_metadata,
+)
+
+PREPARED = Path("data/prepared/mnist.npz")
+CLASSIFIER = Path("models/classifier.pt")
+REFERENCE = Path("data/reference/reference.npz")
+METRICS = Path("metrics/reference.json")
+
+
+def build_reference(
+    model: Classifier, classifier_sha256: str, mnist: Mnist, params: EvaluateParams, device: torch.device
+) -> tuple[Reference, dict[str, float | int | list[int]]]:
+    """The test-set reference and the scores of n_samples training images (seeded draw) against it."""
+    n_train = mnist.train_images.shape[0]
+    if params.n_samples > n_train:
+        raise UserError(f"evaluate.n_samples={params.n_samples} exceeds the {n_train} real training images.")
+    features, _ = classify(model, mnist.test_images, params.batch_size, device)
+    reference = compute_reference(features, mnist.test_labels, classifier_sha256)
+    pick = np.sort(np.random.default_rng(params.seed).choice(n_train, params.n_samples, replace=False))
+    real_features, real_probs = classify(model, mnist.train_images[pick], params.batch_size, device)
+    return reference, score(real_features, real_probs, reference, params)
+
+
+def main(params_path: Path = Path("params.yaml")) -> None:
+    params = load_params(params_path)
+    mnist = load_prepared(PREPARED)
+    device = pick_device("auto")
+    model, sha = load_classifier(CLASSIFIER, params.classifier.feature_dim, device)
+    start = time.perf_counter()
+    reference, floor = build_reference(model, sha, mnist, params.evaluate, device)
+    seconds = round(time.perf_counter() - start, 1)
+    save_reference(reference, REFERENCE)
+    meta = scoring_metadata(sha, params.classifier.feature_dim, params.evaluate)
+    n_reference = int(reference.features.shape[0])
+    write_json(METRICS, {**floor, **meta, "n_reference": n_reference, "seconds": seconds})
+    print(f"real-vs-real floor: {params.evaluate.n_samples} training images vs {n_reference} test images")
+    for key, value in floor.items():
+        if not isinstance(value, list):
+            print(f"  {key:<16}{value:>12.5g}")
+    print(f"in {seconds} s -> {REFERENCE}, {METRICS}")
