@@ -68,13 +68,14 @@ def mnist_mirror(request: pytest.FixtureRequest) -> Path:
 
 
 def copy_project(dst: Path, with_git: bool = True) -> Path:
-    """A fresh copy of the project's tracked inputs in `dst`, as a git repo with one commit."""
-    dst.mkdir(parents=True, exist_ok=True)
-    for name in ("pipeline", "params.yaml", "dvc.yaml", "dvc.lock", ".dvc/config", ".dvc/.gitignore", ".gitignore", "models"):
+    """What a fresh clone of this working tree holds, in `dst`, as a git repo with one commit."""
+    listed = subprocess.run(
+        ["git", "ls-files", "-z", "--cached", "--others", "--exclude-standard"],
+        cwd=ROOT, capture_output=True, text=True, check=True,
+    ).stdout.split("\0")  # fmt: skip
+    for name in filter(None, listed):
         src = ROOT / name
-        if src.is_dir():
-            shutil.copytree(src, dst / name, ignore=shutil.ignore_patterns("__pycache__"))
-        elif src.is_file():
+        if src.is_file() and not name.startswith(("tests/", "benchmarks/")):
             (dst / name).parent.mkdir(parents=True, exist_ok=True)
             shutil.copy2(src, dst / name)
     if with_git:
