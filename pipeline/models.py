@@ -73,7 +73,7 @@ class UpsampleConv(nn.Module):
             for b in (0, 1)
         ]  # 4 x (out, in, 2, 2), in order (a, b) = 00, 01, 10, 11
         n, _, h, width = x.shape
-        out = F.conv2d(F.pad(x, (1, 1, 1, 1)), torch.cat(phases), self.conv.bias.repeat(4))  # (n, 4*out, h+1, w+1)
+        out = F.conv2d(x, torch.cat(phases), self.conv.bias.repeat(4), padding=1)  # (n, 4*out, h+1, w+1)
         out = out.view(n, 2, 2, -1, h + 1, width + 1)
         # phase (a, b) sits at offset (a, b) of the padded grid; interleave to (n, out, 2h, 2w)
         out = torch.stack([torch.stack([out[:, a, b, :, a : a + h, b : b + width] for b in (0, 1)], -1) for a in (0, 1)], 3)

@@ -86,6 +86,9 @@ class TrainParams(Section):
     device: Device = "auto"
     precision: Literal["fp32", "bf16"] = "fp32"
     fast_upsample: bool = True  # upsample+conv computed by phases: same function, 2.25x fewer FLOPs
+    channels_last: bool = False  # NHWC memory format for the conv nets
+    fused_adam: bool = False  # one fused kernel for each Adam update (CUDA and CPU)
+    compile: bool = False  # torch.compile the generator and discriminator
     sample_every: PositiveInt = 50
     log_every: PositiveInt = 50
     checkpoint_every: PositiveInt = 500

@@ -94,11 +94,12 @@ class TrainState:
 
 
 def new_state(model: ModelParams, params: TrainParams, device: torch.device) -> TrainState:
-    """Seeded models and the tutorial's Adam optimisers."""
+    """Seeded models and the tutorial's Adam optimisers, with the speed levers of `params`."""
     runtime.seed_everything(params.seed)
-    generator = build_generator(model, params.fast_upsample).to(device)
-    discriminator = build_discriminator(model).to(device)
-    adam = {"betas": (params.beta1, params.beta2)}
+    memory_format = torch.channels_last if params.channels_last else torch.contiguous_format
+    generator = build_generator(model, params.fast_upsample).to(device, memory_format=memory_format)
+    discriminator = build_discriminator(model).to(device, memory_format=memory_format)
+    adam = {"betas": (params.beta1, params.beta2), "fused": params.fused_adam or None}
     return TrainState(
         generator,
         discriminator,
@@ -189,6 +190,9 @@ def train(
     autocast = _autocast(device, params.precision)
     noise = fixed_noise(latent_dim, params.seed, device)
     pending: list[tuple[int, torch.Tensor]] = []  # per-step stats still on the device
+    if params.compile:  # in place: parameter names (and so checkpoints) stay the same
+        state.generator.compile()
+        state.discriminator.compile()
     state.generator.train()
     state.discriminator.train()
     tick, tick_step = time.perf_counter(), state.step
