@@ -218,3 +218,17 @@ def test_real_vs_real_scores_are_near_their_floor(real: tuple[Classifier, Mnist]
     assert min(floor["precision"], floor["recall"], floor["density"]) > 0.85  # coverage needs N ~ reference N
     # The classifier is confident and the test set balanced: IS is close to its maximum of 10.
     assert score(test_features, test_probs, ref, EvaluateParams(kid_subsets=2))["is_mean"] > 9.5
+
+
+def test_noise_and_single_digit_samples_score_as_they_should(real: tuple[Classifier, Mnist]) -> None:
+    model, mnist = real
+    test_features, _ = classify(model, mnist.test_images, 1000, CPU)
+    ref = compute_reference(test_features, mnist.test_labels, "committed")
+    params = EvaluateParams(n_samples=1000, kid_subsets=10, kid_subset_size=500)
+    noise = np.random.default_rng(0).integers(0, 256, (1000, 28, 28), dtype=np.uint8)
+    noisy = score(*classify(model, noise, 1000, CPU), ref, params)
+    real_train = score(*classify(model, mnist.train_images[:1000], 1000, CPU), ref, params)
+    assert noisy["fid"] > 50 * real_train["fid"] and noisy["precision"] < 0.01
+    ones = mnist.train_images[mnist.train_labels == 1][:1000]
+    single = score(*classify(model, ones, 1000, CPU), ref, params)
+    assert single["classes_covered"] == 1 and single["class_kl"] > 2.0
