@@ -335,9 +335,9 @@ def main(params_path: Path = Path("params.yaml")) -> None:
         reference = scoring.load_reference(REFERENCE, classifier_sha256=sha)
 
         def on_eval(s: TrainState) -> None:
-            fid = scoring.generator_fid(
-                s.generator, classifier, reference, p.fid_samples, params.evaluate.seed, params.evaluate.batch_size, device
-            )
+            # Same noise at every evaluation (own RNG: training is untouched), so the curve shows
+            # the generator changing, not the draw.
+            fid = scoring.generator_fid(s.generator, classifier, reference, p.fid_samples, p.seed, 1000, device)
             s.fid_history.append((s.step, fid))
             bar.write(f"step {s.step}: quick FID ({p.fid_samples} samples) {fid:.3f}")
             tracker.log_metrics([{"step": s.step, "fid_quick": fid}])
