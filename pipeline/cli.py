@@ -17,7 +17,11 @@ STAGES: dict[str, tuple[str, str]] = {
     "reference": ("pipeline.reference", "cache the real-data features and the real-vs-real score floors"),
     "train": ("pipeline.train", "train the DCGAN; resumes from checkpoints/train.pt; logs to MLflow"),
     "evaluate": ("pipeline.evaluate", "score the generator (or --samples FILE) with the frozen classifier"),
+    "sweep": ("pipeline.sweep", "Optuna search over params.yaml's sweep.space; each trial an MLflow child run"),
 }
+
+
+RESEND_HELP = "after a tracking outage, send MLflow the finished training run's params, metrics, images and model"
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -33,8 +37,18 @@ def build_parser() -> argparse.ArgumentParser:
         "--samples", type=Path, help="score these samples instead: .npy/.npz (N x 28 x 28, uint8 or [-1, 1]) or a PNG folder"
     )
     evaluate.add_argument("--output", type=Path, help="with --samples: where to write the JSON report")
+    sweep = sub.choices["sweep"]
+    sweep.add_argument("--study", help="Optuna study name (default: sweep.study); a study that exists is resumed")
+    sweep.add_argument("--storage", help="Optuna storage URL shared by all workers (default: sweep.storage)")
+    sweep.add_argument("--trials", type=int, help="trials in the whole study (default: sweep.trials)")
     schema = sub.add_parser("schema", help="print the JSON schema of params.yaml (for editors)")
     schema.add_argument("--output", type=Path, help="write it to this file instead of stdout")
+    for writer in (evaluate, schema):  # outputs stay inside the project unless the user says otherwise
+        writer.add_argument("--allow-outside", action="store_true", help="let --output name a path outside this directory")
+    resend = sub.add_parser(
+        "resend", help=RESEND_HELP, description=RESEND_HELP + ". Reads the train stage's outputs; safe to run twice."
+    )
+    resend.add_argument("--params", type=Path, default=Path("params.yaml"), help="params file (default: %(default)s)")
     show = sub.add_parser("summary", help="print the Generator and Discriminator layer tables, as the tutorial does")
     show.add_argument("--params", type=Path, default=Path("params.yaml"))
     check = sub.add_parser("check-params", help="validate params.yaml and exit")
@@ -43,6 +57,15 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def run(args: argparse.Namespace) -> None:
+    if getattr(args, "output", None) is not None:
+        from pipeline.runtime import inside_project
+
+        inside_project(args.output, args.allow_outside)
+    if args.command == "resend":
+        from pipeline.train import resend
+
+        resend(args.params)
+        return
     if args.command == "schema":
         from pipeline.params import json_schema
         from pipeline.runtime import write_json
@@ -68,7 +91,7 @@ def run(args: argparse.Namespace) -> None:
         print(f"{args.params} is valid")
         return
     module = importlib.import_module(STAGES[args.command][0])
-    options = {key: value for key, value in vars(args).items() if key not in ("command", "params")}
+    options = {key: value for key, value in vars(args).items() if key not in ("command", "params", "allow_outside")}
     module.main(args.params, **options)
 
 

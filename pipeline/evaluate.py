@@ -8,8 +8,8 @@ trained model.
 
 from __future__ import annotations
 
-import json
 import os
+import sys
 import time
 from pathlib import Path
 from typing import Any
@@ -134,7 +134,8 @@ def main(params_path: Path = Path("params.yaml"), samples: Path | None = None, o
         from pipeline import tracking
 
         uri, experiment_id, _ = tracking.open_experiment(params.tracking.experiment, Path.cwd(), dict(os.environ))
-    floors = json.loads(FLOORS.read_text()) if FLOORS.is_file() else {}
+        runtime.remove_stale_temps(METRICS, CLASS_PLOT, SAMPLES_PLOT)
+    floors = runtime.read_json(FLOORS) if FLOORS.is_file() else {}
     if floors and floors.get("n_samples") not in (None, p.n_samples):
         floors = {}  # floors at another N are not comparable
 
@@ -142,6 +143,10 @@ def main(params_path: Path = Path("params.yaml"), samples: Path | None = None, o
     if samples is not None:
         images = load_samples(samples)
         source = str(samples)
+        need = 2 * int(reference.features.shape[1])  # see metrics.feature_stats
+        if images.shape[0] < need:
+            raise UserError(f"{samples} holds {images.shape[0]} samples; scoring needs at least {need} "
+                            "(2 x classifier.feature_dim) for a meaningful FID.")  # fmt: skip
     else:
         generator = load_generator(GENERATOR, params.model, device)
         images = generate(generator, p.n_samples, p.seed, p.batch_size, device).numpy()
@@ -175,7 +180,7 @@ def log_to_mlflow(params: Params, result: dict[str, Any], grid: np.ndarray, uri:
     from pipeline import tracking
 
     env = dict(os.environ)
-    train_run_id = json.loads(RUN_INFO.read_text()).get("run_id") if RUN_INFO.is_file() else None
+    train_run_id = runtime.read_json(RUN_INFO).get("run_id") if RUN_INFO.is_file() else None
     parent = tracking.Tracker.existing(train_run_id, experiment_id) if train_run_id else None
     if train_run_id and parent is None:
         print(f"training run {train_run_id} is not in {uri}; recording this evaluation as a run of its own.")
@@ -194,8 +199,9 @@ def log_to_mlflow(params: Params, result: dict[str, Any], grid: np.ndarray, uri:
         parent.log_metrics([{"step": 0, **{f"eval_{k}": v for k, v in scalars.items()}}])
         parent.set_tags({"eval.latest_run": run.run_id, "eval.n_samples": str(result["n_samples"]),
                          "eval.classifier_sha256": result["classifier_sha256"]})  # fmt: skip
-    lost = run.lost + (parent.lost if parent else [])
     print(f"MLflow: evaluation run {run.run_id}" + (f" under training run {parent.run_id}" if parent else ""))
+    lost = "; ".join(filter(None, (run.lost_summary(), parent.lost_summary() if parent else "")))
     if lost:
-        print(f"warning: MLflow did not receive: {'; '.join(lost[:5])}")
+        print(f"warning: {lost}; the outputs are complete, run the evaluate stage again once the server is back.",
+              file=sys.stderr)  # fmt: skip
 

@@ -8,15 +8,16 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
-from typing import Annotated, Any, Literal
+from typing import Annotated, Any, Literal, get_args, get_origin
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
 from pipeline.errors import UserError
 
-PositiveInt = Annotated[int, Field(gt=0)]
-NonNegativeInt = Annotated[int, Field(ge=0)]
+PositiveInt = Annotated[int, Field(gt=0, le=10**9)]
+NonNegativeInt = Annotated[int, Field(ge=0, le=10**9)]
+BatchSize = Annotated[int, Field(gt=0, le=65536)]  # beyond this no device holds the activations
 Seed = Annotated[int, Field(ge=0, le=2**32 - 1)]
 Probability = Annotated[float, Field(ge=0.0, lt=1.0)]
 LearningRate = Annotated[float, Field(gt=0.0, le=1.0)]
@@ -65,7 +66,7 @@ class ClassifierParams(Section):
     """The frozen MNIST classifier used for every score."""
 
     epochs: PositiveInt = 4
-    batch_size: PositiveInt = 128
+    batch_size: BatchSize = 128
     lr: LearningRate = 3e-3
     weight_decay: Annotated[float, Field(ge=0.0, le=1.0)] = 5e-4
     seed: Seed = 0
@@ -77,7 +78,7 @@ class TrainParams(Section):
     """The training loop; defaults follow the tutorial (4000 iterations of batch 32)."""
 
     steps: PositiveInt = 4000
-    batch_size: PositiveInt = 32
+    batch_size: BatchSize = 32
     lr_d: LearningRate = 2e-4
     lr_g: LearningRate = 2e-4
     beta1: Beta = 0.5
@@ -101,7 +102,7 @@ class EvaluateParams(Section):
 
     n_samples: Annotated[int, Field(ge=2, le=1_000_000)] = 10_000
     seed: Seed = 1234
-    batch_size: PositiveInt = 1000
+    batch_size: BatchSize = 1000
     kid_subsets: PositiveInt = 100
     kid_subset_size: PositiveInt = 1000
     is_splits: Annotated[int, Field(ge=1, le=100)] = 10
@@ -114,6 +115,97 @@ class TrackingParams(Section):
     experiment: Annotated[str, Field(min_length=1, max_length=200)] = "dcgan-mnist"
 
 
+# A sweep varies the model and the training; the scoring stays fixed so that trials compare.
+SWEEP_SECTIONS = ("model", "train")
+# Params every trial takes from the sweep section rather than from the search space.
+SET_BY_SWEEP = {"train.steps": "sweep.steps", "train.fid_every": "sweep.fid_every",
+                "train.fid_samples": "sweep.fid_samples"}  # fmt: skip
+
+
+class SearchDimension(Section):
+    """One searched param: a range `low`..`high` (on a `log` scale, or in multiples of `step`) or `choices`."""
+
+    low: float | None = None
+    high: float | None = None
+    log: bool = False
+    step: Annotated[float, Field(gt=0)] | None = None
+    choices: Annotated[list[bool | int | float | str], Field(min_length=1)] | None = None
+
+
+class SweepParams(Section):
+    """`python -m pipeline sweep`: an Optuna study over `space`, every trial an MLflow child run."""
+
+    study: Annotated[str, Field(min_length=1, max_length=200)] = "dcgan-sweep"
+    storage: str | None = None  # an Optuna storage URL; None: sqlite:///optuna.db at the repository root
+    trials: PositiveInt = 20  # in the whole study, however many processes share it
+    steps: PositiveInt = 1000  # training steps per trial: the trial budget
+    fid_every: PositiveInt = 250  # quick FID every N steps, what pruning looks at
+    fid_samples: PositiveInt = 1000
+    eval_samples: Annotated[int, Field(ge=2, le=1_000_000)] = 5000  # N of the final FID, the objective
+    sampler: Literal["tpe", "random"] = "tpe"
+    startup_trials: NonNegativeInt = 5  # random trials before TPE models the space
+    seed: Seed = 0
+    pruner: Literal["median", "none"] = "median"
+    prune_after_trials: NonNegativeInt = 3  # no pruning before this many trials have finished
+    prune_after_steps: NonNegativeInt = 250  # nor before this step of a trial
+    heartbeat_s: Annotated[int, Field(ge=1, le=3600)] = 30  # a trial silent for 2x this is retried
+    space: dict[str, SearchDimension] = Field(
+        default_factory=lambda: {
+            "train.lr_g": SearchDimension(low=5e-5, high=1e-3, log=True),
+            "train.lr_d": SearchDimension(low=5e-5, high=1e-3, log=True),
+            "train.beta1": SearchDimension(low=0.3, high=0.9),
+        }
+    )
+
+
+def _check_sweep(params: Params) -> None:
+    """Each searched key names a real param of model/train, and its range or choices are valid for it."""
+    sweep, need = params.sweep, 2 * params.classifier.feature_dim
+    for key in ("fid_samples", "eval_samples"):
+        if getattr(sweep, key) < need:
+            raise ValueError(f"sweep.{key} must be at least {need} (2 x classifier.feature_dim) for FID")
+    searchable = [
+        f"{name}.{key}" for name in SWEEP_SECTIONS for key, value in getattr(params, name).model_dump().items()
+        if not isinstance(value, list) and f"{name}.{key}" not in SET_BY_SWEEP
+    ]  # fmt: skip
+    if not sweep.space:
+        raise ValueError(f"sweep.space is empty: name at least one param to search ({', '.join(searchable)})")
+    for key, dim in sweep.space.items():
+        where = f"sweep.space.{key}"
+        if key in SET_BY_SWEEP:
+            raise ValueError(f"{where} cannot be searched: every trial takes it from {SET_BY_SWEEP[key]}")
+        if key not in searchable:
+            raise ValueError(f"{where} is not a searchable param (searchable: {', '.join(searchable)})")
+        name, field = key.split(".", 1)
+        section = getattr(params, name)
+        current = getattr(section, field)
+        numeric = isinstance(current, (int, float)) and not isinstance(current, bool)
+        if dim.choices is not None:
+            if dim.low is not None or dim.high is not None or dim.step is not None or dim.log:
+                raise ValueError(f"{where} gives choices and a range: give one of them")
+            values: list[Any] = list(dim.choices)
+        elif not numeric:
+            raise ValueError(f"{where}: {key} is not a number, so it needs choices, e.g. [{json.dumps(current)}]")
+        elif dim.low is None or dim.high is None:
+            raise ValueError(f"{where} needs low and high (or choices)")
+        elif dim.low >= dim.high:
+            raise ValueError(f"{where} is an empty range: low {dim.low:g} must be below high {dim.high:g}")
+        elif dim.log and dim.low <= 0:
+            raise ValueError(f"{where} is on a log scale, so low must be above 0, not {dim.low:g}")
+        elif dim.log and dim.step is not None:
+            raise ValueError(f"{where} gives both log and step: a log range has no step")
+        elif isinstance(current, int) and not all(float(v).is_integer() for v in (dim.low, dim.high, dim.step or 1)):
+            raise ValueError(f"{where}: {key} is an integer, so low, high and step must be whole numbers")
+        else:
+            values = [dim.low, dim.high]
+        for value in values:
+            try:
+                type(section).model_validate({**section.model_dump(), field: value})
+            except ValidationError as exc:
+                msg = exc.errors()[0]["msg"]
+                raise ValueError(f"{where}: {json.dumps(value)} is not a valid {key} ({msg[0].lower()}{msg[1:]})") from None
+
+
 class Params(Section):
     """The whole params.yaml: one section per stage plus shared ones."""
 
@@ -123,6 +215,7 @@ class Params(Section):
     train: TrainParams = TrainParams()
     evaluate: EvaluateParams = EvaluateParams()
     tracking: TrackingParams = TrackingParams()
+    sweep: SweepParams = SweepParams()
 
     @model_validator(mode="after")
     def _enough_samples_for_fid(self) -> Params:
@@ -133,22 +226,52 @@ class Params(Section):
             raise ValueError(f"evaluate.n_samples must be at least {need} (2 x classifier.feature_dim) for FID")
         return self
 
+    @model_validator(mode="after")
+    def _sweep_searches_real_params(self) -> Params:
+        _check_sweep(self)
+        return self
+
+
+def _key(part: Any) -> str:
+    """One key of a path, on one line and of sane length (a YAML key can hold newlines)."""
+    text = repr(str(part))[1:-1]
+    return text if len(text) <= 60 else text[:57] + "..."
+
+
+def _short(value: Any, limit: int = 80) -> str:
+    """JSON of a value from the file, cut short: YAML aliases can make one huge or endless."""
+
+    def clip(item: Any, depth: int) -> Any:
+        if isinstance(item, (list, tuple)):
+            return [clip(sub, depth - 1) for sub in item[:8]] if depth else "..."
+        if isinstance(item, dict):
+            return {_key(k): clip(sub, depth - 1) for k, sub in list(item.items())[:8]} if depth else "..."
+        return item
+
+    text = json.dumps(clip(value, 4), default=str)
+    return text if len(text) <= limit else text[: limit - 3] + "..."
+
 
 def _describe(error: dict[str, Any]) -> str:
     """One sentence naming the key path, the bad value and what is allowed."""
-    path = ".".join(str(part) for part in error["loc"]) or "(top level)"
+    path = ".".join(_key(part) for part in error["loc"]) or "(top level)"
     if error["type"] == "extra_forbidden":
         section: type[BaseModel] = Params
-        for part in error["loc"][:-1]:
+        parts = iter(error["loc"][:-1])
+        for part in parts:
             field = section.model_fields.get(str(part))
-            if field is None or not isinstance(field.annotation, type):
+            annotation = field.annotation if field is not None else None
+            if get_origin(annotation) is dict:  # a mapping of sections (sweep.space): skip the key
+                annotation = get_args(annotation)[1]
+                next(parts, None)
+            if not (isinstance(annotation, type) and issubclass(annotation, BaseModel)):
                 break
-            section = field.annotation
+            section = annotation
         allowed = ", ".join(section.model_fields)
         return f"unknown key '{path}' (allowed here: {allowed})"
     if error["type"] == "value_error" and not error["loc"]:  # a rule across sections
         return str(error["msg"]).removeprefix("Value error, ").rstrip(".")
-    value = json.dumps(error.get("input"), default=str)
+    value = _short(error.get("input"))
     return f"'{path}' = {value} is invalid: {error['msg'][0].lower()}{error['msg'][1:]}"
 
 
@@ -166,6 +289,30 @@ def validate_params(raw: Any, source: str = "params.yaml") -> Params:
         raise UserError(f"{source}: {_describe(errors[0])}{more}.") from None
 
 
+class _StrictLoader(yaml.SafeLoader):
+    """yaml.safe_load's loader, except that a key given twice in one mapping is an error.
+
+    PyYAML keeps the last of two equal keys: a second `train:` section would silently
+    replace the first.
+    """
+
+    def construct_mapping(self, node: yaml.MappingNode, deep: bool = False) -> dict[Any, Any]:
+        seen: set[Any] = set()
+        for key_node, _ in node.value:
+            if key_node.tag == "tag:yaml.org,2002:merge":  # `<<: *base` may be overridden on purpose
+                continue
+            key = self.construct_object(key_node, deep=deep)
+            try:
+                if key in seen:
+                    raise yaml.constructor.ConstructorError(
+                        None, None, f"found duplicate key '{_key(key)}'", key_node.start_mark
+                    )
+                seen.add(key)
+            except TypeError:  # unhashable: the base class says so
+                break
+        return super().construct_mapping(node, deep=deep)
+
+
 def load_params(path: Path | str = "params.yaml") -> Params:
     """Read and validate params.yaml; every mistake becomes a UserError."""
     path = Path(path)
@@ -176,13 +323,15 @@ def load_params(path: Path | str = "params.yaml") -> Params:
     except (OSError, UnicodeDecodeError) as exc:
         raise UserError(f"{path} cannot be read: {exc}.") from None
     try:
-        raw = yaml.safe_load(text)
+        raw = yaml.load(text, Loader=_StrictLoader)  # noqa: S506 - a SafeLoader
+        return validate_params(raw, source=str(path))
     except yaml.YAMLError as exc:
         mark = getattr(exc, "problem_mark", None)
         where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
-        problem = getattr(exc, "problem", None) or "malformed YAML"
+        problem = " ".join(str(getattr(exc, "problem", None) or "malformed YAML").split())
         raise UserError(f"{path} is not valid YAML{where}: {problem}.") from None
-    return validate_params(raw, source=str(path))
+    except RecursionError:  # thousands of nested brackets, or an alias that contains itself
+        raise UserError(f"{path} is nested too deeply (or an alias contains itself) to be params.") from None
 
 
 def flatten(params: Params) -> dict[str, str]:

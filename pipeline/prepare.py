@@ -7,7 +7,7 @@ from pathlib import Path
 
 from pipeline.data import Mnist, class_counts, fetch_mnist, save_prepared
 from pipeline.params import PrepareParams, load_params
-from pipeline.runtime import write_json
+from pipeline.runtime import remove_stale_temps, write_json
 
 RAW_DIR = Path("data/raw/mnist")
 PREPARED = Path("data/prepared/mnist.npz")
@@ -26,6 +26,7 @@ def prepare(params: PrepareParams, raw_dir: Path, mirror: str | None) -> tuple[M
 
 def main(params_path: Path = Path("params.yaml")) -> None:
     params = load_params(params_path)
+    remove_stale_temps(PREPARED, METRICS, RAW_DIR)
     mnist, summary = prepare(params.prepare, RAW_DIR, os.environ.get("MNIST_MIRROR") or None)
     save_prepared(mnist, PREPARED)
     write_json(METRICS, summary)

@@ -7,6 +7,7 @@ import hashlib
 import json
 import os
 import random
+import re
 import tempfile
 from collections.abc import Iterator
 from pathlib import Path
@@ -83,6 +84,40 @@ def write_json(path: Path | str, data: Any) -> None:
         fh.write("\n")
 
 
+def read_json(path: Path | str) -> Any:
+    """Load a JSON output of an earlier stage; a damaged file is a UserError naming it."""
+    try:
+        return json.loads(Path(path).read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise UserError(f"{path} cannot be read as JSON ({exc}); run the stage that writes it again.") from None
+
+
+def remove_stale_temps(*outputs: Path | str) -> list[Path]:
+    """Delete the temp files that killed atomic writes left beside `outputs` (or inside them, for folders).
+
+    A stage calls this at its start for its own outputs: no live writer can own those temp
+    files then, and DVC would otherwise cache one inside a folder output (samples/) as data.
+    """
+    removed = []
+    for output in map(Path, outputs):
+        pattern = ".*.tmp" if output.is_dir() else f".{output.name}.*.tmp"
+        for stale in (output if output.is_dir() else output.parent).glob(pattern):
+            stale.unlink(missing_ok=True)
+            removed.append(stale)
+    return removed
+
+
+def inside_project(path: Path, allow_outside: bool = False, root: Path | None = None) -> Path:
+    """`path`, to be written; refused when it resolves outside `root` (the working directory).
+
+    Symbolic links are followed, so a link cannot smuggle a write out either.
+    """
+    root = (root or Path.cwd()).resolve()
+    if not allow_outside and not (root / path).resolve().is_relative_to(root):
+        raise UserError(f"{path} is outside the project ({root}); pass --allow-outside to write there anyway.")
+    return path
+
+
 def sha256_file(path: Path | str, chunk: int = 1 << 20) -> str:
     """Hex SHA-256 of a file's bytes."""
     digest = hashlib.sha256()
@@ -130,9 +165,14 @@ def load_checkpoint(path: Path | str, map_location: str | torch.device = "cpu") 
         raise UserError(f"checkpoint {path} fails its checksum (corrupted); delete it to start fresh.")
     try:
         state = torch.load(io.BytesIO(body), map_location=map_location, weights_only=True)
-    except (pickle.UnpicklingError, RuntimeError, ValueError, EOFError) as exc:
-        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-        raise UserError(f"checkpoint {path} holds something other than weights ({first}); refusing to load it.") from None
+    except (pickle.UnpicklingError, RuntimeError, ValueError, EOFError, OSError, KeyError, TypeError,
+            AttributeError, IndexError, UnicodeDecodeError) as exc:  # fmt: skip
+        # Not torch's text: it advises weights_only=False, the wrong advice for a file that carries code.
+        found = re.search(r"(?:Unsupported global: |unsupported )GLOBAL (\S+)", str(exc))
+        what = f"a pickled {found[1]}" if found else type(exc).__name__
+        raise UserError(
+            f"checkpoint {path} holds something other than weights ({what}); refusing to load it."
+        ) from None
     if not isinstance(state, dict):
         raise UserError(f"checkpoint {path} does not hold a state dictionary; delete it to start fresh.")
     return state

@@ -69,7 +69,8 @@ def load_classifier(path: Path, feature_dim: int, device: torch.device) -> tuple
         isinstance(k, str) and isinstance(v, torch.Tensor) for k, v in state.items()
     ):
         raise UserError(f"classifier weights {path} are not a state_dict of tensors; {RETRAIN}.")
-    model = Classifier(feature_dim)
+    with torch.random.fork_rng(devices=[]):  # building layers draws from the RNG: leave training's alone
+        model = Classifier(feature_dim)
     try:
         model.load_state_dict(state, strict=True)
     except RuntimeError:

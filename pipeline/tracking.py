@@ -8,11 +8,13 @@ kill the training: `Tracker` records what could not be logged and says so at the
 from __future__ import annotations
 
 import os
+import re
+import socket
 import subprocess
 import sys
 import time
 import warnings
-from collections.abc import Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
@@ -60,32 +62,82 @@ def _creation_lock(root: Path, uri: str) -> Iterator[None]:
         yield
 
 
+# MLflow's HTTP defaults (7 retries with growing pauses, 120 s a request) make a dead server
+# cost minutes. Checking the server before a stage does any work: fail within seconds. Logging
+# a run: a little patience (a model upload takes time), yet a server that died mid-run costs
+# seconds once, after which Tracker stops trying. MLFLOW_HTTP_REQUEST_* set by the user win.
+CHECK_HTTP = {"MLFLOW_HTTP_REQUEST_MAX_RETRIES": "1", "MLFLOW_HTTP_REQUEST_TIMEOUT": "5"}
+RUN_HTTP = {"MLFLOW_HTTP_REQUEST_MAX_RETRIES": "2", "MLFLOW_HTTP_REQUEST_TIMEOUT": "30"}
+
+
+def _create_database(root: Path, path: Path) -> None:
+    """Build a new SQLite tracking database in a temp file, then rename it into place.
+
+    MLflow creates its tables in many steps, and a stage killed between two of them left a
+    database that every later start refused ("table ... already exists"). The caller holds
+    the creation lock, so a temp file left by such a kill can be removed.
+    """
+    from mlflow.store.tracking.sqlalchemy_store import SqlAlchemyStore
+
+    from pipeline.runtime import atomic_path, remove_stale_temps
+
+    if path.exists():
+        return
+    remove_stale_temps(path)
+    with atomic_path(path) as tmp:
+        SqlAlchemyStore(f"sqlite:///{tmp}", (root / ARTIFACTS_DIR).as_uri()).engine.dispose()
+
+
 def connect(root: Path, uri: str, experiment: str) -> str:
     """Point MLflow at `uri`, make sure `experiment` exists; return its id.
 
     Fails fast, with one sentence, when a tracking server does not answer.
     """
     import mlflow
-    from mlflow.exceptions import MlflowException
 
-    if uri.startswith(("http://", "https://")):
-        # MLflow retries for minutes by default; a user waiting to train wants to know now.
-        os.environ.setdefault("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "1")
-        os.environ.setdefault("MLFLOW_HTTP_REQUEST_TIMEOUT", "5")
+    remote = uri.startswith(("http://", "https://"))
+    user = {key: os.environ[key] for key in CHECK_HTTP if key in os.environ}  # the user's settings win
+    if remote:
+        os.environ.update({**CHECK_HTTP, **user})
     mlflow.set_tracking_uri(uri)
     try:
         with _creation_lock(root, uri):
+            if _is_local_sqlite(uri):
+                _create_database(root, Path(uri.removeprefix("sqlite:///").split("?")[0]))
             found = mlflow.get_experiment_by_name(experiment)
             if found is not None:
                 return found.experiment_id
             location = (root / ARTIFACTS_DIR).as_uri() if _is_local_sqlite(uri) else None
             return mlflow.create_experiment(experiment, artifact_location=location)
-    except MlflowException as exc:
+    except Exception as exc:  # noqa: BLE001 - network errors arrive as many types, often inside an MlflowException
+        if reason := network_failure(exc):
+            raise UserError(
+                f"MLflow tracking server {uri} is unreachable ({reason}); start it, "
+                "or unset MLFLOW_TRACKING_URI to log to the local mlflow.db."
+            ) from None
         raise UserError(f"MLflow tracking at {uri} failed: {_first_line(exc)}.") from None
-    except Exception as exc:  # requests/urllib3 connection errors surface as many types
-        raise UserError(
-            f"MLflow tracking server {uri} is unreachable ({_first_line(exc)}); start it or unset MLFLOW_TRACKING_URI."
-        ) from None
+    finally:
+        if remote:
+            os.environ.update({**RUN_HTTP, **user})
+
+
+def network_failure(exc: BaseException) -> str | None:
+    """A few words when `exc` (or what it wraps) is a network failure, else None.
+
+    MLflow re-raises requests' errors as MlflowException with a 300-character text; the
+    cause chain still holds the original, which says what happened in words a user needs.
+    """
+    import requests
+
+    seen: BaseException | None = exc
+    while seen is not None:
+        if isinstance(seen, (requests.exceptions.ConnectionError, requests.exceptions.Timeout)):
+            text = str(seen).lower()
+            if "timed out" in text or isinstance(seen, requests.exceptions.Timeout):
+                return f"no answer within {os.environ.get('MLFLOW_HTTP_REQUEST_TIMEOUT', '120')} s"
+            return "connection refused" if "refused" in text else "cannot connect"
+        seen = seen.__cause__ or seen.__context__
+    return None
 
 
 def open_experiment(experiment: str, cwd: Path, env: Mapping[str, str]) -> tuple[str, str, Path]:
@@ -114,8 +166,16 @@ def git_info(root: Path) -> dict[str, str]:
 
 
 def dvc_tags(env: Mapping[str, str]) -> dict[str, str]:
-    """The DVC experiment this run belongs to (set by `dvc exp run`)."""
-    tags = {"dvc.exp_name": env.get("DVC_EXP_NAME", ""), "dvc.baseline": env.get("DVC_EXP_BASELINE_REV", "")}
+    """The DVC experiment this run belongs to (set by `dvc exp run`), and the sweep it is part of.
+
+    DVC gives a queued grid no name of its own: DCGAN_SWEEP, set in the shell that runs
+    `dvc queue start`, reaches every queued run and tags them all alike (`tags.sweep = '...'`).
+    """
+    tags = {
+        "dvc.exp_name": env.get("DVC_EXP_NAME", ""),
+        "dvc.baseline": env.get("DVC_EXP_BASELINE_REV", ""),
+        "sweep": env.get("DCGAN_SWEEP", ""),
+    }
     return {k: v for k, v in tags.items() if v}
 
 
@@ -129,7 +189,8 @@ class Tracker:
 
     def __init__(self, run_id: str) -> None:
         self.run_id = run_id
-        self.lost: list[str] = []
+        self.lost: list[str] = []  # what was not logged, in order
+        self.failure: str | None = None  # why logging stopped
         self._client: Any = None
 
     @classmethod
@@ -144,23 +205,31 @@ class Tracker:
         """Start a run, the active one until finish(); reopen `resume_run_id` if it exists."""
         import mlflow
         from mlflow import MlflowClient
+        from mlflow.entities import RunTag
         from mlflow.exceptions import MlflowException
 
         client = MlflowClient()
+        owner = {"pipeline.host": socket.gethostname(), "pipeline.pid": str(os.getpid())}
         try:
+            try:
+                _mark_dead_runs_killed(client, experiment_id)
+            except Exception:  # noqa: BLE001 - housekeeping: never the reason a run cannot start
+                pass
             run = None
             if resume_run_id:
                 try:
-                    if client.get_run(resume_run_id).info.experiment_id == experiment_id:
+                    old = client.get_run(resume_run_id).info
+                    if old.experiment_id == experiment_id and old.lifecycle_stage == "active":
                         run = mlflow.start_run(run_id=resume_run_id)
+                        client.log_batch(run.info.run_id, tags=[RunTag(k, v) for k, v in owner.items()])
                 except MlflowException:
-                    pass  # deleted, or made in another database: start a new run
+                    pass  # made in another database: start a new run
             if run is None:
                 # A tag rather than start_run(parent_run_id=...), which needs an ACTIVE parent:
                 # evaluations nest under training runs that finished long ago.
                 if parent_run_id:
                     tags = {**tags, "mlflow.parentRunId": parent_run_id}
-                run = mlflow.start_run(experiment_id=experiment_id, run_name=name, tags=tags)
+                run = mlflow.start_run(experiment_id=experiment_id, run_name=name, tags={**tags, **owner})
         except Exception as exc:
             raise UserError(f"MLflow could not start a run: {_first_line(exc)}.") from None
         tracker = cls(run.info.run_id)
@@ -185,19 +254,36 @@ class Tracker:
         return tracker
 
     def _guard(self, what: str, fn: Any, *args: Any, **kwargs: Any) -> None:
-        if self.lost and self.lost[-1].startswith("tracking stopped"):
+        # After the first failure nothing more is tried: every call to a dead server costs
+        # seconds of retries, and a clean cut is simple to fill in afterwards (`resend`).
+        if self.failure is not None:
             self.lost.append(what)
             return
         try:
             fn(*args, **kwargs)
         except Exception as exc:  # noqa: BLE001 - any failure of the tracking backend
-            self.lost.append(f"tracking stopped at {what}: {_first_line(exc)}")
-            print(f"warning: MLflow logging failed ({_first_line(exc)}); training goes on.", file=sys.stderr)
+            self.failure = network_failure(exc) or _first_line(exc)
+            self.lost.append(what)
+            print(f"warning: MLflow logging failed at {what} ({self.failure}); the stage goes on without MLflow.",
+                  file=sys.stderr)  # fmt: skip
+
+    def lost_summary(self) -> str:
+        """One sentence on what MLflow did not receive; empty when nothing was lost."""
+        return summarise_lost(self.lost, self.failure)
 
     def log_params(self, params: dict[str, str]) -> None:
         from mlflow.entities import Param
 
-        items = [Param(k, v) for k, v in params.items()]
+        # A resumed run may differ in params that do not change the numbers (log_every, ...):
+        # MLflow refuses to change a logged param, so those become tags instead.
+        try:
+            logged = self._client.get_run(self.run_id).data.params
+        except Exception:  # noqa: BLE001 - a fresh run, or a backend that fails below anyway
+            logged = {}
+        changed = {f"param_changed.{k}": v for k, v in params.items() if k in logged and logged[k] != v}
+        if changed:
+            self.set_tags(changed)
+        items = [Param(k, v) for k, v in params.items() if k not in logged]
         for i in range(0, len(items), 100):
             self._guard("params", self._client.log_batch, self.run_id, params=items[i : i + 100])
 
@@ -217,9 +303,10 @@ class Tracker:
             for name, value in row.items()
             if name != step_key and np.isfinite(value)
         ]
+        steps = sorted({metric.step for metric in metrics})
         for i in range(0, len(metrics), 1000):
-            first = int(rows[0][step_key]) if rows else 0
-            self._guard(f"metrics from step {first}", self._client.log_batch, self.run_id, metrics=metrics[i : i + 1000])
+            what = f"metrics of steps {steps[0]}-{steps[-1]}"
+            self._guard(what, self._client.log_batch, self.run_id, metrics=metrics[i : i + 1000])
 
     def log_image(self, image: np.ndarray, key: str, step: int) -> None:
         self._guard(f"image '{key}' at step {step}", self._client.log_image, self.run_id, image, key=key, step=step)
@@ -241,3 +328,137 @@ class Tracker:
         import mlflow
 
         self._guard("run status", mlflow.end_run, status)
+
+
+def summarise_lost(lost: list[str], failure: str | None) -> str:
+    """'MLflow did not receive metrics of steps 12-60, 10 images 'samples' of steps 15-60, ...' or ''."""
+    if not lost:
+        return ""
+    spans: dict[str, list[int]] = {}  # "metrics" / "image 'samples'" -> steps
+    calls: dict[str, int] = {}
+    others: list[str] = []
+    for what in lost:
+        if found := re.fullmatch(r"(metrics|image '[^']*') (?:of|at) steps? (\d+)(?:-(\d+))?", what):
+            spans.setdefault(found[1], []).extend(int(step) for step in found.groups()[1:] if step)
+            calls[found[1]] = calls.get(found[1], 0) + 1
+        elif what not in others:
+            others.append(what)
+    parts = [
+        f"{kind if kind == 'metrics' else str(calls[kind]) + ' ' + kind.replace('image', 'images', 1)}"
+        f" of steps {min(steps)}-{max(steps)}"
+        for kind, steps in spans.items()
+    ]
+    return f"MLflow did not receive {', '.join(parts + others)}" + (f" ({failure})" if failure else "")
+
+
+def _process_alive(pid: int) -> bool:
+    if os.name != "posix":  # os.kill(pid, 0) is no probe on Windows: never call a run dead there
+        return True
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except OSError:  # EPERM: alive, owned by someone else
+        return True
+    return True
+
+
+def _mark_dead_runs_killed(client: Any, experiment_id: str) -> None:
+    """A SIGKILLed stage leaves its run RUNNING forever: mark runs of dead processes on this host KILLED.
+
+    Runs carry the host and pid of the process that logs to them (`pipeline.host`, `pipeline.pid`);
+    only runs of this host are judged, and a pid that exists again is taken as alive.
+    """
+    host = socket.gethostname().replace("'", "")
+    running = client.search_runs(
+        [experiment_id], f"attributes.status = 'RUNNING' and tags.`pipeline.host` = '{host}'", max_results=1000
+    )
+    for run in running:
+        pid = run.data.tags.get("pipeline.pid", "")
+        if pid.isdigit() and not _process_alive(int(pid)):
+            client.set_terminated(run.info.run_id, "KILLED")
+
+
+def backfill(
+    experiment_id: str,
+    run_id: str,
+    tags: dict[str, str],
+    params: dict[str, str],
+    rows: list[dict[str, float]],
+    images: dict[int, np.ndarray],
+    image_key: str,
+    artifacts: list[Path],
+    model: Callable[[], tuple[Any, np.ndarray]] | None = None,
+    model_name: str = "generator",
+) -> tuple[str, dict[str, int]]:
+    """Send what a finished run lacks of these params, step metrics, images, artifacts and model
+    (`model()` gives the network and an input example; it is built only when the run has none).
+
+    The run is `run_id`, or, where this store lacks it, a new run tagged `resent_from` with
+    `tags` (found again by the next call). Whatever the run already holds is skipped, so a
+    second call sends nothing twice. The run ends FINISHED. Returns its id and the counts sent.
+    """
+    import mlflow
+    from mlflow import MlflowClient
+    from mlflow.entities import Metric, Param
+
+    client = MlflowClient()
+    sent = {"params": 0, "metrics": 0, "images": 0, "artifacts": 0, "model": 0}
+    try:
+        if Tracker.existing(run_id, experiment_id) is None:
+            earlier = client.search_runs([experiment_id], f"tags.resent_from = '{run_id}'", max_results=1)
+            tags = {**tags, "resent_from": run_id}
+            run_id = earlier[0].info.run_id if earlier else client.create_run(experiment_id, tags=tags).info.run_id
+        have = client.get_run(run_id).data.params
+        clash = next((key for key, value in params.items() if have.get(key, value) != value), None)
+        if clash:
+            raise UserError(
+                f"run {run_id} has {clash}={have[clash]}, not {params[clash]}: these outputs are not its own."
+            )
+        new_params = [Param(key, value) for key, value in params.items() if key not in have]
+        for i in range(0, len(new_params), 100):
+            client.log_batch(run_id, params=new_params[i : i + 100])
+        logged: dict[str, set[int]] = {}
+        now = int(time.time() * 1000)
+        metrics = []
+        for row in rows:
+            for name, value in row.items():
+                if name == "step" or not np.isfinite(value):
+                    continue
+                if name not in logged:
+                    logged[name] = {m.step for m in client.get_metric_history(run_id, name)}
+                if int(row["step"]) not in logged[name]:
+                    metrics.append(Metric(name, float(value), now, int(row["step"])))
+        for i in range(0, len(metrics), 1000):
+            client.log_batch(run_id, metrics=metrics[i : i + 1000])
+        # An image counts once both files are there (the UI shows the compressed one).
+        names = [Path(a.path).name for a in client.list_artifacts(run_id, "images")]
+        pattern = rf"{re.escape(image_key)}\+step\+(\d+)\+.*\+compressed\.webp"
+        shown = {int(found[1]) for name in names if (found := re.fullmatch(pattern, name))}
+        for step, image in sorted(images.items()):
+            if step not in shown:
+                client.log_image(run_id, image, key=image_key, step=step)
+                sent["images"] += 1
+        present = {a.path for a in client.list_artifacts(run_id)}
+        for path in artifacts:
+            if path.name not in present:
+                client.log_artifact(run_id, str(path))
+                sent["artifacts"] += 1
+        if model is not None and not mlflow.search_logged_models(
+            experiment_ids=[experiment_id], filter_string=f"source_run_id = '{run_id}'", output_format="list"
+        ):
+            network, example = model()
+            with mlflow.start_run(run_id=run_id):
+                Tracker(run_id)._log_model(network, model_name, example)
+            sent["model"] = 1
+        client.set_terminated(run_id, "FINISHED")
+    except UserError:
+        raise
+    except Exception as exc:  # noqa: BLE001 - whatever the backend says, the user only needs to retry
+        reason = network_failure(exc) or _first_line(exc)
+        raise UserError(
+            f"re-sending to MLflow failed ({reason}); what was sent stays, run this again for the rest."
+        ) from None
+    sent["params"], sent["metrics"] = len(new_params), len(metrics)
+    return run_id, sent
+

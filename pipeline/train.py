@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import sys
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -47,7 +48,10 @@ LAST_SAMPLES = Path("plots/train_samples.png")
 
 
 class Diverged(UserError):
-    """A non-finite loss: training stops, the last good checkpoint is kept."""
+    """A non-finite loss or weight: training stops, the last good checkpoint is kept."""
+
+
+ADVICE = "lower the learning rates (train.lr_d / train.lr_g); the last good checkpoint is kept."
 
 
 @dataclass
@@ -162,6 +166,15 @@ def train_step(
     return torch.stack([(loss_real + loss_fake).detach() / 2, d_acc, g_loss.detach()])
 
 
+def first_non_finite(state: TrainState) -> str | None:
+    """The first weight or buffer of G or D that holds NaN or inf, by name; None when all are finite."""
+    for prefix, network in (("generator", state.generator), ("discriminator", state.discriminator)):
+        for name, tensor in network.state_dict().items():
+            if tensor.is_floating_point() and not bool(torch.isfinite(tensor).all()):
+                return f"{prefix}.{name}"
+    return None
+
+
 @dataclass
 class Callbacks:
     """Where train() reports; every field is optional."""
@@ -206,10 +219,15 @@ def train(
         pending.clear()
         for step, d_loss, _, g_loss in rows:
             if not (np.isfinite(d_loss) and np.isfinite(g_loss)):
-                raise Diverged(
-                    f"training diverged at step {step}: D loss {d_loss}, G loss {g_loss}; "
-                    "lower the learning rates (train.lr_d / train.lr_g); the last good checkpoint is kept."
-                )
+                raise Diverged(f"training diverged at step {step}: D loss {d_loss}, G loss {g_loss}; {ADVICE}")
+        # Finite losses, yet the update after them can have left NaN or inf weights: such a
+        # state must never be saved as the "last good" checkpoint.
+        if (broken := first_non_finite(state)) is not None:
+            step, d_loss, _, g_loss = rows[-1]
+            raise Diverged(
+                f"training diverged at step {step}: {broken} is no longer finite after D loss {d_loss}, "
+                f"G loss {g_loss}; {ADVICE}"
+            )
         state.history.extend(rows)
         now = time.perf_counter()
         rate = (state.step - tick_step) * params.batch_size / max(now - tick, 1e-9)
@@ -258,12 +276,22 @@ def write_log(history: list[tuple[int, float, float, float]], path: Path) -> Non
     with runtime.atomic_open(path) as fh:
         fh.write("step," + ",".join(LOG_COLUMNS) + "\n")
         for step, *values in history:
-            fh.write(f"{step}," + ",".join(f"{v:.6g}" for v in values) + "\n")
+            # 9 digits give back each float32 loss exactly, so `resend` can rebuild MLflow's record.
+            fh.write(f"{step}," + ",".join(f"{v:.9g}" for v in values) + "\n")
 
 
 def write_fid_log(fid_history: list[tuple[int, float]], path: Path) -> None:
     with runtime.atomic_open(path) as fh:
-        fh.write("step,fid_quick\n" + "".join(f"{step},{fid:.6g}\n" for step, fid in fid_history))
+        fh.write("step,fid_quick\n" + "".join(f"{step},{float(fid)!r}\n" for step, fid in fid_history))
+
+
+def for_export(model: ModelParams, weights: dict[str, torch.Tensor]) -> tuple[Generator, str, np.ndarray]:
+    """The generator as MLflow gets it: on the CPU, in inference mode, with its name and an input example."""
+    generator = build_generator(model)
+    generator.load_state_dict({k: v.cpu() for k, v in weights.items()})
+    # A batch of 8 in the example keeps the exported model's batch size dynamic.
+    example = np.random.default_rng(0).standard_normal((8, model.latent_dim)).astype(np.float32)
+    return generator.eval(), "generator", example
 
 
 def main(params_path: Path = Path("params.yaml")) -> None:
@@ -274,6 +302,7 @@ def main(params_path: Path = Path("params.yaml")) -> None:
     params = load_params(params_path)
     p = params.train
     env = dict(os.environ)
+    runtime.remove_stale_temps(GENERATOR, RUN_INFO, CHECKPOINT, METRICS, LOG, FID_LOG, LAST_SAMPLES, SAMPLES_DIR)
     device = runtime.pick_device(p.device)
     mnist = data.load_prepared(Path("data/prepared/mnist.npz"))
     data_hash = runtime.sha256_file("data/prepared/mnist.npz")
@@ -285,11 +314,19 @@ def main(params_path: Path = Path("params.yaml")) -> None:
         ckpt = runtime.load_checkpoint(CHECKPOINT, map_location=device)
         if ckpt.get("fingerprint") != fingerprint:
             print(f"{CHECKPOINT} was made with other params or data; starting fresh.")
-        elif int(ckpt["step"]) > p.steps:
-            print(f"{CHECKPOINT} is at step {ckpt['step']}, beyond train.steps={p.steps}; starting fresh.")
         else:
-            state.restore(ckpt)
-            print(f"resuming from {CHECKPOINT} at step {state.step}")
+            try:
+                resumable = int(ckpt["step"]) <= p.steps
+                if resumable:
+                    state.restore(ckpt)
+            except (KeyError, RuntimeError, ValueError, TypeError, AttributeError, IndexError) as exc:
+                # Our fingerprint on a body that does not fit: hand-made or from another version.
+                first = (str(exc).strip().splitlines() or [type(exc).__name__])[0][:200]
+                raise UserError(f"{CHECKPOINT} does not fit this model ({first}); delete it to start fresh.") from None
+            if resumable:
+                print(f"resuming from {CHECKPOINT} at step {state.step}")
+            else:
+                print(f"{CHECKPOINT} is at step {ckpt['step']}, beyond train.steps={p.steps}; starting fresh.")
     if state.step == 0:  # a fresh run: nothing from an earlier run may survive in persisted outputs
         for old in SAMPLES_DIR.glob("*.png"):
             old.unlink()
@@ -343,7 +380,7 @@ def main(params_path: Path = Path("params.yaml")) -> None:
             tracker.log_metrics([{"step": s.step, "fid_quick": fid}])
             write_fid_log(s.fid_history, FID_LOG)
 
-    started = time.perf_counter()
+    started, first_step = time.perf_counter(), state.step
     try:
         train(state, images, p, params.model.latent_dim, Callbacks(on_log, on_sample, on_checkpoint, on_eval))
     except BaseException as exc:
@@ -364,27 +401,81 @@ def main(params_path: Path = Path("params.yaml")) -> None:
         "d_acc_last100": float(tail[:, 1].mean()),
         "g_loss_last100": float(tail[:, 2].mean()),
         "seconds": round(seconds, 2),
-        "images_per_second": round((step - (state.history[0][0] - 1)) * p.batch_size / max(seconds, 1e-9), 1),
+        "images_per_second": round((step - first_step) * p.batch_size / max(seconds, 1e-9), 1),  # this session's
     }
     runtime.save_checkpoint({"generator": state.generator.state_dict()}, GENERATOR)
     write_log(state.history, LOG)
     write_fid_log(state.fid_history, FID_LOG)  # header only when train.fid_every is 0
     data.save_png(sample_grid(state.generator, fixed_noise(params.model.latent_dim, p.seed, device)), LAST_SAMPLES)
-    runtime.write_json(RUN_INFO, {"run_id": tracker.run_id, "experiment_id": experiment_id, "tracking_uri": uri})
+    run_info = {"run_id": tracker.run_id, "experiment_id": experiment_id, "tracking_uri": uri,
+                "params_sha256": runtime.fingerprint(flatten(params))}  # fmt: skip
+    runtime.write_json(RUN_INFO, run_info)
     runtime.write_json(METRICS, summary)
 
     tracker.log_metrics([{"step": step, **{f"final_{k}": v for k, v in summary.items() if k != "step"}}])
     tracker.log_artifact(LOG)
-    cpu_generator = build_generator(params.model)
-    cpu_generator.load_state_dict({k: v.cpu() for k, v in state.generator.state_dict().items()})
-    # A batch of 8 in the example keeps the exported model's batch size dynamic.
-    example = np.random.default_rng(0).standard_normal((8, params.model.latent_dim)).astype(np.float32)
-    tracker.log_model(cpu_generator.eval(), "generator", example)
+    tracker.log_model(*for_export(params.model, state.generator.state_dict()))
     tracker.finish()
     print(
         f"step {step}: D loss {d_loss:.4f}, D acc {100 * d_acc:.1f}%, G loss {g_loss:.4f} "
         f"({seconds:.0f} s, {summary['images_per_second']:,.0f} img/s) -> {GENERATOR}"
     )
     if tracker.lost:
-        print(f"warning: MLflow did not receive: {'; '.join(tracker.lost[:5])}")
+        print(f"warning: {tracker.lost_summary()}; the outputs are complete, and `python -m pipeline resend` "
+              "sends them once the server is back.", file=sys.stderr)  # fmt: skip
 
+
+
+def resend(params_path: Path = Path("params.yaml")) -> None:
+    """`python -m pipeline resend`: give MLflow what a finished training run could not log.
+
+    After a tracking outage the DVC outputs are complete: this sends the run's params, the
+    per-step losses and quick FIDs, the final figures, the sample grids, the log and the
+    model from them. What the run already holds is skipped, so it is safe to run twice.
+    """
+    from PIL import Image
+
+    from pipeline import tracking
+
+    params = load_params(params_path)
+    if not (RUN_INFO.is_file() and METRICS.is_file() and LOG.is_file()):
+        raise UserError(f"no finished training run here ({RUN_INFO}, {METRICS} or {LOG} is missing); train first.")
+    info = runtime.read_json(RUN_INFO)
+    flat = flatten(params)
+    if info.get("params_sha256", runtime.fingerprint(flat)) != runtime.fingerprint(flat):
+        raise UserError(
+            f"{params_path} changed since run {info['run_id']} was trained; restore it to re-send that run."
+        )
+    uri, experiment_id, _ = tracking.open_experiment(params.tracking.experiment, Path.cwd(), dict(os.environ))
+
+    def table(path: Path) -> list[list[str]]:
+        return [line.split(",") for line in path.read_text().splitlines()[1:] if line] if path.is_file() else []
+
+    # The losses were float32 on the device: the CSV's 9 digits give back exactly what was logged.
+    rows: list[dict[str, float]] = [
+        {"step": int(step), **{k: float(np.float32(v)) for k, v in zip(LOG_COLUMNS, values, strict=True)}}
+        for step, *values in table(LOG)
+    ]
+    rows += [{"step": int(step), "fid_quick": float(fid)} for step, fid in table(FID_LOG)]
+    summary = runtime.read_json(METRICS)
+    rows.append({"step": summary["step"], **{f"final_{k}": v for k, v in summary.items() if k != "step"}})
+    grid_size = data.make_grid(np.zeros((1, data.IMAGE_SIZE, data.IMAGE_SIZE), np.uint8), GRID).shape[0]
+    images = {}
+    for path in sorted(SAMPLES_DIR.glob("step_*.png")):
+        big = np.asarray(Image.open(path).convert("L"))
+        images[int(path.stem.removeprefix("step_"))] = big[:: big.shape[0] // grid_size, :: big.shape[1] // grid_size]
+
+    def model() -> tuple[Generator, np.ndarray]:
+        network, _, example = for_export(params.model, runtime.load_checkpoint(GENERATOR)["generator"])
+        return network, example
+
+    run_id, sent = tracking.backfill(
+        experiment_id, info["run_id"], {"stage": "train"}, flat, rows, images, "samples", [LOG], model
+    )
+    if run_id != info["run_id"]:
+        print(f"run {info['run_id']} is not in {uri}; its record goes to run {run_id}.")
+    what = ", ".join(f"{n} {kind}" for kind, n in sent.items() if n)
+    if what:
+        print(f"re-sent to MLflow run {run_id}: {what}.")
+    else:
+        print(f"MLflow run {run_id} holds everything; nothing re-sent.")

@@ -1,0 +1,118 @@
+"""A DVC queue grid end to end: `dvc exp run --queue -S ...`, `dvc queue start -j 2`, runs in MLflow."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import yaml
+
+from tests.conftest import ROOT, copy_project, git_env
+from tests.test_dvc_e2e import dvc as run_dvc
+
+pytestmark = pytest.mark.slow
+
+# The real params, shrunk: the small model of test_train.py, a few steps, a small evaluation.
+TINY = {
+    "model": {"g_dense_channels": 16, "g_channels": [16, 8], "d_channels": [4, 8, 8, 16]},
+    "train": {"steps": 12, "batch_size": 8, "sample_every": 6, "log_every": 3, "checkpoint_every": 6,
+              "fid_every": 6, "fid_samples": 256, "device": "cpu"},
+    "evaluate": {"n_samples": 256, "kid_subsets": 3, "kid_subset_size": 64, "batch_size": 256},
+}  # fmt: skip
+GRID = ["0.0001", "0.0003"]
+
+
+def dvc(args: list[str], cwd: Path, env: dict[str, str], check: bool = True) -> str:
+    result = run_dvc(args, cwd, env)
+    assert result.returncode == 0 or not check, f"dvc {' '.join(args)}: {result.stdout}{result.stderr}"
+    return result.stdout
+
+
+@pytest.fixture
+def repo(tmp_path: Path) -> tuple[Path, dict[str, str]]:
+    """A committed project whose prepared data and reference are in the DVC cache, as after `dvc repro`."""
+    inputs = ("data/prepared/mnist.npz", "data/reference/reference.npz")
+    if not all((ROOT / name).is_file() for name in inputs):
+        pytest.skip("needs data/prepared/mnist.npz and data/reference/reference.npz (run `dvc repro reference`)")
+    repo = copy_project(tmp_path / "repo")
+    for name in inputs:
+        shutil.copy2(ROOT / name, repo / name)
+    params = yaml.safe_load((repo / "params.yaml").read_text())
+    for section, values in TINY.items():
+        params[section].update(values)
+    (repo / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
+    env = git_env()
+    # Queue workers run `dvc` and the stages run `python`: both from this interpreter, as in an activated venv.
+    env["PATH"] = str(Path(sys.executable).parent) + os.pathsep + env["PATH"]
+    env["OMP_NUM_THREADS"] = "1"  # two workers on two cores
+    for var in ("MLFLOW_TRACKING_URI", "DVC_ROOT", "DVC_EXP_NAME", "DCGAN_SWEEP", "MNIST_MIRROR"):
+        env.pop(var, None)
+    # The copied outputs are what these stages would make (the reference does not depend on the
+    # evaluate knobs shrunk above): record them, so that the experiments run only train and evaluate.
+    dvc(["commit", "--force", "prepare", "reference"], repo, env)
+    for cmd in (["git", "add", "-A"], ["git", "commit", "-q", "-m", "tiny params"]):
+        subprocess.run(cmd, cwd=repo, env=env, check=True)
+    return repo, env
+
+
+def wait_for_queue(repo: Path, env: dict[str, str], timeout_s: float = 600) -> str:
+    """`dvc queue start` returns at once: poll until every task is done and the workers have exited."""
+    deadline = time.time() + timeout_s
+    while time.time() < deadline:
+        status = dvc(["queue", "status"], repo, env)
+        busy = any(word in line.split() for line in status.splitlines() for word in ("Queued", "Running"))
+        if not busy and "Worker status: 0 active, 0 idle" in status:
+            return status
+        time.sleep(3)
+    raise AssertionError(f"the queue did not finish in {timeout_s} s:\n{status}")
+
+
+def test_queued_grid_on_two_workers_lands_in_mlflow_and_dvc_exp_show(repo: tuple[Path, dict[str, str]]) -> None:
+    path, env = repo
+    assert not (path / "mlflow.db").exists()  # the two workers race to create it
+    queued = dvc(["exp", "run", "--queue", "-S", f"train.lr_g={','.join(GRID)}"], path, env)
+    names = [line.split("'")[1] for line in queued.splitlines() if line.startswith("Queued experiment")]
+    assert len(names) == 2, queued
+
+    dvc(["queue", "start", "-j", "2"], path, {**env, "DCGAN_SWEEP": "lr-grid"})
+    status = wait_for_queue(path, env)
+    assert status.count("Success") == 2, status + dvc(["queue", "logs", names[0]], path, env, check=False)
+
+    shown = json.loads(dvc(["exp", "show", "--json"], path, env))
+    experiments = {
+        exp["name"]: exp["revs"][0]["data"]
+        for entry in shown for exp in (entry.get("experiments") or []) if exp.get("name") in names
+    }  # fmt: skip
+    assert set(experiments) == set(names)
+    for data in experiments.values():
+        scores = data["metrics"]["metrics/eval.json"]["data"]
+        assert scores["n_samples"] == 256 and scores["fid"] > 0
+
+    import mlflow
+    from mlflow import MlflowClient
+
+    mlflow.set_tracking_uri(f"sqlite:///{path / 'mlflow.db'}")
+    client = MlflowClient()
+    experiment = client.get_experiment_by_name("dcgan-mnist")
+    runs = client.search_runs([experiment.experiment_id], "tags.sweep = 'lr-grid'")
+    training = {r.info.run_name: r for r in runs if r.data.tags["stage"] == "train"}
+    assert set(training) == set(names)  # one MLflow run per DVC experiment, named after it
+    for name, run in training.items():
+        exp = experiments[name]
+        assert run.info.status == "FINISHED" and run.data.tags["dvc.exp_name"] == name
+        assert run.data.params["train.lr_g"] == str(exp["params"]["params.yaml"]["data"]["train"]["lr_g"])
+        assert run.data.metrics["eval_fid"] == pytest.approx(exp["metrics"]["metrics/eval.json"]["data"]["fid"])
+        evaluations = [r for r in runs if r.data.tags.get("mlflow.parentRunId") == run.info.run_id]
+        assert len(evaluations) == 1 and evaluations[0].data.tags["stage"] == "evaluate"
+        # Artifacts live at the repository root, not in DVC's deleted temporary workspace.
+        assert Path(run.info.artifact_uri.removeprefix("file://")).is_relative_to(path / "mlartifacts")
+        assert {a.path for a in client.list_artifacts(run.info.run_id)} >= {"train_log.csv", "images"}
+        saved = Path(evaluations[0].info.artifact_uri.removeprefix("file://")) / "evaluation/eval.json"
+        assert json.loads(saved.read_text())["fid"] == pytest.approx(run.data.metrics["eval_fid"])
+    assert not list((path / ".dvc/tmp/exps").glob("*/mlflow.db"))

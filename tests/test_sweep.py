@@ -1,0 +1,261 @@
+"""`python -m pipeline sweep`: spec errors, the budget and report core, and real studies in subprocesses."""
+
+from __future__ import annotations
+
+import os
+import re
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import optuna
+import pytest
+import yaml
+from optuna.distributions import FloatDistribution
+from optuna.trial import TrialState, create_trial
+
+from pipeline import cli, sweep
+from pipeline.data import save_prepared
+from pipeline.params import Params, load_params
+from tests.conftest import ROOT, run_cli, synthetic_mnist
+
+SMALL_MODEL = {"g_dense_channels": 16, "g_channels": [16, 8], "d_channels": [4, 8, 8, 16]}  # as test_train.py
+TINY_SWEEP = {"trials": 3, "steps": 12, "fid_every": 6, "fid_samples": 256, "eval_samples": 256, "heartbeat_s": 1,
+              "prune_after_trials": 1, "prune_after_steps": 0, "startup_trials": 2}  # fmt: skip
+
+
+def write_params(path: Path, sweep_section: dict[str, Any] | None = None, **sections: dict[str, Any]) -> Path:
+    raw = {"model": SMALL_MODEL, "train": {"batch_size": 8, "log_every": 3, "device": "cpu"},
+           "evaluate": {"batch_size": 256, "kid_subsets": 3, "kid_subset_size": 64},
+           "sweep": {**TINY_SWEEP, **(sweep_section or {})}, **sections}  # fmt: skip
+    path.write_text(yaml.safe_dump(raw, sort_keys=False))
+    return path
+
+
+# --- bad specs: one sentence, exit 2, before anything runs -----------------------------------
+
+
+@pytest.mark.parametrize(
+    ("space", "pattern"),
+    [
+        ({"train.lr": {"low": 1e-4, "high": 1e-3}}, r"sweep\.space\.train\.lr is not a searchable param \(searchable: .*train\.lr_g"),
+        ({"train.lr_g": {"low": 1e-3, "high": 1e-4}}, r"sweep\.space\.train\.lr_g is an empty range: low 0\.001 must be below high 0\.0001"),
+        ({"train.lr_g": {"low": 0, "high": 1e-3, "log": True}}, r"on a log scale, so low must be above 0, not 0"),
+        ({"train.lr_g": {"low": 1e-4, "high": 2}}, r"2\.0 is not a valid train\.lr_g \(input should be less than or equal to 1\)"),
+        ({"train.batch_size": {"low": 8, "high": 32.5}}, r"train\.batch_size is an integer, so low, high and step must be whole"),
+        ({"train.steps": {"low": 10, "high": 20}}, r"sweep\.space\.train\.steps cannot be searched: every trial takes it from sweep\.steps"),
+        ({"train.precision": {"choices": ["fp32", "fp16"]}}, r'"fp16" is not a valid train\.precision'),
+        ({"train.lr_g": {"lo": 1e-4, "high": 1e-3}}, r"unknown key 'sweep\.space\.train\.lr_g\.lo' \(allowed here: low, high, log, step, choices\)"),
+        ({}, r"sweep\.space is empty"),
+    ],
+)
+def test_bad_search_space_is_one_sentence_exit_2(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], space: dict[str, Any], pattern: str
+) -> None:
+    params = write_params(tmp_path / "params.yaml", {"space": space})
+    assert cli.main(["sweep", "--params", str(params)]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith(f"error: {params}: ") and err.count("\n") == 1 and err.rstrip().endswith(".")
+    assert re.search(pattern, err), err
+    assert not (tmp_path / "optuna.db").exists() and not (tmp_path / "mlflow.db").exists()
+
+
+@pytest.mark.parametrize(
+    ("args", "sweep_section", "pattern"),
+    [
+        ([], {"trials": -2}, r"'sweep\.trials' = -2 is invalid: input should be greater than 0\."),
+        ([], {"steps": 0}, r"'sweep\.steps' = 0 is invalid: input should be greater than 0\."),
+        ([], {"fid_samples": 100}, r"sweep\.fid_samples must be at least 256"),
+        (["--trials", "-1"], {}, r"with --trials: 'sweep\.trials' = -1 is invalid: input should be greater than 0\."),
+    ],
+)
+def test_bad_budget_is_one_sentence_exit_2(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], args: list[str], sweep_section: dict[str, Any], pattern: str
+) -> None:
+    params = write_params(tmp_path / "params.yaml", sweep_section)
+    assert cli.main(["sweep", "--params", str(params), *args]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and re.search(pattern, err), err
+
+
+def test_committed_sweep_section_is_valid_and_searches_real_params() -> None:
+    params = load_params(ROOT / "params.yaml")
+    assert params.sweep == Params().sweep and set(params.sweep.space) == {"train.lr_g", "train.lr_d", "train.beta1"}
+
+
+# --- the core: a trial's params, the budget, the report ----------------------------------------
+
+
+def test_trial_params_take_the_budget_and_the_sampled_values() -> None:
+    params = Params.model_validate({"sweep": {"steps": 300, "fid_every": 100, "fid_samples": 500, "eval_samples": 2000}})
+    p = sweep.trial_params(params, {"train.lr_g": 0.0005, "train.batch_size": 64})
+    assert (p.train.steps, p.train.fid_every, p.train.fid_samples, p.evaluate.n_samples) == (300, 100, 500, 2000)
+    assert (p.train.lr_g, p.train.batch_size, p.train.lr_d) == (0.0005, 64, params.train.lr_d)
+
+
+def test_suggest_gives_integers_for_integer_params() -> None:
+    space = {"train.batch_size": {"low": 16, "high": 64, "step": 16}, "train.lr_g": {"low": 1e-4, "high": 1e-3, "log": True},
+             "train.fast_upsample": {"choices": [True, False]}}  # fmt: skip
+    params = Params.model_validate({"sweep": {"space": space}})
+    study = optuna.create_study(sampler=optuna.samplers.RandomSampler(seed=0))
+    for _ in range(5):
+        values = sweep.suggest(study.ask(), params)
+        assert type(values["train.batch_size"]) is int and values["train.batch_size"] in (16, 32, 48, 64)
+        assert 1e-4 <= values["train.lr_g"] <= 1e-3 and type(values["train.fast_upsample"]) is bool
+        sweep.trial_params(params, values)  # every sampled point is valid params
+
+
+def _trial(number: int, state: TrialState, value: float | None = None, user: dict[str, Any] | None = None,
+           system: dict[str, Any] | None = None) -> optuna.trial.FrozenTrial:  # fmt: skip
+    trial = create_trial(
+        state=state, value=value, params={"train.lr_g": 1e-4 * (number + 1)},
+        distributions={"train.lr_g": FloatDistribution(1e-5, 1e-2, log=True)},
+        intermediate_values={6: 900.0 + number}, user_attrs=user or {}, system_attrs=system or {},
+    )  # fmt: skip
+    trial.number = number
+    return trial
+
+
+def test_budget_skips_retried_and_given_back_trials() -> None:
+    trials = [
+        _trial(0, TrialState.COMPLETE, 10.0),
+        _trial(1, TrialState.FAIL),  # its process died: run again as trial 3
+        _trial(2, TrialState.FAIL, user={sweep.OVER_BUDGET: True}),
+        _trial(3, TrialState.WAITING, system={"failed_trial": 1, "retry_history": [1]}),
+        _trial(4, TrialState.FAIL),  # diverged: a result, it counts
+    ]
+    assert sweep.budget_used(trials) == 3
+    assert sweep.budget_used(trials, up_to=3) == 2
+
+
+def test_table_ranks_finished_then_pruned_and_command_reproduces_the_best() -> None:
+    trials = [_trial(0, TrialState.PRUNED), _trial(1, TrialState.COMPLETE, 55.5), _trial(2, TrialState.COMPLETE, 42.25),
+              _trial(3, TrialState.FAIL, user={sweep.OVER_BUDGET: True})]  # fmt: skip
+    lines = sweep.table(trials, ["train.lr_g"]).splitlines()
+    assert lines[0].split() == ["rank", "trial", "state", "FID", "seconds", "train.lr_g"]
+    assert [line.split()[1:3] for line in lines[1:]] == [["2", "COMPLETE"], ["1", "COMPLETE"], ["0", "PRUNED"]]
+    assert "42.25" in lines[1] and "(900.0 @6)" in lines[3]
+    params = Params.model_validate({"sweep": {"steps": 300}})
+    assert sweep.dvc_command(trials[2], params) == "dvc exp run -S train.steps=300 -S train.lr_g=0.00030000000000000003"
+
+
+# --- real studies, in subprocesses as users run them ------------------------------------------
+
+
+@pytest.fixture
+def project(tmp_path: Path) -> tuple[Path, dict[str, str]]:
+    """The frozen classifier and reference of the repository, synthetic training data, tiny params."""
+    for name in ("models/classifier.pt", "data/reference/reference.npz"):
+        if not (ROOT / name).is_file():
+            pytest.skip(f"needs {name} (run `dvc repro reference`)")
+        (tmp_path / name).parent.mkdir(parents=True, exist_ok=True)
+        shutil.copy2(ROOT / name, tmp_path / name)
+    save_prepared(synthetic_mnist(n_train=128), tmp_path / "data/prepared/mnist.npz")
+    write_params(tmp_path / "params.yaml")
+    env = {k: v for k, v in os.environ.items() if k not in ("MLFLOW_TRACKING_URI", "DVC_ROOT", "DVC_EXP_NAME", "DCGAN_SWEEP")}
+    env["OMP_NUM_THREADS"] = "1"  # two processes on two cores: no thread oversubscription
+    env["PYTHONPATH"] = str(ROOT)
+    return tmp_path, env
+
+
+def start(project: Path, env: dict[str, str]) -> subprocess.Popen[str]:
+    return subprocess.Popen([sys.executable, "-m", "pipeline", "sweep"], cwd=project, env=env, text=True,
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT)  # fmt: skip
+
+
+def load(project: Path) -> optuna.Study:
+    # skip_table_creation: a reader must not race the sweep to create the tables of a fresh database
+    storage = optuna.storages.RDBStorage(f"sqlite:///{project / 'optuna.db'}", skip_table_creation=True)
+    return optuna.load_study(study_name="dcgan-sweep", storage=storage)
+
+
+def mlflow_runs(project: Path) -> list[Any]:
+    import mlflow
+    from mlflow import MlflowClient
+
+    mlflow.set_tracking_uri(f"sqlite:///{project / 'mlflow.db'}")
+    client = MlflowClient()
+    experiment = client.get_experiment_by_name("dcgan-mnist")
+    return client.search_runs([experiment.experiment_id], "tags.sweep = 'dcgan-sweep'")
+
+
+def counted(study: optuna.Study) -> list[optuna.trial.FrozenTrial]:
+    return [t for t in study.get_trials() if t.state in (TrialState.COMPLETE, TrialState.PRUNED)]
+
+
+@pytest.mark.slow
+def test_two_processes_share_one_study_without_repeating_a_trial(project: tuple[Path, dict[str, str]]) -> None:
+    path, env = project
+    procs = [start(path, env), start(path, env)]  # one creates the study, the other joins it
+    outputs = [proc.communicate(timeout=600)[0] for proc in procs]
+    assert [proc.returncode for proc in procs] == [0, 0], "\n".join(outputs)
+
+    study = load(path)
+    done = counted(study)
+    assert len(done) == 3 and len({tuple(sorted(t.params.items())) for t in done}) == 3
+    assert {t.number for t in done} == {0, 1, 2}
+    runs = mlflow_runs(path)
+    parents = [r for r in runs if "mlflow.parentRunId" not in r.data.tags]
+    children = [r for r in runs if "mlflow.parentRunId" in r.data.tags]
+    assert len(parents) == 1 and parents[0].info.run_name == "dcgan-sweep" and parents[0].info.status == "FINISHED"
+    assert sorted(r.info.run_name for r in children) == ["dcgan-sweep #0", "dcgan-sweep #1", "dcgan-sweep #2"]
+    assert {r.data.tags["mlflow.parentRunId"] for r in children} == {parents[0].info.run_id}
+    for run in children:
+        trial = study.trials[int(run.data.tags["sweep.trial"])]
+        assert run.data.tags["sweep.state"] == trial.state.name
+        assert run.data.params["train.steps"] == "12" and run.data.params["evaluate.n_samples"] == "256"
+        assert float(run.data.params["train.lr_g"]) == trial.params["train.lr_g"]
+        assert "fid_quick" in run.data.metrics and "g_loss" in run.data.metrics
+        if trial.state == TrialState.COMPLETE:
+            assert run.info.status == "FINISHED" and run.data.metrics["eval_fid"] == pytest.approx(trial.value)
+        else:
+            assert run.info.status == "KILLED"
+    from mlflow import MlflowClient
+
+    artifacts = {a.path for a in MlflowClient().list_artifacts(parents[0].info.run_id, "sweep")}
+    assert {"sweep/trials.txt", "sweep/optimization_history.png", "sweep/best.txt"} <= artifacts
+
+    best = (path / "sweeps/dcgan-sweep/best.txt").read_text()
+    assert best.startswith("dvc exp run -S train.steps=12 -S train.lr_g=") and "-S train.beta1=" in best
+    for out in outputs:  # each process ends with the ranked table of the whole study
+        assert re.search(r"rank\s+trial\s+state\s+FID\s+seconds", out) and "dvc exp run -S" in out
+
+
+@pytest.mark.slow
+def test_killed_sweep_resumes_without_redoing_finished_trials(project: tuple[Path, dict[str, str]]) -> None:
+    path, env = project
+    proc = start(path, env)
+    deadline = time.time() + 300
+    first: optuna.trial.FrozenTrial | None = None
+    while time.time() < deadline and proc.poll() is None:  # kill it once its second trial is in MLflow
+        if (path / "optuna.db").exists():
+            try:
+                trials = load(path).get_trials()
+            except Exception:  # noqa: BLE001 - the study or its tables are being created
+                trials = []
+            if len(trials) >= 2 and trials[0].state.is_finished() and sweep.RUN_ID in trials[1].user_attrs:
+                first = trials[0]
+                break
+        time.sleep(0.1)
+    proc.send_signal(signal.SIGKILL)
+    proc.communicate()
+    assert first is not None, "the sweep ended before it could be killed"
+
+    result = run_cli(["sweep"], cwd=path, env=env)
+    assert result.returncode == 0, result.stdout + result.stderr
+    study = load(path)
+    trials = study.get_trials()
+    assert trials[0].state == first.state and trials[0].value == first.value  # not redone
+    assert trials[0].datetime_complete == first.datetime_complete
+    assert trials[1].state == TrialState.FAIL  # the killed one, run again with the same params
+    retried = [t for t in trials if t.system_attrs.get("failed_trial") == 1]
+    assert len(retried) == 1 and retried[0].params == trials[1].params and retried[0].state.is_finished()
+    assert len(counted(study)) == 3 and sweep.budget_used(trials) == 3
+    runs = {r.data.tags["sweep.trial"]: r for r in mlflow_runs(path) if "sweep.trial" in r.data.tags}
+    assert runs["1"].info.status == "KILLED" and runs["1"].data.tags["sweep.state"] == "STALE"
+    assert len([r for r in mlflow_runs(path) if r.data.tags.get("sweep.trial") == "0"]) == 1
+    assert "(joined)" in result.stdout and re.search(r"1\s+FAIL \(rerun #\d\)", result.stdout), result.stdout
