@@ -168,11 +168,14 @@ def train_step(
 
 def first_non_finite(state: TrainState) -> str | None:
     """The first weight or buffer of G or D that holds NaN or inf, by name; None when all are finite."""
-    for prefix, network in (("generator", state.generator), ("discriminator", state.discriminator)):
-        for name, tensor in network.state_dict().items():
-            if tensor.is_floating_point() and not bool(torch.isfinite(tensor).all()):
-                return f"{prefix}.{name}"
-    return None
+    named = [
+        (f"{prefix}.{name}", tensor)
+        for prefix, network in (("generator", state.generator), ("discriminator", state.discriminator))
+        for name, tensor in network.state_dict().items()
+        if tensor.is_floating_point()
+    ]
+    finite = torch.stack([torch.isfinite(t).all() for _, t in named]).cpu()  # one sync, not one per tensor
+    return next((name for (name, _), ok in zip(named, finite.tolist(), strict=True) if not ok), None)
 
 
 @dataclass
