@@ -85,10 +85,11 @@ class TrainParams(Section):
     beta2: Beta = 0.999
     seed: Seed = 0
     device: Device = "auto"
-    precision: Literal["fp32", "bf16"] = "fp32"
+    precision: Literal["auto", "fp32", "bf16"] = "auto"  # auto: bf16 autocast where native (CUDA, CPUs with BF16)
     fast_upsample: bool = True  # upsample+conv computed by phases: same function, 2.25x fewer FLOPs
+    fast_output: bool = True  # G's last conv (to one channel) as a 1x1 conv to its taps: same function
     channels_last: bool = False  # NHWC memory format for the conv nets
-    fused_adam: bool = False  # one fused kernel for each Adam update (CUDA and CPU)
+    fused_adam: bool = True  # one fused kernel for each Adam update (CUDA and CPU)
     compile: bool = False  # torch.compile the generator and discriminator
     sample_every: PositiveInt = 50
     log_every: PositiveInt = 50

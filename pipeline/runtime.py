@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import functools
 import hashlib
 import json
 import os
@@ -30,6 +31,27 @@ def pick_device(requested: str = "auto") -> torch.device:
     if requested == "mps" and not mps:
         raise UserError("device 'mps' was requested but Apple MPS is not available; use 'auto' or 'cpu'.")
     return torch.device(requested)
+
+
+@functools.cache
+def cpu_has_native_bf16() -> bool:
+    """True on CPUs with bf16 dot-product instructions (x86 AVX512-BF16 or AMX-BF16; Linux flags)."""
+    try:
+        flags = Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return False
+    return bool(re.search(r"\b(avx512_bf16|amx_bf16)\b", flags))
+
+
+def resolve_precision(precision: str, device: torch.device) -> str:
+    """`auto` means bf16 where the hardware computes it natively (CUDA with bf16, such CPUs), else fp32."""
+    if precision != "auto":
+        return precision
+    if device.type == "cuda":
+        return "bf16" if torch.cuda.is_bf16_supported(including_emulation=False) else "fp32"
+    if device.type == "cpu":
+        return "bf16" if cpu_has_native_bf16() else "fp32"
+    return "fp32"
 
 
 def seed_everything(seed: int) -> None:

@@ -101,7 +101,7 @@ def new_state(model: ModelParams, params: TrainParams, device: torch.device) -> 
     """Seeded models and the tutorial's Adam optimisers, with the speed levers of `params`."""
     runtime.seed_everything(params.seed)
     memory_format = torch.channels_last if params.channels_last else torch.contiguous_format
-    generator = build_generator(model, params.fast_upsample).to(device, memory_format=memory_format)
+    generator = build_generator(model, params.fast_upsample, params.fast_output).to(device, memory_format=memory_format)
     discriminator = build_discriminator(model).to(device, memory_format=memory_format)
     adam = {"betas": (params.beta1, params.beta2), "fused": params.fused_adam or None}
     return TrainState(
@@ -189,7 +189,7 @@ class Callbacks:
 
 
 def _autocast(device: torch.device, precision: str) -> contextlib.AbstractContextManager[Any]:
-    if precision == "bf16":
+    if runtime.resolve_precision(precision, device) == "bf16":
         return torch.autocast(device.type, dtype=torch.bfloat16)
     return contextlib.nullcontext()
 
@@ -263,16 +263,17 @@ def train(
 # --- the stage: files, MLflow, resume -------------------------------------------------
 
 
-def checkpoint_fingerprint(params: Params, data_hash: str) -> str:
+def checkpoint_fingerprint(params: Params, data_hash: str, precision: str) -> str:
     """What a checkpoint must match to be resumed: everything that changes the numbers.
 
     `steps` is left out on purpose, so a finished run can be extended; logging cadence
     and the device are left out because they do not change the trajectory (on one device).
+    `precision` is the resolved one: `auto` may mean bf16 on one machine and fp32 on another.
     """
     train = params.train.model_dump(
         exclude={"steps", "log_every", "sample_every", "checkpoint_every", "fid_every", "fid_samples", "device"}
     )
-    return runtime.fingerprint(params.model.model_dump(), train, data_hash)
+    return runtime.fingerprint(params.model.model_dump(), {**train, "precision": precision}, data_hash)
 
 
 def write_log(history: list[tuple[int, float, float, float]], path: Path) -> None:
@@ -307,9 +308,10 @@ def main(params_path: Path = Path("params.yaml")) -> None:
     env = dict(os.environ)
     runtime.remove_stale_temps(GENERATOR, RUN_INFO, CHECKPOINT, METRICS, LOG, FID_LOG, LAST_SAMPLES, SAMPLES_DIR)
     device = runtime.pick_device(p.device)
+    precision = runtime.resolve_precision(p.precision, device)
     mnist = data.load_prepared(Path("data/prepared/mnist.npz"))
     data_hash = runtime.sha256_file("data/prepared/mnist.npz")
-    fingerprint = checkpoint_fingerprint(params, data_hash)
+    fingerprint = checkpoint_fingerprint(params, data_hash, precision)
 
     # Resume when a matching checkpoint exists; anything else starts fresh.
     state = new_state(params.model, p, device)
@@ -340,6 +342,7 @@ def main(params_path: Path = Path("params.yaml")) -> None:
         **tracking.git_info(root),
         **tracking.dvc_tags(env),
         "device": runtime.device_name(device),
+        "precision": precision,
         "torch": torch.__version__,
         "cuda": torch.version.cuda or "none",
         "data.sha256": data_hash,
@@ -351,7 +354,8 @@ def main(params_path: Path = Path("params.yaml")) -> None:
     print(f"MLflow run {tracker.run_id} in experiment '{params.tracking.experiment}' at {uri}")
 
     images = torch.from_numpy(mnist.train_images).to(device)
-    bar = tqdm(total=p.steps, initial=state.step, desc=f"train [{device.type}]", unit="step", dynamic_ncols=True)
+    desc = f"train [{device.type}, {precision}]"
+    bar = tqdm(total=p.steps, initial=state.step, desc=desc, unit="step", dynamic_ncols=True)
 
     def on_log(rows: list[tuple[int, float, float, float]], rate: float) -> None:
         step, d_loss, d_acc, g_loss = rows[-1]
@@ -377,7 +381,9 @@ def main(params_path: Path = Path("params.yaml")) -> None:
         def on_eval(s: TrainState) -> None:
             # Same noise at every evaluation (own RNG: training is untouched), so the curve shows
             # the generator changing, not the draw.
-            fid = scoring.generator_fid(s.generator, classifier, reference, p.fid_samples, p.seed, 1000, device)
+            fid = scoring.generator_fid(
+                s.generator, classifier, reference, p.fid_samples, p.seed, params.evaluate.batch_size, device
+            )
             s.fid_history.append((s.step, fid))
             bar.write(f"step {s.step}: quick FID ({p.fid_samples} samples) {fid:.3f}")
             tracker.log_metrics([{"step": s.step, "fid_quick": fid}])

@@ -67,7 +67,9 @@ def assert_refused(result, *names: str) -> str:  # type: ignore[no-untyped-def]
 def good_checkpoint(project: Path) -> tuple[Path, str]:
     """A real resume checkpoint for the project's params and data, and its fingerprint."""
     params = load_params(project / "params.yaml")
-    fingerprint = checkpoint_fingerprint(params, runtime.sha256_file(project / "data/prepared/mnist.npz"))
+    data_hash = runtime.sha256_file(project / "data/prepared/mnist.npz")
+    precision = runtime.resolve_precision(params.train.precision, runtime.pick_device(params.train.device))
+    fingerprint = checkpoint_fingerprint(params, data_hash, precision)
     path = project / "checkpoints/train.pt"
     runtime.save_checkpoint(new_state(params.model, params.train, CPU).to_checkpoint(fingerprint), path)
     return path, fingerprint

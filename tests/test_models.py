@@ -91,9 +91,62 @@ def test_phased_upsample_conv_is_the_same_function_and_gradient() -> None:
         torch.testing.assert_close(a, b, rtol=0, atol=1e-12)
 
 
-def test_generator_checkpoints_do_not_depend_on_the_upsample_path() -> None:
+@pytest.mark.parametrize("out_ch", [1, 3])
+def test_tap_conv_is_the_same_function_and_gradient(out_ch: int) -> None:
+    from pipeline.models import TapConv
+
     torch.manual_seed(0)
-    fast, reference = Generator(phased=True), Generator(phased=False)
+    layer = TapConv(5, out_ch).double()
+    torch.nn.init.normal_(layer.bias)
+    x = torch.randn(2, 5, 9, 7, dtype=torch.float64, requires_grad=True)
+    outputs, grads = [], []
+    for by_taps in (True, False):
+        layer.by_taps = by_taps
+        y = layer(x)
+        outputs.append(y)
+        grads.append(torch.autograd.grad((y * torch.linspace(-1, 1, y.numel()).view_as(y)).sum(), [x, layer.weight, layer.bias]))
+    assert outputs[0].shape == (2, out_ch, 9, 7) and outputs[0].dtype == torch.float64
+    torch.testing.assert_close(outputs[0], outputs[1], rtol=0, atol=1e-12)
+    for a, b in zip(*grads):
+        torch.testing.assert_close(a, b, rtol=0, atol=1e-12)
+
+
+def test_tap_conv_sums_bf16_taps_in_fp32() -> None:
+    from pipeline.models import TapConv
+
+    torch.manual_seed(0)
+    layer, x = TapConv(64, 1), torch.randn(4, 64, 28, 28)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        fast = layer(x)
+        layer.by_taps = False
+        plain = layer(x)
+    exact = layer.double()(x.double())
+    assert fast.dtype == torch.float32
+    # No worse than the plain conv under autocast (whose inputs are rounded to bf16 alike).
+    assert (fast.double() - exact).abs().max() <= 1.5 * (plain.double() - exact).abs().max()
+
+
+def test_dropout_keeps_the_distribution_of_nn_dropout() -> None:
+    from pipeline.models import Dropout
+
+    torch.manual_seed(0)
+    layer, x = Dropout(0.25), torch.ones(200_000, requires_grad=True)
+    y = layer(x)
+    kept = y != 0
+    assert abs(kept.double().mean().item() - 0.75) < 0.005
+    torch.testing.assert_close(y[kept], torch.full_like(y[kept], 1 / 0.75))
+    (grad,) = torch.autograd.grad(y.sum(), x)
+    assert torch.equal(grad, torch.where(kept, 1 / 0.75, 0.0))  # no gradient through dropped units
+    assert torch.equal(layer.eval()(x), x)
+    torch.manual_seed(1)
+    first = layer.train()(x)
+    torch.manual_seed(1)
+    assert torch.equal(layer(x), first)  # seeded by the global RNG, so runs repeat
+
+
+def test_generator_checkpoints_do_not_depend_on_the_fast_forms() -> None:
+    torch.manual_seed(0)
+    fast, reference = Generator(phased=True, by_taps=True), Generator(phased=False, by_taps=False)
     reference.load_state_dict(fast.state_dict())
     z = torch.randn(4, 100)
     torch.testing.assert_close(fast.eval()(z), reference.eval()(z), rtol=0, atol=1e-5)

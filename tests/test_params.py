@@ -36,7 +36,7 @@ def test_unknown_section(tmp_path: Path) -> None:
     [
         ("train:\n  batch_size: many\n", r"'train\.batch_size' = \"many\" is invalid: input should be a valid integer"),
         ("train:\n  lr_d: -0.1\n", r"'train\.lr_d' = -0\.1 is invalid: input should be greater than 0"),
-        ("train:\n  precision: fp8\n", r"'train\.precision' = \"fp8\" is invalid: input should be 'fp32' or 'bf16'"),
+        ("train:\n  precision: fp8\n", r"'train\.precision' = \"fp8\" is invalid: input should be 'auto', 'fp32' or 'bf16'"),
         ("model:\n  d_channels: [1, 2]\n", r"'model\.d_channels' = \[1, 2\] is invalid: list should have at least 4"),
         ("model:\n  dropout: 1.5\n", r"'model\.dropout' = 1\.5 is invalid: input should be less than 1"),
         ("train: 5\n", r"'train' = 5 is invalid"),

@@ -19,6 +19,26 @@ def test_pick_device() -> None:
             runtime.pick_device("cuda")
 
 
+@pytest.mark.parametrize(("flags", "native"), [("fpu sse avx512f avx512_bf16 avx512vl", True),
+                                                ("fpu amx_bf16 amx_tile", True),
+                                                ("fpu sse avx512f avx512_bf16x avx2", False)])  # fmt: skip
+def test_auto_precision_is_bf16_only_where_the_cpu_computes_it(
+    flags: str, native: bool, monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    cpuinfo = tmp_path / "cpuinfo"
+    cpuinfo.write_text(f"processor\t: 0\nflags\t\t: {flags}\n")
+    real_path = runtime.Path
+    monkeypatch.setattr(runtime, "Path", lambda p: cpuinfo if p == "/proc/cpuinfo" else real_path(p))
+    runtime.cpu_has_native_bf16.cache_clear()
+    try:
+        cpu = torch.device("cpu")
+        assert runtime.resolve_precision("auto", cpu) == ("bf16" if native else "fp32")
+        assert runtime.resolve_precision("fp32", cpu) == "fp32" and runtime.resolve_precision("bf16", cpu) == "bf16"
+        assert runtime.resolve_precision("auto", torch.device("mps")) == "fp32"
+    finally:
+        runtime.cpu_has_native_bf16.cache_clear()
+
+
 def test_atomic_write_leaves_old_file_on_error(tmp_path: Path) -> None:
     target = tmp_path / "out.txt"
     target.write_text("old")
