@@ -1,12 +1,13 @@
 """Generative-model scores (FID, KID, IS, PRDC, class balance) on classifier features.
 
-Pure numpy math in float64: callers extract features/probabilities with the frozen
-MNIST classifier and pass plain arrays here.
+Numpy math in float64 (torch only for a fast exact k-th smallest value): callers extract
+features/probabilities with the frozen MNIST classifier and pass plain arrays here.
 """
 
 from __future__ import annotations
 
 import numpy as np
+import torch
 
 from pipeline.errors import UserError
 
@@ -89,12 +90,20 @@ def fid(features_a: np.ndarray, features_b: np.ndarray) -> float:
     return frechet_distance(*feature_stats(a), *feature_stats(b))
 
 
+def _poly_kernel(x: np.ndarray, y: np.ndarray) -> np.ndarray:
+    """(x.y / d + 1)^3 for all pairs, in place (numpy's ** 3 calls pow() per element: 5x slower)."""
+    g = x @ y.T
+    g /= x.shape[1]
+    g += 1.0
+    k = g * g
+    k *= g
+    return k
+
+
 def _poly_mmd2(x: np.ndarray, y: np.ndarray) -> float:
     """Unbiased MMD^2 with k(x, y) = (x.y / d + 1)^3 for equal-size sets."""
-    m, d = x.shape
-    k_xx = (x @ x.T / d + 1.0) ** 3
-    k_yy = (y @ y.T / d + 1.0) ** 3
-    k_xy = (x @ y.T / d + 1.0) ** 3
+    m = x.shape[0]
+    k_xx, k_yy, k_xy = _poly_kernel(x, x), _poly_kernel(y, y), _poly_kernel(x, y)
     # Unbiased: drop the diagonal k(x_i, x_i) terms from the within-set sums.
     within = (k_xx.sum() - np.trace(k_xx) + k_yy.sum() - np.trace(k_yy)) / (m * (m - 1))
     return float(within - 2.0 * k_xy.sum() / (m * m))
@@ -186,7 +195,9 @@ def _kth_nn_sq_radii(x: np.ndarray, k: int, chunk: int) -> np.ndarray:
         d = _sq_dists(x[start:start + chunk], x)
         rows = np.arange(d.shape[0])
         d[rows, start + rows] = np.inf  # exclude the point itself
-        radii[start:start + chunk] = np.partition(d, k - 1, axis=1)[:, k - 1]
+        # torch.topk (threaded, partial) gives np.partition's exact k-th value about 15x faster.
+        nearest = torch.topk(torch.from_numpy(d), k, dim=1, largest=False).values
+        radii[start:start + chunk] = nearest[:, k - 1].numpy()
     return radii
 
 
