@@ -7,7 +7,8 @@ The pipeline side is `pipeline.train.train` itself, with the params under test.
 
 Each (device, batch size) pair alternates baseline and pipeline over several repeats in
 this one process and reports medians and their ratio. Peak memory is measured in a fresh
-child process per variant (CUDA: torch.cuda.max_memory_allocated; CPU: peak RSS growth).
+child process per variant that loads the data and runs 5 steps (CUDA: the peak of
+torch.cuda.max_memory_allocated; CPU: the process's peak resident set size).
 
     python benchmarks/train_throughput.py                 # full: batch 32..256, CPU (+CUDA)
     python benchmarks/train_throughput.py --quick         # a few steps, to prove it runs
@@ -19,21 +20,24 @@ import argparse
 import json
 import multiprocessing as mp
 import platform
+import queue as queue_module
 import resource
 import statistics
 import time
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 
-from pipeline import data
+from pipeline import data, runtime
 from pipeline.models import build_discriminator, build_generator
 from pipeline.params import ModelParams, TrainParams
 from pipeline.train import new_state, train
 
 PREPARED = Path("data/prepared/mnist.npz")
+REFERENCE = Path("data/reference/reference.npz")
 
 
 def load_images(device: torch.device) -> torch.Tensor:
@@ -48,8 +52,9 @@ class Baseline:
     def __init__(self, images: torch.Tensor, batch_size: int, device: torch.device) -> None:
         model = ModelParams()
         self.device, self.latent = device, model.latent_dim
-        self.G = build_generator(model, phased=False).to(device)
-        self.D = build_discriminator(model).to(device)
+        # The tutorial's layers as they read: upsample then conv, plain conv, nn.Dropout.
+        self.G = build_generator(model, phased=False, by_taps=False).to(device)
+        self.D = build_discriminator(model, fast_dropout=False).to(device)
         self.opt_g = torch.optim.Adam(self.G.parameters(), lr=2e-4, betas=(0.5, 0.999))
         self.opt_d = torch.optim.Adam(self.D.parameters(), lr=2e-4, betas=(0.5, 0.999))
         dataset = torch.utils.data.TensorDataset(data.to_model(images.cpu()))
@@ -115,32 +120,54 @@ def make(variant: str, images: torch.Tensor, batch_size: int, levers: dict[str, 
     return Pipeline(images, TrainParams(batch_size=batch_size, device=device.type, **levers), device)
 
 
+def peak_rss_mib() -> float:
+    """This process's peak resident set size. Linux: VmHWM, which (unlike ru_maxrss) does not
+    inherit the parent's size from before exec, so a spawned child measures only itself."""
+    status = Path("/proc/self/status")
+    if status.is_file():
+        for line in status.read_text().splitlines():
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) / 1024
+    maxrss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return maxrss / 2**20 if platform.system() == "Darwin" else maxrss / 1024  # bytes on macOS, KiB elsewhere
+
+
+def _in_child(target: Any, *args: Any) -> Any:
+    """Run target(*args, queue) in a fresh spawned process and return what it puts on the queue."""
+    ctx = mp.get_context("spawn")
+    queue = ctx.Queue()
+    proc = ctx.Process(target=target, args=(*args, queue))
+    proc.start()
+    while True:
+        try:
+            value = queue.get(timeout=1)
+            break
+        except queue_module.Empty:
+            if not proc.is_alive():
+                raise RuntimeError(f"the benchmark's child process died (exit code {proc.exitcode})") from None
+    proc.join()
+    return value
+
+
 def _peak_memory_child(variant: str, batch_size: int, levers: dict[str, Any], device_type: str, queue: Any) -> None:
     device = torch.device(device_type)
     images = load_images(device)
-    before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats()
     make(variant, images, batch_size, levers, device).run(5)
     sync(device)
     if device.type == "cuda":
         queue.put(torch.cuda.max_memory_allocated() / 2**20)
-    else:
-        queue.put((resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - before) / 1024)
+    else:  # the whole process's peak RSS: torch, the training set, the variant's copies and 5 steps
+        queue.put(peak_rss_mib())
 
 
 def peak_memory_mib(variant: str, batch_size: int, levers: dict[str, Any], device: torch.device) -> float:
-    ctx = mp.get_context("spawn")
-    queue = ctx.Queue()
-    proc = ctx.Process(target=_peak_memory_child, args=(variant, batch_size, levers, device.type, queue))
-    proc.start()
-    value = queue.get(timeout=600)
-    proc.join()
-    return round(float(value), 1)
+    return round(float(_in_child(_peak_memory_child, variant, batch_size, levers, device.type)), 1)
 
 
 def bench_training(device: torch.device, batch_sizes: list[int], levers: dict[str, Any], repeats: int,
-                   steps: int, warmup: int, memory: bool) -> list[dict[str, Any]]:  # fmt: skip
+                   steps: int, warmup: int) -> list[dict[str, Any]]:  # fmt: skip
     images = load_images(device)
     rows = []
     for batch_size in batch_sizes:
@@ -154,29 +181,35 @@ def bench_training(device: torch.device, batch_sizes: list[int], levers: dict[st
         row = {
             "device": device.type,
             "batch_size": batch_size,
+            "precision": runtime.resolve_precision(TrainParams(**levers).precision, device),
             "baseline_img_s": round(statistics.median(rates["baseline"]), 1),
             "pipeline_img_s": round(statistics.median(rates["pipeline"]), 1),
             "all_img_s": {k: [round(r, 1) for r in v] for k, v in rates.items()},
         }
         row["speedup"] = round(row["pipeline_img_s"] / row["baseline_img_s"], 2)
-        if memory:
-            row["baseline_peak_mib"] = peak_memory_mib("baseline", batch_size, levers, device)
-            row["pipeline_peak_mib"] = peak_memory_mib("pipeline", batch_size, levers, device)
+        row["baseline_peak_mib"] = peak_memory_mib("baseline", batch_size, levers, device)
+        row["pipeline_peak_mib"] = peak_memory_mib("pipeline", batch_size, levers, device)
         rows.append(row)
         print(f"{device.type:<5} batch {batch_size:>4}: baseline {row['baseline_img_s']:>9,.0f} img/s   "
-              f"pipeline {row['pipeline_img_s']:>9,.0f} img/s   x{row['speedup']:.2f}"
-              + (f"   peak MiB {row['baseline_peak_mib']} / {row['pipeline_peak_mib']}" if memory else ""), flush=True)  # fmt: skip
+              f"pipeline {row['pipeline_img_s']:>9,.0f} img/s ({row['precision']})   x{row['speedup']:.2f}"
+              f"   peak MiB {row['baseline_peak_mib']} / {row['pipeline_peak_mib']}", flush=True)  # fmt: skip
     return rows
 
 
-def bench_scoring(device: torch.device, n: int) -> dict[str, Any]:
-    """Samples/s of evaluation: generation, classifier features, every metric (10k by default)."""
+def _scoring_child(device_type: str, n: int, queue: Any) -> None:
+    """Samples/s of evaluation, in a fresh process: generation, classifier features, every metric."""
     from pipeline import evaluate, scoring
     from pipeline.models import Generator, generate
     from pipeline.params import EvaluateParams
 
-    classifier, _ = scoring.load_classifier(Path("models/classifier.pt"), 128, device)
-    reference = scoring.load_reference(Path("data/reference/reference.npz"))
+    device = torch.device(device_type)
+    classifier, sha = scoring.load_classifier(Path("models/classifier.pt"), 128, device)
+    if REFERENCE.is_file():
+        reference = scoring.load_reference(REFERENCE)
+    else:  # a fresh clone (as in CI): a reference from the prepared test images, or from noise
+        real = data.load_prepared(PREPARED).test_images if PREPARED.is_file() else load_images(device)[:2000].cpu().numpy()
+        features, _ = scoring.classify(classifier, real, 1000, device)
+        reference = scoring.compute_reference(features, np.arange(len(features)) % 10, sha)
     params = EvaluateParams(n_samples=n, kid_subset_size=min(1000, n // 2))
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats()
@@ -192,10 +225,16 @@ def bench_scoring(device: torch.device, n: int) -> dict[str, Any]:
         "score_s": round(done - generated, 2),
         "samples_per_s": round(n / (done - start), 1),
         "peak_mib": round(torch.cuda.max_memory_allocated() / 2**20, 1) if device.type == "cuda"
-        else round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1),  # fmt: skip
+        else round(peak_rss_mib(), 1),  # fmt: skip
     }
+    queue.put(result)
+
+
+def bench_scoring(device: torch.device, n: int) -> dict[str, Any]:
+    """Generation and scoring of n samples (10k in full mode), timed and measured in a child process."""
+    result: dict[str, Any] = _in_child(_scoring_child, device.type, n)
     print(f"{device.type:<5} scoring {n} samples: generate {result['generate_s']} s + score {result['score_s']} s "
-          f"= {result['samples_per_s']:,.0f} samples/s")  # fmt: skip
+          f"= {result['samples_per_s']:,.0f} samples/s, peak MiB {result['peak_mib']}")  # fmt: skip
     return result
 
 
@@ -220,12 +259,12 @@ def main() -> None:
         "scoring": [],
     }
     for device in devices:
-        if args.quick:
+        if args.quick:  # every code path, in seconds: one batch size, two steps, memory included
             batch_sizes, repeats, steps, warmup = args.batch_sizes[:1], 1, 2, 1
         else:
             batch_sizes, repeats, warmup = args.batch_sizes, args.repeats, 5 if device.type == "cpu" else 50
             steps = args.steps or (30 if device.type == "cpu" else 500)
-        report["training"] += bench_training(device, batch_sizes, args.levers, repeats, steps, warmup, not args.quick)
+        report["training"] += bench_training(device, batch_sizes, args.levers, repeats, steps, warmup)
         report["scoring"].append(bench_scoring(device, 1000 if args.quick else 10_000))
     args.output.parent.mkdir(parents=True, exist_ok=True)
     args.output.write_text(json.dumps(report, indent=2) + "\n")

@@ -150,3 +150,19 @@ def test_generator_checkpoints_do_not_depend_on_the_fast_forms() -> None:
     reference.load_state_dict(fast.state_dict())
     z = torch.randn(4, 100)
     torch.testing.assert_close(fast.eval()(z), reference.eval()(z), rtol=0, atol=1e-5)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+@pytest.mark.gpu
+def test_fast_forms_on_cuda_match_the_cpu() -> None:
+    torch.manual_seed(0)
+    cpu = Generator().eval()
+    cuda = Generator().cuda().eval()
+    cuda.load_state_dict(cpu.state_dict())
+    z = torch.randn(64, 100)
+    with torch.no_grad():
+        torch.testing.assert_close(cuda(z.cuda()).cpu(), cpu(z), rtol=0, atol=1e-4)
+    d = Discriminator().cuda().train()  # the fused CUDA dropout path
+    logits = d(cuda(z.cuda()))
+    logits.sum().backward()
+    assert torch.isfinite(logits).all() and all(torch.isfinite(p.grad).all() for p in d.parameters())

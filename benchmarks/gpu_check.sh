@@ -1,0 +1,15 @@
+#!/usr/bin/env bash
+# Every GPU check in one call, for a machine with a CUDA GPU (about 10 minutes on an H200):
+# the GPU tests, the full training/scoring benchmark on CUDA, and the bf16 quality comparison.
+#   bash benchmarks/gpu_check.sh            # results in benchmarks/results/ (or $OUT when set)
+# Needs the prepared data and the reference (`dvc repro reference`); the venv must be active.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+out="${OUT:-benchmarks/results}"
+mkdir -p "$out"
+nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv | tee "$out/gpu.txt"
+python -m pytest -m gpu -v -p no:cacheprovider 2>&1 | tee "$out/gpu_tests.txt"
+python benchmarks/train_throughput.py --devices cuda --output "$out/train_throughput_cuda.json" \
+  2>&1 | tee "$out/train_throughput_cuda.txt"
+python benchmarks/lever_quality.py --device cuda --steps 4000 --fid-samples 5000 \
+  --lever '{"precision": "fp32"}' --output "$out/lever_quality_cuda.json" 2>&1 | tee "$out/lever_quality_cuda.txt"
