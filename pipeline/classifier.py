@@ -15,7 +15,7 @@ from pipeline.data import Mnist, load_prepared, to_model
 from pipeline.errors import UserError
 from pipeline.models import Classifier, build_classifier
 from pipeline.params import ClassifierParams, load_params
-from pipeline.runtime import pick_device, seed_everything, sha256_file, write_json
+from pipeline.runtime import pick_device, remove_stale_temps, seed_everything, sha256_file, write_json
 from pipeline.scoring import classify, save_classifier
 
 PREPARED = Path("data/prepared/mnist.npz")
@@ -94,6 +94,7 @@ def train_classifier(
 
 def main(params_path: Path = Path("params.yaml")) -> None:
     params = load_params(params_path).classifier
+    remove_stale_temps(MODEL, METRICS)  # what a killed earlier run's atomic writes left
     mnist = load_prepared(PREPARED)
     device = pick_device("auto")
     model, report = train_classifier(params, mnist, device)

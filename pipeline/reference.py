@@ -16,7 +16,7 @@ from pipeline.data import Mnist, load_prepared
 from pipeline.errors import UserError
 from pipeline.models import Classifier
 from pipeline.params import EvaluateParams, load_params
-from pipeline.runtime import pick_device, write_json
+from pipeline.runtime import pick_device, remove_stale_temps, write_json
 from pipeline.scoring import (
     Reference,
     classify,
@@ -49,6 +49,7 @@ def build_reference(
 
 def main(params_path: Path = Path("params.yaml")) -> None:
     params = load_params(params_path)
+    remove_stale_temps(REFERENCE, METRICS)  # what a killed earlier run's atomic writes left
     mnist = load_prepared(PREPARED)
     device = pick_device("auto")
     model, sha = load_classifier(CLASSIFIER, params.classifier.feature_dim, device)

@@ -75,8 +75,13 @@ def test_stage_below_min_accuracy_writes_nothing(tmp_path: Path) -> None:
 
 
 def test_stage_writes_weights_and_metrics(tmp_path: Path) -> None:
+    stale = [tmp_path / "models/.classifier.pt.k1ll.tmp", tmp_path / "metrics/.classifier.json.k1ll.tmp"]
+    for path in stale:  # what a kill during an atomic write leaves
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_bytes(b"half")
     result = run_cli(["classifier"], cwd=_stage_dir(tmp_path, min_accuracy=0.0))
     assert result.returncode == 0, result.stderr
+    assert not any(path.exists() for path in stale)
     assert "epoch 1/1" in result.stdout
     metrics = json.loads((tmp_path / "metrics/classifier.json").read_text())
     weights = tmp_path / "models/classifier.pt"

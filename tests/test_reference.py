@@ -58,8 +58,13 @@ def stage_dir(tmp_path: Path) -> Path:
 
 
 def test_stage_end_to_end(stage_dir: Path) -> None:
+    stale = [stage_dir / "data/reference/.reference.npz.k1ll.tmp", stage_dir / "metrics/.reference.json.k1ll.tmp"]
+    for path in stale:  # what a kill during an atomic write leaves
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_bytes(b"half")
     result = run_cli(["reference"], cwd=stage_dir)
     assert result.returncode == 0, result.stderr
+    assert not any(path.exists() for path in stale)
     assert "real-vs-real floor" in result.stdout and "fid" in result.stdout
     sha = sha256_file(stage_dir / "models/classifier.pt")
     ref = load_reference(stage_dir / "data/reference/reference.npz")
