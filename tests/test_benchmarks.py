@@ -8,6 +8,7 @@ import shutil
 import subprocess
 import sys
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pytest
@@ -32,13 +33,18 @@ def bench_project(tmp_path: Path) -> Path:
     return tmp_path
 
 
+def quick_throughput(project: Path, device: str) -> tuple[dict[str, Any], str]:
+    """`train_throughput.py --quick` on one device: its JSON report and its terminal output."""
+    out = project / "bench.json"
+    script = str(ROOT / "benchmarks/train_throughput.py")
+    result = run_script([script, "--quick", "--devices", device, "--output", str(out)], project)
+    assert result.returncode == 0, result.stderr[-3000:]
+    return json.loads(out.read_text()), result.stdout
+
+
 @pytest.mark.slow
 def test_train_throughput_quick_mode_reports_every_figure(bench_project: Path) -> None:
-    out = bench_project / "bench.json"
-    script = str(ROOT / "benchmarks/train_throughput.py")
-    result = run_script([script, "--quick", "--devices", "cpu", "--output", str(out)], bench_project)
-    assert result.returncode == 0, result.stderr[-3000:]
-    report = json.loads(out.read_text())
+    report, stdout = quick_throughput(bench_project, "cpu")
     (row,) = report["training"]
     assert row["device"] == "cpu" and row["batch_size"] == 32
     assert row["baseline_img_s"] > 0 and row["pipeline_img_s"] > 0
@@ -47,17 +53,13 @@ def test_train_throughput_quick_mode_reports_every_figure(bench_project: Path) -
     assert row["baseline_peak_mib"] > 0 and row["pipeline_peak_mib"] > 0
     (scoring_row,) = report["scoring"]
     assert scoring_row["n"] == 1000 and scoring_row["samples_per_s"] > 0 and scoring_row["score_s"] > 0
-    assert "x" in result.stdout and str(out) in result.stdout  # the terminal table and where the JSON went
+    assert " x" in stdout and "bench.json" in stdout  # the terminal table and where the JSON went
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 @pytest.mark.gpu
 def test_train_throughput_quick_mode_on_cuda(bench_project: Path) -> None:
-    out = bench_project / "bench.json"
-    script = str(ROOT / "benchmarks/train_throughput.py")
-    result = run_script([script, "--quick", "--devices", "cuda", "--output", str(out)], bench_project)
-    assert result.returncode == 0, result.stderr[-3000:]
-    report = json.loads(out.read_text())
+    report, _ = quick_throughput(bench_project, "cuda")
     assert [row["device"] for row in report["training"]] == ["cuda"]
     assert report["training"][0]["precision"] == runtime.resolve_precision("auto", torch.device("cuda"))
     assert report["machine"]["cuda"] and report["scoring"][0]["device"] == "cuda"

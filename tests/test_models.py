@@ -73,22 +73,28 @@ def test_load_generator_round_trip_and_mismatch(tmp_path: Path) -> None:
         load_generator(tmp_path / "g.pt", ModelParams(latent_dim=64), torch.device("cpu"))
 
 
+def fast_and_plain(layer: torch.nn.Module, switch: str, x: torch.Tensor, params: list[torch.Tensor]) -> torch.Tensor:
+    """Assert that `layer` gives the same output and gradients (float64, 1e-12) with `switch` on and off."""
+    outputs, grads = [], []
+    for fast in (True, False):
+        setattr(layer, switch, fast)
+        y = layer(x)
+        outputs.append(y)
+        grads.append(torch.autograd.grad((y * torch.linspace(-1, 1, y.numel()).view_as(y)).sum(), [x, *params]))
+    torch.testing.assert_close(outputs[0], outputs[1], rtol=0, atol=1e-12)
+    for a, b in zip(*grads):
+        torch.testing.assert_close(a, b, rtol=0, atol=1e-12)
+    return outputs[0]
+
+
 def test_phased_upsample_conv_is_the_same_function_and_gradient() -> None:
     from pipeline.models import UpsampleConv
 
     torch.manual_seed(0)
     layer = UpsampleConv(5, 3).double()
     x = torch.randn(2, 5, 7, 7, dtype=torch.float64, requires_grad=True)
-    outputs, grads = [], []
-    for phased in (True, False):
-        layer.phased = phased
-        y = layer(x)
-        outputs.append(y)
-        grads.append(torch.autograd.grad((y * torch.linspace(-1, 1, y.numel()).view_as(y)).sum(), [x, layer.conv.weight, layer.conv.bias]))
-    assert outputs[0].shape == (2, 3, 14, 14)
-    torch.testing.assert_close(outputs[0], outputs[1], rtol=0, atol=1e-12)
-    for a, b in zip(*grads):
-        torch.testing.assert_close(a, b, rtol=0, atol=1e-12)
+    y = fast_and_plain(layer, "phased", x, [layer.conv.weight, layer.conv.bias])
+    assert y.shape == (2, 3, 14, 14)
 
 
 @pytest.mark.parametrize("out_ch", [1, 3])
@@ -99,16 +105,8 @@ def test_tap_conv_is_the_same_function_and_gradient(out_ch: int) -> None:
     layer = TapConv(5, out_ch).double()
     torch.nn.init.normal_(layer.bias)
     x = torch.randn(2, 5, 9, 7, dtype=torch.float64, requires_grad=True)
-    outputs, grads = [], []
-    for by_taps in (True, False):
-        layer.by_taps = by_taps
-        y = layer(x)
-        outputs.append(y)
-        grads.append(torch.autograd.grad((y * torch.linspace(-1, 1, y.numel()).view_as(y)).sum(), [x, layer.weight, layer.bias]))
-    assert outputs[0].shape == (2, out_ch, 9, 7) and outputs[0].dtype == torch.float64
-    torch.testing.assert_close(outputs[0], outputs[1], rtol=0, atol=1e-12)
-    for a, b in zip(*grads):
-        torch.testing.assert_close(a, b, rtol=0, atol=1e-12)
+    y = fast_and_plain(layer, "by_taps", x, [layer.weight, layer.bias])
+    assert y.shape == (2, out_ch, 9, 7) and y.dtype == torch.float64
 
 
 def test_tap_conv_sums_bf16_taps_in_fp32() -> None:
