@@ -38,7 +38,7 @@ from pipeline import data, runtime, scoring
 from pipeline.errors import UserError
 from pipeline.models import generate
 from pipeline.params import SET_BY_SWEEP, Params, flatten, load_params, validate_params
-from pipeline.train import LOG_COLUMNS, Callbacks, Diverged, TrainState, new_state, train
+from pipeline.train import Callbacks, Diverged, TrainState, metric_rows, new_state, train
 
 STORAGE_FILE = "optuna.db"
 RESULTS_DIR = Path("sweeps")
@@ -336,7 +336,7 @@ class Objective:
         print(f"trial {trial.number}: " + ", ".join(f"{k}={_format_value(v)}" for k, v in values.items()))
 
         def on_log(rows: list[tuple[int, float, float, float]], rate: float) -> None:
-            run.log_metrics([dict(zip(("step", *LOG_COLUMNS), row, strict=True)) for row in rows])
+            run.log_metrics(metric_rows(rows))
 
         def on_eval(state: TrainState) -> None:
             fid = scoring.generator_fid(state.generator, self.classifier, self.reference, p.train.fid_samples,

@@ -47,6 +47,11 @@ SAMPLES_DIR = Path("samples")
 LAST_SAMPLES = Path("plots/train_samples.png")
 
 
+def metric_rows(rows: list[tuple[int, float, float, float]]) -> list[dict[str, float]]:
+    """History rows (step, d_loss, d_acc, g_loss) as the per-step metric dicts MLflow gets."""
+    return [dict(zip(("step", *LOG_COLUMNS), row, strict=True)) for row in rows]
+
+
 class Diverged(UserError):
     """A non-finite loss or weight: training stops, the last good checkpoint is kept."""
 
@@ -361,7 +366,7 @@ def main(params_path: Path = Path("params.yaml")) -> None:
         step, d_loss, d_acc, g_loss = rows[-1]
         bar.update(step - bar.n)
         bar.set_postfix_str(f"D loss {d_loss:.3f}, acc {100 * d_acc:.1f}% | G loss {g_loss:.3f} | {rate:,.0f} img/s")
-        tracker.log_metrics([dict(zip(("step", *LOG_COLUMNS), row, strict=True)) for row in rows])
+        tracker.log_metrics(metric_rows(rows))
 
     def on_sample(step: int, grid: np.ndarray) -> None:
         data.save_png(grid, SAMPLES_DIR / f"step_{step:06d}.png")
