@@ -2,6 +2,10 @@
 
 from __future__ import annotations
 
+import os
+import subprocess
+import sys
+
 import numpy as np
 import pytest
 import scipy.linalg
@@ -71,6 +75,37 @@ def test_fid_identical_features_is_zero() -> None:
     a, _ = _two_feature_sets(np.random.default_rng(3))
     scale = np.trace(np.cov(a, rowvar=False))
     assert 0.0 <= fid(a, a) < 1e-8 * scale
+
+
+# Penultimate features are often a linear map of fewer ReLU units than they have dimensions:
+# their covariance has exact null directions, which numerical square roots turn into round-off
+# far above eps. OpenBLAS picks its kernels by CPU type (OPENBLAS_CORETYPE pins one), and each
+# kernel rounds differently, so the check runs in fresh processes under each setting.
+RANK_DEFICIENT_SELF_FID = """
+import numpy as np
+from pipeline.metrics import feature_stats, frechet_distance
+rng = np.random.default_rng(0)
+hidden = np.maximum(rng.standard_normal((10000, 64)) @ rng.standard_normal((64, 96)), 0.0)
+features = hidden @ np.abs(rng.standard_normal((96, 128)))  # rank 96 in 128 dimensions
+mean, cov = feature_stats(features)
+print(frechet_distance(mean, cov, mean, cov) / np.trace(cov))
+"""
+
+
+@pytest.mark.parametrize("coretype", [None, "Haswell", "Sandybridge"])
+def test_fid_of_identical_rank_deficient_features_is_zero_under_each_openblas_kernel(coretype: str | None) -> None:
+    env = {k: v for k, v in os.environ.items() if k != "OPENBLAS_CORETYPE"}
+    if coretype is not None:
+        env["OPENBLAS_CORETYPE"] = coretype
+    result = subprocess.run([sys.executable, "-c", RANK_DEFICIENT_SELF_FID], env=env, capture_output=True, text=True)
+    assert result.returncode == 0, result.stderr  # the old formula raised "came out negative" here
+    assert 0.0 <= float(result.stdout) < 1e-13
+
+
+def test_frechet_distance_refuses_covariances_that_are_not_psd() -> None:
+    mean = np.zeros(3)
+    with pytest.raises(MetricInputError, match="came out negative"):
+        frechet_distance(mean, np.diag([1.0, 1.0, -5.0]), mean, np.diag([1.0, 1.0, 1.0]))
 
 
 def test_fid_matches_torchmetrics() -> None:
