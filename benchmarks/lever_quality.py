@@ -23,15 +23,16 @@ from typing import Any
 import torch
 
 from pipeline import data, runtime, scoring
+from pipeline.layout import Layout
 from pipeline.params import load_params
 from pipeline.train import new_state, train
 
 
 def run(levers: list[dict[str, Any]], steps: int, seeds: list[int], fid_samples: int, device: torch.device) -> dict[str, Any]:
-    params = load_params("params.yaml")
-    images = torch.from_numpy(data.load_prepared(Path("data/prepared/mnist.npz")).train_images).to(device)
-    classifier, sha = scoring.load_classifier(Path("models/classifier.pt"), params.classifier.feature_dim, device)
-    reference = scoring.load_reference(Path("data/reference/reference.npz"), classifier_sha256=sha)
+    params, paths = load_params("params.yaml"), Layout()
+    images = torch.from_numpy(data.load_prepared(paths.prepared).train_images).to(device)
+    classifier, sha = scoring.load_classifier(paths.classifier, params.classifier.feature_dim, device)
+    reference = scoring.load_reference(paths.reference, classifier_sha256=sha)
     arms = {"default": {}, **{json.dumps(lever, sort_keys=True): lever for lever in levers}}
     rows = []
     for seed in seeds:

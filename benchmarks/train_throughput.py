@@ -32,17 +32,17 @@ import torch
 import torch.nn.functional as F
 
 from pipeline import data, runtime
+from pipeline.layout import Layout
 from pipeline.models import build_discriminator, build_generator
 from pipeline.params import ModelParams, TrainParams
 from pipeline.train import new_state, train
 
-PREPARED = Path("data/prepared/mnist.npz")
-REFERENCE = Path("data/reference/reference.npz")
+PATHS = Layout()
 
 
 def load_images(device: torch.device) -> torch.Tensor:
-    if PREPARED.is_file():
-        return torch.from_numpy(data.load_prepared(PREPARED).train_images).to(device)
+    if PATHS.prepared.is_file():
+        return torch.from_numpy(data.load_prepared(PATHS.prepared).train_images).to(device)
     return torch.randint(0, 256, (60000, 28, 28), dtype=torch.uint8, device=device)
 
 
@@ -53,7 +53,7 @@ class Baseline:
         model = ModelParams()
         self.device, self.latent = device, model.latent_dim
         # The tutorial's layers as they read: upsample then conv, plain conv, nn.Dropout.
-        self.G = build_generator(model, phased=False, by_taps=False).to(device)
+        self.G = build_generator(model, fast_upsample=False, fast_output=False).to(device)
         self.D = build_discriminator(model, fast_dropout=False).to(device)
         self.opt_g = torch.optim.Adam(self.G.parameters(), lr=2e-4, betas=(0.5, 0.999))
         self.opt_d = torch.optim.Adam(self.D.parameters(), lr=2e-4, betas=(0.5, 0.999))
@@ -203,11 +203,11 @@ def _scoring_child(device_type: str, n: int, queue: Any) -> None:
     from pipeline.params import EvaluateParams
 
     device = torch.device(device_type)
-    classifier, sha = scoring.load_classifier(Path("models/classifier.pt"), 128, device)
-    if REFERENCE.is_file():
-        reference = scoring.load_reference(REFERENCE)
+    classifier, sha = scoring.load_classifier(PATHS.classifier, 128, device)
+    if PATHS.reference.is_file():
+        reference = scoring.load_reference(PATHS.reference)
     else:  # a fresh clone (as in CI): a reference from the prepared test images, or from noise
-        real = data.load_prepared(PREPARED).test_images if PREPARED.is_file() else load_images(device)[:2000].cpu().numpy()
+        real = data.load_prepared(PATHS.prepared).test_images if PATHS.prepared.is_file() else load_images(device)[:2000].cpu().numpy()
         features, _ = scoring.classify(classifier, real, 1000, device)
         reference = scoring.compute_reference(features, np.arange(len(features)) % 10, sha)
     params = EvaluateParams(n_samples=n, kid_subset_size=min(1000, n // 2))

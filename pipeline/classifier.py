@@ -13,14 +13,12 @@ from tqdm import tqdm
 
 from pipeline.data import Mnist, load_prepared, to_model
 from pipeline.errors import UserError
+from pipeline.layout import Layout
 from pipeline.models import Classifier, build_classifier
 from pipeline.params import ClassifierParams, load_params
 from pipeline.runtime import pick_device, remove_stale_temps, seed_everything, sha256_file, write_json
 from pipeline.scoring import classify, save_classifier
 
-PREPARED = Path("data/prepared/mnist.npz")
-MODEL = Path("models/classifier.pt")
-METRICS = Path("metrics/classifier.json")
 MAX_SHIFT = 2  # augmentation: random translations of up to +-2 px
 EVAL_BATCH = 1000
 
@@ -93,9 +91,9 @@ def train_classifier(
 
 
 def main(params_path: Path = Path("params.yaml")) -> None:
-    params = load_params(params_path).classifier
-    remove_stale_temps(MODEL, METRICS)  # what a killed earlier run's atomic writes left
-    mnist = load_prepared(PREPARED)
+    params, paths = load_params(params_path).classifier, Layout()
+    remove_stale_temps(*paths.outputs("classifier"))  # what a killed earlier run's atomic writes left
+    mnist = load_prepared(paths.prepared)
     device = pick_device("auto")
     model, report = train_classifier(params, mnist, device)
     accuracy = report["test_accuracy"]
@@ -104,7 +102,7 @@ def main(params_path: Path = Path("params.yaml")) -> None:
             f"the classifier reached test accuracy {accuracy:.4f}, below classifier.min_accuracy "
             f"{params.min_accuracy}; nothing was written (train longer or adjust the classifier params)."
         )
-    save_classifier(model, MODEL)
-    provenance = {"sha256": sha256_file(MODEL), "feature_dim": params.feature_dim, "device": device.type}
-    write_json(METRICS, {**report, **provenance, "torch": torch.__version__})
-    print(f"test accuracy {accuracy:.4f} (loss {report['test_loss']:.4f}), {report['seconds']} s -> {MODEL}")
+    save_classifier(model, paths.classifier)
+    provenance = {"sha256": sha256_file(paths.classifier), "feature_dim": params.feature_dim, "device": device.type}
+    write_json(paths.classifier_metrics, {**report, **provenance, "torch": torch.__version__})
+    print(f"test accuracy {accuracy:.4f} (loss {report['test_loss']:.4f}), {report['seconds']} s -> {paths.classifier}")

@@ -62,7 +62,7 @@ def run(args: argparse.Namespace) -> None:
 
         inside_project(args.output, args.allow_outside)
     if args.command == "resend":
-        from pipeline.train import resend
+        from pipeline.resend import resend
 
         resend(args.params)
         return

@@ -19,17 +19,9 @@ import torch
 
 from pipeline import data, runtime, scoring
 from pipeline.errors import UserError
+from pipeline.layout import Layout
 from pipeline.models import generate, load_generator
 from pipeline.params import EvaluateParams, Params, load_params
-
-CLASSIFIER = Path("models/classifier.pt")
-REFERENCE = Path("data/reference/reference.npz")
-FLOORS = Path("metrics/reference.json")
-GENERATOR = Path("models/generator.pt")
-RUN_INFO = Path("models/train_run.json")
-METRICS = Path("metrics/eval.json")
-CLASS_PLOT = Path("plots/eval_classes.csv")
-SAMPLES_PLOT = Path("plots/eval_samples.png")
 
 SCALARS = ("fid", "kid_mean", "kid_std", "is_mean", "is_std", "class_kl", "classes_covered", "mean_confidence",
            "precision", "recall", "density", "coverage")  # fmt: skip
@@ -125,17 +117,17 @@ def class_rows(scores: dict[str, Any], reference: scoring.Reference) -> str:
 
 
 def main(params_path: Path = Path("params.yaml"), samples: Path | None = None, output: Path | None = None) -> None:
-    params = load_params(params_path)
+    params, paths = load_params(params_path), Layout()
     p = params.evaluate
     device = runtime.pick_device(params.train.device)
-    classifier, sha = scoring.load_classifier(CLASSIFIER, params.classifier.feature_dim, device)
-    reference = scoring.load_reference(REFERENCE, classifier_sha256=sha)
+    classifier, sha = scoring.load_classifier(paths.classifier, params.classifier.feature_dim, device)
+    reference = scoring.load_reference(paths.reference, classifier_sha256=sha)
     if samples is None:  # a tracking server that is down is reported before any work
         from pipeline import tracking
 
         uri, experiment_id, _ = tracking.open_experiment(params.tracking.experiment, Path.cwd(), dict(os.environ))
-        runtime.remove_stale_temps(METRICS, CLASS_PLOT, SAMPLES_PLOT)
-    floors = runtime.read_json(FLOORS) if FLOORS.is_file() else {}
+        runtime.remove_stale_temps(*paths.outputs("evaluate"))
+    floors = runtime.read_json(paths.floors) if paths.floors.is_file() else {}
     if floors and floors.get("n_samples") not in (None, p.n_samples):
         floors = {}  # floors at another N are not comparable
 
@@ -148,9 +140,9 @@ def main(params_path: Path = Path("params.yaml"), samples: Path | None = None, o
             raise UserError(f"{samples} holds {images.shape[0]} samples; scoring needs at least {need} "
                             "(2 x classifier.feature_dim) for a meaningful FID.")  # fmt: skip
     else:
-        generator = load_generator(GENERATOR, params.model, device)
+        generator = load_generator(paths.generator, params.model, device)
         images = generate(generator, p.n_samples, p.seed, p.batch_size, device).numpy()
-        source = str(GENERATOR)
+        source = str(paths.generator)
     scores = evaluate(images, classifier, reference, p, device)
     context = {
         **scoring.scoring_metadata(sha, int(reference.features.shape[1]), p),
@@ -168,30 +160,32 @@ def main(params_path: Path = Path("params.yaml"), samples: Path | None = None, o
         return
 
     grid = data.make_grid(images[:25])
-    data.save_png(grid, SAMPLES_PLOT)
-    with runtime.atomic_open(CLASS_PLOT) as fh:
+    data.save_png(grid, paths.eval_samples)
+    with runtime.atomic_open(paths.class_plot) as fh:
         fh.write(class_rows(scores, reference))
-    runtime.write_json(METRICS, result)
-    log_to_mlflow(params, result, grid, uri, experiment_id)
+    runtime.write_json(paths.eval_metrics, result)
+    log_to_mlflow(params, paths, result, grid, uri, experiment_id)
 
 
-def log_to_mlflow(params: Params, result: dict[str, Any], grid: np.ndarray, uri: str, experiment_id: str) -> None:
+def log_to_mlflow(
+    params: Params, paths: Layout, result: dict[str, Any], grid: np.ndarray, uri: str, experiment_id: str
+) -> None:
     """A nested run per evaluation under the training run; the latest scores on the training run."""
     from pipeline import tracking
 
     env = dict(os.environ)
-    train_run_id = runtime.read_json(RUN_INFO).get("run_id") if RUN_INFO.is_file() else None
-    parent = tracking.Tracker.existing(train_run_id, experiment_id) if train_run_id else None
+    train_run_id = runtime.read_json(paths.run_info).get("run_id") if paths.run_info.is_file() else None
+    parent = tracking.MlflowRun.existing(train_run_id, experiment_id) if train_run_id else None
     if train_run_id and parent is None:
         print(f"training run {train_run_id} is not in {uri}; recording this evaluation as a run of its own.")
-    tags = {**tracking.dvc_tags(env), "stage": "evaluate", "generator.sha256": runtime.sha256_file(GENERATOR)}
+    tags = {**tracking.dvc_tags(env), "stage": "evaluate", "generator.sha256": runtime.sha256_file(paths.generator)}
     name = f"evaluate n={result['n_samples']}"
-    run = tracking.Tracker.start(experiment_id, name, tags, parent_run_id=parent.run_id if parent else None)
+    run = parent.child(name, tags) if parent else tracking.MlflowRun.start(experiment_id, name, tags)
     run.log_params({f"evaluate.{k}": str(v) for k, v in params.evaluate.model_dump().items()}
                    | {"classifier_sha256": result["classifier_sha256"], "feature_dim": str(result["feature_dim"])})
     scalars = {k: float(v) for k, v in result.items() if isinstance(v, (int, float)) and not isinstance(v, bool)}
     run.log_metrics([{"step": 0, **scalars}])
-    for path in (METRICS, CLASS_PLOT, SAMPLES_PLOT):
+    for path in paths.outputs("evaluate"):
         run.log_artifact(path, "evaluation")
     run.log_image(grid, key="eval_samples", step=0)
     run.finish()

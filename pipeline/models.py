@@ -210,27 +210,32 @@ class Classifier(nn.Module):
         return self.head(self.dropout(self.body(images)))
 
 
-def build_generator(params: ModelParams, phased: bool = True, by_taps: bool = True) -> Generator:
-    """The generator of `params`; `phased` and `by_taps` choose faster forms of the same function."""
+def build_generator(params: ModelParams, *, fast_upsample: bool = True, fast_output: bool = True) -> Generator:
+    """The generator of `params`; the two flags choose faster forms of the same function."""
     return Generator(
-        params.latent_dim,
-        params.g_dense_channels,
-        tuple(params.g_channels),
-        params.bn_momentum,
-        params.bn_eps,
-        phased,
-        by_taps,
+        latent_dim=params.latent_dim,
+        dense_channels=params.g_dense_channels,
+        channels=tuple(params.g_channels),
+        bn_momentum=params.bn_momentum,
+        bn_eps=params.bn_eps,
+        phased=fast_upsample,
+        by_taps=fast_output,
     )
 
 
-def build_discriminator(params: ModelParams, fast_dropout: bool = True) -> Discriminator:
+def build_discriminator(params: ModelParams, *, fast_dropout: bool = True) -> Discriminator:
     return Discriminator(
-        tuple(params.d_channels), params.dropout, params.leaky_slope, params.bn_momentum, params.bn_eps, fast_dropout
+        channels=tuple(params.d_channels),
+        dropout=params.dropout,
+        leaky_slope=params.leaky_slope,
+        bn_momentum=params.bn_momentum,
+        bn_eps=params.bn_eps,
+        fast_dropout=fast_dropout,
     )
 
 
 def build_classifier(params: ClassifierParams) -> Classifier:
-    return Classifier(params.feature_dim)
+    return Classifier(feature_dim=params.feature_dim)
 
 
 def load_generator(path: Path, params: ModelParams, device: torch.device) -> Generator:

@@ -7,6 +7,7 @@ before it does anything and then receives only its own section.
 from __future__ import annotations
 
 import json
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Annotated, Any, Literal, get_args, get_origin
 
@@ -23,6 +24,22 @@ Probability = Annotated[float, Field(ge=0.0, lt=1.0)]
 LearningRate = Annotated[float, Field(gt=0.0, le=1.0)]
 Beta = Annotated[float, Field(ge=0.0, lt=1.0)]
 Device = Literal["auto", "cpu", "cuda", "mps"]
+
+
+@dataclass(frozen=True)
+class Group:
+    """What a param is for. Fingerprints take or leave whole groups, never hand-kept lists of names."""
+
+    name: str
+
+
+BUDGET = Group("budget")  # how long a run trains: a finished run may be extended
+RECIPE = Group("recipe")  # what is trained: batch, objective, seed
+OPTIMISER = Group("optimiser")
+LEVERS = Group("speed levers")  # the same function computed faster; the last bits may differ
+CADENCE = Group("cadence")  # when to log, sample, checkpoint and measure: never the numbers
+DEVICE = Group("device")  # where it runs
+BOOKKEEPING = Group("bookkeeping")  # names and storage: never what a run computes
 
 
 class Section(BaseModel):
@@ -75,27 +92,33 @@ class ClassifierParams(Section):
 
 
 class TrainParams(Section):
-    """The training loop; defaults follow the tutorial (4000 iterations of batch 32)."""
+    """The training loop; defaults follow the tutorial (4000 iterations of batch 32).
 
-    steps: PositiveInt = 4000
-    batch_size: BatchSize = 32
-    lr_d: LearningRate = 2e-4
-    lr_g: LearningRate = 2e-4
-    beta1: Beta = 0.5
-    beta2: Beta = 0.999
-    seed: Seed = 0
-    device: Device = "auto"
-    precision: Literal["auto", "fp32", "bf16"] = "auto"  # auto: bf16 autocast where native (CUDA, CPUs with BF16)
-    fast_upsample: bool = True  # upsample+conv computed by phases: same function, 2.25x fewer FLOPs
-    fast_output: bool = True  # G's last conv (to one channel) as a 1x1 conv to its taps: same function
-    channels_last: bool = False  # NHWC memory format for the conv nets
-    fused_adam: bool = True  # one fused kernel for each Adam update (CUDA and CPU)
-    compile: bool = False  # torch.compile the generator and discriminator
-    sample_every: PositiveInt = 50
-    log_every: PositiveInt = 50
-    checkpoint_every: PositiveInt = 500
-    fid_every: NonNegativeInt = 0  # 0 turns the quick in-training FID off
-    fid_samples: PositiveInt = 2000
+    The keys stay flat (`train.lr_g`, as users type them in `-S` and `dvc exp show`); each
+    carries its group, which the checkpoint and sweep fingerprints follow.
+    """
+
+    steps: Annotated[PositiveInt, BUDGET] = 4000
+    batch_size: Annotated[BatchSize, RECIPE] = 32
+    loss: Annotated[Literal["bce"], RECIPE] = "bce"  # a name in pipeline/losses.py: bce = the tutorial's
+    seed: Annotated[Seed, RECIPE] = 0
+    lr_d: Annotated[LearningRate, OPTIMISER] = 2e-4
+    lr_g: Annotated[LearningRate, OPTIMISER] = 2e-4
+    beta1: Annotated[Beta, OPTIMISER] = 0.5
+    beta2: Annotated[Beta, OPTIMISER] = 0.999
+    device: Annotated[Device, DEVICE] = "auto"
+    # auto: bf16 autocast where native (CUDA, CPUs with BF16)
+    precision: Annotated[Literal["auto", "fp32", "bf16"], LEVERS] = "auto"
+    fast_upsample: Annotated[bool, LEVERS] = True  # upsample+conv computed by phases: same function, 2.25x fewer FLOPs
+    fast_output: Annotated[bool, LEVERS] = True  # G's last conv (to one channel) as a 1x1 conv to its taps
+    channels_last: Annotated[bool, LEVERS] = False  # NHWC memory format for the conv nets
+    fused_adam: Annotated[bool, LEVERS] = True  # one fused kernel for each Adam update (CUDA and CPU)
+    compile: Annotated[bool, LEVERS] = False  # torch.compile the generator and discriminator
+    sample_every: Annotated[PositiveInt, CADENCE] = 50
+    log_every: Annotated[PositiveInt, CADENCE] = 50
+    checkpoint_every: Annotated[PositiveInt, CADENCE] = 500
+    fid_every: Annotated[NonNegativeInt, CADENCE] = 0  # 0 turns the quick in-training FID off
+    fid_samples: Annotated[PositiveInt, CADENCE] = 2000
 
 
 class EvaluateParams(Section):
@@ -113,12 +136,14 @@ class EvaluateParams(Section):
 class TrackingParams(Section):
     """MLflow conventions; the tracking URI itself comes from MLFLOW_TRACKING_URI."""
 
-    experiment: Annotated[str, Field(min_length=1, max_length=200)] = "dcgan-mnist"
+    experiment: Annotated[str, Field(min_length=1, max_length=200), BOOKKEEPING] = "dcgan-mnist"
 
 
 # A sweep varies the model and the training; the scoring stays fixed so that trials compare.
 SWEEP_SECTIONS = ("model", "train")
 # Params every trial takes from the sweep section rather than from the search space.
+# Where a trial runs (DEVICE) and when it logs (CADENCE) are not searched either.
+NOT_SEARCHED = (BUDGET, CADENCE, DEVICE)
 SET_BY_SWEEP = {"train.steps": "sweep.steps", "train.fid_every": "sweep.fid_every",
                 "train.fid_samples": "sweep.fid_samples"}  # fmt: skip
 
@@ -136,9 +161,10 @@ class SearchDimension(Section):
 class SweepParams(Section):
     """`python -m pipeline sweep`: an Optuna study over `space`, every trial an MLflow child run."""
 
-    study: Annotated[str, Field(min_length=1, max_length=200)] = "dcgan-sweep"
-    storage: str | None = None  # an Optuna storage URL; None: sqlite:///optuna.db at the repository root
-    trials: PositiveInt = 20  # in the whole study, however many processes share it
+    study: Annotated[str, Field(min_length=1, max_length=200), BOOKKEEPING] = "dcgan-sweep"
+    # an Optuna storage URL; None: sqlite:///optuna.db at the repository root
+    storage: Annotated[str | None, BOOKKEEPING] = None
+    trials: Annotated[PositiveInt, BOOKKEEPING] = 20  # in the whole study, however many processes share it
     steps: PositiveInt = 1000  # training steps per trial: the trial budget
     fid_every: PositiveInt = 250  # quick FID every N steps, what pruning looks at
     fid_samples: PositiveInt = 1000
@@ -149,7 +175,7 @@ class SweepParams(Section):
     pruner: Literal["median", "none"] = "median"
     prune_after_trials: NonNegativeInt = 3  # no pruning before this many trials have finished
     prune_after_steps: NonNegativeInt = 250  # nor before this step of a trial
-    heartbeat_s: Annotated[int, Field(ge=1, le=3600)] = 30  # a trial silent for 2x this is retried
+    heartbeat_s: Annotated[int, Field(ge=1, le=3600), BOOKKEEPING] = 30  # a trial silent for 2x this is retried
     space: dict[str, SearchDimension] = Field(
         default_factory=lambda: {
             "train.lr_g": SearchDimension(low=5e-5, high=1e-3, log=True),
@@ -166,8 +192,8 @@ def _check_sweep(params: Params) -> None:
         if getattr(sweep, key) < need:
             raise ValueError(f"sweep.{key} must be at least {need} (2 x classifier.feature_dim) for FID")
     searchable = [
-        f"{name}.{key}" for name in SWEEP_SECTIONS for key, value in getattr(params, name).model_dump().items()
-        if not isinstance(value, list) and f"{name}.{key}" not in SET_BY_SWEEP
+        f"{name}.{key}" for name in SWEEP_SECTIONS
+        for key, value in values_without(getattr(params, name), *NOT_SEARCHED).items() if not isinstance(value, list)
     ]  # fmt: skip
     if not sweep.space:
         raise ValueError(f"sweep.space is empty: name at least one param to search ({', '.join(searchable)})")
@@ -231,6 +257,16 @@ class Params(Section):
     def _sweep_searches_real_params(self) -> Params:
         _check_sweep(self)
         return self
+
+
+def values_without(section: Section, *groups: Group) -> dict[str, Any]:
+    """The section's values (JSON types), leaving out the fields of `groups`."""
+    fields = type(section).model_fields
+    return {
+        name: value
+        for name, value in section.model_dump(mode="json").items()
+        if not any(group in fields[name].metadata for group in groups)
+    }
 
 
 def _key(part: Any) -> str:

@@ -6,12 +6,9 @@ import os
 from pathlib import Path
 
 from pipeline.data import Mnist, class_counts, fetch_mnist, save_prepared
+from pipeline.layout import Layout
 from pipeline.params import PrepareParams, load_params
 from pipeline.runtime import remove_stale_temps, write_json
-
-RAW_DIR = Path("data/raw/mnist")
-PREPARED = Path("data/prepared/mnist.npz")
-METRICS = Path("metrics/data.json")
 
 
 def prepare(params: PrepareParams, raw_dir: Path, mirror: str | None) -> tuple[Mnist, dict[str, object]]:
@@ -25,9 +22,9 @@ def prepare(params: PrepareParams, raw_dir: Path, mirror: str | None) -> tuple[M
 
 
 def main(params_path: Path = Path("params.yaml")) -> None:
-    params = load_params(params_path)
-    remove_stale_temps(PREPARED, METRICS, RAW_DIR)
-    mnist, summary = prepare(params.prepare, RAW_DIR, os.environ.get("MNIST_MIRROR") or None)
-    save_prepared(mnist, PREPARED)
-    write_json(METRICS, summary)
-    print(f"prepared {summary['train']['count']} train and {summary['test']['count']} test images -> {PREPARED}")
+    params, paths = load_params(params_path), Layout()
+    remove_stale_temps(*paths.outputs("prepare"), paths.raw)
+    mnist, summary = prepare(params.prepare, paths.raw, os.environ.get("MNIST_MIRROR") or None)
+    save_prepared(mnist, paths.prepared)
+    write_json(paths.data_metrics, summary)
+    print(f"prepared {summary['train']['count']} train and {summary['test']['count']} test images -> {paths.prepared}")

@@ -14,6 +14,7 @@ import torch
 
 from pipeline.data import Mnist, load_prepared
 from pipeline.errors import UserError
+from pipeline.layout import Layout
 from pipeline.models import Classifier
 from pipeline.params import EvaluateParams, load_params
 from pipeline.runtime import pick_device, remove_stale_temps, write_json
@@ -27,10 +28,6 @@ from pipeline.scoring import (
     scoring_metadata,
 )
 
-PREPARED = Path("data/prepared/mnist.npz")
-CLASSIFIER = Path("models/classifier.pt")
-REFERENCE = Path("data/reference/reference.npz")
-METRICS = Path("metrics/reference.json")
 
 
 def build_reference(
@@ -48,20 +45,20 @@ def build_reference(
 
 
 def main(params_path: Path = Path("params.yaml")) -> None:
-    params = load_params(params_path)
-    remove_stale_temps(REFERENCE, METRICS)  # what a killed earlier run's atomic writes left
-    mnist = load_prepared(PREPARED)
+    params, paths = load_params(params_path), Layout()
+    remove_stale_temps(*paths.outputs("reference"))  # what a killed earlier run's atomic writes left
+    mnist = load_prepared(paths.prepared)
     device = pick_device("auto")
-    model, sha = load_classifier(CLASSIFIER, params.classifier.feature_dim, device)
+    model, sha = load_classifier(paths.classifier, params.classifier.feature_dim, device)
     start = time.perf_counter()
     reference, floor = build_reference(model, sha, mnist, params.evaluate, device)
     seconds = round(time.perf_counter() - start, 1)
-    save_reference(reference, REFERENCE)
+    save_reference(reference, paths.reference)
     meta = scoring_metadata(sha, params.classifier.feature_dim, params.evaluate)
     n_reference = int(reference.features.shape[0])
-    write_json(METRICS, {**floor, **meta, "n_reference": n_reference, "seconds": seconds})
+    write_json(paths.floors, {**floor, **meta, "n_reference": n_reference, "seconds": seconds})
     print(f"real-vs-real floor: {params.evaluate.n_samples} training images vs {n_reference} test images")
     for key, value in floor.items():
         if not isinstance(value, list):
             print(f"  {key:<16}{value:>12.5g}")
-    print(f"in {seconds} s -> {REFERENCE}, {METRICS}")
+    print(f"in {seconds} s -> {paths.reference}, {paths.floors}")

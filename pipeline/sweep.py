@@ -34,17 +34,13 @@ import optuna
 import torch
 from optuna.trial import FrozenTrial, TrialState
 
-from pipeline import data, runtime, scoring
+from pipeline import data, runtime, scoring, tracking
 from pipeline.errors import UserError
+from pipeline.layout import Layout
 from pipeline.models import generate
-from pipeline.params import SET_BY_SWEEP, Params, flatten, load_params, validate_params
+from pipeline.params import BOOKKEEPING, DEVICE, SET_BY_SWEEP, Params, flatten, load_params, validate_params, values_without
 from pipeline.train import Callbacks, Diverged, TrainState, metric_rows, new_state, train
 
-STORAGE_FILE = "optuna.db"
-RESULTS_DIR = Path("sweeps")
-CLASSIFIER = Path("models/classifier.pt")
-REFERENCE = Path("data/reference/reference.npz")
-PREPARED = Path("data/prepared/mnist.npz")
 PARENT_RUN = "mlflow_parent_run_id"  # study user attribute: the sweep's MLflow parent run
 FINGERPRINT = "fingerprint"  # study user attribute: what every process of one study must share
 RUN_ID = "mlflow_run_id"  # trial user attribute: the trial's MLflow child run
@@ -180,7 +176,7 @@ def run_trial(
 
 def storage_url(params: Params, root: Path) -> str:
     """`sweep.storage`, else a SQLite file at the repository root (next to mlflow.db)."""
-    return params.sweep.storage or f"sqlite:///{root / STORAGE_FILE}"
+    return params.sweep.storage or f"sqlite:///{Layout(root).optuna_db}"
 
 
 def open_storage(url: str, heartbeat_s: int, on_stale: Callable[[optuna.Study, FrozenTrial], None]) -> Any:
@@ -233,13 +229,10 @@ def open_study(params: Params, storage: Any) -> tuple[optuna.Study, bool]:
 
 
 def fingerprint(params: Params, data_sha256: str, classifier_sha256: str) -> str:
-    """What every process and every resumption of one study must share for its trials to compare."""
-    raw = params.model_dump(mode="json")
-    for key in ("study", "storage", "trials", "heartbeat_s"):  # bookkeeping, not the experiment
-        raw["sweep"].pop(key)
-    raw["train"].pop("device")
-    raw.pop("tracking")
-    return runtime.fingerprint(raw, data_sha256, classifier_sha256)
+    """What every process and every resumption of one study must share for its trials to compare:
+    every param but the bookkeeping of the study (its name, storage, size) and the device."""
+    sections = {name: values_without(getattr(params, name), BOOKKEEPING, DEVICE) for name in type(params).model_fields}
+    return runtime.fingerprint(sections, data_sha256, classifier_sha256)
 
 
 def wait_for_attr(study: optuna.Study, key: str, timeout_s: float = 60.0) -> Any:
@@ -284,15 +277,15 @@ def retry(study: optuna.Study, trial: FrozenTrial) -> None:
         optuna.storages.RetryHeartbeatStaleTrialCallback(max_retry=MAX_RETRIES)(study, trial)
 
 
-def parent_run(study: optuna.Study, created: bool, client: Any, experiment_id: str, tags: dict[str, str],
-               mark: str, where: str) -> str:  # fmt: skip
+def parent_run(study: optuna.Study, created: bool, experiment_id: str, tags: dict[str, str], mark: str,
+               where: str) -> tracking.MlflowRun:  # fmt: skip
     """The sweep's MLflow parent run: made by the process that created the study, found by the others."""
     name = study.study_name
     if created:
         study.set_user_attr(FINGERPRINT, mark)
-        run_id: str = client.create_run(experiment_id, run_name=name, tags=tags).info.run_id
-        study.set_user_attr(PARENT_RUN, run_id)
-        return run_id
+        parent = tracking.MlflowRun.create(experiment_id, name, tags)
+        study.set_user_attr(PARENT_RUN, parent.run_id)
+        return parent
     run_id = wait_for_attr(study, PARENT_RUN)
     if run_id is None:
         raise UserError(f"study '{name}' in {where} has no MLflow parent run; name a new study with --study.")
@@ -301,8 +294,12 @@ def parent_run(study: optuna.Study, created: bool, client: Any, experiment_id: s
             f"study '{name}' in {where} was started with other params, data or classifier; "
             "run it with those, or name a new study with --study."
         )
-    client.update_run(run_id, status="RUNNING")  # a resumed sweep is running again
-    return run_id
+    found = tracking.MlflowRun.existing(run_id, experiment_id)
+    if found is None:
+        raise UserError(f"the MLflow parent run {run_id} of study '{name}' is not in this tracking store; "
+                        "name a new study with --study.")  # fmt: skip
+    found.reopen()  # a resumed sweep is running again
+    return found
 
 
 @dataclass
@@ -314,14 +311,11 @@ class Objective:
     images: torch.Tensor
     classifier: torch.nn.Module
     reference: scoring.Reference
-    experiment_id: str
-    parent_id: str
+    parent: tracking.MlflowRun
     tags: dict[str, str]
     running: list[int] = field(default_factory=list)  # the trial in progress, for the interrupt handler
 
     def __call__(self, trial: optuna.Trial) -> float:
-        from pipeline import tracking
-
         sweep = self.params.sweep
         if budget_used(self.study.get_trials(deepcopy=False), up_to=trial.number) > sweep.trials:
             trial.set_user_attr(OVER_BUDGET, True)
@@ -330,7 +324,7 @@ class Objective:
         values = suggest(trial, self.params)
         p = trial_params(self.params, values)
         name, tags = f"{sweep.study} #{trial.number}", {**self.tags, "sweep.trial": str(trial.number)}
-        run = tracking.Tracker.start(self.experiment_id, name, tags, parent_run_id=self.parent_id)
+        run = self.parent.child(name, tags)
         trial.set_user_attr(RUN_ID, run.run_id)
         run.log_params(flatten(p))
         print(f"trial {trial.number}: " + ", ".join(f"{k}={_format_value(v)}" for k, v in values.items()))
@@ -384,11 +378,7 @@ def main(
     params_path: Path = Path("params.yaml"), study: str | None = None, storage: str | None = None,
     trials: int | None = None,
 ) -> None:  # fmt: skip
-    from mlflow import MlflowClient
-
-    from pipeline import tracking
-
-    params = load_params(params_path)
+    params, paths = load_params(params_path), Layout()
     options = {k: v for k, v in {"study": study, "storage": storage, "trials": trials}.items() if v is not None}
     if options:  # command-line values are checked exactly as params.yaml's
         raw = params.model_dump(mode="json")
@@ -396,21 +386,18 @@ def main(
         params = validate_params(raw, source=f"{params_path} with {', '.join('--' + k for k in options)}")
     sweep, env = params.sweep, dict(os.environ)
     device = runtime.pick_device(params.train.device)
-    classifier, classifier_sha = scoring.load_classifier(CLASSIFIER, params.classifier.feature_dim, device)
-    reference = scoring.load_reference(REFERENCE, classifier_sha256=classifier_sha)
-    images = torch.from_numpy(data.load_prepared(PREPARED).train_images).to(device)
-    data_sha = runtime.sha256_file(PREPARED)
+    classifier, classifier_sha = scoring.load_classifier(paths.classifier, params.classifier.feature_dim, device)
+    reference = scoring.load_reference(paths.reference, classifier_sha256=classifier_sha)
+    images = torch.from_numpy(data.load_prepared(paths.prepared).train_images).to(device)
+    data_sha = runtime.sha256_file(paths.prepared)
     uri, experiment_id, root = tracking.open_experiment(params.tracking.experiment, Path.cwd(), env)
-    client = MlflowClient()
 
     def on_stale(st: optuna.Study, trial: FrozenTrial) -> None:
         """A trial whose process died: its child run ends KILLED and the trial is queued again."""
-        if run_id := trial.user_attrs.get(RUN_ID):
-            try:
-                client.set_tag(run_id, "sweep.state", "STALE")
-                client.set_terminated(run_id, "KILLED")
-            except Exception:  # noqa: BLE001 - a lost tag must not stop the study
-                pass
+        run_id = trial.user_attrs.get(RUN_ID)
+        if run_id and (run := tracking.MlflowRun.existing(run_id, experiment_id)) is not None:
+            run.set_tags({"sweep.state": "STALE"})
+            run.finish("KILLED")
         retry(st, trial)
 
     url = storage_url(params, root)
@@ -424,17 +411,13 @@ def main(
         "device": runtime.device_name(device), "torch": torch.__version__, "data.sha256": data_sha,
     }  # fmt: skip
     mark = fingerprint(params, data_sha, classifier_sha)
-    parent_id = parent_run(study_, created, client, experiment_id, {**tags, "sweep.storage": where}, mark, where)
-    parent = tracking.Tracker.existing(parent_id, experiment_id)
-    if parent is None:
-        raise UserError(f"the MLflow parent run {parent_id} of study '{sweep.study}' is not in {uri}; "
-                        "name a new study with --study.")  # fmt: skip
+    parent = parent_run(study_, created, experiment_id, {**tags, "sweep.storage": where}, mark, where)
     if created:  # once: MLflow refuses to change a logged param, and --trials may grow
         parent.log_params(flatten(params))
     print(f"sweep '{sweep.study}': {sweep.trials} trials of {sweep.steps} steps in {where} "
-          f"({'new' if created else 'joined'}); MLflow parent run {parent_id} at {uri}")  # fmt: skip
+          f"({'new' if created else 'joined'}); MLflow parent run {parent.run_id} at {uri}")  # fmt: skip
 
-    objective = Objective(study_, params, images, classifier, reference, experiment_id, parent_id, tags)
+    objective = Objective(study_, params, images, classifier, reference, parent, tags)
     try:
         work(study_, objective, sweep.trials, float(sweep.heartbeat_s), catch=(Diverged, OverBudget))
     except KeyboardInterrupt:
@@ -444,20 +427,17 @@ def main(
                 retry(study_, t)
         print(f"sweep interrupted; run the same command again to resume study '{sweep.study}'.")
         raise
-    report(study_, params, root, parent)
-    try:
-        client.set_terminated(parent_id, "FINISHED")
-    except Exception as exc:  # noqa: BLE001 - the report is on disk either way
-        print(f"warning: MLflow did not receive the parent run's status: {exc}")
+    report(study_, params, Layout(root), parent)
+    parent.finish()  # the report is on disk either way
 
 
-def report(study: optuna.Study, params: Params, root: Path, parent: Any) -> None:
-    """Ranked table, figures, best params as a `dvc exp run` command; on disk and on `parent` (a Tracker)."""
+def report(study: optuna.Study, params: Params, paths: Layout, parent: tracking.Tracker) -> None:
+    """Ranked table, figures, best params as a `dvc exp run` command; on disk and on `parent`."""
     trials = study.get_trials(deepcopy=False)
     keys = list(params.sweep.space)
     text = table(trials, keys)
     print(text)
-    out = root / RESULTS_DIR / re.sub(r"[^\w.-]+", "_", params.sweep.study)
+    out = paths.sweeps / re.sub(r"[^\w.-]+", "_", params.sweep.study)
     with runtime.atomic_open(out / "trials.txt") as fh:
         fh.write(text + "\n")
     buffer = io.StringIO()
@@ -468,7 +448,7 @@ def report(study: optuna.Study, params: Params, root: Path, parent: Any) -> None
                          t.user_attrs.get(RUN_ID, "")])  # fmt: skip
     with runtime.atomic_open(out / "trials.csv") as fh:
         fh.write(buffer.getvalue())
-    paths = [out / "trials.txt", out / "trials.csv", *figures(study, out)]
+    written = [out / "trials.txt", out / "trials.csv", *figures(study, out)]
 
     complete = [t for t in trials if t.state == TrialState.COMPLETE]
     counts = {f"trials_{s.name.lower()}": sum(t.state == s for t in trials) for s in
@@ -482,16 +462,16 @@ def report(study: optuna.Study, params: Params, root: Path, parent: Any) -> None
         })  # fmt: skip
         with runtime.atomic_open(out / "best.txt") as fh:
             fh.write(command + "\n")
-        paths += [out / "best.json", out / "best.txt"]
+        written += [out / "best.json", out / "best.txt"]
         parent.log_metrics([{"step": 0, "best_fid": float(best.value or 0.0), **counts}])
         parent.set_tags({"sweep.best_trial": str(best.number), "sweep.best_run": best.user_attrs.get(RUN_ID, "")})
         print(f"best: trial {best.number}, FID {best.value:.2f} at N={params.sweep.eval_samples}; reproduce it with\n  {command}")
     else:
         parent.log_metrics([{"step": 0, **counts}])
         print("no trial finished: nothing to reproduce.")
-    for path in paths:
+    for path in written:
         parent.log_artifact(path, "sweep")
-    print(f"report -> {out.relative_to(root) if out.is_relative_to(root) else out}")
+    print(f"report -> {out.relative_to(paths.root) if out.is_relative_to(paths.root) else out}")
     if parent.lost:
         print(f"warning: {parent.lost_summary()}")
 

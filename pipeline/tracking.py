@@ -1,8 +1,10 @@
-"""MLflow conventions: where runs go, what they are named, tagged and given as params.
+"""The boundary to the tracker: where runs go, what they are named, tagged and given.
 
-Only the stages' main() functions call in here; the training and scoring cores never see
-MLflow. Once a run has started, a tracking failure (server down, disk full) must not
-kill the training: `Tracker` records what could not be logged and says so at the end.
+`Tracker` is what a stage logs about a run (params, tags, metric rows, images, a model,
+nested runs); `MlflowRun` implements it. Only the stages' main() functions, the sweep and
+`resend` call in here; the training and scoring cores never see MLflow. Once a run has
+started, a tracking failure (server down, disk full) must not kill the training: the run
+records, as data, what could not be logged and says so at the end.
 """
 
 from __future__ import annotations
@@ -14,17 +16,16 @@ import subprocess
 import sys
 import time
 import warnings
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
 import numpy as np
 
 from pipeline.errors import UserError
-
-DB_NAME = "mlflow.db"
-ARTIFACTS_DIR = "mlartifacts"
+from pipeline.layout import Layout
 
 
 def project_root(cwd: Path, env: Mapping[str, str]) -> Path:
@@ -43,7 +44,7 @@ def project_root(cwd: Path, env: Mapping[str, str]) -> Path:
 
 def tracking_uri(root: Path, env: Mapping[str, str]) -> str:
     """MLFLOW_TRACKING_URI when set, else a SQLite database at the repository root."""
-    return env.get("MLFLOW_TRACKING_URI") or f"sqlite:///{root / DB_NAME}"
+    return env.get("MLFLOW_TRACKING_URI") or f"sqlite:///{Layout(root).mlflow_db}"
 
 
 def _is_local_sqlite(uri: str) -> bool:
@@ -58,7 +59,8 @@ def _creation_lock(root: Path, uri: str) -> Iterator[None]:
         return
     from filelock import FileLock
 
-    with FileLock(str(root / f".{DB_NAME}.lock"), timeout=300):
+    db = Layout(root).mlflow_db
+    with FileLock(str(db.with_name(f".{db.name}.lock")), timeout=300):
         yield
 
 
@@ -85,7 +87,7 @@ def _create_database(root: Path, path: Path) -> None:
         return
     remove_stale_temps(path)
     with atomic_path(path) as tmp:
-        SqlAlchemyStore(f"sqlite:///{tmp}", (root / ARTIFACTS_DIR).as_uri()).engine.dispose()
+        SqlAlchemyStore(f"sqlite:///{tmp}", Layout(root).mlflow_artifacts.as_uri()).engine.dispose()
 
 
 def connect(root: Path, uri: str, experiment: str) -> str:
@@ -107,7 +109,7 @@ def connect(root: Path, uri: str, experiment: str) -> str:
             found = mlflow.get_experiment_by_name(experiment)
             if found is not None:
                 return found.experiment_id
-            location = (root / ARTIFACTS_DIR).as_uri() if _is_local_sqlite(uri) else None
+            location = Layout(root).mlflow_artifacts.as_uri() if _is_local_sqlite(uri) else None
             return mlflow.create_experiment(experiment, artifact_location=location)
     except Exception as exc:  # noqa: BLE001 - network errors arrive as many types, often inside an MlflowException
         if reason := network_failure(exc):
@@ -115,7 +117,7 @@ def connect(root: Path, uri: str, experiment: str) -> str:
                 f"MLflow tracking server {uri} is unreachable ({reason}); start it, "
                 "or unset MLFLOW_TRACKING_URI to log to the local mlflow.db."
             ) from None
-        raise UserError(f"MLflow tracking at {uri} failed: {_first_line(exc)}.") from None
+        raise UserError(f"MLflow tracking at {uri} failed: {first_line(exc)}.") from None
     finally:
         if remote:
             os.environ.update({**RUN_HTTP, **user})
@@ -147,7 +149,7 @@ def open_experiment(experiment: str, cwd: Path, env: Mapping[str, str]) -> tuple
     return uri, connect(root, uri, experiment), root
 
 
-def _first_line(exc: BaseException) -> str:
+def first_line(exc: BaseException) -> str:
     text = str(exc).strip()
     return (text.splitlines()[0] if text else type(exc).__name__)[:300].rstrip(".")
 
@@ -184,14 +186,79 @@ def run_name(env: Mapping[str, str]) -> str | None:
     return env.get("DVC_EXP_NAME") or None
 
 
-class Tracker:
-    """One MLflow run. Logging failures after the start are recorded, not raised."""
+@dataclass(frozen=True)
+class Lost:
+    """One item the tracker did not receive: its kind, the name of the item, and the steps it covers."""
 
-    def __init__(self, run_id: str) -> None:
+    kind: str  # "params", "tags", "metrics", "image", "artifact", "model", "run status"
+    name: str = ""  # the image key, artifact file or model name
+    steps: tuple[int, ...] = ()
+
+    def __str__(self) -> str:
+        if self.kind == "metrics":
+            return f"metrics of steps {self.steps[0]}-{self.steps[-1]}"
+        if self.kind == "image":
+            return f"image '{self.name}' at step {self.steps[0]}"
+        if self.kind == "artifact":
+            return f"artifact {self.name}"
+        if self.kind == "model":
+            return f"model '{self.name}'"
+        return self.kind
+
+
+def summarise_lost(lost: list[Lost], failure: str | None) -> str:
+    """'MLflow did not receive metrics of steps 12-60, 10 images 'samples' of steps 15-60, ...' or ''."""
+    if not lost:
+        return ""
+    spans: dict[tuple[str, str], list[Lost]] = {}  # per-step items, grouped by kind and name
+    others: list[str] = []
+    for item in lost:
+        if item.kind in ("metrics", "image") and item.steps:
+            spans.setdefault((item.kind, item.name), []).append(item)
+        elif str(item) not in others:
+            others.append(str(item))
+    parts = []
+    for (kind, name), items in spans.items():
+        steps = [step for item in items for step in item.steps]
+        what = "metrics" if kind == "metrics" else f"{len(items)} images '{name}'"
+        parts.append(f"{what} of steps {min(steps)}-{max(steps)}")
+    return f"MLflow did not receive {', '.join(parts + others)}" + (f" ({failure})" if failure else "")
+
+
+class Tracker(Protocol):
+    """What a stage logs about one run. MlflowRun is the implementation.
+
+    Once a run has started, a failing backend never raises from these calls: the first
+    failure is said once on stderr, later calls are not even tried, and `lost` lists, as
+    data, everything the backend did not receive.
+    """
+
+    run_id: str
+    lost: list[Lost]
+    failure: str | None
+
+    def log_params(self, params: dict[str, str]) -> None: ...
+    def set_tags(self, tags: dict[str, str]) -> None: ...
+    def log_metrics(self, rows: list[dict[str, float]]) -> None: ...
+    def log_image(self, image: np.ndarray, key: str, step: int) -> None: ...
+    def log_artifact(self, path: Path, folder: str | None = None) -> None: ...
+    def log_model(self, model: Any, name: str, input_example: np.ndarray) -> None: ...
+    def child(self, name: str, tags: dict[str, str]) -> Tracker: ...
+    def finish(self, status: str = "FINISHED") -> None: ...
+    def lost_summary(self) -> str: ...
+
+
+class MlflowRun:
+    """One MLflow run behind the Tracker interface, plus the reads that `resend` needs."""
+
+    def __init__(self, run_id: str, experiment_id: str, client: Any) -> None:
         self.run_id = run_id
-        self.lost: list[str] = []  # what was not logged, in order
+        self.experiment_id = experiment_id
+        self.lost: list[Lost] = []
         self.failure: str | None = None  # why logging stopped
-        self._client: Any = None
+        self._client = client
+
+    # --- opening runs ------------------------------------------------------------------------
 
     @classmethod
     def start(
@@ -201,14 +268,13 @@ class Tracker:
         tags: dict[str, str],
         resume_run_id: str | None = None,
         parent_run_id: str | None = None,
-    ) -> Tracker:
-        """Start a run, the active one until finish(); reopen `resume_run_id` if it exists."""
+    ) -> MlflowRun:
+        """Start a run, the active one until finish(); reopen `resume_run_id` if this store has it."""
         import mlflow
-        from mlflow import MlflowClient
         from mlflow.entities import RunTag
         from mlflow.exceptions import MlflowException
 
-        client = MlflowClient()
+        client = _client()
         owner = {"pipeline.host": socket.gethostname(), "pipeline.pid": str(os.getpid())}
         try:
             try:
@@ -231,40 +297,51 @@ class Tracker:
                     tags = {**tags, "mlflow.parentRunId": parent_run_id}
                 run = mlflow.start_run(experiment_id=experiment_id, run_name=name, tags={**tags, **owner})
         except Exception as exc:
-            raise UserError(f"MLflow could not start a run: {_first_line(exc)}.") from None
-        tracker = cls(run.info.run_id)
-        tracker._client = client
-        return tracker
+            raise UserError(f"MLflow could not start a run: {first_line(exc)}.") from None
+        return cls(run.info.run_id, experiment_id, client)
 
     @classmethod
-    def existing(cls, run_id: str, experiment_id: str) -> Tracker | None:
+    def create(cls, experiment_id: str, name: str, tags: dict[str, str]) -> MlflowRun:
+        """A RUNNING run that no process owns (a sweep's parent, which many processes share)."""
+        client = _client()
+        try:
+            run_id = client.create_run(experiment_id, run_name=name, tags=tags).info.run_id
+        except Exception as exc:
+            raise UserError(f"MLflow could not create run '{name}': {first_line(exc)}.") from None
+        return cls(run_id, experiment_id, client)
+
+    @classmethod
+    def existing(cls, run_id: str, experiment_id: str) -> MlflowRun | None:
         """A handle on a run made earlier (not started again), or None if this store lacks it."""
-        from mlflow import MlflowClient
         from mlflow.exceptions import MlflowException
 
-        client = MlflowClient()
+        client = _client()
         try:
             run = client.get_run(run_id)
         except MlflowException:
             return None
         if run.info.experiment_id != experiment_id or run.info.lifecycle_stage != "active":
             return None
-        tracker = cls(run_id)
-        tracker._client = client
-        return tracker
+        return cls(run_id, experiment_id, client)
 
-    def _guard(self, what: str, fn: Any, *args: Any, **kwargs: Any) -> None:
+    def child(self, name: str, tags: dict[str, str]) -> MlflowRun:
+        """A nested run under this one, started (the active run) until its finish()."""
+        return MlflowRun.start(self.experiment_id, name, tags, parent_run_id=self.run_id)
+
+    # --- logging -----------------------------------------------------------------------------
+
+    def _guard(self, lost: Lost, fn: Any, *args: Any, **kwargs: Any) -> None:
         # After the first failure nothing more is tried: every call to a dead server costs
         # seconds of retries, and a clean cut is simple to fill in afterwards (`resend`).
         if self.failure is not None:
-            self.lost.append(what)
+            self.lost.append(lost)
             return
         try:
             fn(*args, **kwargs)
         except Exception as exc:  # noqa: BLE001 - any failure of the tracking backend
-            self.failure = network_failure(exc) or _first_line(exc)
-            self.lost.append(what)
-            print(f"warning: MLflow logging failed at {what} ({self.failure}); the stage goes on without MLflow.",
+            self.failure = network_failure(exc) or first_line(exc)
+            self.lost.append(lost)
+            print(f"warning: MLflow logging failed at {lost} ({self.failure}); the stage goes on without MLflow.",
                   file=sys.stderr)  # fmt: skip
 
     def lost_summary(self) -> str:
@@ -277,7 +354,7 @@ class Tracker:
         # A resumed run may differ in params that do not change the numbers (log_every, ...):
         # MLflow refuses to change a logged param, so those become tags instead.
         try:
-            logged = self._client.get_run(self.run_id).data.params
+            logged = self.params()
         except Exception:  # noqa: BLE001 - a fresh run, or a backend that fails below anyway
             logged = {}
         changed = {f"param_changed.{k}": v for k, v in params.items() if k in logged and logged[k] != v}
@@ -285,70 +362,96 @@ class Tracker:
             self.set_tags(changed)
         items = [Param(k, v) for k, v in params.items() if k not in logged]
         for i in range(0, len(items), 100):
-            self._guard("params", self._client.log_batch, self.run_id, params=items[i : i + 100])
+            self._guard(Lost("params"), self._client.log_batch, self.run_id, params=items[i : i + 100])
 
     def set_tags(self, tags: dict[str, str]) -> None:
         from mlflow.entities import RunTag
 
-        self._guard("tags", self._client.log_batch, self.run_id, tags=[RunTag(k, v) for k, v in tags.items()])
+        self._guard(Lost("tags"), self._client.log_batch, self.run_id, tags=[RunTag(k, v) for k, v in tags.items()])
 
-    def log_metrics(self, rows: list[dict[str, float]], step_key: str = "step") -> None:
-        """Log rows of {step, name: value, ...} as step metrics."""
+    def log_metrics(self, rows: list[dict[str, float]]) -> None:
+        """Log rows of {"step": step, name: value, ...} as step metrics."""
         from mlflow.entities import Metric
 
         now = int(time.time() * 1000)
         metrics = [
-            Metric(name, float(value), now, int(row[step_key]))
+            Metric(name, float(value), now, int(row["step"]))
             for row in rows
             for name, value in row.items()
-            if name != step_key and np.isfinite(value)
+            if name != "step" and np.isfinite(value)
         ]
-        steps = sorted({metric.step for metric in metrics})
         for i in range(0, len(metrics), 1000):
-            what = f"metrics of steps {steps[0]}-{steps[-1]}"
-            self._guard(what, self._client.log_batch, self.run_id, metrics=metrics[i : i + 1000])
+            chunk = metrics[i : i + 1000]
+            steps = sorted({metric.step for metric in chunk})
+            self._guard(Lost("metrics", steps=(steps[0], steps[-1])), self._client.log_batch, self.run_id,
+                        metrics=chunk)  # fmt: skip
 
     def log_image(self, image: np.ndarray, key: str, step: int) -> None:
-        self._guard(f"image '{key}' at step {step}", self._client.log_image, self.run_id, image, key=key, step=step)
+        self._guard(Lost("image", key, (step,)), self._client.log_image, self.run_id, image, key=key, step=step)
 
-    def log_artifact(self, path: Path, artifact_path: str | None = None) -> None:
-        self._guard(f"artifact {path.name}", self._client.log_artifact, self.run_id, str(path), artifact_path)
+    def log_artifact(self, path: Path, folder: str | None = None) -> None:
+        self._guard(Lost("artifact", path.name), self._client.log_artifact, self.run_id, str(path), folder)
 
     def log_model(self, model: Any, name: str, input_example: np.ndarray) -> None:
-        self._guard(f"model '{name}'", self._log_model, model, name, input_example)
+        self._guard(Lost("model", name), self._log_model, model, name, input_example)
 
     def _log_model(self, model: Any, name: str, input_example: np.ndarray) -> None:
         import mlflow
 
+        # mlflow.pytorch logs into the active run: the one start() opened.
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
             mlflow.pytorch.log_model(model, name=name, input_example=input_example)
 
+    def reopen(self) -> None:
+        """Mark the run RUNNING again (a resumed sweep)."""
+        self._guard(Lost("run status"), self._client.update_run, self.run_id, status="RUNNING")
+
     def finish(self, status: str = "FINISHED") -> None:
         import mlflow
 
-        self._guard("run status", mlflow.end_run, status)
+        active = mlflow.active_run()
+        if active is not None and active.info.run_id == self.run_id:
+            self._guard(Lost("run status"), mlflow.end_run, status)
+        else:
+            self._guard(Lost("run status"), self._client.set_terminated, self.run_id, status)
+
+    # --- what the run holds (for `resend`) ----------------------------------------------------
+
+    def params(self) -> dict[str, str]:
+        return dict(self._client.get_run(self.run_id).data.params)
+
+    def metric_steps(self, name: str) -> set[int]:
+        return {metric.step for metric in self._client.get_metric_history(self.run_id, name)}
+
+    def image_steps(self, key: str) -> set[int]:
+        """Steps of the images logged under `key` that are complete (the UI shows the compressed file)."""
+        names = [Path(a.path).name for a in self._client.list_artifacts(self.run_id, "images")]
+        pattern = rf"{re.escape(key)}\+step\+(\d+)\+.*\+compressed\.webp"
+        return {int(found[1]) for name in names if (found := re.fullmatch(pattern, name))}
+
+    def artifact_names(self) -> set[str]:
+        return {artifact.path for artifact in self._client.list_artifacts(self.run_id)}
+
+    def has_model(self) -> bool:
+        import mlflow
+
+        return bool(mlflow.search_logged_models(
+            experiment_ids=[self.experiment_id], filter_string=f"source_run_id = '{self.run_id}'", output_format="list"
+        ))  # fmt: skip
+
+    @classmethod
+    def tagged(cls, experiment_id: str, key: str, value: str) -> MlflowRun | None:
+        """The first run of the experiment whose tag `key` is `value`."""
+        client = _client()
+        found = client.search_runs([experiment_id], f"tags.`{key}` = '{value}'", max_results=1)
+        return cls(found[0].info.run_id, experiment_id, client) if found else None
 
 
-def summarise_lost(lost: list[str], failure: str | None) -> str:
-    """'MLflow did not receive metrics of steps 12-60, 10 images 'samples' of steps 15-60, ...' or ''."""
-    if not lost:
-        return ""
-    spans: dict[str, list[int]] = {}  # "metrics" / "image 'samples'" -> steps
-    calls: dict[str, int] = {}
-    others: list[str] = []
-    for what in lost:
-        if found := re.fullmatch(r"(metrics|image '[^']*') (?:of|at) steps? (\d+)(?:-(\d+))?", what):
-            spans.setdefault(found[1], []).extend(int(step) for step in found.groups()[1:] if step)
-            calls[found[1]] = calls.get(found[1], 0) + 1
-        elif what not in others:
-            others.append(what)
-    parts = [
-        f"{kind if kind == 'metrics' else str(calls[kind]) + ' ' + kind.replace('image', 'images', 1)}"
-        f" of steps {min(steps)}-{max(steps)}"
-        for kind, steps in spans.items()
-    ]
-    return f"MLflow did not receive {', '.join(parts + others)}" + (f" ({failure})" if failure else "")
+def _client() -> Any:
+    from mlflow import MlflowClient
+
+    return MlflowClient()
 
 
 def _process_alive(pid: int) -> bool:
@@ -377,88 +480,3 @@ def _mark_dead_runs_killed(client: Any, experiment_id: str) -> None:
         pid = run.data.tags.get("pipeline.pid", "")
         if pid.isdigit() and not _process_alive(int(pid)):
             client.set_terminated(run.info.run_id, "KILLED")
-
-
-def backfill(
-    experiment_id: str,
-    run_id: str,
-    tags: dict[str, str],
-    params: dict[str, str],
-    rows: list[dict[str, float]],
-    images: dict[int, np.ndarray],
-    image_key: str,
-    artifacts: list[Path],
-    model: Callable[[], tuple[Any, np.ndarray]] | None = None,
-    model_name: str = "generator",
-) -> tuple[str, dict[str, int]]:
-    """Send what a finished run lacks of these params, step metrics, images, artifacts and model
-    (`model()` gives the network and an input example; it is built only when the run has none).
-
-    The run is `run_id`, or, where this store lacks it, a new run tagged `resent_from` with
-    `tags` (found again by the next call). Whatever the run already holds is skipped, so a
-    second call sends nothing twice. The run ends FINISHED. Returns its id and the counts sent.
-    """
-    import mlflow
-    from mlflow import MlflowClient
-    from mlflow.entities import Metric, Param
-
-    client = MlflowClient()
-    sent = {"params": 0, "metrics": 0, "images": 0, "artifacts": 0, "model": 0}
-    try:
-        if Tracker.existing(run_id, experiment_id) is None:
-            earlier = client.search_runs([experiment_id], f"tags.resent_from = '{run_id}'", max_results=1)
-            tags = {**tags, "resent_from": run_id}
-            run_id = earlier[0].info.run_id if earlier else client.create_run(experiment_id, tags=tags).info.run_id
-        have = client.get_run(run_id).data.params
-        clash = next((key for key, value in params.items() if have.get(key, value) != value), None)
-        if clash:
-            raise UserError(
-                f"run {run_id} has {clash}={have[clash]}, not {params[clash]}: these outputs are not its own."
-            )
-        new_params = [Param(key, value) for key, value in params.items() if key not in have]
-        for i in range(0, len(new_params), 100):
-            client.log_batch(run_id, params=new_params[i : i + 100])
-        logged: dict[str, set[int]] = {}
-        now = int(time.time() * 1000)
-        metrics = []
-        for row in rows:
-            for name, value in row.items():
-                if name == "step" or not np.isfinite(value):
-                    continue
-                if name not in logged:
-                    logged[name] = {m.step for m in client.get_metric_history(run_id, name)}
-                if int(row["step"]) not in logged[name]:
-                    metrics.append(Metric(name, float(value), now, int(row["step"])))
-        for i in range(0, len(metrics), 1000):
-            client.log_batch(run_id, metrics=metrics[i : i + 1000])
-        # An image counts once both files are there (the UI shows the compressed one).
-        names = [Path(a.path).name for a in client.list_artifacts(run_id, "images")]
-        pattern = rf"{re.escape(image_key)}\+step\+(\d+)\+.*\+compressed\.webp"
-        shown = {int(found[1]) for name in names if (found := re.fullmatch(pattern, name))}
-        for step, image in sorted(images.items()):
-            if step not in shown:
-                client.log_image(run_id, image, key=image_key, step=step)
-                sent["images"] += 1
-        present = {a.path for a in client.list_artifacts(run_id)}
-        for path in artifacts:
-            if path.name not in present:
-                client.log_artifact(run_id, str(path))
-                sent["artifacts"] += 1
-        if model is not None and not mlflow.search_logged_models(
-            experiment_ids=[experiment_id], filter_string=f"source_run_id = '{run_id}'", output_format="list"
-        ):
-            network, example = model()
-            with mlflow.start_run(run_id=run_id):
-                Tracker(run_id)._log_model(network, model_name, example)
-            sent["model"] = 1
-        client.set_terminated(run_id, "FINISHED")
-    except UserError:
-        raise
-    except Exception as exc:  # noqa: BLE001 - whatever the backend says, the user only needs to retry
-        reason = network_failure(exc) or _first_line(exc)
-        raise UserError(
-            f"re-sending to MLflow failed ({reason}); what was sent stays, run this again for the rest."
-        ) from None
-    sent["params"], sent["metrics"] = len(new_params), len(metrics)
-    return run_id, sent
-

@@ -21,35 +21,34 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 
 from pipeline import data, runtime
 from pipeline.errors import UserError
+from pipeline.layout import Layout
+from pipeline.losses import LOSSES, GanLoss
 from pipeline.models import Discriminator, Generator, build_discriminator, build_generator
-from pipeline.params import ModelParams, Params, TrainParams, flatten, load_params
+from pipeline.params import BUDGET, CADENCE, DEVICE, ModelParams, Params, TrainParams, flatten, load_params, values_without
+
+if TYPE_CHECKING:
+    from pipeline.tracking import MlflowRun
 
 LOG_COLUMNS = ("d_loss", "d_acc", "g_loss")
 GRID = 5  # the tutorial's 5x5 sample grid
-
-GENERATOR = Path("models/generator.pt")
-RUN_INFO = Path("models/train_run.json")
-CHECKPOINT = Path("checkpoints/train.pt")
-METRICS = Path("metrics/train.json")
-LOG = Path("metrics/train_log.csv")
-FID_LOG = Path("metrics/train_fid.csv")
-CLASSIFIER = Path("models/classifier.pt")
-REFERENCE = Path("data/reference/reference.npz")
-SAMPLES_DIR = Path("samples")
-LAST_SAMPLES = Path("plots/train_samples.png")
+Row = tuple[int, float, float, float]  # (step, d_loss, d_acc, g_loss)
 
 
-def metric_rows(rows: list[tuple[int, float, float, float]]) -> list[dict[str, float]]:
-    """History rows (step, d_loss, d_acc, g_loss) as the per-step metric dicts MLflow gets."""
+def metric_rows(rows: list[Row]) -> list[dict[str, float]]:
+    """History rows as the per-step metric dicts the tracker gets."""
     return [dict(zip(("step", *LOG_COLUMNS), row, strict=True)) for row in rows]
+
+
+def summary_row(summary: dict[str, Any]) -> dict[str, float]:
+    """metrics/train.json as the tracker's `final_*` metrics, at the last step."""
+    return {"step": summary["step"], **{f"final_{k}": v for k, v in summary.items() if k != "step"}}
 
 
 class Diverged(UserError):
@@ -68,7 +67,7 @@ class TrainState:
     opt_g: torch.optim.Optimizer
     opt_d: torch.optim.Optimizer
     step: int = 0
-    history: list[tuple[int, float, float, float]] = field(default_factory=list)  # (step, d_loss, d_acc, g_loss)
+    history: list[Row] = field(default_factory=list)
     fid_history: list[tuple[int, float]] = field(default_factory=list)  # (step, quick FID)
     run_id: str | None = None
 
@@ -106,8 +105,10 @@ def new_state(model: ModelParams, params: TrainParams, device: torch.device) -> 
     """Seeded models and the tutorial's Adam optimisers, with the speed levers of `params`."""
     runtime.seed_everything(params.seed)
     memory_format = torch.channels_last if params.channels_last else torch.contiguous_format
-    generator = build_generator(model, params.fast_upsample, params.fast_output).to(device, memory_format=memory_format)
-    discriminator = build_discriminator(model).to(device, memory_format=memory_format)
+    generator = build_generator(model, fast_upsample=params.fast_upsample, fast_output=params.fast_output)
+    discriminator = build_discriminator(model)
+    generator.to(device, memory_format=memory_format)
+    discriminator.to(device, memory_format=memory_format)
     adam = {"betas": (params.beta1, params.beta2), "fused": params.fused_adam or None}
     return TrainState(
         generator,
@@ -134,27 +135,29 @@ def sample_grid(generator: Generator, noise: torch.Tensor) -> np.ndarray:
 
 
 def train_step(
-    state: TrainState, real: torch.Tensor, z: torch.Tensor, autocast: contextlib.AbstractContextManager[Any]
+    state: TrainState,
+    real: torch.Tensor,
+    z: torch.Tensor,
+    autocast: contextlib.AbstractContextManager[Any],
+    loss: GanLoss,
 ) -> torch.Tensor:
     """One tutorial iteration; returns (d_loss, d_acc, g_loss) as a device tensor, no sync."""
     G, D = state.generator, state.discriminator
-    ones = torch.ones(real.shape[0], device=real.device)
-    zeros = torch.zeros_like(ones)
     with autocast:
         fake = G(z)  # (B, 1, 28, 28), reused by both updates below
 
     # D on the real batch (label 1), then on the fake batch (label 0): two Adam steps.
     state.opt_d.zero_grad(set_to_none=True)
     with autocast:
-        logits_real = D(real).float()
-        loss_real = F.binary_cross_entropy_with_logits(logits_real, ones)
+        logits_real = D(real).float()  # (B,)
+        loss_real = loss.d_real(logits_real)
     loss_real.backward()
     state.opt_d.step()
 
     state.opt_d.zero_grad(set_to_none=True)
     with autocast:
         logits_fake = D(fake.detach()).float()
-        loss_fake = F.binary_cross_entropy_with_logits(logits_fake, zeros)
+        loss_fake = loss.d_fake(logits_fake)
     loss_fake.backward()
     state.opt_d.step()
 
@@ -162,7 +165,7 @@ def train_step(
     state.opt_g.zero_grad(set_to_none=True)
     D.requires_grad_(False)
     with autocast:
-        g_loss = F.binary_cross_entropy_with_logits(D(fake).float(), ones)
+        g_loss = loss.g(D(fake).float())
     g_loss.backward()
     D.requires_grad_(True)
     state.opt_g.step()
@@ -187,7 +190,7 @@ def first_non_finite(state: TrainState) -> str | None:
 class Callbacks:
     """Where train() reports; every field is optional."""
 
-    on_log: Callable[[list[tuple[int, float, float, float]], float], None] | None = None  # rows, images/s
+    on_log: Callable[[list[Row], float], None] | None = None  # rows, images/s
     on_sample: Callable[[int, np.ndarray], None] | None = None  # step, grid
     on_checkpoint: Callable[[TrainState], None] | None = None
     on_eval: Callable[[TrainState], None] | None = None  # every fid_every steps (quick FID)
@@ -209,6 +212,7 @@ def train(
     """Train from `state.step` to `params.steps`. `images`: uint8 (N, 28, 28) on the device."""
     device = images.device
     autocast = _autocast(device, params.precision)
+    loss = LOSSES[params.loss]
     noise = fixed_noise(latent_dim, params.seed, device)
     pending: list[tuple[int, torch.Tensor]] = []  # per-step stats still on the device
     if params.compile:  # in place: parameter names (and so checkpoints) stay the same
@@ -247,7 +251,7 @@ def train(
         idx = torch.randint(0, images.shape[0], (params.batch_size,), device=device)
         real = data.to_model(images[idx])  # the one pixel transform, on the device
         z = torch.randn(params.batch_size, latent_dim, device=device)
-        stats = train_step(state, real, z, autocast)
+        stats = train_step(state, real, z, autocast, loss)
         state.step += 1
         pending.append((state.step, stats))
 
@@ -265,23 +269,42 @@ def train(
     return state
 
 
-# --- the stage: files, MLflow, resume -------------------------------------------------
+# --- the stage: resume, the writing process's files and MLflow run -------------------------
 
 
 def checkpoint_fingerprint(params: Params, data_hash: str, precision: str) -> str:
     """What a checkpoint must match to be resumed: everything that changes the numbers.
 
-    `steps` is left out on purpose, so a finished run can be extended; logging cadence
-    and the device are left out because they do not change the trajectory (on one device).
-    `precision` is the resolved one: `auto` may mean bf16 on one machine and fp32 on another.
+    The budget is left out, so a finished run can be extended; cadence and device do not
+    change the trajectory (on one device). `precision` is the resolved one: `auto` may mean
+    bf16 on one machine and fp32 on another.
     """
-    train = params.train.model_dump(
-        exclude={"steps", "log_every", "sample_every", "checkpoint_every", "fid_every", "fid_samples", "device"}
-    )
+    train = values_without(params.train, BUDGET, CADENCE, DEVICE)
     return runtime.fingerprint(params.model.model_dump(), {**train, "precision": precision}, data_hash)
 
 
-def write_log(history: list[tuple[int, float, float, float]], path: Path) -> None:
+def resume_or_fresh(
+    params: Params, checkpoint: Path, fingerprint: str, device: torch.device
+) -> tuple[TrainState, str | None]:
+    """The state to train from: a matching checkpoint's, else a fresh one; and what was found, to say."""
+    state = new_state(params.model, params.train, device)
+    if not checkpoint.exists():
+        return state, None
+    ckpt = runtime.load_checkpoint(checkpoint, map_location=device)
+    if ckpt.get("fingerprint") != fingerprint:
+        return state, f"{checkpoint} was made with other params or data; starting fresh."
+    try:
+        if int(ckpt["step"]) > params.train.steps:
+            return state, f"{checkpoint} is at step {ckpt['step']}, beyond train.steps={params.train.steps}; starting fresh."
+        state.restore(ckpt)
+    except (KeyError, RuntimeError, ValueError, TypeError, AttributeError, IndexError) as exc:
+        # Our fingerprint on a body that does not fit: hand-made or from another version.
+        first = (str(exc).strip().splitlines() or [type(exc).__name__])[0][:200]
+        raise UserError(f"{checkpoint} does not fit this model ({first}); delete it to start fresh.") from None
+    return state, f"resuming from {checkpoint} at step {state.step}"
+
+
+def write_log(history: list[Row], path: Path) -> None:
     with runtime.atomic_open(path) as fh:
         fh.write("step," + ",".join(LOG_COLUMNS) + "\n")
         for step, *values in history:
@@ -303,45 +326,30 @@ def for_export(model: ModelParams, weights: dict[str, torch.Tensor]) -> tuple[Ge
     return generator.eval(), "generator", example
 
 
-def main(params_path: Path = Path("params.yaml")) -> None:
-    from tqdm import tqdm
+def summarise(state: TrainState, seconds: float, first_step: int, batch_size: int) -> dict[str, Any]:
+    """metrics/train.json: the last step's figures, the means of the last 100, this session's speed."""
+    step, d_loss, d_acc, g_loss = state.history[-1]
+    tail = np.array([r[1:] for r in state.history[-min(len(state.history), 100) :]])
+    return {
+        "step": step,
+        "d_loss": d_loss,
+        "d_acc": d_acc,
+        "g_loss": g_loss,
+        "d_loss_last100": float(tail[:, 0].mean()),
+        "d_acc_last100": float(tail[:, 1].mean()),
+        "g_loss_last100": float(tail[:, 2].mean()),
+        "seconds": round(seconds, 2),
+        "images_per_second": round((step - first_step) * batch_size / max(seconds, 1e-9), 1),
+    }
 
+
+def start_tracking(
+    params: Params, run_id: str | None, device: torch.device, precision: str, data_hash: str
+) -> tuple[MlflowRun, dict[str, str]]:
+    """The training run in MLflow (the checkpoint's run when resuming), its params logged; and run_info."""
     from pipeline import tracking
 
-    params = load_params(params_path)
-    p = params.train
     env = dict(os.environ)
-    runtime.remove_stale_temps(GENERATOR, RUN_INFO, CHECKPOINT, METRICS, LOG, FID_LOG, LAST_SAMPLES, SAMPLES_DIR)
-    device = runtime.pick_device(p.device)
-    precision = runtime.resolve_precision(p.precision, device)
-    mnist = data.load_prepared(Path("data/prepared/mnist.npz"))
-    data_hash = runtime.sha256_file("data/prepared/mnist.npz")
-    fingerprint = checkpoint_fingerprint(params, data_hash, precision)
-
-    # Resume when a matching checkpoint exists; anything else starts fresh.
-    state = new_state(params.model, p, device)
-    if CHECKPOINT.exists():
-        ckpt = runtime.load_checkpoint(CHECKPOINT, map_location=device)
-        if ckpt.get("fingerprint") != fingerprint:
-            print(f"{CHECKPOINT} was made with other params or data; starting fresh.")
-        else:
-            try:
-                resumable = int(ckpt["step"]) <= p.steps
-                if resumable:
-                    state.restore(ckpt)
-            except (KeyError, RuntimeError, ValueError, TypeError, AttributeError, IndexError) as exc:
-                # Our fingerprint on a body that does not fit: hand-made or from another version.
-                first = (str(exc).strip().splitlines() or [type(exc).__name__])[0][:200]
-                raise UserError(f"{CHECKPOINT} does not fit this model ({first}); delete it to start fresh.") from None
-            if resumable:
-                print(f"resuming from {CHECKPOINT} at step {state.step}")
-            else:
-                print(f"{CHECKPOINT} is at step {ckpt['step']}, beyond train.steps={p.steps}; starting fresh.")
-    if state.step == 0:  # a fresh run: nothing from an earlier run may survive in persisted outputs
-        for old in SAMPLES_DIR.glob("*.png"):
-            old.unlink()
-        FID_LOG.unlink(missing_ok=True)
-
     uri, experiment_id, root = tracking.open_experiment(params.tracking.experiment, Path.cwd(), env)
     tags = {
         **tracking.git_info(root),
@@ -353,143 +361,134 @@ def main(params_path: Path = Path("params.yaml")) -> None:
         "data.sha256": data_hash,
         "stage": "train",
     }
-    tracker = tracking.Tracker.start(experiment_id, tracking.run_name(env), tags, resume_run_id=state.run_id)
-    state.run_id = tracker.run_id
-    tracker.log_params(flatten(params))
-    print(f"MLflow run {tracker.run_id} in experiment '{params.tracking.experiment}' at {uri}")
+    run = tracking.MlflowRun.start(experiment_id, tracking.run_name(env), tags, resume_run_id=run_id)
+    run.log_params(flatten(params))
+    print(f"MLflow run {run.run_id} in experiment '{params.tracking.experiment}' at {uri}")
+    run_info = {"run_id": run.run_id, "experiment_id": experiment_id, "tracking_uri": uri,
+                "params_sha256": runtime.fingerprint(flatten(params))}  # fmt: skip
+    return run, run_info
 
-    images = torch.from_numpy(mnist.train_images).to(device)
-    desc = f"train [{device.type}, {precision}]"
-    bar = tqdm(total=p.steps, initial=state.step, desc=desc, unit="step", dynamic_ncols=True)
 
-    def on_log(rows: list[tuple[int, float, float, float]], rate: float) -> None:
+class Writer:
+    """Every side effect of the stage: DVC outputs, the MLflow run, the progress bar.
+
+    Only the writing process has one (see main); train() reports to it through Callbacks.
+    """
+
+    def __init__(self, params: Params, paths: Layout, fingerprint: str, run: MlflowRun, run_info: dict[str, str],
+                 state: TrainState, desc: str) -> None:  # fmt: skip
+        from tqdm import tqdm
+
+        self.params, self.paths, self.fingerprint = params, paths, fingerprint
+        self.run, self.run_info = run, run_info
+        self.bar = tqdm(total=params.train.steps, initial=state.step, desc=desc, unit="step", dynamic_ncols=True)
+
+    @classmethod
+    def open(
+        cls, params: Params, paths: Layout, state: TrainState, resumed: str | None, fingerprint: str,
+        device: torch.device, precision: str, data_hash: str,
+    ) -> Writer:  # fmt: skip
+        """Clear what a killed or earlier run left, then open the MLflow run (state.run_id when resuming)."""
+        runtime.remove_stale_temps(*paths.outputs("train"))
+        if resumed:
+            print(resumed)
+        run, run_info = start_tracking(params, state.run_id, device, precision, data_hash)
+        state.run_id = run.run_id  # into every checkpoint, so that a resumed run logs to the same run
+        if state.step == 0:  # a fresh run: nothing from an earlier run may survive in persisted outputs
+            for old in paths.samples.glob("*.png"):
+                old.unlink()
+            paths.fid_log.unlink(missing_ok=True)
+        return cls(params, paths, fingerprint, run, run_info, state, f"train [{device.type}, {precision}]")
+
+    def callbacks(self, device: torch.device) -> Callbacks:
+        return Callbacks(self.on_log, self.on_sample, self.on_checkpoint, self.quick_fid(device))
+
+    def on_log(self, rows: list[Row], rate: float) -> None:
         step, d_loss, d_acc, g_loss = rows[-1]
-        bar.update(step - bar.n)
-        bar.set_postfix_str(f"D loss {d_loss:.3f}, acc {100 * d_acc:.1f}% | G loss {g_loss:.3f} | {rate:,.0f} img/s")
-        tracker.log_metrics(metric_rows(rows))
+        self.bar.update(step - self.bar.n)
+        self.bar.set_postfix_str(f"D loss {d_loss:.3f}, acc {100 * d_acc:.1f}% | G loss {g_loss:.3f} | {rate:,.0f} img/s")
+        self.run.log_metrics(metric_rows(rows))
 
-    def on_sample(step: int, grid: np.ndarray) -> None:
-        data.save_png(grid, SAMPLES_DIR / f"step_{step:06d}.png")
-        tracker.log_image(grid, key="samples", step=step)
+    def on_sample(self, step: int, grid: np.ndarray) -> None:
+        data.save_png(grid, self.paths.samples / f"step_{step:06d}.png")
+        self.run.log_image(grid, key="samples", step=step)
 
-    def on_checkpoint(s: TrainState) -> None:
-        runtime.save_checkpoint(s.to_checkpoint(fingerprint), CHECKPOINT)
-        write_log(s.history, LOG)
+    def on_checkpoint(self, state: TrainState) -> None:
+        runtime.save_checkpoint(state.to_checkpoint(self.fingerprint), self.paths.checkpoint)
+        write_log(state.history, self.paths.train_log)
 
-    on_eval = None
-    if p.fid_every:
+    def quick_fid(self, device: torch.device) -> Callable[[TrainState], None] | None:
+        """With train.fid_every: the in-training FID, on the frozen classifier's features."""
+        p = self.params.train
+        if not p.fid_every:
+            return None
         from pipeline import scoring
 
-        classifier, sha = scoring.load_classifier(CLASSIFIER, params.classifier.feature_dim, device)
-        reference = scoring.load_reference(REFERENCE, classifier_sha256=sha)
+        classifier, sha = scoring.load_classifier(self.paths.classifier, self.params.classifier.feature_dim, device)
+        reference = scoring.load_reference(self.paths.reference, classifier_sha256=sha)
 
-        def on_eval(s: TrainState) -> None:
+        def on_eval(state: TrainState) -> None:
             # Same noise at every evaluation (own RNG: training is untouched), so the curve shows
             # the generator changing, not the draw.
-            fid = scoring.generator_fid(
-                s.generator, classifier, reference, p.fid_samples, p.seed, params.evaluate.batch_size, device
-            )
-            s.fid_history.append((s.step, fid))
-            bar.write(f"step {s.step}: quick FID ({p.fid_samples} samples) {fid:.3f}")
-            tracker.log_metrics([{"step": s.step, "fid_quick": fid}])
-            write_fid_log(s.fid_history, FID_LOG)
+            fid = scoring.generator_fid(state.generator, classifier, reference, p.fid_samples, p.seed,
+                                        self.params.evaluate.batch_size, device)  # fmt: skip
+            state.fid_history.append((state.step, fid))
+            self.bar.write(f"step {state.step}: quick FID ({p.fid_samples} samples) {fid:.3f}")
+            self.run.log_metrics([{"step": state.step, "fid_quick": fid}])
+            write_fid_log(state.fid_history, self.paths.fid_log)
 
+        return on_eval
+
+    def fail(self, exc: BaseException) -> None:
+        self.bar.close()
+        self.run.finish("KILLED" if isinstance(exc, KeyboardInterrupt) else "FAILED")
+
+    def finish(self, state: TrainState, summary: dict[str, Any], last_grid: np.ndarray) -> None:
+        """The DVC outputs, then what MLflow gets at the end; says what it did not get."""
+        self.bar.close()
+        paths = self.paths
+        runtime.save_checkpoint({"generator": state.generator.state_dict()}, paths.generator)
+        write_log(state.history, paths.train_log)
+        write_fid_log(state.fid_history, paths.fid_log)  # header only when train.fid_every is 0
+        data.save_png(last_grid, paths.last_samples)
+        runtime.write_json(paths.run_info, self.run_info)
+        runtime.write_json(paths.train_metrics, summary)
+
+        self.run.log_metrics([summary_row(summary)])
+        self.run.log_artifact(paths.train_log)
+        self.run.log_model(*for_export(self.params.model, state.generator.state_dict()))
+        self.run.finish()
+        print(
+            f"step {summary['step']}: D loss {summary['d_loss']:.4f}, D acc {100 * summary['d_acc']:.1f}%, "
+            f"G loss {summary['g_loss']:.4f} ({summary['seconds']:.0f} s, {summary['images_per_second']:,.0f} img/s) "
+            f"-> {paths.generator}"
+        )
+        if self.run.lost:
+            print(f"warning: {self.run.lost_summary()}; the outputs are complete, and `python -m pipeline resend` "
+                  "sends them once the server is back.", file=sys.stderr)  # fmt: skip
+
+
+def main(params_path: Path = Path("params.yaml")) -> None:
+    params = load_params(params_path)
+    p, paths = params.train, Layout()
+    device = runtime.pick_device(p.device)
+    precision = runtime.resolve_precision(p.precision, device)
+    dataset = data.load_prepared(paths.prepared)
+    data_hash = runtime.sha256_file(paths.prepared)
+    fingerprint = checkpoint_fingerprint(params, data_hash, precision)
+    state, how = resume_or_fresh(params, paths.checkpoint, fingerprint, device)
+
+    # The one gate: only the writing process touches files, MLflow and the terminal.
+    writer = Writer.open(params, paths, state, how, fingerprint, device, precision, data_hash) if runtime.is_writer() else None
+
+    images = torch.from_numpy(dataset.train_images).to(device)
     started, first_step = time.perf_counter(), state.step
     try:
-        train(state, images, p, params.model.latent_dim, Callbacks(on_log, on_sample, on_checkpoint, on_eval))
+        train(state, images, p, params.model.latent_dim, writer.callbacks(device) if writer else Callbacks())
     except BaseException as exc:
-        bar.close()
-        tracker.finish("KILLED" if isinstance(exc, KeyboardInterrupt) else "FAILED")
+        if writer:
+            writer.fail(exc)
         raise
-    bar.close()
-    seconds = time.perf_counter() - started
-
-    step, d_loss, d_acc, g_loss = state.history[-1]
-    tail = np.array([r[1:] for r in state.history[-min(len(state.history), 100) :]])
-    summary = {
-        "step": step,
-        "d_loss": d_loss,
-        "d_acc": d_acc,
-        "g_loss": g_loss,
-        "d_loss_last100": float(tail[:, 0].mean()),
-        "d_acc_last100": float(tail[:, 1].mean()),
-        "g_loss_last100": float(tail[:, 2].mean()),
-        "seconds": round(seconds, 2),
-        "images_per_second": round((step - first_step) * p.batch_size / max(seconds, 1e-9), 1),  # this session's
-    }
-    runtime.save_checkpoint({"generator": state.generator.state_dict()}, GENERATOR)
-    write_log(state.history, LOG)
-    write_fid_log(state.fid_history, FID_LOG)  # header only when train.fid_every is 0
-    data.save_png(sample_grid(state.generator, fixed_noise(params.model.latent_dim, p.seed, device)), LAST_SAMPLES)
-    run_info = {"run_id": tracker.run_id, "experiment_id": experiment_id, "tracking_uri": uri,
-                "params_sha256": runtime.fingerprint(flatten(params))}  # fmt: skip
-    runtime.write_json(RUN_INFO, run_info)
-    runtime.write_json(METRICS, summary)
-
-    tracker.log_metrics([{"step": step, **{f"final_{k}": v for k, v in summary.items() if k != "step"}}])
-    tracker.log_artifact(LOG)
-    tracker.log_model(*for_export(params.model, state.generator.state_dict()))
-    tracker.finish()
-    print(
-        f"step {step}: D loss {d_loss:.4f}, D acc {100 * d_acc:.1f}%, G loss {g_loss:.4f} "
-        f"({seconds:.0f} s, {summary['images_per_second']:,.0f} img/s) -> {GENERATOR}"
-    )
-    if tracker.lost:
-        print(f"warning: {tracker.lost_summary()}; the outputs are complete, and `python -m pipeline resend` "
-              "sends them once the server is back.", file=sys.stderr)  # fmt: skip
-
-
-
-def resend(params_path: Path = Path("params.yaml")) -> None:
-    """`python -m pipeline resend`: give MLflow what a finished training run could not log.
-
-    After a tracking outage the DVC outputs are complete: this sends the run's params, the
-    per-step losses and quick FIDs, the final figures, the sample grids, the log and the
-    model from them. What the run already holds is skipped, so it is safe to run twice.
-    """
-    from PIL import Image
-
-    from pipeline import tracking
-
-    params = load_params(params_path)
-    if not (RUN_INFO.is_file() and METRICS.is_file() and LOG.is_file()):
-        raise UserError(f"no finished training run here ({RUN_INFO}, {METRICS} or {LOG} is missing); train first.")
-    info = runtime.read_json(RUN_INFO)
-    flat = flatten(params)
-    if info.get("params_sha256", runtime.fingerprint(flat)) != runtime.fingerprint(flat):
-        raise UserError(
-            f"{params_path} changed since run {info['run_id']} was trained; restore it to re-send that run."
-        )
-    uri, experiment_id, _ = tracking.open_experiment(params.tracking.experiment, Path.cwd(), dict(os.environ))
-
-    def table(path: Path) -> list[list[str]]:
-        return [line.split(",") for line in path.read_text().splitlines()[1:] if line] if path.is_file() else []
-
-    # The losses were float32 on the device: the CSV's 9 digits give back exactly what was logged.
-    rows: list[dict[str, float]] = [
-        {"step": int(step), **{k: float(np.float32(v)) for k, v in zip(LOG_COLUMNS, values, strict=True)}}
-        for step, *values in table(LOG)
-    ]
-    rows += [{"step": int(step), "fid_quick": float(fid)} for step, fid in table(FID_LOG)]
-    summary = runtime.read_json(METRICS)
-    rows.append({"step": summary["step"], **{f"final_{k}": v for k, v in summary.items() if k != "step"}})
-    grid_size = data.make_grid(np.zeros((1, data.IMAGE_SIZE, data.IMAGE_SIZE), np.uint8), GRID).shape[0]
-    images = {}
-    for path in sorted(SAMPLES_DIR.glob("step_*.png")):
-        big = np.asarray(Image.open(path).convert("L"))
-        images[int(path.stem.removeprefix("step_"))] = big[:: big.shape[0] // grid_size, :: big.shape[1] // grid_size]
-
-    def model() -> tuple[Generator, np.ndarray]:
-        network, _, example = for_export(params.model, runtime.load_checkpoint(GENERATOR)["generator"])
-        return network, example
-
-    run_id, sent = tracking.backfill(
-        experiment_id, info["run_id"], {"stage": "train"}, flat, rows, images, "samples", [LOG], model
-    )
-    if run_id != info["run_id"]:
-        print(f"run {info['run_id']} is not in {uri}; its record goes to run {run_id}.")
-    what = ", ".join(f"{n} {kind}" for kind, n in sent.items() if n)
-    if what:
-        print(f"re-sent to MLflow run {run_id}: {what}.")
-    else:
-        print(f"MLflow run {run_id} holds everything; nothing re-sent.")
+    if writer:
+        summary = summarise(state, time.perf_counter() - started, first_step, p.batch_size)
+        writer.finish(state, summary, sample_grid(state.generator, fixed_noise(params.model.latent_dim, p.seed, device)))

@@ -1,22 +1,37 @@
-"""Shared fixtures: MNIST sources that never touch the network, tiny datasets, a repo copy."""
+"""Shared fixtures and helpers: MNIST sources that never touch the network, tiny datasets and
+projects, stage processes, real MLflow servers, and checks of what a stage left behind."""
 
 from __future__ import annotations
 
 import gzip
 import hashlib
+import json
 import os
 import shutil
+import signal
+import socket
 import subprocess
 import sys
+import time
+import urllib.request
+from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pytest
+import torch
+import yaml
+from PIL import Image
 
-from pipeline import data
-from pipeline.data import IdxFile, Mnist
+from pipeline import data, runtime, tracking
+from pipeline.data import IdxFile, Mnist, load_prepared, save_prepared
+from pipeline.models import Classifier, build_generator
+from pipeline.params import ModelParams
+from pipeline.scoring import classify, compute_reference, load_classifier, save_classifier, save_reference
 
 ROOT = Path(__file__).resolve().parents[1]
+CPU = torch.device("cpu")
 
 
 def shared_mnist_dir() -> Path | None:
@@ -97,6 +112,79 @@ def git_env() -> dict[str, str]:
     return env
 
 
+# --- tiny projects, as a stage sees them --------------------------------------------------
+
+SMALL_MODEL = {"g_dense_channels": 16, "g_channels": [16, 8], "d_channels": [4, 8, 8, 16]}
+TINY_TRAIN = {"steps": 6, "batch_size": 8, "sample_every": 3, "log_every": 2, "checkpoint_every": 3, "device": "cpu"}
+
+
+def make_project(path: Path, steps: int = 12, **train_overrides: object) -> Path:
+    """A folder the train stage can run in: synthetic prepared data and params of the small model."""
+    path.mkdir(parents=True, exist_ok=True)
+    save_prepared(synthetic_mnist(n_train=128), path / "data/prepared/mnist.npz")
+    params = {"model": SMALL_MODEL, "train": {**TINY_TRAIN, "steps": steps, **train_overrides}}
+    (path / "params.yaml").write_text(yaml.safe_dump(params))
+    return path
+
+
+def stage_env(path: Path) -> dict[str, str]:
+    """This environment without the variables that would send a stage's runs elsewhere."""
+    env = dict(os.environ)
+    env.pop("MLFLOW_TRACKING_URI", None)
+    env.pop("DVC_ROOT", None)
+    return env
+
+
+EVAL_PARAMS = {
+    "classifier": {"feature_dim": 16},
+    "evaluate": {
+        "n_samples": 64, "batch_size": 64, "kid_subsets": 2, "kid_subset_size": 32, "is_splits": 2, "prdc_k": 3
+    },  # fmt: skip
+}
+
+
+def make_eval_project(path: Path) -> Path:
+    """make_project plus what `evaluate` reads: a small generator, a classifier and its reference."""
+    make_project(path, steps=1)
+    params = yaml.safe_load((path / "params.yaml").read_text())
+    (path / "params.yaml").write_text(yaml.safe_dump({**params, **EVAL_PARAMS}))
+    torch.manual_seed(0)
+    save_classifier(Classifier(16), path / "models/classifier.pt")
+    write_reference(path, synthetic_mnist(n_train=128), feature_dim=16)
+    generator = build_generator(ModelParams(**SMALL_MODEL))
+    runtime.save_checkpoint({"generator": generator.state_dict()}, path / "models/generator.pt")
+    return path
+
+
+def write_reference(project: Path, mnist: Mnist, feature_dim: int = 128) -> Path:
+    """data/reference/reference.npz from the project's classifier and `mnist`'s test images (needs N >= 2 D)."""
+    classifier, sha = load_classifier(project / "models/classifier.pt", feature_dim, CPU)
+    features, _ = classify(classifier, mnist.test_images, 256, CPU)
+    path = project / "data/reference/reference.npz"
+    save_reference(compute_reference(features, mnist.test_labels, sha), path)
+    return path
+
+
+@pytest.fixture(scope="session")
+def tracking_db(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """An empty tracking database as tracking.connect creates it, to copy into projects.
+
+    Creating one costs seconds of schema migrations; the tests of that creation itself (a kill
+    in the middle of it, four writers racing on it) start without one.
+    """
+    where = tmp_path_factory.mktemp("tracking-db")
+    tracking._create_database(where, where / "mlflow.db")
+    return where / "mlflow.db"
+
+
+def with_db(project: Path, template: Path) -> Path:
+    shutil.copyfile(template, project / "mlflow.db")
+    return project
+
+
+# --- stage processes ----------------------------------------------------------------------
+
+
 def run_cli(args: list[str], cwd: Path, env: dict[str, str] | None = None, timeout: float = 600) -> subprocess.CompletedProcess[str]:
     """Run `python -m pipeline ...` in a subprocess, as a user would."""
     full_env = dict(os.environ if env is None else env)
@@ -104,3 +192,159 @@ def run_cli(args: list[str], cwd: Path, env: dict[str, str] | None = None, timeo
     return subprocess.run(
         [sys.executable, "-m", "pipeline", *args], cwd=cwd, env=full_env, capture_output=True, text=True, timeout=timeout
     )
+
+
+def start(args: list[str], cwd: Path, env: dict[str, str], log: Path) -> subprocess.Popen[bytes]:
+    """`python -m pipeline ...` in a process group of its own; stdout and stderr go to `log`.out/.err."""
+    env = {**env, "PYTHONPATH": str(ROOT) + os.pathsep + env.get("PYTHONPATH", "")}
+    log.parent.mkdir(parents=True, exist_ok=True)
+    with open(log.with_suffix(".out"), "wb") as out, open(log.with_suffix(".err"), "wb") as err:
+        return subprocess.Popen(
+            [sys.executable, "-m", "pipeline", *args], cwd=cwd, env=env, stdout=out, stderr=err, start_new_session=True
+        )
+
+
+def run_dvc(args: list[str], cwd: Path, env: dict[str, str]) -> subprocess.CompletedProcess[str]:
+    return subprocess.run([sys.executable, "-m", "dvc", *args], cwd=cwd, env=env, capture_output=True, text=True, timeout=900)
+
+
+# --- what a stage left behind -------------------------------------------------------------
+
+OUTPUT_DIRS = ("checkpoints", "models", "metrics", "plots", "samples", "data")
+TRACKING_FILES = {"mlflow.db", ".mlflow.db.lock", "mlartifacts"}  # the run record, not stage outputs
+
+
+def temp_files(project: Path) -> list[Path]:
+    return sorted(p for d in OUTPUT_DIRS for p in (project / d).rglob(".*.tmp"))
+
+
+def assert_outputs_complete(project: Path, temps_allowed: bool) -> None:
+    """Every visible output file parses completely: nothing half-written is there to be trusted.
+
+    Temp files of atomic writes may stay after a kill (hidden, never read); after a run that
+    finished there must be none, or DVC would cache them inside the samples/ folder output.
+    """
+    for folder in OUTPUT_DIRS:
+        for path in sorted((project / folder).rglob("*")):
+            if not path.is_file() or path.name.startswith("."):
+                continue
+            if path.suffix == ".pt" and path.name != "classifier.pt":
+                runtime.load_checkpoint(path)
+            elif path.suffix == ".png":
+                with Image.open(path) as image:
+                    image.load()
+            elif path.suffix == ".json":
+                json.loads(path.read_text())
+            elif path.suffix == ".csv":
+                text = path.read_text()
+                assert text.endswith("\n"), path
+                assert len({line.count(",") for line in text.splitlines()}) == 1, path
+            elif path.name == "mnist.npz":
+                load_prepared(path)
+    if not temps_allowed:
+        assert temp_files(project) == []
+
+
+def snapshot(project: Path) -> dict[str, str]:
+    """SHA-256 of every file in the project except the tracking store."""
+    return {
+        str(p.relative_to(project)): runtime.sha256_file(p)
+        for p in sorted(project.rglob("*"))
+        if p.is_file() and p.relative_to(project).parts[0] not in TRACKING_FILES
+    }
+
+
+def assert_refused(result: subprocess.CompletedProcess[str], *names: str) -> str:
+    """Exit 2, no traceback, and a last stderr line that is one sentence naming every one of `names`."""
+    assert result.returncode == 2, (result.stdout, result.stderr)
+    assert "Traceback" not in result.stderr, result.stderr
+    error = result.stderr.strip().splitlines()[-1]
+    assert error.startswith("error: ") and error.endswith("."), error
+    for name in names:
+        assert name in error, error
+    return error
+
+
+class Payload:
+    """Unpickling this runs a shell command: a loader that executes pickles would create `marker`."""
+
+    def __init__(self, marker: Path) -> None:
+        self.marker = marker
+
+    def __reduce__(self) -> tuple[object, tuple[str]]:
+        return os.system, (f"touch {self.marker}",)
+
+
+# --- a real MLflow server on loopback -------------------------------------------------------
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+class MlflowServer:
+    """`mlflow server` on 127.0.0.1:`port` with a SQLite store and an artifact folder under `root`."""
+
+    def __init__(self, root: Path, port: int) -> None:
+        self.root, self.port = root, port
+        self.uri = f"http://127.0.0.1:{port}"
+        self.proc: subprocess.Popen[bytes] | None = None
+        self.starts = 0
+        root.mkdir(parents=True, exist_ok=True)
+
+    def start(self, timeout: float = 240) -> None:
+        env = {k: v for k, v in os.environ.items() if not k.startswith("MLFLOW_")}
+        env["MLFLOW_SERVER_ENABLE_JOB_EXECUTION"] = "false"  # no background job workers for a test
+        command = [
+            str(Path(sys.executable).parent / "mlflow"), "server",
+            "--backend-store-uri", f"sqlite:///{self.root / 'store.db'}",
+            "--artifacts-destination", str(self.root / "artifacts"),
+            "--host", "127.0.0.1", "--port", str(self.port), "--workers", "1",
+        ]  # fmt: skip
+        self.starts += 1
+        log = open(self.root / f"server-{self.starts}.log", "wb")  # noqa: SIM115 - the server writes it
+        self.proc = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT, env=env, start_new_session=True)
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if self.proc.poll() is not None:
+                pytest.fail(f"mlflow server exited: {(self.root / f'server-{self.starts}.log').read_text()[-2000:]}")
+            try:
+                with urllib.request.urlopen(f"{self.uri}/health", timeout=2) as response:
+                    if response.status == 200:
+                        return
+            except OSError:
+                time.sleep(0.25)
+        self.stop()
+        pytest.fail(f"mlflow server did not answer /health within {timeout} s")
+
+    def kill(self) -> None:
+        """The fault: SIGKILL to the server and its workers, no goodbye."""
+        if self.proc is not None and self.proc.poll() is None:
+            os.killpg(self.proc.pid, signal.SIGKILL)
+            self.proc.wait()
+
+    def stop(self) -> None:
+        if self.proc is None or self.proc.poll() is not None:
+            return
+        os.killpg(self.proc.pid, signal.SIGTERM)
+        try:
+            self.proc.wait(timeout=15)
+        except subprocess.TimeoutExpired:
+            self.kill()
+
+
+@pytest.fixture
+def mlflow_server(tmp_path: Path) -> Iterator[MlflowServer]:
+    server = MlflowServer(tmp_path / "server", free_port())
+    try:
+        yield server
+    finally:
+        server.stop()
+
+
+def mlflow_client(uri: str) -> Any:
+    from mlflow import MlflowClient
+
+    return MlflowClient(tracking_uri=uri)

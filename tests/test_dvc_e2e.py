@@ -4,14 +4,13 @@ from __future__ import annotations
 
 import json
 import os
-import subprocess
 import sys
 from pathlib import Path
 
 import pytest
 import yaml
 
-from tests.conftest import copy_project, git_env, shared_mnist_dir
+from tests.conftest import copy_project, git_env, run_dvc, shared_mnist_dir
 
 pytestmark = pytest.mark.slow
 
@@ -21,10 +20,6 @@ TINY = {
               "fid_every": 10, "fid_samples": 256, "device": "cpu"},
     "evaluate": {"n_samples": 300, "kid_subsets": 5, "kid_subset_size": 100, "batch_size": 300},
 }  # fmt: skip
-
-
-def dvc(args: list[str], cwd: Path, env: dict[str, str]) -> subprocess.CompletedProcess[str]:
-    return subprocess.run([sys.executable, "-m", "dvc", *args], cwd=cwd, env=env, capture_output=True, text=True, timeout=900)
 
 
 @pytest.fixture
@@ -51,10 +46,10 @@ def shrink(repo: Path) -> None:
 
 def test_repro_prepare_twice_second_is_a_no_op(project: tuple[Path, dict[str, str]]) -> None:
     repo, env = project
-    first = dvc(["repro", "prepare"], repo, env)
+    first = run_dvc(["repro", "prepare"], repo, env)
     assert first.returncode == 0, first.stdout + first.stderr
     assert (repo / "data/prepared/mnist.npz").is_file() and (repo / "metrics/data.json").is_file()
-    second = dvc(["repro", "prepare"], repo, env)
+    second = run_dvc(["repro", "prepare"], repo, env)
     assert second.returncode == 0, second.stdout + second.stderr
     assert "Running stage" not in second.stdout and "up to date" in second.stdout
 
@@ -62,7 +57,7 @@ def test_repro_prepare_twice_second_is_a_no_op(project: tuple[Path, dict[str, st
 def test_whole_pipeline_with_tiny_params(project: tuple[Path, dict[str, str]]) -> None:
     repo, env = project
     shrink(repo)
-    result = dvc(["repro"], repo, env)
+    result = run_dvc(["repro"], repo, env)
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
     # The committed classifier is used as is: a fresh clone never retrains it.
     assert "Running stage 'classifier'" not in result.stdout
@@ -74,7 +69,7 @@ def test_whole_pipeline_with_tiny_params(project: tuple[Path, dict[str, str]]) -
     assert len(scores["classifier_sha256"]) == 64
     assert len((repo / "metrics/train_fid.csv").read_text().splitlines()) == 3  # header + steps 10, 20
 
-    shown = dvc(["exp", "show", "--json"], repo, env)
+    shown = run_dvc(["exp", "show", "--json"], repo, env)
     assert shown.returncode == 0, shown.stderr
     assert "metrics/eval.json" in shown.stdout and '"fid_floor"' in shown.stdout
 
@@ -90,5 +85,5 @@ def test_whole_pipeline_with_tiny_params(project: tuple[Path, dict[str, str]]) -
     children = client.search_runs([run.info.experiment_id], f"tags.mlflow.parentRunId = '{run_id}'")
     assert len(children) == 1 and children[0].data.metrics["fid"] == pytest.approx(scores["fid"])
 
-    again = dvc(["repro"], repo, env)
+    again = run_dvc(["repro"], repo, env)
     assert again.returncode == 0 and "Running stage" not in again.stdout, again.stdout

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
 import subprocess
 import sys
 import time
@@ -13,8 +12,8 @@ from pathlib import Path
 import pytest
 import yaml
 
-from tests.conftest import ROOT, copy_project, git_env
-from tests.test_dvc_e2e import dvc as run_dvc
+from pipeline.data import save_prepared
+from tests.conftest import copy_project, git_env, run_dvc, synthetic_mnist, write_reference
 
 pytestmark = pytest.mark.slow
 
@@ -36,13 +35,15 @@ def dvc(args: list[str], cwd: Path, env: dict[str, str], check: bool = True) -> 
 
 @pytest.fixture
 def repo(tmp_path: Path) -> tuple[Path, dict[str, str]]:
-    """A committed project whose prepared data and reference are in the DVC cache, as after `dvc repro`."""
-    inputs = ("data/prepared/mnist.npz", "data/reference/reference.npz")
-    if not all((ROOT / name).is_file() for name in inputs):
-        pytest.skip("needs data/prepared/mnist.npz and data/reference/reference.npz (run `dvc repro reference`)")
+    """A committed project whose prepared data and reference are in the DVC cache, as after `dvc repro`.
+
+    Both are small and made here (synthetic digits, and the reference the committed classifier
+    computes on them), then recorded with `dvc commit`: the experiments run only train and evaluate.
+    """
     repo = copy_project(tmp_path / "repo")
-    for name in inputs:
-        shutil.copy2(ROOT / name, repo / name)
+    mnist = synthetic_mnist(n_train=128, n_test=512)  # the reference needs N >= 2 x 128 features
+    save_prepared(mnist, repo / "data/prepared/mnist.npz")
+    write_reference(repo, mnist)
     params = yaml.safe_load((repo / "params.yaml").read_text())
     for section, values in TINY.items():
         params[section].update(values)
@@ -53,8 +54,6 @@ def repo(tmp_path: Path) -> tuple[Path, dict[str, str]]:
     env["OMP_NUM_THREADS"] = "1"  # two workers on two cores
     for var in ("MLFLOW_TRACKING_URI", "DVC_ROOT", "DVC_EXP_NAME", "DCGAN_SWEEP", "MNIST_MIRROR"):
         env.pop(var, None)
-    # The copied outputs are what these stages would make (the reference does not depend on the
-    # evaluate knobs shrunk above): record them, so that the experiments run only train and evaluate.
     dvc(["commit", "--force", "prepare", "reference"], repo, env)
     for cmd in (["git", "add", "-A"], ["git", "commit", "-q", "-m", "tiny params"]):
         subprocess.run(cmd, cwd=repo, env=env, check=True)

@@ -26,7 +26,7 @@ from pipeline.scoring import (
     save_reference,
     score,
 )
-from tests.conftest import ROOT, shared_mnist_dir, synthetic_mnist
+from tests.conftest import ROOT, Payload, shared_mnist_dir, synthetic_mnist
 
 CPU = torch.device("cpu")
 COMMITTED = ROOT / "models/classifier.pt"
@@ -42,16 +42,6 @@ def weights(tmp_path: Path) -> Path:
     path = tmp_path / "models/classifier.pt"
     save_classifier(Classifier(16), path)
     return path
-
-
-class Payload:
-    """Unpickling this runs a shell command: a loader that executes pickles would create `marker`."""
-
-    def __init__(self, marker: Path) -> None:
-        self.marker = marker
-
-    def __reduce__(self) -> tuple[object, tuple[str]]:
-        return os.system, (f"touch {self.marker}",)
 
 
 # --- the classifier file ---------------------------------------------------------------

@@ -21,9 +21,7 @@ from optuna.trial import TrialState, create_trial
 from pipeline import cli, sweep
 from pipeline.data import save_prepared
 from pipeline.params import Params, load_params
-from tests.conftest import ROOT, run_cli, synthetic_mnist
-
-SMALL_MODEL = {"g_dense_channels": 16, "g_channels": [16, 8], "d_channels": [4, 8, 8, 16]}  # as test_train.py
+from tests.conftest import ROOT, SMALL_MODEL, run_cli, synthetic_mnist, write_reference
 TINY_SWEEP = {"trials": 3, "steps": 12, "fid_every": 6, "fid_samples": 256, "eval_samples": 256, "heartbeat_s": 1,
               "prune_after_trials": 1, "prune_after_steps": 0, "startup_trials": 2}  # fmt: skip
 
@@ -148,13 +146,12 @@ def test_table_ranks_finished_then_pruned_and_command_reproduces_the_best() -> N
 
 @pytest.fixture
 def project(tmp_path: Path) -> tuple[Path, dict[str, str]]:
-    """The frozen classifier and reference of the repository, synthetic training data, tiny params."""
-    for name in ("models/classifier.pt", "data/reference/reference.npz"):
-        if not (ROOT / name).is_file():
-            pytest.skip(f"needs {name} (run `dvc repro reference`)")
-        (tmp_path / name).parent.mkdir(parents=True, exist_ok=True)
-        shutil.copy2(ROOT / name, tmp_path / name)
-    save_prepared(synthetic_mnist(n_train=128), tmp_path / "data/prepared/mnist.npz")
+    """The committed frozen classifier, a reference it computes here, synthetic data, tiny params."""
+    (tmp_path / "models").mkdir()
+    shutil.copy2(ROOT / "models/classifier.pt", tmp_path / "models/classifier.pt")
+    mnist = synthetic_mnist(n_train=128, n_test=512)  # the reference needs N >= 2 x 128 features
+    save_prepared(mnist, tmp_path / "data/prepared/mnist.npz")
+    write_reference(tmp_path, mnist)
     write_params(tmp_path / "params.yaml")
     env = {k: v for k, v in os.environ.items() if k not in ("MLFLOW_TRACKING_URI", "DVC_ROOT", "DVC_EXP_NAME", "DCGAN_SWEEP")}
     env["OMP_NUM_THREADS"] = "1"  # two processes on two cores: no thread oversubscription

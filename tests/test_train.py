@@ -1,7 +1,6 @@
 from __future__ import annotations
 
 import json
-import os
 import signal
 import subprocess
 import sys
@@ -14,14 +13,9 @@ import torch
 import yaml
 
 from pipeline import runtime
-from pipeline.data import save_prepared
 from pipeline.params import ModelParams, Params, TrainParams, flatten
 from pipeline.train import Callbacks, Diverged, new_state, train
-from tests.conftest import ROOT, run_cli, synthetic_mnist
-
-SMALL_MODEL = {"g_dense_channels": 16, "g_channels": [16, 8], "d_channels": [4, 8, 8, 16]}
-TINY_TRAIN = {"steps": 6, "batch_size": 8, "sample_every": 3, "log_every": 2, "checkpoint_every": 3, "device": "cpu"}
-CPU = torch.device("cpu")
+from tests.conftest import CPU, ROOT, SMALL_MODEL, TINY_TRAIN, make_project, run_cli, stage_env, synthetic_mnist
 
 
 def images() -> torch.Tensor:
@@ -98,21 +92,6 @@ def test_cuda_bf16_step_runs() -> None:
 
 
 # --- the stage, end to end -------------------------------------------------------------
-
-
-def make_project(path: Path, steps: int = 12, **train_overrides: object) -> Path:
-    path.mkdir(parents=True, exist_ok=True)
-    save_prepared(synthetic_mnist(n_train=128), path / "data/prepared/mnist.npz")
-    params = {"model": SMALL_MODEL, "train": {**TINY_TRAIN, "steps": steps, **train_overrides}}
-    (path / "params.yaml").write_text(yaml.safe_dump(params))
-    return path
-
-
-def stage_env(path: Path) -> dict[str, str]:
-    env = dict(os.environ)
-    env.pop("MLFLOW_TRACKING_URI", None)
-    env.pop("DVC_ROOT", None)
-    return env
 
 
 @pytest.mark.slow

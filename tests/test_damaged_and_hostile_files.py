@@ -1,4 +1,4 @@
-"""Fault suite (issue #7), part 2: broken and hostile files, and the security basics.
+"""Broken and hostile files, and the security basics.
 
 Each damaged file goes through the stage that reads it (`python -m pipeline <stage>`): the
 stage must exit 2 with one sentence naming the file, never a traceback, never load garbage
@@ -27,38 +27,25 @@ from pipeline.errors import UserError
 from pipeline.evaluate import load_samples
 from pipeline.params import load_params
 from pipeline.train import checkpoint_fingerprint, new_state
-from tests.conftest import ROOT, run_cli, shared_mnist_dir, synthetic_mnist
-from tests.test_faults_runs import make_eval_project, tracking_db, with_db  # noqa: F401 - a fixture
-from tests.test_scoring import Payload  # unpickling it runs `touch marker`
-from tests.test_train import make_project, stage_env
-
-CPU = torch.device("cpu")
-TRACKING = {"mlflow.db", ".mlflow.db.lock", "mlartifacts"}  # the run record, not stage outputs
+from tests.conftest import (
+    CPU,
+    ROOT,
+    Payload,
+    assert_refused,
+    make_eval_project,
+    make_project,
+    run_cli,
+    shared_mnist_dir,
+    snapshot,
+    stage_env,
+    synthetic_mnist,
+    with_db,
+)
 
 
 def with_footer(body: bytes) -> bytes:
     """Our checkpoint format around any torch.save body: the checksum an attacker can compute too."""
     return body + b"\nDCGAN-SHA256:" + hashlib.sha256(body).hexdigest().encode()
-
-
-def snapshot(project: Path) -> dict[str, str]:
-    """SHA-256 of every file in the project except the tracking store."""
-    return {
-        str(p.relative_to(project)): runtime.sha256_file(p)
-        for p in sorted(project.rglob("*"))
-        if p.is_file() and p.relative_to(project).parts[0] not in TRACKING
-    }
-
-
-def assert_refused(result, *names: str) -> str:  # type: ignore[no-untyped-def]
-    """Exit 2, no traceback, and a last stderr line that is one sentence naming every one of `names`."""
-    assert result.returncode == 2, (result.stdout, result.stderr)
-    assert "Traceback" not in result.stderr, result.stderr
-    error = result.stderr.strip().splitlines()[-1]
-    assert error.startswith("error: ") and error.endswith("."), error
-    for name in names:
-        assert name in error, error
-    return error
 
 
 # --- checkpoints -------------------------------------------------------------------------------

@@ -1,12 +1,9 @@
-"""Fault suite (issue #7), part 1: stages killed at any moment, and a training run that diverges.
+"""Stages killed at any moment, and a training run that diverges.
 
 Every fault is injected into the real entry point, `python -m pipeline <stage>` in a
 process of its own, and the test then checks the exit status, what the user is told, and
 every output, checkpoint and MLflow run left behind. A kill is SIGKILL to the stage's whole
 process group: nothing gets to clean up, as after the OOM killer or a power cut.
-
-The other parts import the helpers defined here (stage processes, kills, an evaluate-ready
-project, the "every output is whole" check).
 """
 
 from __future__ import annotations
@@ -16,14 +13,13 @@ import json
 import os
 import random
 import re
-import shutil
 import signal
 import sqlite3
 import subprocess
-import sys
 import time
 from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pytest
@@ -31,30 +27,26 @@ import torch
 import yaml
 from PIL import Image
 
-from pipeline import runtime, tracking
+from pipeline import runtime
 from pipeline.data import load_prepared
-from pipeline.models import Classifier, build_generator
-from pipeline.params import ModelParams, Params, TrainParams
-from pipeline.scoring import classify, compute_reference, load_classifier, save_classifier, save_reference
+from pipeline.params import Params, TrainParams
 from pipeline.train import Callbacks, new_state, train
-from tests.conftest import ROOT, run_cli, shared_mnist_dir, synthetic_mnist
-from tests.test_train import SMALL_MODEL, make_project, stage_env
-
-CPU = torch.device("cpu")
-OUTPUT_DIRS = ("checkpoints", "models", "metrics", "plots", "samples", "data")
+from tests.conftest import (
+    CPU,
+    ROOT,
+    assert_outputs_complete,
+    make_eval_project,
+    make_project,
+    mlflow_client,
+    run_cli,
+    shared_mnist_dir,
+    stage_env,
+    start,
+    with_db,
+)
 
 
 # --- stage processes and kills ---------------------------------------------------------------
-
-
-def start(args: list[str], cwd: Path, env: dict[str, str], log: Path) -> subprocess.Popen[bytes]:
-    """`python -m pipeline ...` in a process group of its own; stdout and stderr go to `log`.*."""
-    env = {**env, "PYTHONPATH": str(ROOT) + os.pathsep + env.get("PYTHONPATH", "")}
-    log.parent.mkdir(parents=True, exist_ok=True)
-    with open(log.with_suffix(".out"), "wb") as out, open(log.with_suffix(".err"), "wb") as err:
-        return subprocess.Popen(
-            [sys.executable, "-m", "pipeline", *args], cwd=cwd, env=env, stdout=out, stderr=err, start_new_session=True
-        )
 
 
 # A slow disk: every fsync waits a little first. Run through sitecustomize, so the stage itself is
@@ -125,61 +117,6 @@ def kill_mid_write(proc: subprocess.Popen[bytes], folder: Path, pattern: str, ti
 # --- the state left behind ------------------------------------------------------------------
 
 
-def temp_files(project: Path) -> list[Path]:
-    return sorted(p for d in OUTPUT_DIRS for p in (project / d).rglob(".*.tmp"))
-
-
-def assert_outputs_complete(project: Path, temps_allowed: bool) -> None:
-    """Every visible output file parses completely: nothing half-written is there to be trusted.
-
-    Temp files of atomic writes may stay after a kill (hidden, never read); after a run that
-    finished there must be none, or DVC would cache them inside the samples/ folder output.
-    """
-    for folder in OUTPUT_DIRS:
-        for path in sorted((project / folder).rglob("*")):
-            if not path.is_file() or path.name.startswith("."):
-                continue
-            if path.suffix == ".pt" and path.name != "classifier.pt":
-                runtime.load_checkpoint(path)
-            elif path.suffix == ".png":
-                with Image.open(path) as image:
-                    image.load()
-            elif path.suffix == ".json":
-                json.loads(path.read_text())
-            elif path.suffix == ".csv":
-                text = path.read_text()
-                assert text.endswith("\n"), path
-                assert len({line.count(",") for line in text.splitlines()}) == 1, path
-            elif path.name == "mnist.npz":
-                load_prepared(path)
-    if not temps_allowed:
-        assert temp_files(project) == []
-
-
-@pytest.fixture(scope="session")
-def tracking_db(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """An empty tracking database as tracking.connect creates it, to copy into projects.
-
-    Every run but a project's first finds its database there; creating one costs seconds of
-    schema migrations. The faults that hit that creation (a kill in the middle of it, four
-    writers racing on it) start without one.
-    """
-    where = tmp_path_factory.mktemp("tracking-db")
-    tracking._create_database(where, where / "mlflow.db")
-    return where / "mlflow.db"
-
-
-def with_db(project: Path, template: Path) -> Path:
-    shutil.copyfile(template, project / "mlflow.db")
-    return project
-
-
-def mlflow_client(project: Path):  # type: ignore[no-untyped-def]
-    from mlflow import MlflowClient
-
-    return MlflowClient(tracking_uri=f"sqlite:///{project / 'mlflow.db'}")
-
-
 def running_runs(project: Path) -> int:
     """Runs in RUNNING state in the project's tracking database, read without MLflow (fast enough to poll)."""
     if not (project / "mlflow.db").exists():
@@ -191,39 +128,17 @@ def running_runs(project: Path) -> int:
             return 0
 
 
-def all_runs(project: Path) -> list:  # type: ignore[type-arg]
-    client = mlflow_client(project)
+def project_client(project: Path) -> Any:
+    return mlflow_client(f"sqlite:///{project / 'mlflow.db'}")
+
+
+def all_runs(project: Path) -> list[Any]:
+    client = project_client(project)
     experiment = client.get_experiment_by_name("dcgan-mnist")
     return client.search_runs([experiment.experiment_id]) if experiment else []
 
 
-# --- a project ready for `evaluate` -------------------------------------------------------------
-
-EVAL_PARAMS = {
-    "classifier": {"feature_dim": 16},
-    "evaluate": {
-        "n_samples": 64, "batch_size": 64, "kid_subsets": 2, "kid_subset_size": 32, "is_splits": 2, "prdc_k": 3
-    },  # fmt: skip
-}
-
-
-def make_eval_project(path: Path) -> Path:
-    """make_project plus what `evaluate` reads: a small generator, a classifier and its reference."""
-    make_project(path, steps=1)
-    params = yaml.safe_load((path / "params.yaml").read_text())
-    (path / "params.yaml").write_text(yaml.safe_dump({**params, **EVAL_PARAMS}))
-    torch.manual_seed(0)
-    save_classifier(Classifier(16), path / "models/classifier.pt")
-    classifier, sha = load_classifier(path / "models/classifier.pt", 16, CPU)
-    mnist = synthetic_mnist(n_train=128)
-    features, _ = classify(classifier, mnist.test_images, 64, CPU)
-    save_reference(compute_reference(features, mnist.test_labels, sha), path / "data/reference/reference.npz")
-    generator = build_generator(ModelParams(**SMALL_MODEL))
-    runtime.save_checkpoint({"generator": generator.state_dict()}, path / "models/generator.pt")
-    return path
-
-
-# --- 1. killed at any moment -----------------------------------------------------------------------
+# --- killed at any moment --------------------------------------------------------------------------
 
 
 @pytest.mark.slow
@@ -338,7 +253,7 @@ def test_train_killed_at_random_steps_and_mid_write_resumes_bit_identically(tmp_
     runs = all_runs(project)
     (run,) = [r for r in runs if r.info.status == "FINISHED"]
     assert sorted(r.info.status for r in runs if r is not run) == ["KILLED"] * (len(runs) - 1)
-    client = mlflow_client(project)
+    client = project_client(project)
     logged = {(m.step, m.value) for m in client.get_metric_history(run.info.run_id, "g_loss")}
     assert logged == {(step, g) for step, _, _, g in history}
     names = [a.path for a in client.list_artifacts(run.info.run_id, "images")]
@@ -396,7 +311,7 @@ def test_evaluate_killed_at_random_moments_and_mid_write(tmp_path: Path, trackin
     print(f"evaluate: {len(injected)} kills injected ({injected}), MLflow runs {statuses}")
 
 
-# --- 6. divergence -------------------------------------------------------------------------------------
+# --- divergence -------------------------------------------------------------------------------------
 
 # Adam's step is at most about lr per weight, so a huge learning rate alone never overflows this
 # model (lr 1.0 leaves the losses in the hundreds). beta2 = 0 (legal: 0 <= beta2 < 1) with

@@ -1,4 +1,4 @@
-"""Fault suite (issue #7), part 4: the tracking server is down, and many writers share one store.
+"""The tracking server is down or dies mid-run (then `resend`), and many writers share one store.
 
 The servers here are real `mlflow server` processes started by the tests on a free loopback
 port, with their own SQLite store and artifact folder, and always killed afterwards. Nothing
@@ -7,15 +7,10 @@ here touches the network beyond 127.0.0.1.
 
 from __future__ import annotations
 
-import os
 import re
-import signal
 import socket
 import subprocess
-import sys
 import time
-import urllib.request
-from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
@@ -25,78 +20,21 @@ import yaml
 from pipeline import runtime, tracking
 from pipeline.errors import UserError
 from pipeline.params import Params, flatten
-from tests.conftest import run_cli
-from tests.test_faults_files import assert_refused, snapshot
-from tests.test_faults_runs import assert_outputs_complete, start
-from tests.test_train import make_project, stage_env
+from pipeline.resend import backfill
+from tests.conftest import (
+    MlflowServer,
+    assert_outputs_complete,
+    assert_refused,
+    free_port,
+    make_project,
+    mlflow_client,
+    run_cli,
+    snapshot,
+    stage_env,
+    start,
+)
 
 LOSSES = ("d_loss", "d_acc", "g_loss")
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
-
-
-class MlflowServer:
-    """`mlflow server` on 127.0.0.1:`port` with a SQLite store and an artifact folder under `root`."""
-
-    def __init__(self, root: Path, port: int) -> None:
-        self.root, self.port = root, port
-        self.uri = f"http://127.0.0.1:{port}"
-        self.proc: subprocess.Popen[bytes] | None = None
-        self.starts = 0
-        root.mkdir(parents=True, exist_ok=True)
-
-    def start(self, timeout: float = 240) -> None:
-        env = {k: v for k, v in os.environ.items() if not k.startswith("MLFLOW_")}
-        env["MLFLOW_SERVER_ENABLE_JOB_EXECUTION"] = "false"  # no background job workers for a test
-        command = [
-            str(Path(sys.executable).parent / "mlflow"), "server",
-            "--backend-store-uri", f"sqlite:///{self.root / 'store.db'}",
-            "--artifacts-destination", str(self.root / "artifacts"),
-            "--host", "127.0.0.1", "--port", str(self.port), "--workers", "1",
-        ]  # fmt: skip
-        self.starts += 1
-        log = open(self.root / f"server-{self.starts}.log", "wb")  # noqa: SIM115 - the server writes it
-        self.proc = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT, env=env, start_new_session=True)
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            if self.proc.poll() is not None:
-                pytest.fail(f"mlflow server exited: {(self.root / f'server-{self.starts}.log').read_text()[-2000:]}")
-            try:
-                with urllib.request.urlopen(f"{self.uri}/health", timeout=2) as response:
-                    if response.status == 200:
-                        return
-            except OSError:
-                time.sleep(0.25)
-        self.stop()
-        pytest.fail(f"mlflow server did not answer /health within {timeout} s")
-
-    def kill(self) -> None:
-        """The fault: SIGKILL to the server and its workers, no goodbye."""
-        if self.proc is not None and self.proc.poll() is None:
-            os.killpg(self.proc.pid, signal.SIGKILL)
-            self.proc.wait()
-
-    def stop(self) -> None:
-        if self.proc is None or self.proc.poll() is not None:
-            return
-        os.killpg(self.proc.pid, signal.SIGTERM)
-        try:
-            self.proc.wait(timeout=15)
-        except subprocess.TimeoutExpired:
-            self.kill()
-
-
-@pytest.fixture
-def mlflow_server(tmp_path: Path) -> Iterator[MlflowServer]:
-    server = MlflowServer(tmp_path / "server", free_port())
-    try:
-        yield server
-    finally:
-        server.stop()
 
 
 def tracking_env(project: Path, uri: str) -> dict[str, str]:
@@ -106,13 +44,7 @@ def tracking_env(project: Path, uri: str) -> dict[str, str]:
     return {**env, "MLFLOW_TRACKING_URI": uri}
 
 
-def client_at(uri: str):  # type: ignore[no-untyped-def]
-    from mlflow import MlflowClient
-
-    return MlflowClient(tracking_uri=uri)
-
-
-# --- 4a. unreachable at the start ---------------------------------------------------------------------
+# --- unreachable at the start ---------------------------------------------------------------------
 
 
 def test_unreachable_server_is_reported_within_seconds_before_training(tmp_path: Path) -> None:
@@ -143,7 +75,7 @@ def test_hung_server_is_reported_within_seconds_before_training(tmp_path: Path) 
     assert snapshot(project) == before
 
 
-# --- 4b. the server dies mid-run; `resend` once it is back --------------------------------------------------
+# --- the server dies mid-run; `resend` once it is back --------------------------------------------------
 
 
 def wait_for(proc: subprocess.Popen[bytes], ready, timeout: float = 300) -> None:  # type: ignore[no-untyped-def]
@@ -156,7 +88,7 @@ def wait_for(proc: subprocess.Popen[bytes], ready, timeout: float = 300) -> None
 
 def assert_run_complete(uri: str, run_id: str, project: Path, grid_steps: set[int]) -> dict[str, int]:
     """The MLflow run holds everything the DVC outputs hold, each metric step and image once."""
-    client = client_at(uri)
+    client = mlflow_client(uri)
     run = client.get_run(run_id)
     assert run.info.status == "FINISHED"
     params = Params.model_validate(yaml.safe_load((project / "params.yaml").read_text()))
@@ -210,7 +142,7 @@ def test_server_killed_mid_training_then_resend_restores_the_run(tmp_path: Path,
 
     mlflow_server.start()  # back, on the same port and store
     run_id = runtime.read_json(project / "models/train_run.json")["run_id"]
-    assert client_at(mlflow_server.uri).get_run(run_id).info.status == "RUNNING"  # cut off mid-run
+    assert mlflow_client(mlflow_server.uri).get_run(run_id).info.status == "RUNNING"  # cut off mid-run
     result = run_cli(["resend"], cwd=project, env=env, timeout=120)
     assert result.returncode == 0, result.stderr
     assert f"re-sent to MLflow run {run_id}: " in result.stdout and "1 model" in result.stdout
@@ -243,23 +175,23 @@ def test_backfill_makes_a_new_run_once_when_the_store_lost_the_old_one(
     log.write_text("step,d_loss\n1,0.5\n")
     sent_ids = []
     for _ in range(2):
-        run_id, sent = tracking.backfill(experiment, "0123456789abcdef", {"stage": "train"}, {"a": "1", "b": "x"},
+        run_id, sent = backfill(experiment, "0123456789abcdef", {"stage": "train"}, {"a": "1", "b": "x"},
                                          rows, images, "samples", [log])  # fmt: skip
         sent_ids.append((run_id, sent))
     (first, sent), (second, again) = sent_ids
     assert first == second != "0123456789abcdef"
     assert sent == {"params": 2, "metrics": 8, "images": 2, "artifacts": 1, "model": 0}
     assert again == dict.fromkeys(sent, 0)
-    client = client_at(uri)
+    client = mlflow_client(uri)
     run = client.get_run(first)
     assert run.data.tags["resent_from"] == "0123456789abcdef" and run.info.status == "FINISHED"
     assert [m.value for m in client.get_metric_history(first, "g_loss")] == [r["g_loss"] for r in rows]
     assert len(mlflow.search_runs([experiment], output_format="list")) == 1
     with pytest.raises(UserError, match=r"has a=1, not 2: these outputs are not its own"):
-        tracking.backfill(experiment, first, {}, {"a": "2"}, [], {}, "samples", [])
+        backfill(experiment, first, {}, {"a": "2"}, [], {}, "samples", [])
 
 
-# --- 5. many writers at once ------------------------------------------------------------------------------------
+# --- many writers at once ------------------------------------------------------------------------------------
 
 
 @pytest.mark.slow
@@ -283,7 +215,7 @@ def test_four_trainings_log_to_one_fresh_sqlite_store_at_once(tmp_path: Path) ->
     for run_id, workspace in runs.items():
         assert_run_complete(uri, run_id, workspace, grid_steps)
         assert (repo / "mlartifacts").is_dir()
-    client = client_at(uri)
+    client = mlflow_client(uri)
     (experiment,) = [e for e in client.search_experiments() if e.name == "dcgan-mnist"]
     assert experiment.artifact_location == (repo / "mlartifacts").as_uri()
     assert len(client.search_runs([experiment.experiment_id])) == 4

@@ -1,0 +1,137 @@
+"""Where every file of the pipeline lives: the one owner of paths.
+
+The stages, the sweep and the benchmarks take their paths from a `Layout`; dvc.yaml lists
+the same files as each stage's deps and outs, and a test holds the two in step
+(`tests/test_layout.py`). Paths are relative to the project root, so a stage runs from it
+(as `dvc repro` does). Data files are keyed by the dataset's name.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+
+@dataclass(frozen=True)
+class Layout:
+    root: Path = Path(".")
+    dataset: str = "mnist"
+
+    # prepare
+    @property
+    def raw(self) -> Path:
+        """Verified downloads of the dataset's files (a cache, not a DVC output)."""
+        return self.root / "data" / "raw" / self.dataset
+
+    @property
+    def prepared(self) -> Path:
+        return self.root / "data" / "prepared" / f"{self.dataset}.npz"
+
+    @property
+    def data_metrics(self) -> Path:
+        return self.root / "metrics" / "data.json"
+
+    # classifier
+    @property
+    def classifier(self) -> Path:
+        return self.root / "models" / "classifier.pt"
+
+    @property
+    def classifier_metrics(self) -> Path:
+        return self.root / "metrics" / "classifier.json"
+
+    # reference
+    @property
+    def reference(self) -> Path:
+        return self.root / "data" / "reference" / "reference.npz"
+
+    @property
+    def floors(self) -> Path:
+        return self.root / "metrics" / "reference.json"
+
+    # train
+    @property
+    def generator(self) -> Path:
+        return self.root / "models" / "generator.pt"
+
+    @property
+    def run_info(self) -> Path:
+        return self.root / "models" / "train_run.json"
+
+    @property
+    def checkpoint(self) -> Path:
+        return self.root / "checkpoints" / "train.pt"
+
+    @property
+    def train_metrics(self) -> Path:
+        return self.root / "metrics" / "train.json"
+
+    @property
+    def train_log(self) -> Path:
+        return self.root / "metrics" / "train_log.csv"
+
+    @property
+    def fid_log(self) -> Path:
+        return self.root / "metrics" / "train_fid.csv"
+
+    @property
+    def samples(self) -> Path:
+        """One 5x5 grid per `train.sample_every` steps, step_000050.png ..."""
+        return self.root / "samples"
+
+    @property
+    def last_samples(self) -> Path:
+        return self.root / "plots" / "train_samples.png"
+
+    # evaluate
+    @property
+    def eval_metrics(self) -> Path:
+        return self.root / "metrics" / "eval.json"
+
+    @property
+    def class_plot(self) -> Path:
+        return self.root / "plots" / "eval_classes.csv"
+
+    @property
+    def eval_samples(self) -> Path:
+        return self.root / "plots" / "eval_samples.png"
+
+    # sweep and tracking: at the repository root, shared by every experiment folder
+    @property
+    def sweeps(self) -> Path:
+        return self.root / "sweeps"
+
+    @property
+    def optuna_db(self) -> Path:
+        return self.root / "optuna.db"
+
+    @property
+    def mlflow_db(self) -> Path:
+        return self.root / "mlflow.db"
+
+    @property
+    def mlflow_artifacts(self) -> Path:
+        return self.root / "mlartifacts"
+
+    def inputs(self, stage: str) -> tuple[Path, ...]:
+        """The files a DVC stage reads (its deps besides code)."""
+        return {
+            "prepare": (),
+            "classifier": (self.prepared,),
+            "reference": (self.prepared, self.classifier),
+            "train": (self.prepared, self.classifier, self.reference),  # the last two for the quick FID
+            "evaluate": (self.generator, self.run_info, self.classifier, self.reference, self.floors),
+        }[stage]
+
+    def outputs(self, stage: str) -> tuple[Path, ...]:
+        """The files a DVC stage writes (its outs, metrics and plots)."""
+        return {
+            "prepare": (self.prepared, self.data_metrics),
+            "classifier": (self.classifier, self.classifier_metrics),
+            "reference": (self.reference, self.floors),
+            "train": (
+                self.generator, self.run_info, self.checkpoint, self.train_metrics, self.train_log, self.fid_log,
+                self.samples, self.last_samples,
+            ),
+            "evaluate": (self.eval_metrics, self.class_plot, self.eval_samples),
+        }[stage]  # fmt: skip

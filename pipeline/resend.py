@@ -1,0 +1,148 @@
+"""`python -m pipeline resend`: give the tracker what a finished training run could not log.
+
+After a tracking outage the train stage's DVC outputs are complete: `resend` reads the
+run's params, per-step losses, quick FIDs, final figures, sample grids, log and model back
+from them, and `backfill` sends whatever the run does not hold yet, so it is safe to run
+twice.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from pipeline import data, runtime, tracking
+from pipeline.errors import UserError
+from pipeline.layout import Layout
+from pipeline.params import flatten, load_params
+from pipeline.train import GRID, LOG_COLUMNS, for_export, summary_row
+
+
+def backfill(
+    experiment_id: str,
+    run_id: str,
+    tags: dict[str, str],
+    params: dict[str, str],
+    rows: list[dict[str, float]],
+    images: dict[int, np.ndarray],
+    image_key: str,
+    artifacts: list[Path],
+    model: Callable[[], tuple[Any, np.ndarray]] | None = None,
+    model_name: str = "generator",
+) -> tuple[str, dict[str, int]]:
+    """Send what a finished run lacks of these params, step metrics, images, artifacts and model
+    (`model()` gives the network and an input example; it is built only when the run has none).
+
+    The run is `run_id`, or, where this store lacks it, a new run tagged `resent_from` with
+    `tags` (found again by the next call). Whatever the run already holds is skipped, so a
+    second call sends nothing twice. The run ends FINISHED. Returns its id and the counts sent.
+    """
+    sent = {"params": 0, "metrics": 0, "images": 0, "artifacts": 0, "model": 0}
+    try:
+        found = tracking.MlflowRun.existing(run_id, experiment_id) or tracking.MlflowRun.tagged(
+            experiment_id, "resent_from", run_id
+        )
+        have = found.params() if found else {}
+        clash = next((key for key, value in params.items() if have.get(key, value) != value), None)
+        if found and clash:
+            raise UserError(
+                f"run {found.run_id} has {clash}={have[clash]}, not {params[clash]}: these outputs are not its own."
+            )
+        # Reopens the run that was found; else a new run, tagged with the id it stands in for.
+        run = tracking.MlflowRun.start(
+            experiment_id, None, {**tags, "resent_from": run_id}, resume_run_id=found.run_id if found else None
+        )
+        new_params = {key: value for key, value in params.items() if key not in have}
+        run.log_params(new_params)
+        logged: dict[str, set[int]] = {}
+        missing = []  # metric rows holding only what the run lacks
+        for row in rows:
+            values = {name: value for name, value in row.items() if name != "step" and np.isfinite(value)}
+            for name in values.keys() - logged.keys():
+                logged[name] = run.metric_steps(name)
+            new = {name: value for name, value in values.items() if int(row["step"]) not in logged[name]}
+            if new:
+                missing.append({"step": row["step"], **new})
+        run.log_metrics(missing)
+        shown = run.image_steps(image_key)
+        for step, image in sorted(images.items()):
+            if step not in shown:
+                run.log_image(image, key=image_key, step=step)
+                sent["images"] += 1
+        present = run.artifact_names()
+        for path in artifacts:
+            if path.name not in present:
+                run.log_artifact(path)
+                sent["artifacts"] += 1
+        if model is not None and not run.has_model():
+            network, example = model()
+            run.log_model(network, model_name, example)
+            sent["model"] = 1
+        run.finish()
+    except UserError:
+        raise
+    except Exception as exc:  # noqa: BLE001 - whatever the backend says, the user only needs to retry
+        raise _retry(tracking.network_failure(exc) or tracking.first_line(exc)) from None
+    if run.lost:
+        raise _retry(run.failure)
+    sent["params"], sent["metrics"] = len(new_params), sum(len(row) - 1 for row in missing)
+    return run.run_id, sent
+
+
+def _retry(reason: str | None) -> UserError:
+    return UserError(f"re-sending to MLflow failed ({reason}); what was sent stays, run this again for the rest.")
+
+
+def resend(params_path: Path = Path("params.yaml")) -> None:
+    """The command: rebuild the finished training run's record from the DVC outputs and backfill it."""
+    from PIL import Image
+
+    paths = Layout()
+    params = load_params(params_path)
+    if not (paths.run_info.is_file() and paths.train_metrics.is_file() and paths.train_log.is_file()):
+        raise UserError(
+            f"no finished training run here ({paths.run_info}, {paths.train_metrics} or {paths.train_log} is "
+            "missing); train first."
+        )
+    info = runtime.read_json(paths.run_info)
+    flat = flatten(params)
+    if info.get("params_sha256", runtime.fingerprint(flat)) != runtime.fingerprint(flat):
+        raise UserError(
+            f"{params_path} changed since run {info['run_id']} was trained; restore it to re-send that run."
+        )
+    uri, experiment_id, _ = tracking.open_experiment(params.tracking.experiment, Path.cwd(), dict(os.environ))
+
+    def table(path: Path) -> list[list[str]]:
+        return [line.split(",") for line in path.read_text().splitlines()[1:] if line] if path.is_file() else []
+
+    # The losses were float32 on the device: the CSV's 9 digits give back exactly what was logged.
+    rows: list[dict[str, float]] = [
+        {"step": int(step), **{k: float(np.float32(v)) for k, v in zip(LOG_COLUMNS, values, strict=True)}}
+        for step, *values in table(paths.train_log)
+    ]
+    rows += [{"step": int(step), "fid_quick": float(fid)} for step, fid in table(paths.fid_log)]
+    rows.append(summary_row(runtime.read_json(paths.train_metrics)))
+    grid_size = data.make_grid(np.zeros((1, data.IMAGE_SIZE, data.IMAGE_SIZE), np.uint8), GRID).shape[0]
+    images = {}
+    for path in sorted(paths.samples.glob("step_*.png")):
+        big = np.asarray(Image.open(path).convert("L"))
+        images[int(path.stem.removeprefix("step_"))] = big[:: big.shape[0] // grid_size, :: big.shape[1] // grid_size]
+
+    def model() -> tuple[Any, np.ndarray]:
+        network, _, example = for_export(params.model, runtime.load_checkpoint(paths.generator)["generator"])
+        return network, example
+
+    run_id, sent = backfill(
+        experiment_id, info["run_id"], {"stage": "train"}, flat, rows, images, "samples", [paths.train_log], model
+    )
+    if run_id != info["run_id"]:
+        print(f"run {info['run_id']} is not in {uri}; its record goes to run {run_id}.")
+    what = ", ".join(f"{n} {kind}" for kind, n in sent.items() if n)
+    if what:
+        print(f"re-sent to MLflow run {run_id}: {what}.")
+    else:
+        print(f"MLflow run {run_id} holds everything; nothing re-sent.")
