@@ -107,6 +107,11 @@ class TrainParams(Section):
     beta1: Annotated[Beta, OPTIMISER] = 0.5
     beta2: Annotated[Beta, OPTIMISER] = 0.999
     device: Annotated[Device, DEVICE] = "auto"
+    # Data-parallel processes that `python -m pipeline train` (and dvc repro) starts on this machine;
+    # under torchrun, torchrun decides. A checkpoint resumes only with the world size that wrote it.
+    nproc: Annotated[int, Field(ge=1, le=1024), DEVICE] = 1
+    sync_batchnorm: Annotated[bool, RECIPE] = True  # in a job on CUDA: batch norm over the global batch
+    dist_timeout_s: Annotated[int, Field(ge=10, le=86_400), DEVICE] = 1800  # a rank waits this long for the others
     # auto: bf16 autocast where native (CUDA, CPUs with BF16)
     precision: Annotated[Literal["auto", "fp32", "bf16"], LEVERS] = "auto"
     fast_upsample: Annotated[bool, LEVERS] = True  # upsample+conv computed by phases: same function, 2.25x fewer FLOPs
@@ -251,6 +256,13 @@ class Params(Section):
             raise ValueError(f"train.fid_samples must be at least {need} (2 x classifier.feature_dim) for FID")
         if self.evaluate.n_samples < need:
             raise ValueError(f"evaluate.n_samples must be at least {need} (2 x classifier.feature_dim) for FID")
+        return self
+
+    @model_validator(mode="after")
+    def _batch_splits_over_processes(self) -> Params:
+        if self.train.batch_size % self.train.nproc:
+            raise ValueError(f"train.batch_size={self.train.batch_size} does not split evenly over "
+                             f"train.nproc={self.train.nproc} processes; make it a multiple of {self.train.nproc}")  # fmt: skip
         return self
 
     @model_validator(mode="after")

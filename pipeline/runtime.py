@@ -54,13 +54,6 @@ def resolve_precision(precision: str, device: torch.device) -> str:
     return "fp32"
 
 
-def is_writer() -> bool:
-    """True in the one process that writes outputs and logs: the only one, or rank 0 of a distributed job."""
-    import torch.distributed as dist
-
-    return not (dist.is_available() and dist.is_initialized()) or dist.get_rank() == 0
-
-
 def seed_everything(seed: int) -> None:
     """Seed Python, NumPy and torch (all devices) from one param."""
     random.seed(seed)

@@ -26,7 +26,8 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 import torch
 
-from pipeline import data, runtime
+from pipeline import data, distributed, runtime
+from pipeline.distributed import World
 from pipeline.errors import UserError
 from pipeline.layout import Layout
 from pipeline.losses import LOSSES, GanLoss
@@ -70,35 +71,51 @@ class TrainState:
     history: list[Row] = field(default_factory=list)
     fid_history: list[tuple[int, float]] = field(default_factory=list)  # (step, quick FID)
     run_id: str | None = None
+    # The random states of every rank of a distributed job at the last checkpoint, gathered by
+    # train(); a single process has only its own, read when the checkpoint is written.
+    rank_rngs: list[dict[str, Any]] = field(default_factory=list)
 
     def to_checkpoint(self, fingerprint: str) -> dict[str, Any]:
+        rngs = self.rank_rngs or [rng_state()]
         return {
             "format": 1,
             "fingerprint": fingerprint,
             "step": self.step,
+            "world_size": len(rngs),
             "generator": self.generator.state_dict(),
             "discriminator": self.discriminator.state_dict(),
             "opt_g": self.opt_g.state_dict(),
             "opt_d": self.opt_d.state_dict(),
-            "rng_cpu": torch.get_rng_state(),
-            "rng_cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
+            "rng_cpu": rngs[0]["cpu"],  # rank 0's (the only one of a plain run)
+            "rng_cuda": rngs[0]["cuda"],
+            "rng_ranks": rngs[1:],  # ranks 1.. of a distributed job
             "history": torch.tensor(self.history, dtype=torch.float64).reshape(-1, 1 + len(LOG_COLUMNS)),
             "fid_history": torch.tensor(self.fid_history, dtype=torch.float64).reshape(-1, 2),
             "run_id": self.run_id or "",
         }
 
-    def restore(self, ckpt: dict[str, Any]) -> None:
+    def restore(self, ckpt: dict[str, Any], rank: int = 0) -> None:
+        """Continue from `ckpt` as process `rank` of the job that wrote it."""
         self.generator.load_state_dict(ckpt["generator"])
         self.discriminator.load_state_dict(ckpt["discriminator"])
         self.opt_g.load_state_dict(ckpt["opt_g"])
         self.opt_d.load_state_dict(ckpt["opt_d"])
-        torch.set_rng_state(ckpt["rng_cpu"])
-        if ckpt["rng_cuda"] and torch.cuda.is_available():
-            torch.cuda.set_rng_state_all(ckpt["rng_cuda"])
+        set_rng_state({"cpu": ckpt["rng_cpu"], "cuda": ckpt["rng_cuda"]} if rank == 0 else ckpt["rng_ranks"][rank - 1])
         self.step = int(ckpt["step"])
         self.history = [(int(r[0]), *map(float, r[1:])) for r in ckpt["history"].tolist()]
         self.fid_history = [(int(step), float(fid)) for step, fid in ckpt["fid_history"].tolist()]
         self.run_id = ckpt["run_id"] or None
+
+
+def rng_state() -> dict[str, Any]:
+    """This process's random state: what its batches, noise and dropout masks are drawn from."""
+    return {"cpu": torch.get_rng_state(), "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else []}
+
+
+def set_rng_state(state: dict[str, Any]) -> None:
+    torch.set_rng_state(state["cpu"])
+    if state["cuda"] and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
 
 
 def new_state(model: ModelParams, params: TrainParams, device: torch.device) -> TrainState:
@@ -134,15 +151,36 @@ def sample_grid(generator: Generator, noise: torch.Tensor) -> np.ndarray:
     return data.make_grid(pixels, GRID)
 
 
+@dataclass(frozen=True)
+class Nets:
+    """The modules a step calls. In a distributed job G and D are DDP-wrapped, so their gradients are
+    averaged over the ranks; G's update goes through D's own module, frozen, where nothing of D is
+    reduced (a DDP forward there would wait for gradients that never come)."""
+
+    generator: torch.nn.Module
+    discriminator: torch.nn.Module
+    frozen_discriminator: torch.nn.Module
+
+    @classmethod
+    def of(cls, state: TrainState) -> Nets:
+        return cls(state.generator, state.discriminator, state.discriminator)
+
+
 def train_step(
     state: TrainState,
     real: torch.Tensor,
     z: torch.Tensor,
     autocast: contextlib.AbstractContextManager[Any],
     loss: GanLoss,
+    nets: Nets | None = None,
 ) -> torch.Tensor:
-    """One tutorial iteration; returns (d_loss, d_acc, g_loss) as a device tensor, no sync."""
-    G, D = state.generator, state.discriminator
+    """One tutorial iteration; returns (d_loss, d_acc, g_loss) as a device tensor, no sync.
+
+    D runs once per backward pass, the known DDP pitfall for GANs being a second forward (which
+    re-broadcasts rank 0's batch-norm buffers in place) before the first one's backward.
+    """
+    nets = nets or Nets.of(state)
+    G, D = nets.generator, nets.discriminator
     with autocast:
         fake = G(z)  # (B, 1, 28, 28), reused by both updates below
 
@@ -163,11 +201,12 @@ def train_step(
 
     # G through the frozen D, with the label "real".
     state.opt_g.zero_grad(set_to_none=True)
-    D.requires_grad_(False)
+    frozen = nets.frozen_discriminator
+    frozen.requires_grad_(False)
     with autocast:
-        g_loss = loss.g(D(fake).float())
+        g_loss = loss.g(frozen(fake).float())
     g_loss.backward()
-    D.requires_grad_(True)
+    frozen.requires_grad_(True)
     state.opt_g.step()
 
     d_acc = ((logits_real > 0).float().mean() + (logits_fake < 0).float().mean()) / 2
@@ -202,15 +241,35 @@ def _autocast(device: torch.device, precision: str) -> contextlib.AbstractContex
     return contextlib.nullcontext()
 
 
+def distribute(state: TrainState, world: World, sync_batchnorm: bool) -> Nets:
+    """The step's modules for `world`: G and D wrapped in DistributedDataParallel in a job."""
+    if not world.distributed:
+        return Nets.of(state)
+    from torch.nn.parallel import DistributedDataParallel as DDP
+
+    if sync_batchnorm and world.backend == "nccl":  # batch statistics over the global batch (CUDA only)
+        state.generator = torch.nn.SyncBatchNorm.convert_sync_batchnorm(state.generator)
+        state.discriminator = torch.nn.SyncBatchNorm.convert_sync_batchnorm(state.discriminator)
+    ids = [world.local_rank] if world.backend == "nccl" else None
+    return Nets(DDP(state.generator, device_ids=ids), DDP(state.discriminator, device_ids=ids), state.discriminator)
+
+
 def train(
     state: TrainState,
     images: torch.Tensor,
     params: TrainParams,
     latent_dim: int,
     callbacks: Callbacks = Callbacks(),
+    world: World = World(),
 ) -> TrainState:
-    """Train from `state.step` to `params.steps`. `images`: uint8 (N, 28, 28) on the device."""
+    """Train from `state.step` to `params.steps`. `images`: uint8 (N, 28, 28) on the device.
+
+    In a distributed job every rank calls this with its own random stream; `params.batch_size`
+    is the global batch, split evenly, and only the writing rank is given callbacks.
+    """
     device = images.device
+    batch = params.batch_size // world.size
+    nets = distribute(state, world, params.sync_batchnorm)
     autocast = _autocast(device, params.precision)
     loss = LOSSES[params.loss]
     noise = fixed_noise(latent_dim, params.seed, device)
@@ -226,7 +285,11 @@ def train(
         nonlocal tick, tick_step
         if not pending:
             return
-        values = torch.stack([t for _, t in pending]).cpu().tolist()  # the one sync
+        stacked = torch.stack([t for _, t in pending])
+        if world.distributed:  # the figures of the global batch: the mean over the ranks
+            torch.distributed.all_reduce(stacked)
+            stacked /= world.size
+        values = stacked.cpu().tolist()  # the one sync
         rows = [(step, *map(float, v)) for (step, _), v in zip(pending, values, strict=True)]
         pending.clear()
         for step, d_loss, _, g_loss in rows:
@@ -234,7 +297,8 @@ def train(
                 raise Diverged(f"training diverged at step {step}: D loss {d_loss}, G loss {g_loss}; {ADVICE}")
         # Finite losses, yet the update after them can have left NaN or inf weights: such a
         # state must never be saved as the "last good" checkpoint.
-        if (broken := first_non_finite(state)) is not None:
+        broken = next(filter(None, distributed.all_gather(world, first_non_finite(state))), None)
+        if broken is not None:
             step, d_loss, _, g_loss = rows[-1]
             raise Diverged(
                 f"training diverged at step {step}: {broken} is no longer finite after D loss {d_loss}, "
@@ -248,10 +312,10 @@ def train(
             callbacks.on_log(rows, rate)
 
     while state.step < params.steps:
-        idx = torch.randint(0, images.shape[0], (params.batch_size,), device=device)
+        idx = torch.randint(0, images.shape[0], (batch,), device=device)
         real = data.to_model(images[idx])  # the one pixel transform, on the device
-        z = torch.randn(params.batch_size, latent_dim, device=device)
-        stats = train_step(state, real, z, autocast, loss)
+        z = torch.randn(batch, latent_dim, device=device)
+        stats = train_step(state, real, z, autocast, loss, nets)
         state.step += 1
         pending.append((state.step, stats))
 
@@ -263,8 +327,11 @@ def train(
             callbacks.on_sample(step, sample_grid(state.generator, noise))
         if callbacks.on_eval and params.fid_every and (step % params.fid_every == 0 or last):
             callbacks.on_eval(state)
-        if callbacks.on_checkpoint and (step % params.checkpoint_every == 0 or last):
-            callbacks.on_checkpoint(state)
+        if step % params.checkpoint_every == 0 or last:
+            if world.distributed:  # every rank's random state, for the checkpoint
+                state.rank_rngs = distributed.all_gather(world, rng_state())
+            if callbacks.on_checkpoint:
+                callbacks.on_checkpoint(state)
     flush()
     return state
 
@@ -284,19 +351,27 @@ def checkpoint_fingerprint(params: Params, data_hash: str, precision: str) -> st
 
 
 def resume_or_fresh(
-    params: Params, checkpoint: Path, fingerprint: str, device: torch.device
-) -> tuple[TrainState, str | None]:
-    """The state to train from: a matching checkpoint's, else a fresh one; and what was found, to say."""
+    params: Params, ckpt: dict[str, Any] | None, checkpoint: Path, fingerprint: str, device: torch.device,
+    world: World = World(),
+) -> tuple[TrainState, str | None]:  # fmt: skip
+    """The state to train from: that of `ckpt` (read from `checkpoint`) when it matches, else a fresh
+    one; and what was found, to say. Each rank of a job continues with its own random stream."""
     state = new_state(params.model, params.train, device)
-    if not checkpoint.exists():
+    if world.rank:  # the weights are rank 0's (DDP broadcasts them); the random stream is the rank's own
+        torch.manual_seed(distributed.rank_seed(params.train.seed, world.rank))
+    if ckpt is None:
         return state, None
-    ckpt = runtime.load_checkpoint(checkpoint, map_location=device)
     if ckpt.get("fingerprint") != fingerprint:
         return state, f"{checkpoint} was made with other params or data; starting fresh."
     try:
         if int(ckpt["step"]) > params.train.steps:
             return state, f"{checkpoint} is at step {ckpt['step']}, beyond train.steps={params.train.steps}; starting fresh."
-        state.restore(ckpt)
+        if (size := int(ckpt.get("world_size", 1))) != world.size:
+            raise UserError(
+                f"{checkpoint} was written by a job of {size} process(es), this one has {world.size}: resume it "
+                f"with {size} (train.nproc or torchrun --nproc-per-node), or delete it to start fresh."
+            )
+        state.restore(ckpt, world.rank)
     except (KeyError, RuntimeError, ValueError, TypeError, AttributeError, IndexError) as exc:
         # Our fingerprint on a body that does not fit: hand-made or from another version.
         first = (str(exc).strip().splitlines() or [type(exc).__name__])[0][:200]
@@ -344,7 +419,7 @@ def summarise(state: TrainState, seconds: float, first_step: int, batch_size: in
 
 
 def start_tracking(
-    params: Params, run_id: str | None, device: torch.device, precision: str, data_hash: str
+    params: Params, run_id: str | None, device: torch.device, precision: str, data_hash: str, world: World
 ) -> tuple[MlflowRun, dict[str, str]]:
     """The training run in MLflow (the checkpoint's run when resuming), its params logged; and run_info."""
     from pipeline import tracking
@@ -360,6 +435,10 @@ def start_tracking(
         "cuda": torch.version.cuda or "none",
         "data.sha256": data_hash,
         "stage": "train",
+        # the job: one process, or data-parallel over world_size ranks of per_rank_batch images each
+        "dist.world_size": str(world.size),
+        "dist.backend": world.backend or "none",
+        "dist.per_rank_batch": str(params.train.batch_size // world.size),
     }
     run = tracking.MlflowRun.start(experiment_id, tracking.run_name(env), tags, resume_run_id=run_id)
     run.log_params(flatten(params))
@@ -386,19 +465,20 @@ class Writer:
     @classmethod
     def open(
         cls, params: Params, paths: Layout, state: TrainState, resumed: str | None, fingerprint: str,
-        device: torch.device, precision: str, data_hash: str,
+        device: torch.device, precision: str, data_hash: str, world: World = World(),
     ) -> Writer:  # fmt: skip
         """Clear what a killed or earlier run left, then open the MLflow run (state.run_id when resuming)."""
         runtime.remove_stale_temps(*paths.outputs("train"))
         if resumed:
             print(resumed)
-        run, run_info = start_tracking(params, state.run_id, device, precision, data_hash)
+        run, run_info = start_tracking(params, state.run_id, device, precision, data_hash, world)
         state.run_id = run.run_id  # into every checkpoint, so that a resumed run logs to the same run
         if state.step == 0:  # a fresh run: nothing from an earlier run may survive in persisted outputs
             for old in paths.samples.glob("*.png"):
                 old.unlink()
             paths.fid_log.unlink(missing_ok=True)
-        return cls(params, paths, fingerprint, run, run_info, state, f"train [{device.type}, {precision}]")
+        where = f"{device.type} x{world.size}" if world.distributed else device.type
+        return cls(params, paths, fingerprint, run, run_info, state, f"train [{where}, {precision}]")
 
     def callbacks(self, device: torch.device) -> Callbacks:
         return Callbacks(self.on_log, self.on_sample, self.on_checkpoint, self.quick_fid(device))
@@ -470,21 +550,43 @@ class Writer:
 
 def main(params_path: Path = Path("params.yaml")) -> None:
     params = load_params(params_path)
-    p, paths = params.train, Layout()
+    p, paths, env = params.train, Layout(), dict(os.environ)
+    if p.nproc > 1 and not distributed.under_torchrun(env):
+        distributed.launch(p.nproc, params_path)  # the same command, as p.nproc processes of one job
+        return
     device = runtime.pick_device(p.device)
+    world = World()
+    if distributed.under_torchrun(env):
+        size = int(env["WORLD_SIZE"])
+        if p.batch_size % size:
+            raise UserError(f"train.batch_size={p.batch_size} does not split evenly over {size} processes; "
+                            f"make it a multiple of {size}.")  # fmt: skip
+        world, device = distributed.join(device, env, timeout_s=p.dist_timeout_s)
+    try:
+        run(params, paths, device, world)
+    finally:
+        distributed.leave(world)
+
+
+def run(params: Params, paths: Layout, device: torch.device, world: World) -> None:
+    """The stage in one process (of a job, or the only one): resume or start, train, write."""
+    p = params.train
     precision = runtime.resolve_precision(p.precision, device)
     dataset = data.load_prepared(paths.prepared)
     data_hash = runtime.sha256_file(paths.prepared)
     fingerprint = checkpoint_fingerprint(params, data_hash, precision)
-    state, how = resume_or_fresh(params, paths.checkpoint, fingerprint, device)
+    # Rank 0 reads the checkpoint for everyone: other machines of a job need not share its disk.
+    ckpt = runtime.load_checkpoint(paths.checkpoint) if world.writer and paths.checkpoint.exists() else None
+    ckpt = distributed.broadcast(world, ckpt)
+    state, how = resume_or_fresh(params, ckpt, paths.checkpoint, fingerprint, device, world)
 
     # The one gate: only the writing process touches files, MLflow and the terminal.
-    writer = Writer.open(params, paths, state, how, fingerprint, device, precision, data_hash) if runtime.is_writer() else None
+    writer = Writer.open(params, paths, state, how, fingerprint, device, precision, data_hash, world) if world.writer else None
 
     images = torch.from_numpy(dataset.train_images).to(device)
     started, first_step = time.perf_counter(), state.step
     try:
-        train(state, images, p, params.model.latent_dim, writer.callbacks(device) if writer else Callbacks())
+        train(state, images, p, params.model.latent_dim, writer.callbacks(device) if writer else Callbacks(), world)
     except BaseException as exc:
         if writer:
             writer.fail(exc)

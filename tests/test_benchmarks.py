@@ -88,3 +88,15 @@ def test_lever_quality_compares_every_arm_over_seeds(bench_project: Path) -> Non
     assert comparison["verdict"] in {"within seed-to-seed noise", "outside seed-to-seed noise"}
     default = [r["fid"] for r in report["runs"] if r["arm"] == "default"]
     assert report["summary"]["default"]["mean"] == pytest.approx(np.mean(default), abs=1e-3)
+
+
+@pytest.mark.slow
+def test_ddp_scaling_quick_mode_reports_each_arm(tmp_path: Path) -> None:
+    out = tmp_path / "ddp.json"
+    result = run_script([str(ROOT / "benchmarks/ddp_scaling.py"), "--quick", "--nprocs", "0", "2", "--output", str(out)],
+                        tmp_path)  # fmt: skip
+    assert result.returncode == 0, result.stderr[-3000:]
+    rows = {row["nproc"]: row for row in json.loads(out.read_text())["rows"]}
+    assert set(rows) == {0, 2} and rows[2]["per_rank_batch"] == 32
+    assert all(row["images_per_second"] > 0 for row in rows.values())
+    assert "efficiency" in result.stdout
