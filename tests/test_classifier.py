@@ -6,6 +6,7 @@ import json
 from pathlib import Path
 
 import numpy as np
+import pytest
 import torch
 import yaml
 
@@ -74,6 +75,7 @@ def test_stage_below_min_accuracy_writes_nothing(tmp_path: Path) -> None:
     assert not (tmp_path / "models").exists() and not (tmp_path / "metrics").exists()
 
 
+@pytest.mark.slow
 def test_stage_writes_weights_and_metrics(tmp_path: Path) -> None:
     stale = [tmp_path / "models/.classifier.pt.k1ll.tmp", tmp_path / "metrics/.classifier.json.k1ll.tmp"]
     for path in stale:  # what a kill during an atomic write leaves

@@ -194,6 +194,7 @@ def real(tmp_path_factory: pytest.TempPathFactory) -> tuple[Classifier, Mnist]:
     return load_classifier(COMMITTED, Classifier().feature_dim, CPU)[0], mnist
 
 
+@pytest.mark.slow
 def test_real_vs_real_scores_are_near_their_floor(real: tuple[Classifier, Mnist]) -> None:
     model, mnist = real
     test_features, test_probs = classify(model, mnist.test_images, 1000, CPU)
@@ -210,6 +211,7 @@ def test_real_vs_real_scores_are_near_their_floor(real: tuple[Classifier, Mnist]
     assert score(test_features, test_probs, ref, EvaluateParams(kid_subsets=2))["is_mean"] > 9.5
 
 
+@pytest.mark.slow
 def test_noise_and_single_digit_samples_score_as_they_should(real: tuple[Classifier, Mnist]) -> None:
     model, mnist = real
     test_features, _ = classify(model, mnist.test_images, 1000, CPU)
