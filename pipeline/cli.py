@@ -45,6 +45,8 @@ def build_parser() -> argparse.ArgumentParser:
     schema.add_argument("--output", type=Path, help="write it to this file instead of stdout")
     for writer in (evaluate, schema):  # outputs stay inside the project unless the user says otherwise
         writer.add_argument("--allow-outside", action="store_true", help="let --output name a path outside this directory")
+    sweep.add_argument("--allow-outside", action="store_true",
+                       help="let a SQLite study (--storage or sweep.storage) live outside this directory")  # fmt: skip
     resend = sub.add_parser(
         "resend", help=RESEND_HELP, description=RESEND_HELP + ". Reads the train stage's outputs; safe to run twice."
     )
@@ -91,7 +93,8 @@ def run(args: argparse.Namespace) -> None:
         print(f"{args.params} is valid")
         return
     module = importlib.import_module(STAGES[args.command][0])
-    options = {key: value for key, value in vars(args).items() if key not in ("command", "params", "allow_outside")}
+    ignored = ("command", "params") if args.command == "sweep" else ("command", "params", "allow_outside")
+    options = {key: value for key, value in vars(args).items() if key not in ignored}
     module.main(args.params, **options)
 
 

@@ -129,9 +129,10 @@ class Layout:
             "prepare": (self.prepared, self.data_metrics),
             "classifier": (self.classifier, self.classifier_metrics),
             "reference": (self.reference, self.floors),
+            # (not the resume checkpoint: it is this machine's state, never shared or pulled)
             "train": (
-                self.generator, self.run_info, self.checkpoint, self.train_metrics, self.train_log, self.fid_log,
-                self.samples, self.last_samples,
+                self.generator, self.run_info, self.train_metrics, self.train_log, self.fid_log, self.samples,
+                self.last_samples,
             ),
             "evaluate": (self.eval_metrics, self.class_plot, self.eval_samples),
         }[stage]  # fmt: skip

@@ -78,6 +78,7 @@ def backfill(
             if path.name not in present:
                 run.log_artifact(path)
                 sent["artifacts"] += 1
+        run.drop_unfinished_models()  # uploads a kill interrupted; the model is sent again below
         if model is not None and not run.has_model():
             network, example = model()
             run.log_model(network, model_name, example)

@@ -18,8 +18,10 @@ the whole study: a ranked table, figures on the parent run, and the best params 
 from __future__ import annotations
 
 import csv
+import datetime
 import io
 import os
+import socket
 import re
 import shlex
 import time
@@ -45,6 +47,7 @@ PARENT_RUN = "mlflow_parent_run_id"  # study user attribute: the sweep's MLflow 
 FINGERPRINT = "fingerprint"  # study user attribute: what every process of one study must share
 RUN_ID = "mlflow_run_id"  # trial user attribute: the trial's MLflow child run
 OVER_BUDGET = "over_budget"  # trial user attribute: started in a race past the budget, given back
+STARTED_BY = "started_by"  # trial user attribute: host:pid of the process running it, set first thing
 MAX_RETRIES = 3  # a trial that keeps killing its process is not run forever
 
 
@@ -196,11 +199,36 @@ def open_storage(url: str, heartbeat_s: int, on_stale: Callable[[optuna.Study, F
             # Processes started together on a fresh database race to create its tables: the losers
             # fail once, then find the tables made.
             error = str(exc).strip().splitlines()[0][:300] if str(exc).strip() else type(exc).__name__
-    raise UserError(f"Optuna storage {_safe_url(url)} cannot be opened: {error.rstrip('.')}.")
+    raise UserError(f"Optuna storage {tracking.redact(url)} cannot be opened: {tracking.redact(error).rstrip('.')}.")
 
 
-def _safe_url(url: str) -> str:
-    return re.sub(r"//([^:/@]+):[^@]*@", r"//\1:***@", url)  # never print a database password
+def storage_failure(exc: BaseException) -> str | None:
+    """The first line of the database error behind `exc` (somewhere in its chain), or None if there is none.
+
+    A database that goes away mid-study surfaces through Optuna as many types (StorageInternalError,
+    and in optuna 5.1 even an UnboundLocalError); the driver's own error in the chain says what happened.
+    """
+    import sqlalchemy.exc
+
+    seen: BaseException | None = exc
+    while seen is not None:
+        if isinstance(seen, (sqlalchemy.exc.OperationalError, sqlalchemy.exc.InterfaceError)):
+            cause = seen.orig if getattr(seen, "orig", None) is not None else seen
+            text = str(cause).strip()
+            return (text.splitlines()[0] if text else type(cause).__name__)[:200]
+        seen = seen.__cause__ or seen.__context__
+    return None
+
+
+def check_storage_location(url: str, root: Path, allow_outside: bool) -> None:
+    """A SQLite study file outside the project needs the same consent as --output (--allow-outside)."""
+    if url.startswith("sqlite:///"):
+        path = Path(url.removeprefix("sqlite:///").split("?")[0])
+        try:
+            runtime.inside_project(path, allow_outside, root)
+        except UserError:
+            raise UserError(f"Optuna storage {path} is outside the project ({root}); pass --allow-outside to "
+                            "keep the study there anyway.") from None  # fmt: skip
 
 
 def open_study(params: Params, storage: Any) -> tuple[optuna.Study, bool]:
@@ -243,6 +271,26 @@ def wait_for_attr(study: optuna.Study, key: str, timeout_s: float = 60.0) -> Any
     return value
 
 
+def orphans(trials: list[FrozenTrial], now: datetime.datetime, grace_s: float) -> list[FrozenTrial]:
+    """RUNNING trials whose process died before its objective began (the storage went away, or a kill,
+    between creating the trial and its first heartbeat): Optuna never finds them stale, as they have
+    no heartbeat, and every process would wait for them forever."""
+    return [
+        t for t in trials
+        if t.state == TrialState.RUNNING and STARTED_BY not in t.user_attrs and t.datetime_start is not None
+        and (now - t.datetime_start).total_seconds() > grace_s
+    ]  # fmt: skip
+
+
+def fail_orphans(study: optuna.Study, grace_s: float) -> None:
+    for trial in orphans(study.get_trials(deepcopy=False), datetime.datetime.now(), grace_s):
+        try:  # whichever process fails it first queues it again; the others find it finished
+            study._storage.set_trial_state_values(trial._trial_id, state=TrialState.FAIL)
+        except RuntimeError:  # optuna's UpdateFinishedTrialError
+            continue
+        retry(study, study._storage.get_trial(trial._trial_id))
+
+
 def work(study: optuna.Study, objective: Callable[[optuna.Trial], float], budget: int, poll_s: float,
          catch: tuple[type[Exception], ...]) -> None:  # fmt: skip
     """Run trials until the study holds `budget` of them, then wait for those running elsewhere."""
@@ -251,6 +299,7 @@ def work(study: optuna.Study, objective: Callable[[optuna.Trial], float], budget
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
             optuna.storages.fail_stale_trials(study)  # dead processes' trials -> FAIL, queued again
+        fail_orphans(study, grace_s=max(60.0, 4 * poll_s))
         trials = study.get_trials(deepcopy=False)
         states = {t.state for t in trials}
         if budget_used(trials) < budget or TrialState.WAITING in states:
@@ -316,6 +365,7 @@ class Objective:
     running: list[int] = field(default_factory=list)  # the trial in progress, for the interrupt handler
 
     def __call__(self, trial: optuna.Trial) -> float:
+        trial.set_user_attr(STARTED_BY, f"{socket.gethostname()}:{os.getpid()}")  # alive: see orphans()
         sweep = self.params.sweep
         if budget_used(self.study.get_trials(deepcopy=False), up_to=trial.number) > sweep.trials:
             trial.set_user_attr(OVER_BUDGET, True)
@@ -376,7 +426,7 @@ class Objective:
 
 def main(
     params_path: Path = Path("params.yaml"), study: str | None = None, storage: str | None = None,
-    trials: int | None = None,
+    trials: int | None = None, allow_outside: bool = False,
 ) -> None:  # fmt: skip
     params, paths = load_params(params_path), Layout()
     options = {k: v for k, v in {"study": study, "storage": storage, "trials": trials}.items() if v is not None}
@@ -385,6 +435,9 @@ def main(
         raw["sweep"].update(options)
         params = validate_params(raw, source=f"{params_path} with {', '.join('--' + k for k in options)}")
     sweep, env = params.sweep, dict(os.environ)
+    url = storage_url(params, tracking.project_root(Path.cwd(), env))
+    check_storage_location(url, tracking.project_root(Path.cwd(), env), allow_outside)  # before anything is written
+    where = tracking.redact(url)
     device = runtime.pick_device(params.train.device)
     classifier, classifier_sha = scoring.load_classifier(paths.classifier, params.classifier.feature_dim, device)
     reference = scoring.load_reference(paths.reference, classifier_sha256=classifier_sha)
@@ -400,8 +453,6 @@ def main(
             run.finish("KILLED")
         retry(st, trial)
 
-    url = storage_url(params, root)
-    where = _safe_url(url)
     optuna.logging.set_verbosity(optuna.logging.ERROR)  # this command prints its own line per trial
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
@@ -427,6 +478,13 @@ def main(
                 retry(study_, t)
         print(f"sweep interrupted; run the same command again to resume study '{sweep.study}'.")
         raise
+    except Exception as exc:
+        if (reason := storage_failure(exc)) is None:
+            raise
+        raise UserError(
+            f"Optuna storage {where} went away ({tracking.redact(reason).rstrip('.')}); the finished trials are "
+            "kept there: run the same command again once it is back."
+        ) from None
     report(study_, params, Layout(root), parent)
     parent.finish()  # the report is on disk either way
 

@@ -47,6 +47,11 @@ def tracking_uri(root: Path, env: Mapping[str, str]) -> str:
     return env.get("MLFLOW_TRACKING_URI") or f"sqlite:///{Layout(root).mlflow_db}"
 
 
+def redact(text: str) -> str:
+    """`text` with the password of every URL in it replaced by ***: user:secret@host -> user:***@host."""
+    return re.sub(r"(://[^:/@\s]+):[^@/\s]*@", r"\1:***@", text)
+
+
 def _is_local_sqlite(uri: str) -> bool:
     return uri.startswith("sqlite:///")
 
@@ -112,12 +117,25 @@ def connect(root: Path, uri: str, experiment: str) -> str:
             location = Layout(root).mlflow_artifacts.as_uri() if _is_local_sqlite(uri) else None
             return mlflow.create_experiment(experiment, artifact_location=location)
     except Exception as exc:  # noqa: BLE001 - network errors arrive as many types, often inside an MlflowException
+        shown = redact(uri)
         if reason := network_failure(exc):
             raise UserError(
-                f"MLflow tracking server {uri} is unreachable ({reason}); start it, "
+                f"MLflow tracking server {shown} is unreachable ({reason}); start it, "
                 "or unset MLFLOW_TRACKING_URI to log to the local mlflow.db."
             ) from None
-        raise UserError(f"MLflow tracking at {uri} failed: {first_line(exc)}.") from None
+        code = getattr(exc, "error_code", "")
+        if code == "UNAUTHENTICATED":
+            raise UserError(
+                f"MLflow tracking server {shown} refused the login (HTTP 401); set MLFLOW_TRACKING_USERNAME and "
+                "MLFLOW_TRACKING_PASSWORD to an account of that server."
+            ) from None
+        if code == "PERMISSION_DENIED":
+            who = os.environ.get("MLFLOW_TRACKING_USERNAME", "this user")
+            raise UserError(
+                f"MLflow tracking server {shown} denies {who} the experiment '{experiment}' (HTTP 403); "
+                "ask its admin for EDIT permission on it."
+            ) from None
+        raise UserError(f"MLflow tracking at {shown} failed: {redact(first_line(exc))}.") from None
     finally:
         if remote:
             os.environ.update({**RUN_HTTP, **user})
@@ -330,19 +348,21 @@ class MlflowRun:
 
     # --- logging -----------------------------------------------------------------------------
 
-    def _guard(self, lost: Lost, fn: Any, *args: Any, **kwargs: Any) -> None:
+    def _guard(self, lost: Lost, fn: Any, *args: Any, **kwargs: Any) -> Any:
+        """fn(...)'s result; None, with `lost` recorded, when the backend fails (or failed before)."""
         # After the first failure nothing more is tried: every call to a dead server costs
         # seconds of retries, and a clean cut is simple to fill in afterwards (`resend`).
         if self.failure is not None:
             self.lost.append(lost)
-            return
+            return None
         try:
-            fn(*args, **kwargs)
+            return fn(*args, **kwargs)
         except Exception as exc:  # noqa: BLE001 - any failure of the tracking backend
             self.failure = network_failure(exc) or first_line(exc)
             self.lost.append(lost)
             print(f"warning: MLflow logging failed at {lost} ({self.failure}); the stage goes on without MLflow.",
                   file=sys.stderr)  # fmt: skip
+            return None
 
     def lost_summary(self) -> str:
         """One sentence on what MLflow did not receive; empty when nothing was lost."""
@@ -357,6 +377,7 @@ class MlflowRun:
             logged = self.params()
         except Exception:  # noqa: BLE001 - a fresh run, or a backend that fails below anyway
             logged = {}
+        params = {key: redact(value) for key, value in params.items()}  # no password reaches the tracker
         changed = {f"param_changed.{k}": v for k, v in params.items() if k in logged and logged[k] != v}
         if changed:
             self.set_tags(changed)
@@ -367,6 +388,7 @@ class MlflowRun:
     def set_tags(self, tags: dict[str, str]) -> None:
         from mlflow.entities import RunTag
 
+        tags = {key: redact(value) for key, value in tags.items()}
         self._guard(Lost("tags"), self._client.log_batch, self.run_id, tags=[RunTag(k, v) for k, v in tags.items()])
 
     def log_metrics(self, rows: list[dict[str, float]]) -> None:
@@ -433,12 +455,34 @@ class MlflowRun:
     def artifact_names(self) -> set[str]:
         return {artifact.path for artifact in self._client.list_artifacts(self.run_id)}
 
-    def has_model(self) -> bool:
+    def _models(self) -> list[Any]:
         import mlflow
 
-        return bool(mlflow.search_logged_models(
+        return list(mlflow.search_logged_models(
             experiment_ids=[self.experiment_id], filter_string=f"source_run_id = '{self.run_id}'", output_format="list"
         ))  # fmt: skip
+
+    def has_model(self) -> bool:
+        """Whether the run holds a logged model whose upload finished."""
+        return any(str(model.status) == "READY" for model in self._models())
+
+    def drop_unfinished_models(self) -> int:
+        """Delete the run's logged models whose upload never finished (a kill left them PENDING); how many.
+
+        (Their status is filtered here, not in the search: MLflow 3.17 matches no `status` filter.)
+        """
+
+        def drop() -> int:
+            unfinished = [model for model in self._models() if str(model.status) not in ("READY", "FAILED")]
+            for model in unfinished:
+                self._client.delete_logged_model(model.model_id)
+            return len(unfinished)
+
+        return self._guard(Lost("model cleanup"), drop) or 0
+
+    def logged_steps(self, metric: str, image_key: str) -> tuple[int, set[int]]:
+        """The last step of `metric` the run holds, and the steps of its images under `image_key`."""
+        return max(self.metric_steps(metric), default=0), self.image_steps(image_key)
 
     @classmethod
     def tagged(cls, experiment_id: str, key: str, value: str) -> MlflowRun | None:

@@ -442,8 +442,8 @@ def start_tracking(
     }
     run = tracking.MlflowRun.start(experiment_id, tracking.run_name(env), tags, resume_run_id=run_id)
     run.log_params(flatten(params))
-    print(f"MLflow run {run.run_id} in experiment '{params.tracking.experiment}' at {uri}")
-    run_info = {"run_id": run.run_id, "experiment_id": experiment_id, "tracking_uri": uri,
+    print(f"MLflow run {run.run_id} in experiment '{params.tracking.experiment}' at {tracking.redact(uri)}")
+    run_info = {"run_id": run.run_id, "experiment_id": experiment_id, "tracking_uri": tracking.redact(uri),
                 "params_sha256": runtime.fingerprint(flatten(params))}  # fmt: skip
     return run, run_info
 
@@ -460,6 +460,15 @@ class Writer:
 
         self.params, self.paths, self.fingerprint = params, paths, fingerprint
         self.run, self.run_info = run, run_info
+        # A resumed run already holds the steps between its last checkpoint and the kill: each
+        # step goes to MLflow once (their values are the same again, bit for bit, on the CPU).
+        self.logged_until, self.logged_grids, self.fid_logged_until = 0, set(), 0
+        if state.step:
+            try:
+                self.logged_until, self.logged_grids = run.logged_steps("g_loss", "samples")
+                self.fid_logged_until = max(run.metric_steps("fid_quick"), default=0)
+            except Exception:  # noqa: BLE001 - a server that fails here fails the logging below, where it is said
+                pass
         self.bar = tqdm(total=params.train.steps, initial=state.step, desc=desc, unit="step", dynamic_ncols=True)
 
     @classmethod
@@ -468,7 +477,7 @@ class Writer:
         device: torch.device, precision: str, data_hash: str, world: World = World(),
     ) -> Writer:  # fmt: skip
         """Clear what a killed or earlier run left, then open the MLflow run (state.run_id when resuming)."""
-        runtime.remove_stale_temps(*paths.outputs("train"))
+        runtime.remove_stale_temps(*paths.outputs("train"), paths.checkpoint)
         if resumed:
             print(resumed)
         run, run_info = start_tracking(params, state.run_id, device, precision, data_hash, world)
@@ -487,11 +496,12 @@ class Writer:
         step, d_loss, d_acc, g_loss = rows[-1]
         self.bar.update(step - self.bar.n)
         self.bar.set_postfix_str(f"D loss {d_loss:.3f}, acc {100 * d_acc:.1f}% | G loss {g_loss:.3f} | {rate:,.0f} img/s")
-        self.run.log_metrics(metric_rows(rows))
+        self.run.log_metrics(metric_rows([row for row in rows if row[0] > self.logged_until]))
 
     def on_sample(self, step: int, grid: np.ndarray) -> None:
         data.save_png(grid, self.paths.samples / f"step_{step:06d}.png")
-        self.run.log_image(grid, key="samples", step=step)
+        if step not in self.logged_grids:
+            self.run.log_image(grid, key="samples", step=step)
 
     def on_checkpoint(self, state: TrainState) -> None:
         runtime.save_checkpoint(state.to_checkpoint(self.fingerprint), self.paths.checkpoint)
@@ -514,7 +524,8 @@ class Writer:
                                         self.params.evaluate.batch_size, device)  # fmt: skip
             state.fid_history.append((state.step, fid))
             self.bar.write(f"step {state.step}: quick FID ({p.fid_samples} samples) {fid:.3f}")
-            self.run.log_metrics([{"step": state.step, "fid_quick": fid}])
+            if state.step > self.fid_logged_until:
+                self.run.log_metrics([{"step": state.step, "fid_quick": fid}])
             write_fid_log(state.fid_history, self.paths.fid_log)
 
         return on_eval
@@ -536,6 +547,9 @@ class Writer:
 
         self.run.log_metrics([summary_row(summary)])
         self.run.log_artifact(paths.train_log)
+        if dropped := self.run.drop_unfinished_models():  # a kill during an earlier upload
+            print(f"removed {dropped} unfinished logged model(s) of MLflow run {self.run.run_id}, left by an "
+                  "interrupted upload.")  # fmt: skip
         self.run.log_model(*for_export(self.params.model, state.generator.state_dict()))
         self.run.finish()
         print(

@@ -8,12 +8,8 @@ import hashlib
 import json
 import os
 import shutil
-import signal
-import socket
 import subprocess
 import sys
-import time
-import urllib.request
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -29,6 +25,7 @@ from pipeline.data import IdxFile, Mnist, load_prepared, save_prepared
 from pipeline.models import Classifier, build_generator
 from pipeline.params import ModelParams
 from pipeline.scoring import classify, compute_reference, load_classifier, save_classifier, save_reference
+from tests.servers import MlflowServer, free_port  # noqa: F401 - shared with the test modules
 
 ROOT = Path(__file__).resolve().parents[1]
 CPU = torch.device("cpu")
@@ -278,66 +275,9 @@ class Payload:
 # --- a real MLflow server on loopback -------------------------------------------------------
 
 
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
-
-
-class MlflowServer:
-    """`mlflow server` on 127.0.0.1:`port` with a SQLite store and an artifact folder under `root`."""
-
-    def __init__(self, root: Path, port: int) -> None:
-        self.root, self.port = root, port
-        self.uri = f"http://127.0.0.1:{port}"
-        self.proc: subprocess.Popen[bytes] | None = None
-        self.starts = 0
-        root.mkdir(parents=True, exist_ok=True)
-
-    def start(self, timeout: float = 240) -> None:
-        env = {k: v for k, v in os.environ.items() if not k.startswith("MLFLOW_")}
-        env["MLFLOW_SERVER_ENABLE_JOB_EXECUTION"] = "false"  # no background job workers for a test
-        command = [
-            str(Path(sys.executable).parent / "mlflow"), "server",
-            "--backend-store-uri", f"sqlite:///{self.root / 'store.db'}",
-            "--artifacts-destination", str(self.root / "artifacts"),
-            "--host", "127.0.0.1", "--port", str(self.port), "--workers", "1",
-        ]  # fmt: skip
-        self.starts += 1
-        log = open(self.root / f"server-{self.starts}.log", "wb")  # noqa: SIM115 - the server writes it
-        self.proc = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT, env=env, start_new_session=True)
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            if self.proc.poll() is not None:
-                pytest.fail(f"mlflow server exited: {(self.root / f'server-{self.starts}.log').read_text()[-2000:]}")
-            try:
-                with urllib.request.urlopen(f"{self.uri}/health", timeout=2) as response:
-                    if response.status == 200:
-                        return
-            except OSError:
-                time.sleep(0.25)
-        self.stop()
-        pytest.fail(f"mlflow server did not answer /health within {timeout} s")
-
-    def kill(self) -> None:
-        """The fault: SIGKILL to the server and its workers, no goodbye."""
-        if self.proc is not None and self.proc.poll() is None:
-            os.killpg(self.proc.pid, signal.SIGKILL)
-            self.proc.wait()
-
-    def stop(self) -> None:
-        if self.proc is None or self.proc.poll() is not None:
-            return
-        os.killpg(self.proc.pid, signal.SIGTERM)
-        try:
-            self.proc.wait(timeout=15)
-        except subprocess.TimeoutExpired:
-            self.kill()
-
-
 @pytest.fixture
 def mlflow_server(tmp_path: Path) -> Iterator[MlflowServer]:
-    server = MlflowServer(tmp_path / "server", free_port())
+    server = MlflowServer(tmp_path / "server")
     try:
         yield server
     finally:

@@ -26,6 +26,7 @@ from tests.conftest import (
     ROOT,
     SMALL_MODEL,
     assert_refused,
+    free_port,
     make_project,
     mlflow_client,
     run_cli,
@@ -35,12 +36,6 @@ from tests.conftest import (
 
 STEPS = 40
 DDP_TRAIN = {"batch_size": 8, "log_every": 4, "checkpoint_every": 8, "sample_every": 8}
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
 
 
 def job_env(project: Path) -> dict[str, str]:

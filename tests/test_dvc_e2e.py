@@ -4,13 +4,18 @@ from __future__ import annotations
 
 import json
 import os
+import subprocess
 import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
+import torch
 import yaml
 
-from tests.conftest import copy_project, git_env, run_dvc, shared_mnist_dir
+from pipeline.models import generate, load_generator
+from pipeline.params import load_params
+from tests.conftest import copy_project, git_env, run_cli, run_dvc, shared_mnist_dir
 
 pytestmark = pytest.mark.slow
 
@@ -54,7 +59,7 @@ def test_repro_prepare_twice_second_is_a_no_op(project: tuple[Path, dict[str, st
     assert "Running stage" not in second.stdout and "up to date" in second.stdout
 
 
-def test_whole_pipeline_with_tiny_params(project: tuple[Path, dict[str, str]]) -> None:
+def test_whole_pipeline_with_tiny_params_then_a_second_clone_pulls_it(project: tuple[Path, dict[str, str]]) -> None:
     repo, env = project
     shrink(repo)
     result = run_dvc(["repro"], repo, env)
@@ -87,3 +92,31 @@ def test_whole_pipeline_with_tiny_params(project: tuple[Path, dict[str, str]]) -
 
     again = run_dvc(["repro"], repo, env)
     assert again.returncode == 0 and "Running stage" not in again.stdout, again.stdout
+
+    # The team's DVC remote (a shared directory): push from this clone, pull into a fresh one.
+    remote = repo.parent / "remote"
+    assert run_dvc(["remote", "add", "-d", "shared", str(remote)], repo, env).returncode == 0
+    for command in (["git", "add", "-A"], ["git", "commit", "-q", "-m", "tiny run and the remote"]):
+        subprocess.run(command, cwd=repo, env=env, check=True)
+    pushed = run_dvc(["push"], repo, env)
+    assert pushed.returncode == 0, pushed.stdout + pushed.stderr
+    other = repo.parent / "other"
+    subprocess.run(["git", "clone", "-q", str(repo), str(other)], env=env, check=True)
+    pulled = run_dvc(["pull"], other, env)
+    assert pulled.returncode == 0, pulled.stdout + pulled.stderr
+    status = run_dvc(["status"], other, env)
+    assert "Data and pipelines are up to date." in status.stdout, status.stdout
+    nothing = run_dvc(["repro"], other, env)
+    assert nothing.returncode == 0 and "Running stage" not in nothing.stdout, nothing.stdout
+    assert (other / "models/generator.pt").read_bytes() == (repo / "models/generator.pt").read_bytes()
+
+    # The pulled model's samples score exactly as the pushed one's.
+    reports = []
+    for clone in (repo, other):
+        params = load_params(clone / "params.yaml")
+        generator = load_generator(clone / "models/generator.pt", params.model, torch.device("cpu"))
+        np.save(clone / "samples.npy", generate(generator, 300, 7, 100, torch.device("cpu")).numpy())
+        scored = run_cli(["evaluate", "--samples", "samples.npy", "--output", "samples.eval.json"], cwd=clone, env=env)
+        assert scored.returncode == 0, scored.stderr
+        reports.append({k: v for k, v in json.loads((clone / "samples.eval.json").read_text()).items() if k != "seconds"})
+    assert reports[0] == reports[1]

@@ -256,3 +256,37 @@ def test_killed_sweep_resumes_without_redoing_finished_trials(project: tuple[Pat
     assert runs["1"].info.status == "KILLED" and runs["1"].data.tags["sweep.state"] == "STALE"
     assert len([r for r in mlflow_runs(path) if r.data.tags.get("sweep.trial") == "0"]) == 1
     assert "(joined)" in result.stdout and re.search(r"1\s+FAIL \(rerun #\d\)", result.stdout), result.stdout
+
+
+def test_a_sqlite_study_outside_the_project_needs_consent(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    project = tmp_path / "p"
+    project.mkdir()
+    params = write_params(project / "params.yaml")
+    outside = tmp_path / "elsewhere" / "optuna.db"
+    for args in (["--storage", f"sqlite:///{outside}"], []):
+        if not args:  # the same through params.yaml
+            write_params(params, {"storage": f"sqlite:///{outside}"})
+        assert cli.main(["sweep", "--params", str(params), *args]) == 2
+        err = capsys.readouterr().err
+        assert f"Optuna storage {outside} is outside the project" in err and "--allow-outside" in err
+    assert not outside.parent.exists() and not (project / "mlflow.db").exists()
+    sweep.check_storage_location(f"sqlite:///{outside}", project, allow_outside=True)  # consent given
+    sweep.check_storage_location("postgresql://ann:pw@db/optuna", project, allow_outside=False)  # not a file
+
+
+def test_a_trial_whose_process_died_before_its_first_heartbeat_is_found() -> None:
+    """Optuna never calls a trial without heartbeats stale: without this, every worker waits for it forever."""
+    import datetime
+
+    now = datetime.datetime(2026, 12, 3, 12, 0, 0)
+    trials = []
+    for number, (state, user, age_s) in enumerate([
+        (TrialState.RUNNING, {}, 120),  # created, then the storage went away: an orphan
+        (TrialState.RUNNING, {sweep.STARTED_BY: "host:1"}, 120),  # its objective began: heartbeats decide
+        (TrialState.RUNNING, {}, 5),  # just created: its objective is about to begin
+        (TrialState.COMPLETE, {}, 120),
+    ]):  # fmt: skip
+        trial = _trial(number, state, 1.0 if state == TrialState.COMPLETE else None, user=user)
+        trial.datetime_start = now - datetime.timedelta(seconds=age_s)
+        trials.append(trial)
+    assert [t.number for t in sweep.orphans(trials, now, grace_s=60)] == [0]

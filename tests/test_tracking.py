@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from pipeline.tracking import Lost, summarise_lost
+from pipeline.tracking import Lost, redact, summarise_lost
 
 
 def test_lost_items_sum_up_by_kind_and_step_span() -> None:
@@ -22,3 +22,12 @@ def test_lost_items_sum_up_by_kind_and_step_span() -> None:
     )
     assert str(lost[1]) == "image 'samples' at step 16" and str(lost[0]) == "metrics of steps 13-14"
     assert summarise_lost([], None) == ""
+
+
+def test_passwords_in_urls_never_reach_logs_or_the_tracker() -> None:
+    assert redact("postgresql://ann:s3cr3t@db:5432/optuna") == "postgresql://ann:***@db:5432/optuna"
+    assert redact("postgresql+psycopg://ann:p%40ss@127.0.0.1/x and http://bob:pw@h:5000") == (
+        "postgresql+psycopg://ann:***@127.0.0.1/x and http://bob:***@h:5000"
+    )
+    assert redact("sqlite:////work/optuna.db") == "sqlite:////work/optuna.db"
+    assert redact("postgresql://ann@db/optuna") == "postgresql://ann@db/optuna"  # no password: nothing to hide

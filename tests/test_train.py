@@ -156,6 +156,35 @@ def test_killed_run_resumes_bit_identically_in_the_same_mlflow_run(tmp_path: Pat
     assert all(torch.equal(a[k], b[k]) for k in a)
     assert (project / "metrics/train_log.csv").read_text() == (reference / "metrics/train_log.csv").read_text()
     assert json.loads((project / "models/train_run.json").read_text())["run_id"] == run_id
+    # The steps between the checkpoint and the kill were logged before the kill: MLflow holds each once.
+    from mlflow import MlflowClient
+
+    history = MlflowClient(f"sqlite:///{project / 'mlflow.db'}").get_metric_history(run_id, "d_loss")
+    assert sorted(m.step for m in history) == list(range(1, steps + 1))
+
+
+@pytest.mark.slow
+def test_a_model_upload_cut_short_is_removed_when_the_run_ends_again(tmp_path: Path) -> None:
+    """A kill during the final upload leaves a PENDING logged model beside the run; the next end of
+    the run (here: the run extended by two steps) deletes it, says so, and logs one READY model."""
+    import mlflow
+    from mlflow import MlflowClient
+
+    project = make_project(tmp_path / "p", steps=3)
+    assert run_cli(["train"], cwd=project, env=stage_env(project)).returncode == 0
+    info = json.loads((project / "models/train_run.json").read_text())
+    client = MlflowClient(f"sqlite:///{project / 'mlflow.db'}")
+    mlflow.set_tracking_uri(f"sqlite:///{project / 'mlflow.db'}")
+    pending = client.create_logged_model(info["experiment_id"], name="generator", source_run_id=info["run_id"])
+    assert str(pending.status) == "PENDING"
+    params = yaml.safe_load((project / "params.yaml").read_text())
+    params["train"]["steps"] = 5
+    (project / "params.yaml").write_text(yaml.safe_dump(params))
+    result = run_cli(["train"], cwd=project, env=stage_env(project))
+    assert result.returncode == 0, result.stderr
+    assert f"removed 1 unfinished logged model(s) of MLflow run {info['run_id']}" in result.stdout
+    models = client.search_logged_models([info["experiment_id"]], filter_string=f"source_run_id = '{info['run_id']}'")
+    assert sorted(str(m.status) for m in models) == ["READY", "READY"]  # the first end's and this one's
 
 
 @pytest.mark.slow
