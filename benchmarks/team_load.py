@@ -18,6 +18,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -49,7 +50,7 @@ def clone(path: Path, trials: int, steps: int) -> Path:
 def run_workers(where: Path, server: MlflowServer, storage: str, workers: int, trials: int, steps: int,
                 kill_one: bool) -> dict[str, Any]:  # fmt: skip
     clones = [clone(where / f"clone{i}", trials, steps) for i in range(workers)]
-    env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
     logs = [where / f"worker{i}.log" for i in range(workers)]
     started = time.monotonic()
     procs = []
@@ -60,10 +61,8 @@ def run_workers(where: Path, server: MlflowServer, storage: str, workers: int, t
                                           stderr=subprocess.STDOUT, start_new_session=True))  # fmt: skip
     killed = None
     if kill_one:
-        while procs[0].poll() is None:  # SIGKILL worker 0 once it has started a trial, mid-way through it
-            text = logs[0].read_text()
-            if "trial " in text and ": step " not in text.split("trial ")[-1]:
-                time.sleep(1.0)
+        while procs[0].poll() is None:  # SIGKILL worker 0 mid-trial: after a quick FID, before the final score
+            if re.search(r"^trial \d+: step ", logs[0].read_text(), re.MULTILINE):
                 os.killpg(procs[0].pid, signal.SIGKILL)
                 killed = 0
                 break
@@ -77,11 +76,13 @@ def run_workers(where: Path, server: MlflowServer, storage: str, workers: int, t
     states = [t.state for t in study.get_trials()]
     finished = sum(s in (TrialState.COMPLETE, TrialState.PRUNED) for s in states)
     lost = [line for log in logs for line in log.read_text().splitlines() if "MLflow did not receive" in line]
+    errors = [log.read_text().strip().splitlines()[-1] for log, code in zip(logs, codes, strict=True)
+              if code not in (0, -signal.SIGKILL) and log.read_text().strip()]  # fmt: skip
     return {
         "workers": workers, "killed_worker": killed, "exit_codes": codes, "seconds": round(seconds, 1),
         "finished_trials": finished, "failed_trials": sum(s == TrialState.FAIL for s in states),
         "trials_per_minute": round(60 * finished / seconds, 2), "server_5xx": len(server.failed_requests()),
-        "lost_logging": lost,
+        "lost_logging": lost, "worker_errors": errors,
     }  # fmt: skip
 
 

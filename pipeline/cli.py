@@ -18,6 +18,8 @@ STAGES: dict[str, tuple[str, str]] = {
     "train": ("pipeline.train", "train the DCGAN; resumes from checkpoints/train.pt; logs to MLflow"),
     "evaluate": ("pipeline.evaluate", "score the generator (or --samples FILE) with the frozen classifier"),
     "sweep": ("pipeline.sweep", "Optuna search over params.yaml's sweep.space; each trial an MLflow child run"),
+    "generate": ("pipeline.generate", "draw samples from a trained generator (DVC output, an MLflow run or the registry)"),
+    "champion": ("pipeline.registry", "print the registry's champion generator: version, FID, training run"),
 }
 
 
@@ -37,13 +39,21 @@ def build_parser() -> argparse.ArgumentParser:
         "--samples", type=Path, help="score these samples instead: .npy/.npz (N x 28 x 28, uint8 or [-1, 1]) or a PNG folder"
     )
     evaluate.add_argument("--output", type=Path, help="with --samples: where to write the JSON report")
+    generate = sub.choices["generate"]
+    generate.add_argument("-n", type=int, default=25, help="how many samples (default: %(default)s)")
+    generate.add_argument("--seed", type=int, help="noise seed (default: evaluate.seed, the evaluate stage's draw)")
+    generate.add_argument("--run", help="the generator an MLflow training run logged (its run id)")
+    generate.add_argument("--model", help="a registered model: models:/NAME@champion or models:/NAME/VERSION")
+    generate.add_argument("--grid", type=Path, help="a PNG grid of the first samples (the default: generated.png)")
+    generate.add_argument("--output", type=Path, help="all samples as .npy (N x 28 x 28 uint8, for evaluate --samples)")
+    generate.add_argument("--folder", type=Path, help="all samples as 28x28 PNGs in this folder")
     sweep = sub.choices["sweep"]
     sweep.add_argument("--study", help="Optuna study name (default: sweep.study); a study that exists is resumed")
     sweep.add_argument("--storage", help="Optuna storage URL shared by all workers (default: sweep.storage)")
     sweep.add_argument("--trials", type=int, help="trials in the whole study (default: sweep.trials)")
     schema = sub.add_parser("schema", help="print the JSON schema of params.yaml (for editors)")
     schema.add_argument("--output", type=Path, help="write it to this file instead of stdout")
-    for writer in (evaluate, schema):  # outputs stay inside the project unless the user says otherwise
+    for writer in (evaluate, schema, generate):  # outputs stay inside the project unless the user says otherwise
         writer.add_argument("--allow-outside", action="store_true", help="let --output name a path outside this directory")
     sweep.add_argument("--allow-outside", action="store_true",
                        help="let a SQLite study (--storage or sweep.storage) live outside this directory")  # fmt: skip
@@ -59,10 +69,11 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def run(args: argparse.Namespace) -> None:
-    if getattr(args, "output", None) is not None:
-        from pipeline.runtime import inside_project
+    for option in ("output", "grid", "folder"):
+        if getattr(args, option, None) is not None:
+            from pipeline.runtime import inside_project
 
-        inside_project(args.output, args.allow_outside)
+            inside_project(getattr(args, option), args.allow_outside)
     if args.command == "resend":
         from pipeline.resend import resend
 

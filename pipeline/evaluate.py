@@ -181,21 +181,49 @@ def log_to_mlflow(
     tags = {**tracking.dvc_tags(env), "stage": "evaluate", "generator.sha256": runtime.sha256_file(paths.generator)}
     name = f"evaluate n={result['n_samples']}"
     run = parent.child(name, tags) if parent else tracking.MlflowRun.start(experiment_id, name, tags)
-    run.log_params({f"evaluate.{k}": str(v) for k, v in params.evaluate.model_dump().items()}
-                   | {"classifier_sha256": result["classifier_sha256"], "feature_dim": str(result["feature_dim"])})
-    scalars = {k: float(v) for k, v in result.items() if isinstance(v, (int, float)) and not isinstance(v, bool)}
-    run.log_metrics([{"step": 0, **scalars}])
+    # The scores are metrics (what a person compares); the real-data floors and what makes a score
+    # comparable are the run's params, so the UI shows the scores, not a dozen flat floor lines.
+    floors = {f"floor.{k}": str(result[f"{k}_floor"]) for k in SCALARS if f"{k}_floor" in result}
+    run.log_params({f"evaluate.{k}": str(v) for k, v in params.evaluate.model_dump().items()} | floors
+                   | {"classifier_sha256": result["classifier_sha256"], "feature_dim": str(result["feature_dim"]),
+                      "n_samples": str(result["n_samples"])})  # fmt: skip
+    scores = {k: float(result[k]) for k in SCALARS}
+    run.log_metrics([{"step": 0, **scores}])
     for path in paths.outputs("evaluate"):
         run.log_artifact(path, "evaluation")
     run.log_image(grid, key="eval_samples", step=0)
     run.finish()
     if parent is not None:
-        parent.log_metrics([{"step": 0, **{f"eval_{k}": v for k, v in scalars.items()}}])
+        parent.log_metrics([{"step": 0, **{f"eval_{k}": v for k, v in scores.items()}}])
         parent.set_tags({"eval.latest_run": run.run_id, "eval.n_samples": str(result["n_samples"]),
                          "eval.classifier_sha256": result["classifier_sha256"]})  # fmt: skip
+        register(params, parent, result)
     print(f"MLflow: evaluation run {run.run_id}" + (f" under training run {parent.run_id}" if parent else ""))
+    print(f"see the runs: {tracking.ui_hint(uri, experiment_id)}")
     lost = "; ".join(filter(None, (run.lost_summary(), parent.lost_summary() if parent else "")))
     if lost:
         print(f"warning: {lost}; the outputs are complete, run the evaluate stage again once the server is back.",
               file=sys.stderr)  # fmt: skip
 
+
+def register(params: Params, parent: Any, result: dict[str, Any]) -> None:
+    """The training run's generator as a version in the registry, and the champion decided (see registry)."""
+    from pipeline import registry, tracking
+
+    if parent.failure is not None:
+        return  # the server went away: evaluate again once it is back
+    try:
+        models = [m for m in parent.logged_models() if str(m.status) == "READY"]
+        if not models:
+            print(f"training run {parent.run_id} holds no finished model to register (`python -m pipeline resend`).")
+            return
+        score = registry.Score(float(result["fid"]), result.get("fid_floor"), int(result["n_samples"]),
+                               result["classifier_sha256"])  # fmt: skip
+        outcome = registry.register(params.tracking.experiment, parent.run_id, f"models:/{models[-1].model_id}", score)
+    except Exception as exc:  # noqa: BLE001 - the registry is bookkeeping: the scores are written either way
+        print(f"warning: the model registry did not take this evaluation ({tracking.first_line(exc)}); "
+              "run evaluate again to register it.", file=sys.stderr)  # fmt: skip
+        return
+    name = registry.model_name(params.tracking.experiment)
+    said = "is now the champion" if outcome.promoted else f"champion stays version {outcome.champion}"
+    print(f"registered {name} version {outcome.version}: {said} ({outcome.reason}).")

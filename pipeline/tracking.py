@@ -27,6 +27,9 @@ import numpy as np
 from pipeline.errors import UserError
 from pipeline.layout import Layout
 
+# The experiment-kind tag of MLflow 3's UI: model training, not GenAI (traces, token usage).
+EXPERIMENT_KIND, MODEL_TRAINING = "mlflow.experimentKind", "custom_model_development"
+
 
 def project_root(cwd: Path, env: Mapping[str, str]) -> Path:
     """The repository root, also from inside DVC's temporary experiment folders.
@@ -101,6 +104,7 @@ def connect(root: Path, uri: str, experiment: str) -> str:
     Fails fast, with one sentence, when a tracking server does not answer.
     """
     import mlflow
+    from mlflow.exceptions import MlflowException
 
     remote = uri.startswith(("http://", "https://"))
     user = {key: os.environ[key] for key in CHECK_HTTP if key in os.environ}  # the user's settings win
@@ -113,9 +117,17 @@ def connect(root: Path, uri: str, experiment: str) -> str:
                 _create_database(root, Path(uri.removeprefix("sqlite:///").split("?")[0]))
             found = mlflow.get_experiment_by_name(experiment)
             if found is not None:
+                if found.tags.get(EXPERIMENT_KIND) != MODEL_TRAINING:
+                    mlflow.MlflowClient().set_experiment_tag(found.experiment_id, EXPERIMENT_KIND, MODEL_TRAINING)
                 return found.experiment_id
             location = Layout(root).mlflow_artifacts.as_uri() if _is_local_sqlite(uri) else None
-            return mlflow.create_experiment(experiment, artifact_location=location)
+            try:
+                return mlflow.create_experiment(experiment, artifact_location=location,
+                                                tags={EXPERIMENT_KIND: MODEL_TRAINING})  # fmt: skip
+            except MlflowException as exc:  # another worker created it a moment ago (a server takes no file lock)
+                if getattr(exc, "error_code", "") != "RESOURCE_ALREADY_EXISTS":
+                    raise
+                return mlflow.get_experiment_by_name(experiment).experiment_id
     except Exception as exc:  # noqa: BLE001 - network errors arrive as many types, often inside an MlflowException
         shown = redact(uri)
         if reason := network_failure(exc):
@@ -139,6 +151,19 @@ def connect(root: Path, uri: str, experiment: str) -> str:
     finally:
         if remote:
             os.environ.update({**RUN_HTTP, **user})
+
+
+def ui_hint(uri: str, experiment_id: str) -> str:
+    """Where to see the experiment's training runs in the MLflow UI.
+
+    MLflow 3.17's UI opens an experiment on its GenAI overview whatever the experiment-kind tag
+    says (the global GenAI / Model training switch decides); `workflowType=machine_learning` in
+    the address opens the runs table.
+    """
+    page = f"#/experiments/{experiment_id}/runs?workflowType=machine_learning"
+    if uri.startswith(("http://", "https://")):
+        return f"{redact(uri).rstrip('/')}/{page}"
+    return f"`mlflow ui --backend-store-uri {uri}`, then http://127.0.0.1:5000/{page}"
 
 
 def network_failure(exc: BaseException) -> str | None:
@@ -455,7 +480,7 @@ class MlflowRun:
     def artifact_names(self) -> set[str]:
         return {artifact.path for artifact in self._client.list_artifacts(self.run_id)}
 
-    def _models(self) -> list[Any]:
+    def logged_models(self) -> list[Any]:
         import mlflow
 
         return list(mlflow.search_logged_models(
@@ -464,7 +489,7 @@ class MlflowRun:
 
     def has_model(self) -> bool:
         """Whether the run holds a logged model whose upload finished."""
-        return any(str(model.status) == "READY" for model in self._models())
+        return any(str(model.status) == "READY" for model in self.logged_models())
 
     def drop_unfinished_models(self) -> int:
         """Delete the run's logged models whose upload never finished (a kill left them PENDING); how many.
@@ -473,7 +498,7 @@ class MlflowRun:
         """
 
         def drop() -> int:
-            unfinished = [model for model in self._models() if str(model.status) not in ("READY", "FAILED")]
+            unfinished = [model for model in self.logged_models() if str(model.status) not in ("READY", "FAILED")]
             for model in unfinished:
                 self._client.delete_logged_model(model.model_id)
             return len(unfinished)

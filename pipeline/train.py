@@ -47,9 +47,14 @@ def metric_rows(rows: list[Row]) -> list[dict[str, float]]:
     return [dict(zip(("step", *LOG_COLUMNS), row, strict=True)) for row in rows]
 
 
+# What the tracker gets of metrics/train.json, as `final_*` metrics at the last step: the means a
+# person compares across runs (the last step's own losses are already on their curves).
+FINAL = ("d_loss_last100", "d_acc_last100", "g_loss_last100", "images_per_second")
+
+
 def summary_row(summary: dict[str, Any]) -> dict[str, float]:
     """metrics/train.json as the tracker's `final_*` metrics, at the last step."""
-    return {"step": summary["step"], **{f"final_{k}": v for k, v in summary.items() if k != "step"}}
+    return {"step": summary["step"], **{f"final_{k}": summary[k] for k in FINAL}}
 
 
 class Diverged(UserError):

@@ -8,6 +8,7 @@ the tests skip with a sentence (`.ci/run` installs them, so CI never skips).
 from __future__ import annotations
 
 import os
+import re
 import shutil
 import signal
 import subprocess
@@ -66,12 +67,13 @@ SWEEP = {"trials": 3, "steps": 12, "fid_every": 6, "fid_samples": 32, "eval_samp
          "prune_after_trials": 1, "prune_after_steps": 0, "startup_trials": 2}  # fmt: skip
 
 
-def team_project(path: Path, **sweep: Any) -> Path:
+def team_project(path: Path, experiment: str = "dcgan-mnist", **sweep: Any) -> Path:
     """A member's clone: a small classifier and reference, synthetic data, tiny train/evaluate/sweep params."""
     make_eval_project(path)
     params = yaml.safe_load((path / "params.yaml").read_text())
     params["train"].update(steps=6, fid_every=3, fid_samples=32)
     params["sweep"] = {**SWEEP, **sweep}
+    params["tracking"] = {"experiment": experiment}
     (path / "params.yaml").write_text(yaml.safe_dump(params))
     return path
 
@@ -125,7 +127,7 @@ def test_a_refused_login_is_one_sentence_before_any_training(tmp_path: Path, tea
 
 def sweep_worker(project: Path, env: dict[str, str], storage: str, log: Path) -> subprocess.Popen[bytes]:
     """`python -m pipeline sweep --storage URL`, in a session of its own (a clone on another machine)."""
-    env = {**env, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)}
+    env = {**env, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT), "PYTHONUNBUFFERED": "1"}
     with open(log, "wb") as out:
         return subprocess.Popen([sys.executable, "-m", "pipeline", "sweep", "--storage", storage], cwd=project,
                                 env=env, stdout=out, stderr=subprocess.STDOUT, start_new_session=True)  # fmt: skip
@@ -139,14 +141,16 @@ def test_sweep_workers_share_one_postgres_study_and_rerun_a_killed_workers_trial
     tmp_path: Path, postgres: PostgresCluster, team: MlflowServer
 ) -> None:
     storage = postgres.create_database("optuna_shared")
-    clones = [team_project(tmp_path / f"clone{i}", trials=5) for i in range(3)]
+    # A new experiment: the three workers also race to create it on the server.
+    clones = [team_project(tmp_path / f"clone{i}", experiment="team-sweep", trials=5) for i in range(3)]
     logs = [tmp_path / f"worker{i}.log" for i in range(3)]
     workers = [sweep_worker(clone, member_env(team, clone), storage, log) for clone, log in zip(clones, logs, strict=True)]
     victim, deadline = workers[0], time.monotonic() + 300
     while time.monotonic() < deadline:  # kill the first worker in the middle of a trial of its own
-        if "trial " in logs[0].read_text() and ": step " not in logs[0].read_text():
+        if re.search(r"^trial \d+: step ", logs[0].read_text(), re.MULTILINE):  # after a quick FID, before the end
             os.killpg(victim.pid, signal.SIGKILL)
             break
+        assert victim.poll() is None, "the worker ended before it could be killed"
         time.sleep(0.05)
     victim.wait()
     for worker in workers[1:]:
@@ -163,7 +167,7 @@ def test_sweep_workers_share_one_postgres_study_and_rerun_a_killed_workers_trial
     for log in logs:
         assert password not in log.read_text()
     client = team.client()
-    experiment = client.get_experiment_by_name("dcgan-mnist")
+    experiment = client.get_experiment_by_name("team-sweep")
     for run in client.search_runs([experiment.experiment_id], "tags.sweep = 'dcgan-sweep'"):
         assert password not in repr(run.data.params) and password not in repr(run.data.tags)
     assert team.failed_requests() == []

@@ -100,7 +100,7 @@ def assert_run_complete(uri: str, run_id: str, project: Path, grid_steps: set[in
         assert logged == [(int(row[0]), row[i]) for row in history], name  # every step once, exact values
         counts[name] = len(logged)
     final = runtime.read_json(project / "metrics/train.json")
-    for key in ("d_loss", "g_loss_last100", "images_per_second"):
+    for key in ("d_loss_last100", "g_loss_last100", "images_per_second"):
         assert run.data.metrics[f"final_{key}"] == final[key]
     names = [Path(a.path).name for a in client.list_artifacts(run_id, "images")]
     for suffix in (".png", "+compressed.webp"):

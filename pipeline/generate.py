@@ -1,0 +1,119 @@
+"""Command `generate`: draw samples from a trained generator.
+
+The generator comes from the train stage's DVC output (default), from the model an MLflow
+training run logged (`--run RUN_ID`), or from the registry (`--model models:/NAME@champion`,
+`models:/NAME/3`). Whatever the source, its weights go into the pipeline's own Generator, so
+the samples are those `evaluate` draws: the same seed, N and batch size give the same pixels,
+and `evaluate --samples` of them gives the stage's scores.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from pipeline import data, runtime
+from pipeline.errors import UserError
+from pipeline.layout import Layout
+from pipeline.models import Generator, build_generator, generate, load_generator
+from pipeline.params import ModelParams, load_params
+
+
+def from_weights(weights: dict[str, torch.Tensor], model: ModelParams, where: str) -> Generator:
+    """A Generator holding `weights`, its sizes read off them (batch-norm settings from `model`)."""
+    try:
+        dense = weights["dense.weight"]  # (C * 7 * 7, latent)
+        blocks = sorted(key for key in weights if key.endswith(".conv.weight"))  # the two upsampling convs
+        sizes = model.model_copy(update={
+            "latent_dim": int(dense.shape[1]),
+            "g_dense_channels": int(dense.shape[0]) // 49,
+            "g_channels": [int(weights[key].shape[0]) for key in blocks],
+        })  # fmt: skip
+        generator = build_generator(sizes)
+        generator.load_state_dict(weights)
+    except (KeyError, RuntimeError, ValueError, IndexError) as exc:
+        first = (str(exc).strip().splitlines() or [type(exc).__name__])[0][:160]
+        raise UserError(f"{where} is not a generator of this pipeline ({first}).") from None
+    return generator
+
+
+def mlflow_weights(uri: str) -> dict[str, torch.Tensor]:
+    """The weights of an MLflow model (`models:/...`), through whatever tracking server holds it."""
+    import mlflow
+    from mlflow.exceptions import MlflowException
+
+    from pipeline import tracking
+
+    try:
+        loaded = mlflow.pytorch.load_model(uri, map_location="cpu")
+    except MlflowException as exc:
+        raise UserError(f"MLflow has no model {uri} ({tracking.first_line(exc).rstrip('.')}).") from None
+    except Exception as exc:  # noqa: BLE001 - a flavour other than pytorch, a damaged artifact, ...
+        raise UserError(f"{uri} cannot be loaded as a PyTorch model ({tracking.first_line(exc).rstrip('.')}).") from None
+    return {key: value.detach().cpu() for key, value in loaded.state_dict().items()}
+
+
+def run_model_uri(run_id: str, experiment_id: str) -> str:
+    """`models:/<id>` of the generator that training run `run_id` logged (its finished upload)."""
+    from pipeline import tracking
+
+    run = tracking.MlflowRun.existing(run_id, experiment_id)
+    if run is None:
+        raise UserError(f"MLflow run {run_id} is not in this experiment's tracking store.")
+    ready = [model for model in run.logged_models() if str(model.status) == "READY"]
+    if not ready:
+        raise UserError(f"MLflow run {run_id} holds no finished model; train (or `resend`) it first.")
+    return f"models:/{ready[-1].model_id}"
+
+
+def image_grid(pixels: np.ndarray) -> np.ndarray:
+    """The first samples (at most 100) as one square grid."""
+    rows = math.isqrt(min(len(pixels), 100) - 1) + 1
+    return data.make_grid(pixels[: rows * rows], rows)
+
+
+def main(
+    params_path: Path = Path("params.yaml"), n: int = 25, seed: int | None = None, run: str | None = None,
+    model: str | None = None, grid: Path | None = None, output: Path | None = None, folder: Path | None = None,
+) -> None:  # fmt: skip
+    params, paths = load_params(params_path), Layout()
+    if run and model:
+        raise UserError("give --run or --model, not both.")
+    if n < 1:
+        raise UserError(f"-n must be at least 1, not {n}.")
+    device = runtime.pick_device(params.train.device)
+    if run or model:
+        from pipeline import tracking
+
+        uri, experiment_id, _ = tracking.open_experiment(params.tracking.experiment, Path.cwd(), dict(os.environ))
+        source = model or run_model_uri(run or "", experiment_id)
+        generator = from_weights(mlflow_weights(source), params.model, source).to(device)
+    else:
+        source = str(paths.generator)
+        if not paths.generator.is_file():
+            raise UserError(f"{paths.generator} is missing; train first (`dvc repro train`) or give --run or --model.")
+        generator = load_generator(paths.generator, params.model, device)
+    # The evaluate stage's seed and batch size by default: the same noise, so the same samples.
+    seed = params.evaluate.seed if seed is None else seed
+    pixels = generate(generator, n, seed, params.evaluate.batch_size, device).numpy()  # (n, 28, 28) uint8
+    if grid is None and output is None and folder is None:
+        grid = Path("generated.png")
+    written = []
+    if grid is not None:
+        data.save_png(image_grid(pixels), grid)
+        written.append(str(grid))
+    if output is not None:
+        if output.suffix != ".npy":
+            raise UserError(f"--output {output} must end in .npy (N x 28 x 28 uint8, as evaluate --samples reads).")
+        with runtime.atomic_path(output) as tmp, open(tmp, "wb") as fh:
+            np.save(fh, pixels)
+        written.append(str(output))
+    if folder is not None:
+        for i, image in enumerate(pixels):
+            data.save_png(image, folder / f"{i:06d}.png", scale=1)
+        written.append(f"{folder}/ ({n} PNGs)")
+    print(f"{n} samples from {source} (seed {seed}) -> {', '.join(written)}")
