@@ -179,6 +179,29 @@ def with_db(project: Path, template: Path) -> Path:
     return project
 
 
+FINISHED_RUNS = ("tiny-a", "tiny-b")
+
+
+@pytest.fixture(scope="session")
+def finished_project(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """Two trainings (seeds 0 and 1) each evaluated, and a two-trial sweep, in one SQLite store."""
+    project = make_eval_project(tmp_path_factory.mktemp("finished") / "p")
+    params = yaml.safe_load((project / "params.yaml").read_text())
+    params["train"].update(steps=8, sample_every=2, log_every=2)
+    params["sweep"] = {"trials": 2, "steps": 6, "fid_every": 3, "fid_samples": 32, "eval_samples": 64,
+                       "startup_trials": 2, "prune_after_trials": 5}  # fmt: skip
+    for seed, name in enumerate(FINISHED_RUNS):
+        params["train"]["seed"] = seed
+        (project / "params.yaml").write_text(yaml.safe_dump(params))
+        env = {**stage_env(project), "DVC_EXP_NAME": name}  # runs are named as DVC experiments name them
+        for stage in ("train", "evaluate"):
+            result = run_cli([stage], cwd=project, env=env)
+            assert result.returncode == 0, result.stderr[-3000:]
+    result = run_cli(["sweep"], cwd=project, env=stage_env(project))
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    return project
+
+
 # --- stage processes ----------------------------------------------------------------------
 
 

@@ -121,10 +121,10 @@ def test_train_nproc_launches_the_same_job_through_torchs_launcher(tmp_path: Pat
 
 @pytest.mark.slow
 def test_one_process_under_torchrun_is_bit_identical_to_the_plain_run(tmp_path: Path, tracking_db: Path) -> None:
-    plain = with_db(make_project(tmp_path / "plain", steps=16, **DDP_TRAIN), tracking_db)
+    plain = with_db(make_project(tmp_path / "plain", steps=8, **DDP_TRAIN), tracking_db)
     # The same threads as the job's process: another thread count sums in another order.
     assert run_cli(["train"], cwd=plain, env=job_env(plain)).returncode == 0
-    job = with_db(make_project(tmp_path / "job", steps=16, **DDP_TRAIN), tracking_db)
+    job = with_db(make_project(tmp_path / "job", steps=8, **DDP_TRAIN), tracking_db)
     result = torchrun(job, 1)
     assert result.returncode == 0, result.stderr[-3000:]
     assert_same_weights(generator(job), generator(plain))

@@ -1,7 +1,7 @@
 """The MLflow UI as users see it, in Debian's Chromium (headless, Selenium with chromedriver).
 
 A small finished project (two training runs with their evaluations and registry versions,
-and a small sweep) is made with the real stages; then `mlflow ui` serves it on 127.0.0.1 and
+and a small sweep; conftest's `finished_project`) is made with the real stages; then `mlflow ui` serves it on 127.0.0.1 and
 the browser checks what a person looks for. Screenshots go to test-artifacts/mlflow-ui/
 (CI keeps them); without Chromium the test skips with a sentence (`.ci/run` installs it).
 """
@@ -12,35 +12,13 @@ import shutil
 from pathlib import Path
 
 import pytest
-import yaml
-
-from tests.conftest import ROOT, make_eval_project, run_cli, stage_env
+from tests.conftest import FINISHED_RUNS, ROOT
 from tests.mlflow_ui import MlflowUIBrowser, browser_available
 
 pytestmark = [pytest.mark.slow, pytest.mark.skipif(browser_available() is not None, reason=str(browser_available()))]
 
 SHOTS = ROOT / "test-artifacts" / "mlflow-ui"
-RUNS = ("tiny-a", "tiny-b")
-
-
-@pytest.fixture(scope="module")
-def finished_project(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """Two trainings (seeds 0 and 1) each evaluated, and a two-trial sweep, in one SQLite store."""
-    project = make_eval_project(tmp_path_factory.mktemp("ui") / "p")
-    params = yaml.safe_load((project / "params.yaml").read_text())
-    params["train"].update(steps=8, sample_every=2, log_every=2)
-    params["sweep"] = {"trials": 2, "steps": 6, "fid_every": 3, "fid_samples": 32, "eval_samples": 64,
-                       "startup_trials": 2, "prune_after_trials": 5}  # fmt: skip
-    for seed, name in enumerate(RUNS):
-        params["train"]["seed"] = seed
-        (project / "params.yaml").write_text(yaml.safe_dump(params))
-        env = {**stage_env(project), "DVC_EXP_NAME": name}  # runs are named as DVC experiments name them
-        for stage in ("train", "evaluate"):
-            result = run_cli([stage], cwd=project, env=env)
-            assert result.returncode == 0, result.stderr[-3000:]
-    result = run_cli(["sweep"], cwd=project, env=stage_env(project))
-    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
-    return project
+RUNS = FINISHED_RUNS
 
 
 def test_the_ui_shows_runs_scores_curves_grids_sweeps_and_the_champion(finished_project: Path) -> None:
