@@ -29,7 +29,8 @@ from pipeline.train import new_state, train
 
 
 def run(levers: list[dict[str, Any]], steps: int, seeds: list[int], fid_samples: int, device: torch.device) -> dict[str, Any]:
-    params, paths = load_params("params.yaml"), Layout()
+    params = load_params("params.yaml")
+    paths = Layout(dataset=params.data.dataset)
     images = torch.from_numpy(data.load_prepared(paths.prepared).train_images).to(device)
     classifier, sha = scoring.load_classifier(paths.classifier, params.classifier.feature_dim, device)
     reference = scoring.load_reference(paths.reference, classifier_sha256=sha)

@@ -1,4 +1,12 @@
-"""Stage `classifier`: train the frozen MNIST classifier whose features every score uses."""
+"""Stage `classifier`: the frozen classifier of `data.dataset`, whose features every score uses.
+
+One per dataset (models/classifier-<dataset>.pt), with a record of how it was made beside it
+(models/classifier-<dataset>.json: its params, the SHA-256 of the data, its test accuracy and
+its own SHA-256). The published datasets' classifiers are committed to git: while the record
+matches the params and the data, the stage keeps the classifier and never retrains it, so a
+fresh clone, or an experiment that switches the dataset, scores with the committed network.
+Anything else (your own data, other classifier params) trains it here.
+"""
 
 from __future__ import annotations
 
@@ -11,12 +19,13 @@ import torch
 import torch.nn.functional as F
 from tqdm import tqdm
 
-from pipeline.data import Mnist, load_prepared, to_model
+from pipeline import data
+from pipeline.data import Dataset, load_prepared, to_model
 from pipeline.errors import UserError
 from pipeline.layout import Layout
 from pipeline.models import Classifier, build_classifier
 from pipeline.params import ClassifierParams, load_params
-from pipeline.runtime import pick_device, remove_stale_temps, seed_everything, sha256_file, write_json
+from pipeline.runtime import pick_device, read_json, remove_stale_temps, seed_everything, sha256_file, write_json
 from pipeline.scoring import classify, save_classifier
 
 MAX_SHIFT = 2  # augmentation: random translations of up to +-2 px
@@ -34,18 +43,18 @@ def random_shift(x: torch.Tensor, max_shift: int, generator: torch.Generator) ->
     return padded[torch.arange(n, device=x.device)[:, None, None], 0, rows, cols].unsqueeze(1)
 
 
-def evaluate_on_test(model: Classifier, mnist: Mnist, device: torch.device) -> dict[str, float]:
+def evaluate_on_test(model: Classifier, dataset: Dataset, device: torch.device) -> dict[str, float]:
     """Accuracy and mean cross-entropy on the test set, through the same path scoring uses."""
-    _, probs = classify(model, mnist.test_images, EVAL_BATCH, device)
-    p_true = probs[np.arange(probs.shape[0]), mnist.test_labels]
+    _, probs = classify(model, dataset.test_images, EVAL_BATCH, device)
+    p_true = probs[np.arange(probs.shape[0]), dataset.test_labels]
     return {
-        "test_accuracy": float((probs.argmax(axis=1) == mnist.test_labels).mean()),
+        "test_accuracy": float((probs.argmax(axis=1) == dataset.test_labels).mean()),
         "test_loss": float(-np.log(np.maximum(p_true, 1e-12)).mean()),
     }
 
 
 def train_classifier(
-    params: ClassifierParams, mnist: Mnist, device: torch.device
+    params: ClassifierParams, dataset: Dataset, device: torch.device, n_classes: int = 10
 ) -> tuple[Classifier, dict[str, float | int]]:
     """Train build_classifier(params) on the training set; return it and its test metrics.
 
@@ -53,9 +62,9 @@ def train_classifier(
     """
     seed_everything(params.seed)
     generator = torch.Generator().manual_seed(params.seed)  # shuffling and augmentation
-    model = build_classifier(params).to(device)
-    images = torch.from_numpy(mnist.train_images).to(device)  # uint8 (N, 28, 28): 47 MB for MNIST
-    labels = torch.from_numpy(mnist.train_labels).to(device)
+    model = build_classifier(params, n_classes).to(device)
+    images = torch.from_numpy(dataset.train_images).to(device)  # uint8 (N, 28, 28): 47 MB for MNIST
+    labels = torch.from_numpy(dataset.train_labels).to(device)
     n = images.shape[0]
     steps = math.ceil(n / params.batch_size)
     optimizer = torch.optim.AdamW(model.parameters(), lr=params.lr, weight_decay=params.weight_decay)
@@ -85,24 +94,51 @@ def train_classifier(
             f"train accuracy {correct.item() / n:.4f}, {time.perf_counter() - start:.0f} s",
             flush=True,
         )
-    report: dict[str, float | int] = {**evaluate_on_test(model, mnist, device), "epochs": params.epochs}
+    report: dict[str, float | int] = {**evaluate_on_test(model, dataset, device), "epochs": params.epochs}
     report["seconds"] = round(time.perf_counter() - start, 1)
     return model.eval(), report
 
 
+def record_of(params: ClassifierParams, dataset: Dataset, classes: tuple[str, ...]) -> dict[str, object]:
+    """What a classifier is kept for: the params that shape its training, the data, the classes."""
+    return {"params": params.model_dump(exclude={"min_accuracy"}), "data_sha256": data.fingerprint(dataset),
+            "classes": list(classes)}  # fmt: skip
+
+
+def kept(paths: Layout, wanted: dict[str, object]) -> dict[str, object] | None:
+    """The record of the classifier in place, if it was made as `wanted` and its weights are those recorded."""
+    if not (paths.classifier.is_file() and paths.classifier_record.is_file()):
+        return None
+    record = read_json(paths.classifier_record)
+    same = all(record.get(key) == value for key, value in wanted.items())
+    return record if same and record.get("sha256") == sha256_file(paths.classifier) else None
+
+
 def main(params_path: Path = Path("params.yaml")) -> None:
-    params, paths = load_params(params_path).classifier, Layout()
+    full = load_params(params_path)
+    params, paths = full.classifier, Layout(dataset=full.data.dataset)
     remove_stale_temps(*paths.outputs("classifier"))  # what a killed earlier run's atomic writes left
-    mnist = load_prepared(paths.prepared)
+    classes = data.class_names(full.data)
+    dataset = load_prepared(paths.prepared, len(classes))
+    wanted = record_of(params, dataset, classes)
+    if (record := kept(paths, wanted)) is not None:
+        write_json(paths.classifier_metrics, {k: v for k, v in record.items() if k not in ("params", "classes")})
+        print(f"kept {paths.classifier}: made with these params from this data (test accuracy "
+              f"{record['test_accuracy']:.4f}); delete it, or change classifier.*, to train another.")  # fmt: skip
+        return
+    floor = params.min_accuracy if params.min_accuracy is not None else data.min_accuracy(full.data)
     device = pick_device("auto")
-    model, report = train_classifier(params, mnist, device)
+    model, report = train_classifier(params, dataset, device, len(classes))
     accuracy = report["test_accuracy"]
-    if accuracy < params.min_accuracy:
+    if accuracy < floor:
+        which = "classifier.min_accuracy" if params.min_accuracy is not None else f"the floor of {full.data.dataset}"
         raise UserError(
-            f"the classifier reached test accuracy {accuracy:.4f}, below classifier.min_accuracy "
-            f"{params.min_accuracy}; nothing was written (train longer or adjust the classifier params)."
+            f"the classifier reached test accuracy {accuracy:.4f}, below {which} {floor}; nothing was written "
+            "(train longer or adjust the classifier params)."
         )
     save_classifier(model, paths.classifier)
     provenance = {"sha256": sha256_file(paths.classifier), "feature_dim": params.feature_dim, "device": device.type}
-    write_json(paths.classifier_metrics, {**report, **provenance, "torch": torch.__version__})
+    metrics = {**report, **provenance, "torch": torch.__version__, "dataset": full.data.dataset}
+    write_json(paths.classifier_record, {**metrics, **wanted})
+    write_json(paths.classifier_metrics, metrics)
     print(f"test accuracy {accuracy:.4f} (loss {report['test_loss']:.4f}), {report['seconds']} s -> {paths.classifier}")

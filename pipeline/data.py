@@ -1,6 +1,8 @@
-"""MNIST: fetch, verify, decode, save and load the prepared arrays.
+"""The datasets: MNIST, Fashion-MNIST and your own; fetch, verify, decode, save and load them.
 
-Also the ONE place that maps uint8 pixels to model inputs and back: real images and
+`DATASETS` is the table of published datasets (files, checksums, class names, mirrors) that
+prepare, the classifier and the reports read, keyed by `data.dataset`; `own` is the user's
+.npz. Also the ONE place that maps uint8 pixels to model inputs and back: real images and
 generator samples both pass through `to_model` before any network sees them.
 """
 
@@ -19,10 +21,11 @@ import numpy as np
 import torch
 
 from pipeline.errors import UserError
+from pipeline.params import DataParams
 from pipeline.runtime import atomic_path
 
 IMAGE_SIZE = 28
-N_CLASSES = 10
+N_CLASSES = 10  # MNIST's and Fashion-MNIST's; your own data has as many as its class names
 
 
 @dataclass(frozen=True)
@@ -32,22 +35,56 @@ class IdxFile:
     shape: tuple[int, ...]
 
 
-MNIST_FILES: dict[str, IdxFile] = {
-    "train_images": IdxFile("train-images-idx3-ubyte.gz", "6bbc9ace898e44ae57da46a324031adb", (60000, 28, 28)),
-    "train_labels": IdxFile("train-labels-idx1-ubyte.gz", "a25bea736e30d166cdddb491f175f624", (60000,)),
-    "test_images": IdxFile("t10k-images-idx3-ubyte.gz", "2646ac647ad5339dbf082846283269ea", (10000, 28, 28)),
-    "test_labels": IdxFile("t10k-labels-idx1-ubyte.gz", "27ae3e4e09519cfbb04c329615203637", (10000,)),
-}
+@dataclass(frozen=True)
+class DatasetSpec:
+    """A published dataset of 28 x 28 grayscale IDX files: where they come from and what they hold."""
 
-HOW_TO_SUPPLY = (
-    "put the four official MNIST .gz files in data/raw/mnist/ or set MNIST_MIRROR "
-    "to a directory or URL that holds them"
+    name: str
+    files: dict[str, IdxFile]  # train_images, train_labels, test_images, test_labels
+    class_names: tuple[str, ...]
+    mirrors: tuple[str, ...]  # official download bases, tried in order (unless prepare.mirrors says otherwise)
+    mirror_env: str  # the variable naming an offline copy (a directory or URL base)
+    min_accuracy: float  # the frozen classifier's test accuracy must reach this
+
+    def how_to_supply(self, raw_dir: Path | str) -> str:
+        return (f"put the four official {self.name} .gz files in {raw_dir}/ or set {self.mirror_env} "
+                "to a directory or URL that holds them")  # fmt: skip
+
+
+def _idx_files(md5s: tuple[str, str, str, str]) -> dict[str, IdxFile]:
+    names = ("train-images-idx3-ubyte.gz", "train-labels-idx1-ubyte.gz", "t10k-images-idx3-ubyte.gz",
+             "t10k-labels-idx1-ubyte.gz")  # fmt: skip
+    shapes = ((60000, 28, 28), (60000,), (10000, 28, 28), (10000,))
+    keys = ("train_images", "train_labels", "test_images", "test_labels")
+    return {key: IdxFile(name, md5, shape) for key, name, md5, shape in zip(keys, names, md5s, shapes, strict=True)}
+
+
+MNIST = DatasetSpec(
+    name="MNIST",
+    files=_idx_files(("6bbc9ace898e44ae57da46a324031adb", "a25bea736e30d166cdddb491f175f624",
+                      "2646ac647ad5339dbf082846283269ea", "27ae3e4e09519cfbb04c329615203637")),  # fmt: skip
+    class_names=tuple(str(digit) for digit in range(10)),
+    mirrors=("https://ossci-datasets.s3.amazonaws.com/mnist/", "https://storage.googleapis.com/cvdf-datasets/mnist/"),
+    mirror_env="MNIST_MIRROR",
+    min_accuracy=0.993,
 )
+FASHION_MNIST = DatasetSpec(
+    name="Fashion-MNIST",
+    files=_idx_files(("f4a8712d7a061bf5bd6d2ca38dc4d50a", "9018921c3c673c538a1fc5bad174d6f9",
+                      "8181f5470baa50b63fa0f6fddb340f0a", "15d484375f8d13e6eb1aabb0c3f46965")),  # fmt: skip
+    class_names=("T-shirt/top", "Trouser", "Pullover", "Dress", "Coat", "Sandal", "Shirt", "Sneaker", "Bag",
+                 "Ankle boot"),  # fmt: skip
+    mirrors=("http://fashion-mnist.s3-website.eu-central-1.amazonaws.com/",),
+    mirror_env="FASHION_MNIST_MIRROR",
+    min_accuracy=0.93,
+)
+DATASETS: dict[str, DatasetSpec] = {"mnist": MNIST, "fashion-mnist": FASHION_MNIST}
+OWN_MIN_ACCURACY = 0.9  # your own data's classifier floor, unless classifier.min_accuracy says otherwise
 
 
 @dataclass(frozen=True)
-class Mnist:
-    """The prepared dataset: uint8 images (N, 28, 28) and int64 labels (N,)."""
+class Dataset:
+    """A prepared dataset: uint8 images (N, 28, 28) and int64 labels (N,), a train and a test split."""
 
     train_images: np.ndarray
     train_labels: np.ndarray
@@ -58,37 +95,36 @@ class Mnist:
 # --- decoding and verification ---------------------------------------------------------
 
 
-def decode_idx(raw: bytes, spec: IdxFile, source: str = "") -> np.ndarray:
-    """Verify one decompressed IDX file (md5, magic number, shape) and decode it."""
-    where = f"{spec.name}{f' from {source}' if source else ''}"
+def decode_idx(raw: bytes, spec: IdxFile, source: str = "", how: str = "") -> np.ndarray:
+    """Verify one decompressed IDX file (md5, magic number, shape) and decode it; `how` says how to fix it."""
+    where, how = f"{spec.name}{f' from {source}' if source else ''}", how or MNIST.how_to_supply("data/raw/mnist")
     if len(raw) < 4 or raw[0] != 0 or raw[1] != 0 or raw[2] != 0x08:
-        raise UserError(f"{where} is not an unsigned-byte IDX file (bad magic number); {HOW_TO_SUPPLY}.")
+        raise UserError(f"{where} is not an unsigned-byte IDX file (bad magic number); {how}.")
     ndim = raw[3]
     header = 4 + 4 * ndim
     if ndim != len(spec.shape) or len(raw) < header:
-        raise UserError(f"{where} has {ndim} dimensions, expected {len(spec.shape)}; {HOW_TO_SUPPLY}.")
+        raise UserError(f"{where} has {ndim} dimensions, expected {len(spec.shape)}; {how}.")
     dims = tuple(int.from_bytes(raw[4 + 4 * i : 8 + 4 * i], "big") for i in range(ndim))
     if dims != spec.shape:
-        raise UserError(f"{where} has shape {dims}, expected {spec.shape}; {HOW_TO_SUPPLY}.")
+        raise UserError(f"{where} has shape {dims}, expected {spec.shape}; {how}.")
     expected_len = header + int(np.prod(dims))
     if len(raw) != expected_len:
-        raise UserError(
-            f"{where} is truncated or padded: {len(raw)} bytes, expected {expected_len}; {HOW_TO_SUPPLY}."
-        )
+        raise UserError(f"{where} is truncated or padded: {len(raw)} bytes, expected {expected_len}; {how}.")
     md5 = hashlib.md5(raw).hexdigest()
     if md5 != spec.md5:
-        raise UserError(f"{where} has md5 {md5}, expected {spec.md5} (corrupted or altered); {HOW_TO_SUPPLY}.")
+        raise UserError(f"{where} has md5 {md5}, expected {spec.md5} (corrupted or altered); {how}.")
     return np.frombuffer(raw, dtype=np.uint8, offset=header).reshape(dims).copy()
 
 
-def decompress(blob: bytes, spec: IdxFile, source: str) -> bytes:
+def decompress(blob: bytes, spec: IdxFile, source: str, how: str = "") -> bytes:
     """gunzip with a clear error for truncated or damaged archives."""
     if blob[:2] != b"\x1f\x8b":  # an already-decompressed file is accepted as is
         return blob
     try:
         return gzip.decompress(blob)
     except (EOFError, OSError, zlib.error) as exc:
-        raise UserError(f"{spec.name} from {source} is a damaged gzip file ({exc}); {HOW_TO_SUPPLY}.") from None
+        how = how or MNIST.how_to_supply("data/raw/mnist")
+        raise UserError(f"{spec.name} from {source} is a damaged gzip file ({exc}); {how}.") from None
 
 
 # --- fetching ----------------------------------------------------------------------------
@@ -108,26 +144,28 @@ def _download(url: str, timeout_s: float) -> bytes:
 
 
 def fetch_file(
-    spec: IdxFile, raw_dir: Path, mirror: str | None, mirrors: list[str], timeout_s: float
-) -> np.ndarray:
-    """Get one MNIST file, verified and decoded: raw_dir, then `mirror`, then `mirrors`.
+    spec: IdxFile, raw_dir: Path, mirror: str | None, mirrors: list[str], timeout_s: float,
+    dataset: DatasetSpec = MNIST,
+) -> np.ndarray:  # fmt: skip
+    """Get one file of `dataset`, verified and decoded: raw_dir, then `mirror`, then `mirrors`.
 
     Downloaded files are verified before they are cached in raw_dir, so a bad download
     never poisons the cache.
     """
+    how, env = dataset.how_to_supply(raw_dir), dataset.mirror_env
     blob = _read_local(raw_dir, spec)
     if blob is not None:
-        return decode_idx(decompress(blob, spec, str(raw_dir)), spec, str(raw_dir))
+        return decode_idx(decompress(blob, spec, str(raw_dir), how), spec, str(raw_dir), how)
 
     if mirror:
         if "://" not in mirror:
             directory = Path(mirror).expanduser()
             if not directory.is_dir():
-                raise UserError(f"MNIST_MIRROR={mirror} is not a directory or URL; {HOW_TO_SUPPLY}.")
+                raise UserError(f"{env}={mirror} is not a directory or URL; {how}.")
             blob = _read_local(directory, spec)
             if blob is None:
-                raise UserError(f"MNIST_MIRROR={mirror} has no {spec.name}; {HOW_TO_SUPPLY}.")
-            return decode_idx(decompress(blob, spec, mirror), spec, mirror)
+                raise UserError(f"{env}={mirror} has no {spec.name}; {how}.")
+            return decode_idx(decompress(blob, spec, mirror, how), spec, mirror, how)
         bases = [mirror]
     else:
         bases = mirrors
@@ -140,17 +178,20 @@ def fetch_file(
         except (urllib.error.URLError, OSError, ValueError) as exc:
             failures.append(f"{url}: {getattr(exc, 'reason', exc)}")
             continue
-        array = decode_idx(decompress(blob, spec, url), spec, url)
+        array = decode_idx(decompress(blob, spec, url, how), spec, url, how)
         with atomic_path(raw_dir / spec.name) as tmp:
             tmp.write_bytes(blob)
         return array
-    raise UserError(f"cannot download {spec.name} ({'; '.join(failures)}); {HOW_TO_SUPPLY}.")
+    raise UserError(f"cannot download {spec.name} ({'; '.join(failures)}); {how}.")
 
 
-def fetch_mnist(raw_dir: Path, mirror: str | None, mirrors: list[str], timeout_s: float) -> Mnist:
-    """All four files, verified and decoded."""
-    arrays = {key: fetch_file(spec, raw_dir, mirror, mirrors, timeout_s) for key, spec in MNIST_FILES.items()}
-    return Mnist(
+def fetch_dataset(
+    dataset: DatasetSpec, raw_dir: Path, mirror: str | None, mirrors: list[str] | None, timeout_s: float
+) -> Dataset:
+    """All four files of a published dataset, verified and decoded (`mirrors` None: its official ones)."""
+    bases = list(dataset.mirrors) if mirrors is None else mirrors
+    arrays = {key: fetch_file(spec, raw_dir, mirror, bases, timeout_s, dataset) for key, spec in dataset.files.items()}
+    return Dataset(
         train_images=arrays["train_images"],
         train_labels=arrays["train_labels"].astype(np.int64),
         test_images=arrays["test_images"],
@@ -158,19 +199,94 @@ def fetch_mnist(raw_dir: Path, mirror: str | None, mirrors: list[str], timeout_s
     )
 
 
+def load_own(path: Path, class_names: list[str], test_fraction: float, seed: int, min_per_class: int) -> Dataset:
+    """Your own data: an .npz of `images` (N, 28, 28) uint8 and `labels` (N,) integers 0..K-1 (split here,
+    seeded, `test_fraction` held out), or of train_images/train_labels/test_images/test_labels."""
+    if not path.is_file():
+        raise UserError(f"data.path {path} does not exist.")
+    try:
+        with np.load(path, allow_pickle=False) as npz:
+            arrays = {key: npz[key] for key in npz.files}
+    except (ValueError, OSError, EOFError, zipfile.BadZipFile, zlib.error) as exc:
+        raise UserError(f"data.path {path} is not a readable .npz file ({str(exc).splitlines()[0]}).") from None
+    if {"images", "labels"} <= arrays.keys():
+        images, labels = _own_split(path, "", arrays["images"], arrays["labels"], class_names)
+        test = np.zeros(len(labels), bool)
+        rng = np.random.default_rng(seed)
+        for k in range(len(class_names)):  # hold out the same share of every class
+            members = np.flatnonzero(labels == k)
+            test[rng.choice(members, int(round(test_fraction * len(members))), replace=False)] = True
+        dataset = Dataset(images[~test], labels[~test], images[test], labels[test])
+    elif {"train_images", "train_labels", "test_images", "test_labels"} <= arrays.keys():
+        train = _own_split(path, "train_", arrays["train_images"], arrays["train_labels"], class_names)
+        test_split = _own_split(path, "test_", arrays["test_images"], arrays["test_labels"], class_names)
+        dataset = Dataset(*train, *test_split)
+    else:
+        raise UserError(f"data.path {path} holds {sorted(arrays)}; it needs images and labels "
+                        "(or train_images, train_labels, test_images and test_labels).")  # fmt: skip
+    for split, labels in (("train", dataset.train_labels), ("test", dataset.test_labels)):
+        counts = np.bincount(labels, minlength=len(class_names))
+        if counts.min() < min_per_class:
+            k = int(counts.argmin())
+            raise UserError(f"data.path {path}: the {split} split has {counts[k]} image(s) of class "
+                            f"'{class_names[k]}'; every class needs at least {min_per_class} there.")  # fmt: skip
+    return dataset
+
+
+def _own_split(path: Path, prefix: str, images: np.ndarray, labels: np.ndarray,
+               class_names: list[str]) -> tuple[np.ndarray, np.ndarray]:  # fmt: skip
+    """Validated uint8 (N, 28, 28) images and int64 labels in 0..K-1: one sentence for anything else."""
+    where = f"data.path {path}: {prefix}images"
+    if images.ndim == 4 and images.shape[-1] == 1:
+        images = images[..., 0]  # (N, 28, 28, 1), as Keras keeps them
+    if images.ndim != 3 or images.shape[1:] != (IMAGE_SIZE, IMAGE_SIZE):
+        raise UserError(f"{where} has shape {images.shape}; expected N x 28 x 28 grayscale.")
+    if images.dtype != np.uint8:
+        if not np.issubdtype(images.dtype, np.number) or not np.isfinite(images).all():
+            raise UserError(f"{where} has dtype {images.dtype} or NaN/infinite values; expected uint8 pixels.")
+        raise UserError(f"{where} has dtype {images.dtype}; expected uint8 pixels 0-255.")
+    if labels.shape != images.shape[:1] or not np.issubdtype(labels.dtype, np.integer):
+        raise UserError(f"data.path {path}: {prefix}labels must be {images.shape[0]} integers, "
+                        f"got shape {labels.shape} of {labels.dtype}.")  # fmt: skip
+    if labels.size and (labels.min() < 0 or labels.max() >= len(class_names)):
+        raise UserError(f"data.path {path}: {prefix}labels run from {labels.min()} to {labels.max()}, outside "
+                        f"0-{len(class_names) - 1} (data.classes names {len(class_names)} classes).")  # fmt: skip
+    return images, labels.astype(np.int64)
+
+
+def class_names(data: DataParams) -> tuple[str, ...]:
+    """The dataset's classes, label k being the k-th."""
+    return tuple(data.classes or ()) if data.dataset == "own" else DATASETS[data.dataset].class_names
+
+
+def min_accuracy(data: DataParams) -> float:
+    """The frozen classifier's floor unless classifier.min_accuracy says otherwise."""
+    return OWN_MIN_ACCURACY if data.dataset == "own" else DATASETS[data.dataset].min_accuracy
+
+
+def fingerprint(dataset: Dataset) -> str:
+    """SHA-256 of the arrays themselves (not of a file that holds them)."""
+    digest = hashlib.sha256()
+    for key in PREPARED_KEYS:
+        array = np.ascontiguousarray(getattr(dataset, key))
+        digest.update(f"{key}{array.dtype}{array.shape}".encode())
+        digest.update(array.tobytes())
+    return digest.hexdigest()
+
+
 # --- prepared dataset ------------------------------------------------------------------
 
 PREPARED_KEYS = ("train_images", "train_labels", "test_images", "test_labels")
 
 
-def save_prepared(mnist: Mnist, path: Path) -> None:
+def save_prepared(mnist: Dataset, path: Path) -> None:
     """Uncompressed .npz: about 55 MB that loads in tens of milliseconds."""
     with atomic_path(path) as tmp:
         with open(tmp, "wb") as fh:
             np.savez(fh, **{key: getattr(mnist, key) for key in PREPARED_KEYS})
 
 
-def load_prepared(path: Path | str) -> Mnist:
+def load_prepared(path: Path | str, n_classes: int = N_CLASSES) -> Dataset:
     """Load and sanity-check the prepared dataset; a damaged file is a UserError."""
     path = Path(path)
     if not path.is_file():
@@ -189,16 +305,16 @@ def load_prepared(path: Path | str) -> Mnist:
             or labels.shape != images.shape[:1]
             or labels.size == 0
             or labels.min() < 0
-            or labels.max() >= N_CLASSES
+            or labels.max() >= n_classes
         ):
             raise UserError(f"prepared dataset {path} has a malformed {split} split; run `dvc repro prepare` again.")
-    return Mnist(**arrays)
+    return Dataset(**arrays)
 
 
-def class_counts(labels: np.ndarray) -> dict[str, int]:
-    """Images per digit, keyed '0'..'9'."""
-    counts = np.bincount(labels, minlength=N_CLASSES)
-    return {str(digit): int(n) for digit, n in enumerate(counts)}
+def class_counts(labels: np.ndarray, class_names: list[str] | tuple[str, ...] = MNIST.class_names) -> dict[str, int]:
+    """Images per class, keyed by class name."""
+    counts = np.bincount(labels, minlength=len(class_names))
+    return {name: int(n) for name, n in zip(class_names, counts, strict=True)}
 
 
 # --- the one pixel transform -------------------------------------------------------------

@@ -109,15 +109,18 @@ def print_report(result: dict[str, Any]) -> None:
     print(f"n={result['n_samples']}, feature_dim={result['feature_dim']}, classifier sha256 {result['classifier_sha256'][:12]}…")
 
 
-def class_rows(scores: dict[str, Any], reference: scoring.Reference) -> str:
+def class_rows(scores: dict[str, Any], reference: scoring.Reference, names: tuple[str, ...]) -> str:
+    """plots/eval_classes.csv: the share of samples the classifier puts in each class, beside the real share."""
     counts = np.asarray(scores["class_counts"], dtype=np.float64)
-    lines = ["digit,fraction,reference"]
-    lines += [f"{d},{c / counts.sum():.5f},{r:.5f}" for d, (c, r) in enumerate(zip(counts, reference.label_distribution))]
+    lines = ["class,fraction,reference"]
+    lines += [f"{name.replace(',', ' ')},{c / counts.sum():.5f},{r:.5f}"
+              for name, c, r in zip(names, counts, reference.label_distribution, strict=True)]  # fmt: skip
     return "\n".join(lines) + "\n"
 
 
 def main(params_path: Path = Path("params.yaml"), samples: Path | None = None, output: Path | None = None) -> None:
-    params, paths = load_params(params_path), Layout()
+    params = load_params(params_path)
+    paths = Layout(dataset=params.data.dataset)
     p = params.evaluate
     device = runtime.pick_device(params.train.device)
     classifier, sha = scoring.load_classifier(paths.classifier, params.classifier.feature_dim, device)
@@ -162,7 +165,7 @@ def main(params_path: Path = Path("params.yaml"), samples: Path | None = None, o
     grid = data.make_grid(images[:25])
     data.save_png(grid, paths.eval_samples)
     with runtime.atomic_open(paths.class_plot) as fh:
-        fh.write(class_rows(scores, reference))
+        fh.write(class_rows(scores, reference, data.class_names(params.data)))
     runtime.write_json(paths.eval_metrics, result)
     log_to_mlflow(params, paths, result, grid, uri, experiment_id)
 
@@ -178,7 +181,8 @@ def log_to_mlflow(
     parent = tracking.MlflowRun.existing(train_run_id, experiment_id) if train_run_id else None
     if train_run_id and parent is None:
         print(f"training run {train_run_id} is not in {uri}; recording this evaluation as a run of its own.")
-    tags = {**tracking.dvc_tags(env), "stage": "evaluate", "generator.sha256": runtime.sha256_file(paths.generator)}
+    tags = {**tracking.dvc_tags(env), "stage": "evaluate", "dataset": params.data.dataset,
+            "generator.sha256": runtime.sha256_file(paths.generator)}  # fmt: skip
     name = f"evaluate n={result['n_samples']}"
     run = parent.child(name, tags) if parent else tracking.MlflowRun.start(experiment_id, name, tags)
     # The scores are metrics (what a person compares); the real-data floors and what makes a score
@@ -219,11 +223,11 @@ def register(params: Params, parent: Any, result: dict[str, Any]) -> None:
             return
         score = registry.Score(float(result["fid"]), result.get("fid_floor"), int(result["n_samples"]),
                                result["classifier_sha256"])  # fmt: skip
-        outcome = registry.register(params.tracking.experiment, parent.run_id, f"models:/{models[-1].model_id}", score)
+        name = registry.model_name(params.tracking.experiment, params.data.dataset)
+        outcome = registry.register(name, parent.run_id, f"models:/{models[-1].model_id}", score)
     except Exception as exc:  # noqa: BLE001 - the registry is bookkeeping: the scores are written either way
         print(f"warning: the model registry did not take this evaluation ({tracking.first_line(exc)}); "
               "run evaluate again to register it.", file=sys.stderr)  # fmt: skip
         return
-    name = registry.model_name(params.tracking.experiment)
     said = "is now the champion" if outcome.promoted else f"champion stays version {outcome.champion}"
     print(f"registered {name} version {outcome.version}: {said} ({outcome.reason}).")

@@ -80,7 +80,8 @@ def main(
     params_path: Path = Path("params.yaml"), n: int = 25, seed: int | None = None, run: str | None = None,
     model: str | None = None, grid: Path | None = None, output: Path | None = None, folder: Path | None = None,
 ) -> None:  # fmt: skip
-    params, paths = load_params(params_path), Layout()
+    params = load_params(params_path)
+    paths = Layout(dataset=params.data.dataset)
     if run and model:
         raise UserError("give --run or --model, not both.")
     if n < 1:

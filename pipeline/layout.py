@@ -2,7 +2,7 @@
 
 The stages, the sweep and the benchmarks take their paths from a `Layout`; dvc.yaml lists
 the same files as each stage's deps and outs, and a test holds the two in step
-(`tests/test_layout.py`). Paths are relative to the project root, so a stage runs from it
+(`tests/test_dvc_yaml.py`). Paths are relative to the project root, so a stage runs from it
 (as `dvc repro` does). Data files are keyed by the dataset's name.
 """
 
@@ -19,6 +19,11 @@ class Layout:
 
     # prepare
     @property
+    def own(self) -> Path:
+        """Where your own data's .npz lives (data.dataset: own; the prepare stage depends on it)."""
+        return self.root / "data" / "own"
+
+    @property
     def raw(self) -> Path:
         """Verified downloads of the dataset's files (a cache, not a DVC output)."""
         return self.root / "data" / "raw" / self.dataset
@@ -31,10 +36,15 @@ class Layout:
     def data_metrics(self) -> Path:
         return self.root / "metrics" / "data.json"
 
-    # classifier
+    # classifier: one per dataset, committed to git for the published ones
     @property
     def classifier(self) -> Path:
-        return self.root / "models" / "classifier.pt"
+        return self.root / "models" / f"classifier-{self.dataset}.pt"
+
+    @property
+    def classifier_record(self) -> Path:
+        """How that classifier was made (params, data, accuracy): the stage keeps it while they match."""
+        return self.root / "models" / f"classifier-{self.dataset}.json"
 
     @property
     def classifier_metrics(self) -> Path:
@@ -43,7 +53,7 @@ class Layout:
     # reference
     @property
     def reference(self) -> Path:
-        return self.root / "data" / "reference" / "reference.npz"
+        return self.root / "data" / "reference" / f"{self.dataset}.npz"
 
     @property
     def floors(self) -> Path:
@@ -116,7 +126,7 @@ class Layout:
     def inputs(self, stage: str) -> tuple[Path, ...]:
         """The files a DVC stage reads (its deps besides code)."""
         return {
-            "prepare": (),
+            "prepare": (self.own,),
             "classifier": (self.prepared,),
             "reference": (self.prepared, self.classifier),
             "train": (self.prepared, self.classifier, self.reference),  # the last two for the quick FID
@@ -127,7 +137,7 @@ class Layout:
         """The files a DVC stage writes (its outs, metrics and plots)."""
         return {
             "prepare": (self.prepared, self.data_metrics),
-            "classifier": (self.classifier, self.classifier_metrics),
+            "classifier": (self.classifier, self.classifier_record, self.classifier_metrics),
             "reference": (self.reference, self.floors),
             # (not the resume checkpoint: it is this machine's state, never shared or pulled)
             "train": (

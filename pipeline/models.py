@@ -183,9 +183,9 @@ class Discriminator(nn.Module):
 
 
 class Classifier(nn.Module):
-    """A small MNIST CNN whose penultimate layer gives the features FID is computed on."""
+    """A small CNN whose penultimate layer gives the features FID is computed on; one per dataset."""
 
-    def __init__(self, feature_dim: int = 128, dropout: float = 0.3) -> None:
+    def __init__(self, feature_dim: int = 128, dropout: float = 0.3, n_classes: int = 10) -> None:
         super().__init__()
 
         def block(in_ch: int, out_ch: int) -> list[nn.Module]:
@@ -198,7 +198,7 @@ class Classifier(nn.Module):
             nn.Linear(64 * 7 * 7, feature_dim), nn.ReLU(inplace=True),
         )  # fmt: skip
         self.dropout = nn.Dropout(dropout)
-        self.head = nn.Linear(feature_dim, 10)
+        self.head = nn.Linear(feature_dim, n_classes)
         self.feature_dim = feature_dim
 
     def features(self, images: torch.Tensor) -> torch.Tensor:
@@ -206,7 +206,7 @@ class Classifier(nn.Module):
         return self.body(images)
 
     def forward(self, images: torch.Tensor) -> torch.Tensor:
-        """Class logits (N, 10)."""
+        """Class logits (N, n_classes)."""
         return self.head(self.dropout(self.body(images)))
 
 
@@ -234,8 +234,8 @@ def build_discriminator(params: ModelParams, *, fast_dropout: bool = True) -> Di
     )
 
 
-def build_classifier(params: ClassifierParams) -> Classifier:
-    return Classifier(feature_dim=params.feature_dim)
+def build_classifier(params: ClassifierParams, n_classes: int = 10) -> Classifier:
+    return Classifier(feature_dim=params.feature_dim, n_classes=n_classes)
 
 
 def load_generator(path: Path, params: ModelParams, device: torch.device) -> Generator:

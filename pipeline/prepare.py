@@ -1,30 +1,51 @@
-"""Stage `prepare`: fetch and verify the four MNIST files, save the prepared arrays."""
+"""Stage `prepare`: the dataset of `data.dataset`, verified and saved as the prepared arrays.
+
+A published dataset (MNIST, Fashion-MNIST) comes from data/raw/<dataset>/, then its offline
+mirror variable (MNIST_MIRROR, FASHION_MNIST_MIRROR), then its official mirrors, every file
+checked; your own (`own`) is read from `data.path` and checked image by image.
+"""
 
 from __future__ import annotations
 
 import os
+from collections.abc import Mapping
 from pathlib import Path
 
-from pipeline.data import Mnist, class_counts, fetch_mnist, save_prepared
+from pipeline import data
+from pipeline.data import Dataset, class_counts, save_prepared
 from pipeline.layout import Layout
-from pipeline.params import PrepareParams, load_params
+from pipeline.params import Params, load_params
 from pipeline.runtime import remove_stale_temps, write_json
 
+# Every class needs this many images in each split: the classifier learns it, and the class
+# histogram, per-class counts and the floors mean something.
+MIN_PER_CLASS = 10
 
-def prepare(params: PrepareParams, raw_dir: Path, mirror: str | None) -> tuple[Mnist, dict[str, object]]:
-    """Fetch and verify MNIST; return the dataset and its per-digit counts."""
-    mnist = fetch_mnist(raw_dir, mirror, params.mirrors, params.timeout_s)
+
+def prepare(params: Params, raw_dir: Path, env: Mapping[str, str]) -> tuple[Dataset, dict[str, object]]:
+    """Fetch and verify the dataset; return it and its images per class."""
+    if params.data.dataset == "own":
+        own = params.data
+        dataset = data.load_own(Path(own.path or ""), list(own.classes or ()), own.test_fraction, own.split_seed,
+                                MIN_PER_CLASS)  # fmt: skip
+    else:
+        spec = data.DATASETS[params.data.dataset]
+        dataset = data.fetch_dataset(spec, raw_dir, env.get(spec.mirror_env) or None, params.prepare.mirrors,
+                                     params.prepare.timeout_s)  # fmt: skip
+    names = data.class_names(params.data)
     summary = {
-        split: {"count": int(labels.size), "per_digit": class_counts(labels)}
-        for split, labels in (("train", mnist.train_labels), ("test", mnist.test_labels))
+        split: {"count": int(labels.size), "per_class": class_counts(labels, names)}
+        for split, labels in (("train", dataset.train_labels), ("test", dataset.test_labels))
     }
-    return mnist, summary
+    return dataset, {"dataset": params.data.dataset, **summary}
 
 
 def main(params_path: Path = Path("params.yaml")) -> None:
-    params, paths = load_params(params_path), Layout()
+    params = load_params(params_path)
+    paths = Layout(dataset=params.data.dataset)
     remove_stale_temps(*paths.outputs("prepare"), paths.raw)
-    mnist, summary = prepare(params.prepare, paths.raw, os.environ.get("MNIST_MIRROR") or None)
-    save_prepared(mnist, paths.prepared)
+    dataset, summary = prepare(params, paths.raw, os.environ)
+    save_prepared(dataset, paths.prepared)
     write_json(paths.data_metrics, summary)
-    print(f"prepared {summary['train']['count']} train and {summary['test']['count']} test images -> {paths.prepared}")
+    counts = {split: summary[split]["count"] for split in ("train", "test")}  # type: ignore[index]
+    print(f"prepared {counts['train']} train and {counts['test']} test images of {params.data.dataset} -> {paths.prepared}")

@@ -1,4 +1,4 @@
-"""Stage `reference`: classifier features of the real MNIST test set, and the real-vs-real floor.
+"""Stage `reference`: classifier features of the dataset's real test set, and the real-vs-real floor.
 
 The floor scores `evaluate.n_samples` real training images against the reference exactly as
 generated samples are scored, so it is the best any generator can hope for at that N.
@@ -12,7 +12,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from pipeline.data import Mnist, load_prepared
+from pipeline import data
+from pipeline.data import Dataset, load_prepared
 from pipeline.errors import UserError
 from pipeline.layout import Layout
 from pipeline.models import Classifier
@@ -31,27 +32,30 @@ from pipeline.scoring import (
 
 
 def build_reference(
-    model: Classifier, classifier_sha256: str, mnist: Mnist, params: EvaluateParams, device: torch.device
+    model: Classifier, classifier_sha256: str, dataset: Dataset, params: EvaluateParams, device: torch.device,
+    n_classes: int = 10,
 ) -> tuple[Reference, dict[str, float | int | list[int]]]:
     """The test-set reference and the scores of n_samples training images (seeded draw) against it."""
-    n_train = mnist.train_images.shape[0]
+    n_train = dataset.train_images.shape[0]
     if params.n_samples > n_train:
         raise UserError(f"evaluate.n_samples={params.n_samples} exceeds the {n_train} real training images.")
-    features, _ = classify(model, mnist.test_images, params.batch_size, device)
-    reference = compute_reference(features, mnist.test_labels, classifier_sha256)
+    features, _ = classify(model, dataset.test_images, params.batch_size, device)
+    reference = compute_reference(features, dataset.test_labels, classifier_sha256, n_classes)
     pick = np.sort(np.random.default_rng(params.seed).choice(n_train, params.n_samples, replace=False))
-    real_features, real_probs = classify(model, mnist.train_images[pick], params.batch_size, device)
+    real_features, real_probs = classify(model, dataset.train_images[pick], params.batch_size, device)
     return reference, score(real_features, real_probs, reference, params)
 
 
 def main(params_path: Path = Path("params.yaml")) -> None:
-    params, paths = load_params(params_path), Layout()
+    params = load_params(params_path)
+    paths = Layout(dataset=params.data.dataset)
     remove_stale_temps(*paths.outputs("reference"))  # what a killed earlier run's atomic writes left
-    mnist = load_prepared(paths.prepared)
+    n_classes = len(data.class_names(params.data))
+    dataset = load_prepared(paths.prepared, n_classes)
     device = pick_device("auto")
     model, sha = load_classifier(paths.classifier, params.classifier.feature_dim, device)
     start = time.perf_counter()
-    reference, floor = build_reference(model, sha, mnist, params.evaluate, device)
+    reference, floor = build_reference(model, sha, dataset, params.evaluate, device, n_classes)
     seconds = round(time.perf_counter() - start, 1)
     save_reference(reference, paths.reference)
     meta = scoring_metadata(sha, params.classifier.feature_dim, params.evaluate)

@@ -29,8 +29,9 @@ CHAMPION = "champion"
 LOCK_STALE_S = 300.0  # a lock older than this was left by a killed process
 
 
-def model_name(experiment: str) -> str:
-    return f"{experiment}-generator"
+def model_name(experiment: str, dataset: str = "mnist") -> str:
+    """`<experiment>-generator` for MNIST, `<experiment>-<dataset>-generator` for the others."""
+    return f"{experiment}-generator" if dataset == "mnist" else f"{experiment}-{dataset}-generator"
 
 
 @dataclass(frozen=True)
@@ -108,11 +109,11 @@ def version_of_run(client: Any, name: str, run_id: str) -> Any | None:
     return found[0] if found else None
 
 
-def register(experiment: str, run_id: str, model_uri: str, score: Score) -> Outcome:
-    """Register (or re-tag) the run's generator and decide the champion; see the module docstring."""
+def register(name: str, run_id: str, model_uri: str, score: Score) -> Outcome:
+    """Register (or re-tag) the run's generator as a version of `name` and decide the champion (module docstring)."""
     from mlflow.exceptions import MlflowException
 
-    client, name = _client(), model_name(experiment)
+    client = _client()
     with contextlib.suppress(MlflowException):  # exists already: fine
         client.create_registered_model(name, description="DCGAN generators, one version per evaluated training run; "
                                                          "the alias 'champion' marks the best FID.")  # fmt: skip
@@ -144,11 +145,11 @@ def register(experiment: str, run_id: str, model_uri: str, score: Score) -> Outc
     return Outcome(str(version.version), str(version.version if promote else champion.version), promote, reason)
 
 
-def champion(experiment: str) -> dict[str, Any]:
-    """The champion of the experiment's registered model: version, run, scores, URI."""
+def champion(name: str) -> dict[str, Any]:
+    """The champion of registered model `name`: version, run, scores, URI."""
     from mlflow.exceptions import MlflowException
 
-    client, name = _client(), model_name(experiment)
+    client = _client()
     try:
         version = client.get_model_version_by_alias(name, CHAMPION)
     except MlflowException:
@@ -167,7 +168,7 @@ def main(params_path: Path = Path("params.yaml")) -> None:
 
     params = load_params(params_path)
     uri, _, _ = tracking.open_experiment(params.tracking.experiment, Path.cwd(), dict(os.environ))
-    found = champion(params.tracking.experiment)
+    found = champion(model_name(params.tracking.experiment, params.data.dataset))
     floor = f" (real-data floor {float(found['fid_floor']):.4g})" if found.get("fid_floor") else ""
     print(f"champion: {found['model']} version {found['version']} -> {found['uri']}")
     print(f"  FID {float(found['fid']):.4f}{floor} at N={found['n_samples']}, "

@@ -102,8 +102,8 @@ def resend(params_path: Path = Path("params.yaml")) -> None:
     """The command: rebuild the finished training run's record from the DVC outputs and backfill it."""
     from PIL import Image
 
-    paths = Layout()
     params = load_params(params_path)
+    paths = Layout(dataset=params.data.dataset)
     if not (paths.run_info.is_file() and paths.train_metrics.is_file() and paths.train_log.is_file()):
         raise UserError(
             f"no finished training run here ({paths.run_info}, {paths.train_metrics} or {paths.train_log} is "

@@ -20,7 +20,7 @@ import scipy
 import torch
 
 from pipeline import metrics
-from pipeline.data import N_CLASSES, to_model
+from pipeline.data import to_model
 from pipeline.errors import UserError
 from pipeline.models import Classifier, generate
 from pipeline.params import EvaluateParams
@@ -69,8 +69,10 @@ def load_classifier(path: Path, feature_dim: int, device: torch.device) -> tuple
         isinstance(k, str) and isinstance(v, torch.Tensor) for k, v in state.items()
     ):
         raise UserError(f"classifier weights {path} are not a state_dict of tensors; {RETRAIN}.")
+    head = state.get("head.weight")
+    n_classes = int(head.shape[0]) if isinstance(head, torch.Tensor) and head.ndim == 2 else 10
     with torch.random.fork_rng(devices=[]):  # building layers draws from the RNG: leave training's alone
-        model = Classifier(feature_dim)
+        model = Classifier(feature_dim, n_classes=n_classes)
     try:
         model.load_state_dict(state, strict=True)
     except RuntimeError:
@@ -123,13 +125,13 @@ class Reference:
     classifier_sha256: str  # the weights the features came from; scores are only comparable under one
 
 
-def compute_reference(features: np.ndarray, labels: np.ndarray, classifier_sha256: str) -> Reference:
+def compute_reference(features: np.ndarray, labels: np.ndarray, classifier_sha256: str, n_classes: int = 10) -> Reference:
     """Statistics of real features (N >= 2 * D, see metrics.feature_stats) and their label distribution."""
     mean, cov = metrics.feature_stats(features)
     labels = np.asarray(labels)
-    if labels.shape != (features.shape[0],) or labels.min() < 0 or labels.max() >= N_CLASSES:
-        raise UserError(f"reference labels must be N={features.shape[0]} digits 0-9; got {labels.shape}.")
-    counts = np.bincount(labels, minlength=N_CLASSES).astype(np.float64)
+    if labels.shape != (features.shape[0],) or labels.min() < 0 or labels.max() >= n_classes:
+        raise UserError(f"reference labels must be N={features.shape[0]} classes 0-{n_classes - 1}; got {labels.shape}.")
+    counts = np.bincount(labels, minlength=n_classes).astype(np.float64)
     return Reference(np.asarray(features, np.float32), mean, cov, counts / counts.sum(), classifier_sha256)
 
 
@@ -163,7 +165,8 @@ def load_reference(path: Path, classifier_sha256: str | None = None) -> Referenc
         n == 0
         or ref.mean.shape != (d,)
         or ref.cov.shape != (d, d)
-        or ref.label_distribution.shape != (N_CLASSES,)
+        or ref.label_distribution.ndim != 1
+        or ref.label_distribution.size < 2
         or not all(np.isfinite(a).all() for a in (ref.features, ref.mean, ref.cov, ref.label_distribution))
     ):
         raise UserError(f"reference {path} has inconsistent arrays; {RECOMPUTE}.")

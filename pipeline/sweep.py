@@ -428,7 +428,8 @@ def main(
     params_path: Path = Path("params.yaml"), study: str | None = None, storage: str | None = None,
     trials: int | None = None, allow_outside: bool = False,
 ) -> None:  # fmt: skip
-    params, paths = load_params(params_path), Layout()
+    params = load_params(params_path)
+    paths = Layout(dataset=params.data.dataset)
     options = {k: v for k, v in {"study": study, "storage": storage, "trials": trials}.items() if v is not None}
     if options:  # command-line values are checked exactly as params.yaml's
         raw = params.model_dump(mode="json")
@@ -441,7 +442,7 @@ def main(
     device = runtime.pick_device(params.train.device)
     classifier, classifier_sha = scoring.load_classifier(paths.classifier, params.classifier.feature_dim, device)
     reference = scoring.load_reference(paths.reference, classifier_sha256=classifier_sha)
-    images = torch.from_numpy(data.load_prepared(paths.prepared).train_images).to(device)
+    images = torch.from_numpy(data.load_prepared(paths.prepared, len(data.class_names(params.data))).train_images).to(device)
     data_sha = runtime.sha256_file(paths.prepared)
     uri, experiment_id, root = tracking.open_experiment(params.tracking.experiment, Path.cwd(), env)
 
@@ -460,6 +461,7 @@ def main(
     tags = {
         **tracking.git_info(root), **tracking.dvc_tags(env), "sweep": sweep.study, "stage": "sweep",
         "device": runtime.device_name(device), "torch": torch.__version__, "data.sha256": data_sha,
+        "dataset": params.data.dataset,
     }  # fmt: skip
     mark = fingerprint(params, data_sha, classifier_sha)
     parent = parent_run(study_, created, experiment_id, {**tags, "sweep.storage": where}, mark, where)

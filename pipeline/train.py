@@ -439,6 +439,7 @@ def start_tracking(
         "torch": torch.__version__,
         "cuda": torch.version.cuda or "none",
         "data.sha256": data_hash,
+        "dataset": params.data.dataset,
         "stage": "train",
         # the job: one process, or data-parallel over world_size ranks of per_rank_batch images each
         "dist.world_size": str(world.size),
@@ -569,7 +570,7 @@ class Writer:
 
 def main(params_path: Path = Path("params.yaml")) -> None:
     params = load_params(params_path)
-    p, paths, env = params.train, Layout(), dict(os.environ)
+    p, paths, env = params.train, Layout(dataset=params.data.dataset), dict(os.environ)
     if p.nproc > 1 and not distributed.under_torchrun(env):
         distributed.launch(p.nproc, params_path)  # the same command, as p.nproc processes of one job
         return
@@ -591,7 +592,7 @@ def run(params: Params, paths: Layout, device: torch.device, world: World) -> No
     """The stage in one process (of a job, or the only one): resume or start, train, write."""
     p = params.train
     precision = runtime.resolve_precision(p.precision, device)
-    dataset = data.load_prepared(paths.prepared)
+    dataset = data.load_prepared(paths.prepared, len(data.class_names(params.data)))
     data_hash = runtime.sha256_file(paths.prepared)
     fingerprint = checkpoint_fingerprint(params, data_hash, precision)
     # Rank 0 reads the checkpoint for everyone: other machines of a job need not share its disk.

@@ -3,6 +3,7 @@ projects, stage processes, real MLflow servers, and checks of what a stage left 
 
 from __future__ import annotations
 
+import dataclasses
 import gzip
 import hashlib
 import json
@@ -21,7 +22,7 @@ import yaml
 from PIL import Image
 
 from pipeline import data, runtime, tracking
-from pipeline.data import IdxFile, Mnist, load_prepared, save_prepared
+from pipeline.data import IdxFile, Dataset, load_prepared, save_prepared
 from pipeline.models import Classifier, build_generator
 from pipeline.params import ModelParams
 from pipeline.scoring import classify, compute_reference, load_classifier, save_classifier, save_reference
@@ -45,10 +46,10 @@ def idx_bytes(array: np.ndarray) -> bytes:
     return header + array.astype(np.uint8).tobytes()
 
 
-def synthetic_mnist(n_train: int = 256, n_test: int = 64, seed: int = 0) -> Mnist:
+def synthetic_mnist(n_train: int = 256, n_test: int = 64, seed: int = 0) -> Dataset:
     """Random digits-shaped data: enough to exercise shapes, files and determinism."""
     rng = np.random.default_rng(seed)
-    return Mnist(
+    return Dataset(
         train_images=rng.integers(0, 256, (n_train, 28, 28), dtype=np.uint8),
         train_labels=np.arange(n_train, dtype=np.int64) % 10,
         test_images=rng.integers(0, 256, (n_test, 28, 28), dtype=np.uint8),
@@ -63,12 +64,13 @@ def tiny_idx_dir(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
     mirror.mkdir()
     mnist = synthetic_mnist(n_train=40, n_test=20)
     specs = {}
-    for key, spec in data.MNIST_FILES.items():
+    for key, spec in data.MNIST.files.items():
         array = getattr(mnist, key).astype(np.uint8)
         raw = idx_bytes(array)
         (mirror / spec.name).write_bytes(gzip.compress(raw))
         specs[key] = IdxFile(spec.name, hashlib.md5(raw).hexdigest(), array.shape)
-    monkeypatch.setattr(data, "MNIST_FILES", specs)
+    monkeypatch.setitem(data.DATASETS, "mnist", dataclasses.replace(data.MNIST, files=specs))
+    monkeypatch.setattr(data, "MNIST", data.DATASETS["mnist"])
     return mirror
 
 
@@ -146,18 +148,18 @@ def make_eval_project(path: Path) -> Path:
     params = yaml.safe_load((path / "params.yaml").read_text())
     (path / "params.yaml").write_text(yaml.safe_dump({**params, **EVAL_PARAMS}))
     torch.manual_seed(0)
-    save_classifier(Classifier(16), path / "models/classifier.pt")
+    save_classifier(Classifier(16), path / "models/classifier-mnist.pt")
     write_reference(path, synthetic_mnist(n_train=128), feature_dim=16)
     generator = build_generator(ModelParams(**SMALL_MODEL))
     runtime.save_checkpoint({"generator": generator.state_dict()}, path / "models/generator.pt")
     return path
 
 
-def write_reference(project: Path, mnist: Mnist, feature_dim: int = 128) -> Path:
-    """data/reference/reference.npz from the project's classifier and `mnist`'s test images (needs N >= 2 D)."""
-    classifier, sha = load_classifier(project / "models/classifier.pt", feature_dim, CPU)
+def write_reference(project: Path, mnist: Dataset, feature_dim: int = 128) -> Path:
+    """data/reference/mnist.npz from the project's classifier and `mnist`'s test images (needs N >= 2 D)."""
+    classifier, sha = load_classifier(project / "models/classifier-mnist.pt", feature_dim, CPU)
     features, _ = classify(classifier, mnist.test_images, 256, CPU)
-    path = project / "data/reference/reference.npz"
+    path = project / "data/reference/mnist.npz"
     save_reference(compute_reference(features, mnist.test_labels, sha), path)
     return path
 
@@ -248,7 +250,7 @@ def assert_outputs_complete(project: Path, temps_allowed: bool) -> None:
         for path in sorted((project / folder).rglob("*")):
             if not path.is_file() or path.name.startswith("."):
                 continue
-            if path.suffix == ".pt" and path.name != "classifier.pt":
+            if path.suffix == ".pt" and not path.name.startswith("classifier-"):
                 runtime.load_checkpoint(path)
             elif path.suffix == ".png":
                 with Image.open(path) as image:

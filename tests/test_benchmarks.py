@@ -28,7 +28,7 @@ def bench_project(tmp_path: Path) -> Path:
     """A project folder as a fresh clone has it: params, the committed classifier, synthetic prepared data."""
     shutil.copy2(ROOT / "params.yaml", tmp_path / "params.yaml")
     (tmp_path / "models").mkdir()
-    shutil.copy2(ROOT / "models/classifier.pt", tmp_path / "models/classifier.pt")
+    shutil.copy2(ROOT / "models/classifier-mnist.pt", tmp_path / "models/classifier-mnist.pt")
     data.save_prepared(synthetic_mnist(n_train=512, n_test=300), tmp_path / "data/prepared/mnist.npz")
     return tmp_path
 
@@ -68,11 +68,11 @@ def test_train_throughput_quick_mode_on_cuda(bench_project: Path) -> None:
 @pytest.mark.slow
 def test_lever_quality_compares_every_arm_over_seeds(bench_project: Path) -> None:
     # The reference the FIDs are computed against, made from the synthetic test images.
-    classifier, sha = scoring.load_classifier(bench_project / "models/classifier.pt", 128, torch.device("cpu"))
+    classifier, sha = scoring.load_classifier(bench_project / "models/classifier-mnist.pt", 128, torch.device("cpu"))
     mnist = data.load_prepared(bench_project / "data/prepared/mnist.npz")
     features, _ = scoring.classify(classifier, mnist.test_images, 100, torch.device("cpu"))
     reference = scoring.compute_reference(features, mnist.test_labels, sha)
-    scoring.save_reference(reference, bench_project / "data/reference/reference.npz")
+    scoring.save_reference(reference, bench_project / "data/reference/mnist.npz")
     out = bench_project / "quality.json"
     lever = '{"precision": "fp32", "fused_adam": false}'
     args = ["--steps", "2", "--seeds", "0", "1", "--fid-samples", "300", "--lever", lever, "--output", str(out)]

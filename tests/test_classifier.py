@@ -11,7 +11,7 @@ import torch
 import yaml
 
 from pipeline.classifier import random_shift, train_classifier
-from pipeline.data import Mnist, save_prepared
+from pipeline.data import Dataset, save_prepared
 from pipeline.params import ClassifierParams
 from pipeline.runtime import sha256_file
 from pipeline.scoring import load_classifier
@@ -21,7 +21,7 @@ CPU = torch.device("cpu")
 TINY = ClassifierParams(epochs=1, batch_size=16, feature_dim=16)
 
 
-def squares_mnist(n_train: int = 400, n_test: int = 100) -> Mnist:
+def squares_mnist(n_train: int = 400, n_test: int = 100) -> Dataset:
     """A trivially learnable set: digit c is a white 6x6 square at a position of its own."""
     def make(n: int) -> tuple[np.ndarray, np.ndarray]:
         labels = np.arange(n, dtype=np.int64) % 10
@@ -32,7 +32,7 @@ def squares_mnist(n_train: int = 400, n_test: int = 100) -> Mnist:
         return images, labels
 
     (train_x, train_y), (test_x, test_y) = make(n_train), make(n_test)
-    return Mnist(train_x, train_y, test_x, test_y)
+    return Dataset(train_x, train_y, test_x, test_y)
 
 
 def test_random_shift_moves_content_within_bounds() -> None:
@@ -77,7 +77,7 @@ def test_stage_below_min_accuracy_writes_nothing(tmp_path: Path) -> None:
 
 @pytest.mark.slow
 def test_stage_writes_weights_and_metrics(tmp_path: Path) -> None:
-    stale = [tmp_path / "models/.classifier.pt.k1ll.tmp", tmp_path / "metrics/.classifier.json.k1ll.tmp"]
+    stale = [tmp_path / "models/.classifier-mnist.pt.k1ll.tmp", tmp_path / "metrics/.classifier.json.k1ll.tmp"]
     for path in stale:  # what a kill during an atomic write leaves
         path.parent.mkdir(parents=True, exist_ok=True)
         path.write_bytes(b"half")
@@ -86,7 +86,7 @@ def test_stage_writes_weights_and_metrics(tmp_path: Path) -> None:
     assert not any(path.exists() for path in stale)
     assert "epoch 1/1" in result.stdout
     metrics = json.loads((tmp_path / "metrics/classifier.json").read_text())
-    weights = tmp_path / "models/classifier.pt"
+    weights = tmp_path / "models/classifier-mnist.pt"
     assert metrics["sha256"] == sha256_file(weights) == load_classifier(weights, 16, CPU)[1]
     assert metrics["feature_dim"] == 16 and metrics["epochs"] == 1 and 0.0 <= metrics["test_accuracy"] <= 1.0
     assert {"test_loss", "seconds", "torch"} <= set(metrics)

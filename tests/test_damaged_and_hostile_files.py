@@ -138,7 +138,7 @@ def test_prepare_refuses_altered_and_truncated_raw_mnist(tmp_path: Path) -> None
     env = {**stage_env(project), "MNIST_MIRROR": str(mirror)}
 
     # Altered: a well-formed gzip whose content differs by one label.
-    name = data.MNIST_FILES["test_labels"].name
+    name = data.MNIST.files["test_labels"].name
     raw = bytearray(gzip.decompress((mirror / name).read_bytes()))
     raw[100] = (raw[100] + 1) % 10
     (project / "data/raw/mnist").mkdir(parents=True)
@@ -152,9 +152,9 @@ def test_prepare_refuses_altered_and_truncated_raw_mnist(tmp_path: Path) -> None
     (project / "data/raw/mnist" / name).unlink()
     other = tmp_path / "mirror"
     other.mkdir()
-    for spec in data.MNIST_FILES.values():
+    for spec in data.MNIST.files.values():
         (other / spec.name).symlink_to(mirror / spec.name)
-    images = data.MNIST_FILES["test_images"].name
+    images = data.MNIST.files["test_images"].name
     (other / images).unlink()
     (other / images.removesuffix(".gz")).write_bytes(gzip.decompress((mirror / images).read_bytes())[:-784])
     before = snapshot(project)

@@ -70,7 +70,9 @@ def stage_module(stage: str) -> str:
 
 
 def listed(entries: list[str | dict[str, object]]) -> set[str]:
-    return {entry if isinstance(entry, str) else next(iter(entry)) for entry in entries}
+    """The paths of a stage's entries, for the default dataset (DVC fills ${data.dataset} in from params.yaml)."""
+    paths = {entry if isinstance(entry, str) else next(iter(entry)) for entry in entries}
+    return {path.replace("${data.dataset}", Layout().dataset) for path in paths}
 
 
 def test_the_import_scan_sees_lazy_imports_and_skips_type_checking_ones() -> None:

@@ -27,7 +27,7 @@ def test_typo_in_a_key_names_it_and_the_allowed_keys(tmp_path: Path) -> None:
 
 
 def test_unknown_section(tmp_path: Path) -> None:
-    with pytest.raises(UserError, match=r"unknown key 'trian' \(allowed here: prepare, model"):
+    with pytest.raises(UserError, match=r"unknown key 'trian' \(allowed here: data, prepare, model"):
         load_params(write(tmp_path, "trian:\n  steps: 1\n"))
 
 

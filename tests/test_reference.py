@@ -48,7 +48,7 @@ def test_build_reference_refuses_more_samples_than_images() -> None:
 @pytest.fixture
 def stage_dir(tmp_path: Path) -> Path:
     save_prepared(synthetic_mnist(n_train=400, n_test=300), tmp_path / "data/prepared/mnist.npz")
-    save_classifier(_random_classifier(), tmp_path / "models/classifier.pt")
+    save_classifier(_random_classifier(), tmp_path / "models/classifier-mnist.pt")
     params = {
         "classifier": {"feature_dim": 16},
         "evaluate": {"n_samples": 300, "batch_size": 128, "kid_subsets": 10, "kid_subset_size": 100},
@@ -58,7 +58,7 @@ def stage_dir(tmp_path: Path) -> Path:
 
 
 def test_stage_end_to_end(stage_dir: Path) -> None:
-    stale = [stage_dir / "data/reference/.reference.npz.k1ll.tmp", stage_dir / "metrics/.reference.json.k1ll.tmp"]
+    stale = [stage_dir / "data/reference/.mnist.npz.k1ll.tmp", stage_dir / "metrics/.reference.json.k1ll.tmp"]
     for path in stale:  # what a kill during an atomic write leaves
         path.parent.mkdir(parents=True, exist_ok=True)
         path.write_bytes(b"half")
@@ -66,8 +66,8 @@ def test_stage_end_to_end(stage_dir: Path) -> None:
     assert result.returncode == 0, result.stderr
     assert not any(path.exists() for path in stale)
     assert "real-vs-real floor" in result.stdout and "fid" in result.stdout
-    sha = sha256_file(stage_dir / "models/classifier.pt")
-    ref = load_reference(stage_dir / "data/reference/reference.npz")
+    sha = sha256_file(stage_dir / "models/classifier-mnist.pt")
+    ref = load_reference(stage_dir / "data/reference/mnist.npz")
     assert ref.features.shape == (300, 16) and ref.classifier_sha256 == sha
     metrics = json.loads((stage_dir / "metrics/reference.json").read_text())
     assert metrics["classifier_sha256"] == sha and metrics["n_samples"] == 300 and metrics["seed"] == 1234
@@ -76,14 +76,14 @@ def test_stage_end_to_end(stage_dir: Path) -> None:
 
     # The stage is a pure function of its inputs: the same features again, bit for bit.
     assert run_cli(["reference"], cwd=stage_dir).returncode == 0
-    again = load_reference(stage_dir / "data/reference/reference.npz")
+    again = load_reference(stage_dir / "data/reference/mnist.npz")
     np.testing.assert_array_equal(again.features, ref.features)
 
 
 def test_stage_refuses_a_damaged_classifier(stage_dir: Path) -> None:
-    weights = stage_dir / "models/classifier.pt"
+    weights = stage_dir / "models/classifier-mnist.pt"
     weights.write_bytes(weights.read_bytes()[:1000])
     result = run_cli(["reference"], cwd=stage_dir)
     assert result.returncode == 2
-    assert result.stderr.count("\n") == 1 and "models/classifier.pt are damaged" in result.stderr
+    assert result.stderr.count("\n") == 1 and "models/classifier-mnist.pt are damaged" in result.stderr
     assert not (stage_dir / "data/reference").exists() and not (stage_dir / "metrics").exists()

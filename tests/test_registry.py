@@ -8,6 +8,8 @@ from pathlib import Path
 
 import pytest
 
+pytestmark = pytest.mark.slow
+
 from pipeline import registry, tracking
 
 EXPERIMENT = "reg-test"
@@ -23,7 +25,7 @@ def store(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> str:
 
 
 class Constant:  # the registry does not look inside the model: the smallest pyfunc will do
-    def predict(self, context: object, model_input: object) -> object:
+    def predict(self, context: object, model_input: list[object]) -> list[object]:
         return model_input
 
 
@@ -48,7 +50,7 @@ def test_the_champion_moves_only_to_a_strictly_better_comparable_fid(store: str)
     runs = {name: logged_run(store) for name in "abcde"}
 
     def register(name: str, s: registry.Score) -> registry.Outcome:
-        return registry.register(EXPERIMENT, runs[name][0], runs[name][1], s)
+        return registry.register(registry.model_name(EXPERIMENT), runs[name][0], runs[name][1], s)
 
     assert register("a", score(10.0)).promoted  # the first scored version
     assert register("b", score(5.0)).promoted  # better
@@ -67,7 +69,7 @@ def test_the_champion_moves_only_to_a_strictly_better_comparable_fid(store: str)
     tags = client.get_model_version(name, register("e", score(1.0, n=500)).version).tags
     assert tags["fid/n_samples:500/classifier:aaaaaaaaaaaa"] == "1.0" and tags["fid/n_samples:1000/classifier:bbbbbbbbbbbb"] == "4.0"
     assert [m.name for m in client.search_registered_models()] == [name]  # no lock left behind
-    shown = registry.champion(EXPERIMENT)
+    shown = registry.champion(name)
     assert (shown["version"], shown["uri"]) == ("2", f"models:/{name}@champion")
 
 
@@ -78,7 +80,7 @@ def _register_in_process(uri: str, run_id: str, model_uri: str, fid: float, star
 
     mlflow.set_tracking_uri(uri)
     time.sleep(max(0.0, start - time.time()))  # every process decides at the same moment
-    outcome = registry.register(EXPERIMENT, run_id, model_uri, score(fid))
+    outcome = registry.register(registry.model_name(EXPERIMENT), run_id, model_uri, score(fid))
     out.put((fid, outcome.promoted))  # type: ignore[attr-defined]
 
 
@@ -90,7 +92,7 @@ def test_concurrent_evaluations_cannot_both_win(store: str, tmp_path: Path) -> N
 
     uri = mlflow.get_tracking_uri()
     first = logged_run(store)
-    registry.register(EXPERIMENT, *first, score(50.0))  # the champion to beat
+    registry.register(registry.model_name(EXPERIMENT), *first, score(50.0))  # the champion to beat
     fids = [30.0, 20.0, 40.0, 10.0]
     runs = [logged_run(store) for _ in fids]
     ctx = multiprocessing.get_context("spawn")

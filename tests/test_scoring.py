@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 import torch
 
-from pipeline.data import Mnist, fetch_mnist, from_model, load_prepared
+from pipeline.data import MNIST, Dataset, fetch_dataset, from_model, load_prepared
 from pipeline.errors import UserError
 from pipeline.models import Classifier
 from pipeline.params import EvaluateParams
@@ -29,7 +29,7 @@ from pipeline.scoring import (
 from tests.conftest import ROOT, Payload, shared_mnist_dir, synthetic_mnist
 
 CPU = torch.device("cpu")
-COMMITTED = ROOT / "models/classifier.pt"
+COMMITTED = ROOT / "models/classifier-mnist.pt"
 SCORE_KEYS = {
     "fid", "kid_mean", "kid_std", "is_mean", "is_std", "class_kl", "classes_covered", "mean_confidence",
     "precision", "recall", "density", "coverage", "class_counts",
@@ -39,7 +39,7 @@ SCORE_KEYS = {
 @pytest.fixture
 def weights(tmp_path: Path) -> Path:
     torch.manual_seed(0)
-    path = tmp_path / "models/classifier.pt"
+    path = tmp_path / "models/classifier-mnist.pt"
     save_classifier(Classifier(16), path)
     return path
 
@@ -51,7 +51,7 @@ def test_save_load_roundtrip(weights: Path) -> None:
     model, sha = load_classifier(weights, 16, CPU)
     assert sha == sha256_file(weights)
     assert not model.training and not any(p.requires_grad for p in model.parameters())
-    assert not [p for p in weights.parent.iterdir() if p.name != "classifier.pt"]  # no temp files left
+    assert not [p for p in weights.parent.iterdir() if p.name != "classifier-mnist.pt"]  # no temp files left
     save_classifier(model, weights.with_name("again.pt"))  # same weights, same bytes: the hash is stable
     assert sha256_file(weights.with_name("again.pt")) == sha
 
@@ -138,7 +138,7 @@ def _gaussian_reference(rng: np.random.Generator, n: int = 400, d: int = 8) -> R
 def test_reference_roundtrip_and_damage(tmp_path: Path) -> None:
     ref = _gaussian_reference(np.random.default_rng(0))
     np.testing.assert_allclose(ref.label_distribution, 0.1)
-    path = tmp_path / "data/reference/reference.npz"
+    path = tmp_path / "data/reference/mnist.npz"
     save_reference(ref, path)
     back = load_reference(path)
     assert back.classifier_sha256 == ref.classifier_sha256
@@ -181,21 +181,21 @@ def test_score_keys_and_sanity_on_synthetic_features() -> None:
 
 
 @pytest.fixture(scope="module")
-def real(tmp_path_factory: pytest.TempPathFactory) -> tuple[Classifier, Mnist]:
+def real(tmp_path_factory: pytest.TempPathFactory) -> tuple[Classifier, Dataset]:
     if not COMMITTED.is_file():
-        pytest.skip("needs the committed classifier models/classifier.pt")
+        pytest.skip("needs the committed classifier models/classifier-mnist.pt")
     prepared = ROOT / "data/prepared/mnist.npz"
     if prepared.is_file():
         mnist = load_prepared(prepared)
     elif (mirror := shared_mnist_dir()) is not None:
-        mnist = fetch_mnist(tmp_path_factory.mktemp("raw"), str(mirror), [], 30.0)
+        mnist = fetch_dataset(MNIST, tmp_path_factory.mktemp("raw"), str(mirror), [], 30.0)
     else:
         pytest.skip("needs real MNIST (data/prepared/mnist.npz or the offline copy)")
     return load_classifier(COMMITTED, Classifier().feature_dim, CPU)[0], mnist
 
 
 @pytest.mark.slow
-def test_real_vs_real_scores_are_near_their_floor(real: tuple[Classifier, Mnist]) -> None:
+def test_real_vs_real_scores_are_near_their_floor(real: tuple[Classifier, Dataset]) -> None:
     model, mnist = real
     test_features, test_probs = classify(model, mnist.test_images, 1000, CPU)
     ref = compute_reference(test_features, mnist.test_labels, "committed")
@@ -212,7 +212,7 @@ def test_real_vs_real_scores_are_near_their_floor(real: tuple[Classifier, Mnist]
 
 
 @pytest.mark.slow
-def test_noise_and_single_digit_samples_score_as_they_should(real: tuple[Classifier, Mnist]) -> None:
+def test_noise_and_single_digit_samples_score_as_they_should(real: tuple[Classifier, Dataset]) -> None:
     model, mnist = real
     test_features, _ = classify(model, mnist.test_images, 1000, CPU)
     ref = compute_reference(test_features, mnist.test_labels, "committed")

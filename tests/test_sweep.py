@@ -148,7 +148,7 @@ def test_table_ranks_finished_then_pruned_and_command_reproduces_the_best() -> N
 def project(tmp_path: Path) -> tuple[Path, dict[str, str]]:
     """The committed frozen classifier, a reference it computes here, synthetic data, tiny params."""
     (tmp_path / "models").mkdir()
-    shutil.copy2(ROOT / "models/classifier.pt", tmp_path / "models/classifier.pt")
+    shutil.copy2(ROOT / "models/classifier-mnist.pt", tmp_path / "models/classifier-mnist.pt")
     mnist = synthetic_mnist(n_train=128, n_test=512)  # the reference needs N >= 2 x 128 features
     save_prepared(mnist, tmp_path / "data/prepared/mnist.npz")
     write_reference(tmp_path, mnist)
