@@ -116,7 +116,8 @@ def kept(paths: Layout, wanted: dict[str, object]) -> dict[str, object] | None:
 
 def main(params_path: Path = Path("params.yaml")) -> None:
     full = load_params(params_path)
-    params, paths = full.classifier, Layout(dataset=full.data.dataset)
+    paths = Layout(dataset=full.data.dataset)
+    params = full.classifier.model_copy(update={"epochs": full.classifier.epochs or data.classifier_epochs(full.data)})
     remove_stale_temps(*paths.outputs("classifier"))  # what a killed earlier run's atomic writes left
     classes = data.class_names(full.data)
     dataset = load_prepared(paths.prepared, len(classes))
