@@ -19,17 +19,31 @@ import numpy as np
 import pytest
 import torch
 import yaml
+from filelock import FileLock
 from PIL import Image
 
 from pipeline import data, runtime, tracking
 from pipeline.data import IdxFile, Dataset, load_prepared, save_prepared
 from pipeline.models import Classifier, build_generator
 from pipeline.params import ModelParams
-from pipeline.scoring import classify, compute_reference, load_classifier, save_classifier, save_reference
+from pipeline.scoring import (
+    classify,
+    compute_reference,
+    load_classifier,
+    load_reference,
+    save_classifier,
+    save_reference,
+)
 from tests.servers import MlflowServer, free_port  # noqa: F401 - shared with the test modules
 
 ROOT = Path(__file__).resolve().parents[1]
 CPU = torch.device("cpu")
+
+if os.environ.get("PYTEST_XDIST_WORKER") and "OMP_NUM_THREADS" not in os.environ:
+    # One thread per worker, in it and in the stage processes it starts: xdist runs one worker per
+    # core, and threads spinning on a core another worker needs would slow both many times over.
+    os.environ["OMP_NUM_THREADS"] = "1"
+    torch.set_num_threads(1)
 
 
 def shared_mnist_dir() -> Path | None:
@@ -186,8 +200,25 @@ FINISHED_RUNS = ("tiny-a", "tiny-b")
 
 @pytest.fixture(scope="session")
 def finished_project(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """Two trainings (seeds 0 and 1) each evaluated, and a two-trial sweep, in one SQLite store."""
-    project = make_eval_project(tmp_path_factory.mktemp("finished") / "p")
+    """Two trainings (seeds 0 and 1) each evaluated, and a two-trial sweep, in one SQLite store.
+
+    Built once per test session: xdist workers share it through the directory above their own
+    (the tests using it read it, and write only files of their own names into it).
+    """
+    shared = tmp_path_factory.getbasetemp()
+    if os.environ.get("PYTEST_XDIST_WORKER"):
+        shared = shared.parent
+    project = shared / "finished" / "p"
+    with FileLock(str(shared / "finished.lock")):
+        if not (shared / "finished" / "built").is_file():
+            shutil.rmtree(project.parent, ignore_errors=True)
+            build_finished_project(project)
+            (shared / "finished" / "built").touch()
+    return project
+
+
+def build_finished_project(path: Path) -> Path:
+    project = make_eval_project(path)
     params = yaml.safe_load((project / "params.yaml").read_text())
     params["train"].update(steps=8, sample_every=2, log_every=2)
     params["sweep"] = {"trials": 2, "steps": 6, "fid_every": 3, "fid_samples": 32, "eval_samples": 64,
@@ -261,8 +292,10 @@ def assert_outputs_complete(project: Path, temps_allowed: bool) -> None:
                 text = path.read_text()
                 assert text.endswith("\n"), path
                 assert len({line.count(",") for line in text.splitlines()}) == 1, path
-            elif path.name == "mnist.npz":
+            elif path.suffix == ".npz" and path.parent.name == "prepared":
                 load_prepared(path)
+            elif path.suffix == ".npz" and path.parent.name == "reference":
+                load_reference(path)
     if not temps_allowed:
         assert temp_files(project) == []
 

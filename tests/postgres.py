@@ -222,7 +222,7 @@ class PostgresCluster:
         self.settings = {
             "listen_addresses": "'127.0.0.1'",
             "fsync": "off",
-            "synchronous_commit": "off",
+            "synchronous_commit": "on",  # off loses the last commits when the server is killed
             "full_page_writes": "off",
             "max_connections": "100",
             "shared_buffers": "32MB",
