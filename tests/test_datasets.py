@@ -70,7 +70,7 @@ def shapes(n: int, seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
 
 OWN = {"dataset": "own", "path": "data/own/shapes.npz", "classes": ["bar across", "bar down", "square"]}
 TINY = {
-    "classifier": {"epochs": 2, "feature_dim": 16, "min_accuracy": 0.6, "batch_size": 32},
+    "classifier": {"epochs": 8, "feature_dim": 16, "min_accuracy": 0.6, "batch_size": 32},
     "model": {"g_dense_channels": 16, "g_channels": [16, 8], "d_channels": [4, 8, 8, 16]},
     "train": {"steps": 8, "batch_size": 8, "sample_every": 4, "log_every": 4, "checkpoint_every": 4, "device": "cpu"},
     "evaluate": {"n_samples": 64, "kid_subsets": 2, "kid_subset_size": 32, "batch_size": 64, "is_splits": 2,
@@ -127,7 +127,7 @@ def test_switching_to_fashion_mnist_scores_with_the_committed_classifier(repo: t
     path, env = repo
     shrink(path, {})
     params = yaml.safe_load((path / "params.yaml").read_text())
-    params["classifier"] = {}  # the committed classifier's own params
+    params["classifier"] = yaml.safe_load((ROOT / "params.yaml").read_text())["classifier"]  # the committed one's
     params["evaluate"]["n_samples"] = 512
     (path / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
     for command in (["git", "add", "-A"], ["git", "commit", "-q", "-m", "tiny params"]):
