@@ -85,7 +85,7 @@ class ModelParams(Section):
 
 
 class ClassifierParams(Section):
-    """The frozen MNIST classifier used for every score."""
+    """The frozen classifier of the dataset, used for every score."""
 
     epochs: PositiveInt | None = None  # None: the dataset's own (MNIST 4, Fashion-MNIST 12, your data 10)
     batch_size: BatchSize = 128
