@@ -23,7 +23,7 @@ from filelock import FileLock
 from PIL import Image
 
 from pipeline import data, runtime, tracking
-from pipeline.data import IdxFile, Dataset, load_prepared, save_prepared
+from pipeline.data import Dataset, IdxFile, load_prepared, save_prepared
 from pipeline.models import Classifier, build_generator
 from pipeline.params import ModelParams
 from pipeline.scoring import (
@@ -46,12 +46,17 @@ if os.environ.get("PYTEST_XDIST_WORKER") and "OMP_NUM_THREADS" not in os.environ
     torch.set_num_threads(1)
 
 
-def shared_mnist_dir() -> Path | None:
-    """The offline MNIST copy (MNIST_MIRROR or ../shared/data/mnist), if this machine has one."""
-    for candidate in (os.environ.get("MNIST_MIRROR"), ROOT.parent / "shared" / "data" / "mnist"):
+def shared_dataset_dir(variable: str = "MNIST_MIRROR", folder: str = "mnist") -> Path | None:
+    """The offline copy of a dataset (its mirror variable, else ../shared/data/<folder>), if here."""
+    for candidate in (os.environ.get(variable), ROOT.parent / "shared" / "data" / folder):
         if candidate and "://" not in str(candidate) and (Path(candidate) / "t10k-labels-idx1-ubyte.gz").is_file():
             return Path(candidate)
     return None
+
+
+def shared_mnist_dir() -> Path | None:
+    """The offline MNIST copy (MNIST_MIRROR or ../shared/data/mnist), if this machine has one."""
+    return shared_dataset_dir("MNIST_MIRROR", "mnist")
 
 
 def idx_bytes(array: np.ndarray) -> bytes:
@@ -123,6 +128,17 @@ def git_env() -> dict[str, str]:
         GIT_COMMITTER_EMAIL="tests@example.invalid",
     )
     return env
+
+
+def dvc_repo(path: Path) -> tuple[Path, dict[str, str]]:
+    """A committed copy of the project in `path` and the environment its `dvc` commands run in."""
+    repo = copy_project(path)
+    env = git_env()
+    # Stages run `python -m pipeline`: make `python` this interpreter, as an activated venv does.
+    env["PATH"] = str(Path(sys.executable).parent) + os.pathsep + env["PATH"]
+    for var in ("MLFLOW_TRACKING_URI", "DVC_ROOT", "DVC_EXP_NAME"):
+        env.pop(var, None)
+    return repo, env
 
 
 # --- tiny projects, as a stage sees them --------------------------------------------------

@@ -4,9 +4,7 @@ from __future__ import annotations
 
 import json
 import re
-import os
 import subprocess
-import sys
 from pathlib import Path
 
 import numpy as np
@@ -18,17 +16,13 @@ from pipeline import data
 from pipeline.errors import UserError
 from pipeline.metrics import fid
 from pipeline.scoring import classify, load_classifier
-from tests.conftest import ROOT, assert_refused, copy_project, git_env, run_cli, run_dvc, stage_env
+from tests.conftest import ROOT, assert_refused, dvc_repo, run_cli, run_dvc, shared_dataset_dir, stage_env
 
 FASHION_CLASSIFIER = ROOT / "models/classifier-fashion-mnist.pt"
 
 
 def shared_fashion_dir() -> Path | None:
-    """The offline Fashion-MNIST copy (FASHION_MNIST_MIRROR or ../shared/data/fashion-mnist), if here."""
-    for candidate in (os.environ.get("FASHION_MNIST_MIRROR"), ROOT.parent / "shared" / "data" / "fashion-mnist"):
-        if candidate and "://" not in str(candidate) and (Path(candidate) / "t10k-labels-idx1-ubyte.gz").is_file():
-            return Path(candidate)
-    return None
+    return shared_dataset_dir("FASHION_MNIST_MIRROR", "fashion-mnist")
 
 
 @pytest.fixture(scope="module")
@@ -88,12 +82,7 @@ def shrink(repo: Path, data_section: dict[str, object]) -> None:
 
 @pytest.fixture
 def repo(tmp_path: Path) -> tuple[Path, dict[str, str]]:
-    repo = copy_project(tmp_path / "repo")
-    env = git_env()
-    env["PATH"] = str(Path(sys.executable).parent) + os.pathsep + env["PATH"]  # `python` is this interpreter
-    for var in ("MLFLOW_TRACKING_URI", "DVC_ROOT", "DVC_EXP_NAME"):
-        env.pop(var, None)
-    return repo, env
+    return dvc_repo(tmp_path / "repo")
 
 
 @pytest.mark.slow

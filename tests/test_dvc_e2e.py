@@ -3,9 +3,7 @@
 from __future__ import annotations
 
 import json
-import os
 import subprocess
-import sys
 from pathlib import Path
 
 import numpy as np
@@ -15,7 +13,7 @@ import yaml
 
 from pipeline.models import generate, load_generator
 from pipeline.params import load_params
-from tests.conftest import copy_project, git_env, run_cli, run_dvc, shared_mnist_dir
+from tests.conftest import dvc_repo, run_cli, run_dvc, shared_mnist_dir
 
 pytestmark = pytest.mark.slow
 
@@ -32,13 +30,8 @@ def project(tmp_path: Path) -> tuple[Path, dict[str, str]]:
     mirror = shared_mnist_dir()
     if mirror is None:
         pytest.skip("needs the offline MNIST copy (MNIST_MIRROR or ../shared/data/mnist)")
-    repo = copy_project(tmp_path / "repo")
-    env = git_env()
-    # Stages run `python -m pipeline`: make `python` this interpreter, as an activated venv does.
-    env["PATH"] = str(Path(sys.executable).parent) + os.pathsep + env["PATH"]
+    repo, env = dvc_repo(tmp_path / "repo")
     env["MNIST_MIRROR"] = str(mirror)
-    for var in ("MLFLOW_TRACKING_URI", "DVC_ROOT", "DVC_EXP_NAME"):
-        env.pop(var, None)
     return repo, env
 
 
