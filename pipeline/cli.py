@@ -47,6 +47,8 @@ def build_parser() -> argparse.ArgumentParser:
     generate.add_argument("--grid", type=Path, help="a PNG grid of the first samples (the default: generated.png)")
     generate.add_argument("--output", type=Path, help="all samples as .npy (N x 28 x 28 uint8, for evaluate --samples)")
     generate.add_argument("--folder", type=Path, help="all samples as 28x28 PNGs in this folder")
+    generate.add_argument("--label", help="a conditional generator: draw only this class (its number or name)")
+    generate.add_argument("--raw", action="store_true", help="an EMA run: the trained G, not its moving average")
     sweep = sub.choices["sweep"]
     sweep.add_argument("--study", help="Optuna study name (default: sweep.study); a study that exists is resumed")
     sweep.add_argument("--storage", help="Optuna storage URL shared by all workers (default: sweep.storage)")
@@ -89,13 +91,18 @@ def run(args: argparse.Namespace) -> None:
             print(json.dumps(json_schema(), indent=2))
         return
     if args.command == "summary":
+        import torch
+
+        from pipeline.data import class_names
         from pipeline.models import build_discriminator, build_generator, summary
         from pipeline.params import load_params
 
-        model = load_params(args.params).model
-        print(summary(build_generator(model), (model.latent_dim,)))
+        params = load_params(args.params)
+        model, n_classes = params.model, len(class_names(params.data))
+        labels = torch.zeros(2, dtype=torch.long) if model.conditional else None
+        print(summary(build_generator(model, n_classes=n_classes), (model.latent_dim,), labels))
         print()
-        print(summary(build_discriminator(model), (1, 28, 28)))
+        print(summary(build_discriminator(model, n_classes=n_classes), (1, 28, 28), labels))
         return
     if args.command == "check-params":
         from pipeline.params import load_params

@@ -34,4 +34,12 @@ def _bce_with(label: float) -> Term:
 # towards "real" (the non-saturating form).
 BCE = GanLoss(d_real=_bce_with(1.0), d_fake=_bce_with(0.0), g=_bce_with(1.0))
 
-LOSSES: dict[str, GanLoss] = {"bce": BCE}
+# The hinge loss of SAGAN and BigGAN (Lim & Ye 2017; Miyato et al. 2018): D pushes real logits
+# above +1 and fake ones below -1, with no gradient once they are; G raises D's logit on its images.
+HINGE = GanLoss(
+    d_real=lambda logits: F.relu(1.0 - logits).mean(),
+    d_fake=lambda logits: F.relu(1.0 + logits).mean(),
+    g=lambda logits: -logits.mean(),
+)
+
+LOSSES: dict[str, GanLoss] = {"bce": BCE, "hinge": HINGE}

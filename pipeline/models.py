@@ -5,6 +5,10 @@ layer these are the Keras tutorial's models: Keras' BatchNormalization(momentum=
 PyTorch momentum 0.2 (PyTorch weighs the NEW batch by `momentum`), Keras' epsilon 1e-3,
 glorot-uniform kernels and zero biases, and Keras' "same" padding for stride 2, which pads
 only the bottom/right edge of an even-sized input.
+
+Beyond the tutorial, off by default and leaving the default models untouched: a
+class-conditional pair (`n_classes`: G joins a label embedding to z, D adds a projection of
+its features on a label embedding, Miyato & Koyama 2018) and spectral normalisation of D.
 """
 
 from __future__ import annotations
@@ -12,6 +16,7 @@ from __future__ import annotations
 from collections.abc import Iterator
 from pathlib import Path
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -23,6 +28,7 @@ from pipeline.params import ClassifierParams, ModelParams
 
 IMAGE_SIZE = 28
 BASE_SIZE = IMAGE_SIZE // 4  # the generator upsamples twice: 7 -> 14 -> 28
+LABEL_DIM = 50  # a conditional generator's label embedding, joined to z
 
 
 def _batch_norm(channels: int, keras_momentum: float, eps: float) -> nn.BatchNorm2d:
@@ -124,11 +130,14 @@ class Generator(nn.Module):
         bn_eps: float = 1e-3,
         phased: bool = True,
         by_taps: bool = True,
+        n_classes: int = 0,
     ) -> None:
         super().__init__()
         self.latent_dim = latent_dim
         self.dense_channels = dense_channels
-        self.dense = nn.Linear(latent_dim, dense_channels * BASE_SIZE * BASE_SIZE)
+        self.n_classes = n_classes  # 0: unconditional, the tutorial's
+        self.embed = nn.Embedding(n_classes, LABEL_DIM) if n_classes else None
+        self.dense = nn.Linear(latent_dim + (LABEL_DIM if n_classes else 0), dense_channels * BASE_SIZE * BASE_SIZE)
         layers: list[nn.Module] = []
         in_ch = dense_channels
         for out_ch in channels:  # 7 -> 14 -> 28
@@ -142,7 +151,16 @@ class Generator(nn.Module):
         self.body = nn.Sequential(*layers)
         keras_init_(self)
 
-    def forward(self, z: torch.Tensor) -> torch.Tensor:
+    def forward(self, z: torch.Tensor, labels: torch.Tensor | None = None) -> torch.Tensor:
+        """A conditional generator needs `labels` (N,); given one tensor, as MLflow's pyfunc passes
+        it, it reads the class from z's last column (N, latent_dim + 1)."""
+        if self.embed is not None:
+            if labels is None:
+                if z.shape[-1] != self.latent_dim + 1:
+                    raise ValueError(f"a conditional generator takes z and labels, or z with the class as its "
+                                     f"last column ({self.latent_dim + 1} columns); got {z.shape[-1]}")  # fmt: skip
+                z, labels = z[:, :-1], z[:, -1].round().long()
+            z = torch.cat([z, self.embed(labels).to(z.dtype)], dim=1)
         x = torch.relu(self.dense(z)).view(-1, self.dense_channels, BASE_SIZE, BASE_SIZE)
         return self.body(x)
 
@@ -158,9 +176,12 @@ class Discriminator(nn.Module):
         bn_momentum: float = 0.8,
         bn_eps: float = 1e-3,
         fast_dropout: bool = True,
+        n_classes: int = 0,
+        spectral_norm: bool = False,
     ) -> None:
         super().__init__()
         c1, c2, c3, c4 = channels
+        self.n_classes = n_classes
         drop = Dropout if fast_dropout else nn.Dropout
 
         def act() -> list[nn.Module]:
@@ -176,10 +197,24 @@ class Discriminator(nn.Module):
             nn.Flatten(),
         )  # fmt: skip
         self.head = nn.Linear(c4 * 4 * 4, 1)
+        # The projection discriminator: logit + <embed(label), features>, initialised like the head.
+        self.embed = nn.Embedding(n_classes, c4 * 4 * 4) if n_classes else None
         keras_init_(self)
+        if self.embed is not None:
+            nn.init.xavier_uniform_(self.embed.weight)
+        if spectral_norm:  # each weight divided by its largest singular value (one power iteration a step)
+            for m in list(self.modules()):
+                if isinstance(m, (nn.Conv2d, nn.Linear)):
+                    nn.utils.parametrizations.spectral_norm(m)
 
-    def forward(self, images: torch.Tensor) -> torch.Tensor:
-        return self.head(self.features(images)).squeeze(1)
+    def forward(self, images: torch.Tensor, labels: torch.Tensor | None = None) -> torch.Tensor:
+        h = self.features(images)
+        logits = self.head(h).squeeze(1)
+        if self.embed is None:
+            return logits
+        if labels is None:
+            raise ValueError("a conditional discriminator needs the labels of its images")
+        return logits + (self.embed(labels).to(h.dtype) * h).sum(dim=1)
 
 
 class Classifier(nn.Module):
@@ -210,8 +245,11 @@ class Classifier(nn.Module):
         return self.head(self.dropout(self.body(images)))
 
 
-def build_generator(params: ModelParams, *, fast_upsample: bool = True, fast_output: bool = True) -> Generator:
-    """The generator of `params`; the two flags choose faster forms of the same function."""
+def build_generator(
+    params: ModelParams, *, n_classes: int = 10, fast_upsample: bool = True, fast_output: bool = True
+) -> Generator:
+    """The generator of `params` (conditional on `n_classes` with model.conditional); the two flags
+    choose faster forms of the same function."""
     return Generator(
         latent_dim=params.latent_dim,
         dense_channels=params.g_dense_channels,
@@ -220,10 +258,11 @@ def build_generator(params: ModelParams, *, fast_upsample: bool = True, fast_out
         bn_eps=params.bn_eps,
         phased=fast_upsample,
         by_taps=fast_output,
+        n_classes=n_classes if params.conditional else 0,
     )
 
 
-def build_discriminator(params: ModelParams, *, fast_dropout: bool = True) -> Discriminator:
+def build_discriminator(params: ModelParams, *, n_classes: int = 10, fast_dropout: bool = True) -> Discriminator:
     return Discriminator(
         channels=tuple(params.d_channels),
         dropout=params.dropout,
@@ -231,6 +270,8 @@ def build_discriminator(params: ModelParams, *, fast_dropout: bool = True) -> Di
         bn_momentum=params.bn_momentum,
         bn_eps=params.bn_eps,
         fast_dropout=fast_dropout,
+        n_classes=n_classes if params.conditional else 0,
+        spectral_norm=params.spectral_norm,
     )
 
 
@@ -238,32 +279,48 @@ def build_classifier(params: ClassifierParams, n_classes: int = 10) -> Classifie
     return Classifier(feature_dim=params.feature_dim, n_classes=n_classes)
 
 
-def load_generator(path: Path, params: ModelParams, device: torch.device) -> Generator:
-    """The trained generator saved by the train stage (weights only, checksum verified)."""
+def load_generator(path: Path, params: ModelParams, device: torch.device, n_classes: int = 10, raw: bool = False) -> Generator:
+    """The trained generator saved by the train stage (weights only, checksum verified): the one the
+    stage exports (the EMA of G with train.ema_decay), or with `raw` the trained G itself."""
     state = runtime.load_checkpoint(path, map_location=device)
-    generator = build_generator(params).to(device)
+    if raw and "generator_raw" not in state:
+        raise UserError(f"{path} holds one generator (trained without train.ema_decay): leave out --raw.")
+    generator = build_generator(params, n_classes=n_classes).to(device)
     try:
-        generator.load_state_dict(state["generator"])
+        generator.load_state_dict(state["generator_raw" if raw else "generator"])
     except (KeyError, RuntimeError) as exc:
         first = str(exc).strip().splitlines()[0]
         raise UserError(f"{path} does not match the model section of params.yaml ({first}).") from None
     return generator.eval()
 
 
+def requested_labels(n: int, distribution: np.ndarray | list[float], seed: int) -> torch.Tensor:
+    """n class labels (int64, CPU) drawn from `distribution` with their own seeded RNG: what a conditional
+    generator is asked for when it is scored (the real data's class shares)."""
+    rng = torch.Generator().manual_seed(seed)
+    return torch.multinomial(torch.as_tensor(distribution, dtype=torch.float64), n, replacement=True, generator=rng)
+
+
 @torch.no_grad()
-def generate(generator: Generator, n: int, seed: int, batch_size: int, device: torch.device) -> torch.Tensor:
+def generate(
+    generator: Generator, n: int, seed: int, batch_size: int, device: torch.device, labels: torch.Tensor | None = None
+) -> torch.Tensor:
     """n samples as uint8 pixels (n, 28, 28) on the CPU, in inference mode, from seeded noise.
 
     The noise is drawn on the CPU from its own generator, so the same seed gives the same
-    latent vectors on every device and never disturbs the training RNG.
+    latent vectors on every device and never disturbs the training RNG. A conditional
+    generator draws sample i of class `labels[i]`.
     """
+    if generator.n_classes and (labels is None or labels.shape != (n,)):
+        raise ValueError(f"a conditional generator needs one label per sample ({n})")
     rng = torch.Generator().manual_seed(seed)
     was_training = generator.training
     generator.eval()
     chunks = []
     for start in range(0, n, batch_size):
         z = torch.randn(min(batch_size, n - start), generator.latent_dim, generator=rng)
-        chunks.append(from_model(generator(z.to(device))).cpu())
+        y = labels[start : start + z.shape[0]].to(device) if generator.n_classes and labels is not None else None
+        chunks.append(from_model(generator(z.to(device), y)).cpu())
     generator.train(was_training)
     return torch.cat(chunks)
 
@@ -292,7 +349,7 @@ def _layers(model: nn.Module) -> Iterator[tuple[str, nn.Module]]:
             yield name, module
 
 
-def summary(model: nn.Module, input_shape: tuple[int, ...]) -> str:
+def summary(model: nn.Module, input_shape: tuple[int, ...], labels: torch.Tensor | None = None) -> str:
     """A Keras-style table: each leaf layer's output shape and parameter count."""
     rows: list[tuple[str, str, int]] = []
     hooks = []
@@ -305,7 +362,7 @@ def summary(model: nn.Module, input_shape: tuple[int, ...]) -> str:
     was_training = model.training
     model.eval()
     with torch.no_grad():
-        model(torch.zeros(2, *input_shape))
+        model(torch.zeros(2, *input_shape), labels)
     model.train(was_training)
     for h in hooks:
         h.remove()

@@ -82,6 +82,10 @@ class ModelParams(Section):
     leaky_slope: Annotated[float, Field(ge=0.0, lt=1.0)] = 0.2
     bn_momentum: Annotated[float, Field(gt=0.0, lt=1.0)] = 0.8  # Keras convention
     bn_eps: Annotated[float, Field(gt=0.0, le=0.1)] = 1e-3  # Keras default
+    # Beyond the tutorial (off by default): the class label enters G (an embedding joined to z)
+    # and D (a projection on its features); and spectral normalisation of D's conv and dense layers.
+    conditional: bool = False
+    spectral_norm: bool = False
 
 
 class ClassifierParams(Section):
@@ -107,12 +111,15 @@ class TrainParams(Section):
 
     steps: Annotated[PositiveInt, BUDGET] = 4000
     batch_size: Annotated[BatchSize, RECIPE] = 32
-    loss: Annotated[Literal["bce"], RECIPE] = "bce"  # a name in pipeline/losses.py: bce = the tutorial's
+    loss: Annotated[Literal["bce", "hinge"], RECIPE] = "bce"  # a name in pipeline/losses.py: bce = the tutorial's
     seed: Annotated[Seed, RECIPE] = 0
     lr_d: Annotated[LearningRate, OPTIMISER] = 2e-4
     lr_g: Annotated[LearningRate, OPTIMISER] = 2e-4
     beta1: Annotated[Beta, OPTIMISER] = 0.5
     beta2: Annotated[Beta, OPTIMISER] = 0.999
+    # An exponential moving average of G's weights (and batch-norm statistics), updated after every
+    # G step and used for the grids, the quick FID and the exported generator; 0 = off (the tutorial).
+    ema_decay: Annotated[float, Field(ge=0.0, lt=1.0), RECIPE] = 0.0
     device: Annotated[Device, DEVICE] = "auto"
     # Data-parallel processes that `python -m pipeline train` (and dvc repro) starts on this machine;
     # under torchrun, torchrun decides. A checkpoint resumes only with the world size that wrote it.
