@@ -134,7 +134,8 @@ def resend(params_path: Path = Path("params.yaml")) -> None:
         images[int(path.stem.removeprefix("step_"))] = big[:: big.shape[0] // grid_size, :: big.shape[1] // grid_size]
 
     def model() -> tuple[Any, np.ndarray]:
-        network, _, example = for_export(params.model, runtime.load_checkpoint(paths.generator)["generator"])
+        weights = runtime.load_checkpoint(paths.generator)["generator"]
+        network, _, example = for_export(params.model, weights, len(data.class_names(params.data)))
         return network, example
 
     run_id, sent = backfill(

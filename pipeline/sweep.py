@@ -39,7 +39,6 @@ from optuna.trial import FrozenTrial, TrialState
 from pipeline import data, runtime, scoring, tracking
 from pipeline.errors import UserError
 from pipeline.layout import Layout
-from pipeline.models import generate
 from pipeline.params import BOOKKEEPING, DEVICE, SET_BY_SWEEP, Params, flatten, load_params, validate_params, values_without
 from pipeline.train import Callbacks, Diverged, TrainState, metric_rows, new_state, train
 
@@ -161,15 +160,17 @@ def dvc_command(best: FrozenTrial, params: Params) -> str:
 
 
 def run_trial(
-    params: Params, images: torch.Tensor, classifier: torch.nn.Module, reference: scoring.Reference,
-    callbacks: Callbacks,
+    params: Params, images: torch.Tensor, labels: torch.Tensor, classifier: torch.nn.Module,
+    reference: scoring.Reference, callbacks: Callbacks,
 ) -> tuple[dict[str, Any], np.ndarray]:  # fmt: skip
-    """Train with `params` (on `images`' device) and score `evaluate.n_samples` samples: (scores, 5x5 grid)."""
+    """Train with `params` (on `images`' device; `labels` beside them) and score `evaluate.n_samples`
+    samples: (scores, 5x5 grid)."""
     device = images.device
-    state = new_state(params.model, params.train, device)
-    train(state, images, params.train, params.model.latent_dim, callbacks)
+    state = new_state(params.model, params.train, device, len(reference.label_distribution))
+    train(state, images, params.train, params.model.latent_dim, callbacks, labels=labels)
     p = params.evaluate
-    samples = generate(state.generator, p.n_samples, p.seed, p.batch_size, device).numpy()
+    pixels, _ = scoring.draw(state.output, p.n_samples, p.seed, p.batch_size, device, reference)
+    samples = pixels.numpy()
     features, probs = scoring.classify(classifier, samples, p.batch_size, device)
     return scoring.score(features, probs, reference, p), data.make_grid(samples[:25])
 
@@ -358,6 +359,7 @@ class Objective:
     study: optuna.Study
     params: Params
     images: torch.Tensor
+    labels: torch.Tensor
     classifier: torch.nn.Module
     reference: scoring.Reference
     parent: tracking.MlflowRun
@@ -383,7 +385,7 @@ class Objective:
             run.log_metrics(metric_rows(rows))
 
         def on_eval(state: TrainState) -> None:
-            fid = scoring.generator_fid(state.generator, self.classifier, self.reference, p.train.fid_samples,
+            fid = scoring.generator_fid(state.output, self.classifier, self.reference, p.train.fid_samples,
                                         p.evaluate.seed, p.evaluate.batch_size, self.images.device)  # fmt: skip
             run.log_metrics([{"step": state.step, "fid_quick": fid}])
             print(f"trial {trial.number}: step {state.step}, quick FID {fid:.1f} ({p.train.fid_samples} samples)")
@@ -393,7 +395,7 @@ class Objective:
 
         started, outcome = time.perf_counter(), "FAIL"
         try:
-            scores, grid = run_trial(p, self.images, self.classifier, self.reference, Callbacks(on_log=on_log, on_eval=on_eval))
+            scores, grid = run_trial(p, self.images, self.labels, self.classifier, self.reference, Callbacks(on_log=on_log, on_eval=on_eval))
             outcome = "COMPLETE"
         except optuna.TrialPruned as exc:
             outcome = "PRUNED"
@@ -442,7 +444,8 @@ def main(
     device = runtime.pick_device(params.train.device)
     classifier, classifier_sha = scoring.load_classifier(paths.classifier, params.classifier.feature_dim, device)
     reference = scoring.load_reference(paths.reference, classifier_sha256=classifier_sha)
-    images = torch.from_numpy(data.load_prepared(paths.prepared, len(data.class_names(params.data))).train_images).to(device)
+    dataset = data.load_prepared(paths.prepared, len(data.class_names(params.data)))
+    images, labels = torch.from_numpy(dataset.train_images).to(device), torch.from_numpy(dataset.train_labels).to(device)
     data_sha = runtime.sha256_file(paths.prepared)
     uri, experiment_id, root = tracking.open_experiment(params.tracking.experiment, Path.cwd(), env)
 
@@ -470,7 +473,7 @@ def main(
     print(f"sweep '{sweep.study}': {sweep.trials} trials of {sweep.steps} steps in {where} "
           f"({'new' if created else 'joined'}); MLflow parent run {parent.run_id} at {uri}")  # fmt: skip
 
-    objective = Objective(study_, params, images, classifier, reference, parent, tags)
+    objective = Objective(study_, params, images, labels, classifier, reference, parent, tags)
     try:
         work(study_, objective, sweep.trials, float(sweep.heartbeat_s), catch=(Diverged, OverBudget))
     except KeyboardInterrupt:

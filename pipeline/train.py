@@ -6,6 +6,10 @@ fakes from fresh noise; train D on the real batch (label 1), then on the fake ba
 G through D with the label "real". The generator runs once per step: its output feeds
 D's fake update (detached) and then G's update.
 
+Beyond the tutorial, each off by default (see params.py): an EMA of G's weights, updated
+after every G step, is what the grids, the quick FID and the exported generator use; a
+conditional pair gets each real image's label, and the fakes the real batch's labels.
+
 The core, `train()`, does no file or MLflow I/O: it reports through callbacks, which
 main() wires to DVC outputs and MLflow. Host-device synchronisation happens only at
 logging points (every `log_every` steps), where the per-step losses collected on the
@@ -25,6 +29,7 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import torch
+from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
 
 from pipeline import data, distributed, runtime
 from pipeline.distributed import World
@@ -79,6 +84,12 @@ class TrainState:
     # The random states of every rank of a distributed job at the last checkpoint, gathered by
     # train(); a single process has only its own, read when the checkpoint is written.
     rank_rngs: list[dict[str, Any]] = field(default_factory=list)
+    ema: AveragedModel | None = None  # with train.ema_decay: the moving average of G (batch norm included)
+
+    @property
+    def output(self) -> Generator:
+        """The generator the run gives: the EMA of G when there is one, else G."""
+        return self.ema.module if self.ema is not None else self.generator
 
     def to_checkpoint(self, fingerprint: str) -> dict[str, Any]:
         rngs = self.rank_rngs or [rng_state()]
@@ -97,6 +108,7 @@ class TrainState:
             "history": torch.tensor(self.history, dtype=torch.float64).reshape(-1, 1 + len(LOG_COLUMNS)),
             "fid_history": torch.tensor(self.fid_history, dtype=torch.float64).reshape(-1, 2),
             "run_id": self.run_id or "",
+            **({"ema": self.ema.state_dict()} if self.ema is not None else {}),
         }
 
     def restore(self, ckpt: dict[str, Any], rank: int = 0) -> None:
@@ -105,6 +117,8 @@ class TrainState:
         self.discriminator.load_state_dict(ckpt["discriminator"])
         self.opt_g.load_state_dict(ckpt["opt_g"])
         self.opt_d.load_state_dict(ckpt["opt_d"])
+        if self.ema is not None:
+            self.ema.load_state_dict(ckpt["ema"])
         set_rng_state({"cpu": ckpt["rng_cpu"], "cuda": ckpt["rng_cuda"]} if rank == 0 else ckpt["rng_ranks"][rank - 1])
         self.step = int(ckpt["step"])
         self.history = [(int(r[0]), *map(float, r[1:])) for r in ckpt["history"].tolist()]
@@ -123,12 +137,15 @@ def set_rng_state(state: dict[str, Any]) -> None:
         torch.cuda.set_rng_state_all(state["cuda"])
 
 
-def new_state(model: ModelParams, params: TrainParams, device: torch.device) -> TrainState:
-    """Seeded models and the tutorial's Adam optimisers, with the speed levers of `params`."""
+def new_state(model: ModelParams, params: TrainParams, device: torch.device, n_classes: int = 10) -> TrainState:
+    """Seeded models and the tutorial's Adam optimisers, with the speed levers of `params` (and the
+    EMA of G with train.ema_decay; conditional on `n_classes` with model.conditional)."""
     runtime.seed_everything(params.seed)
     memory_format = torch.channels_last if params.channels_last else torch.contiguous_format
-    generator = build_generator(model, fast_upsample=params.fast_upsample, fast_output=params.fast_output)
-    discriminator = build_discriminator(model)
+    generator = build_generator(
+        model, n_classes=n_classes, fast_upsample=params.fast_upsample, fast_output=params.fast_output
+    )
+    discriminator = build_discriminator(model, n_classes=n_classes)
     generator.to(device, memory_format=memory_format)
     discriminator.to(device, memory_format=memory_format)
     adam = {"betas": (params.beta1, params.beta2), "fused": params.fused_adam or None}
@@ -137,7 +154,13 @@ def new_state(model: ModelParams, params: TrainParams, device: torch.device) -> 
         discriminator,
         torch.optim.Adam(generator.parameters(), lr=params.lr_g, **adam),
         torch.optim.Adam(discriminator.parameters(), lr=params.lr_d, **adam),
+        ema=ema(generator, params.ema_decay) if params.ema_decay else None,
     )
+
+
+def ema(generator: Generator, decay: float) -> AveragedModel:
+    """torch's EMA of `generator`: weights and batch-norm statistics; the first update copies G."""
+    return AveragedModel(generator, multi_avg_fn=get_ema_multi_avg_fn(decay), use_buffers=True)
 
 
 def fixed_noise(latent_dim: int, seed: int, device: torch.device) -> torch.Tensor:
@@ -146,12 +169,17 @@ def fixed_noise(latent_dim: int, seed: int, device: torch.device) -> torch.Tenso
     return torch.randn(GRID * GRID, latent_dim, generator=gen).to(device)
 
 
+def grid_labels(generator: Generator, device: torch.device) -> torch.Tensor | None:
+    """A conditional generator's classes for the grid: 0, 1, 2, ... row by row."""
+    return torch.arange(GRID * GRID, device=device) % generator.n_classes if generator.n_classes else None
+
+
 @torch.no_grad()
 def sample_grid(generator: Generator, noise: torch.Tensor) -> np.ndarray:
     """A 5x5 grid (uint8, H x W) of samples in inference mode, as the tutorial's save_imgs."""
     was_training = generator.training
     generator.eval()
-    pixels = data.from_model(generator(noise)).cpu().numpy()  # (25, 28, 28) uint8
+    pixels = data.from_model(generator(noise, grid_labels(generator, noise.device))).cpu().numpy()  # (25, 28, 28)
     generator.train(was_training)
     return data.make_grid(pixels, GRID)
 
@@ -178,8 +206,12 @@ def train_step(
     autocast: contextlib.AbstractContextManager[Any],
     loss: GanLoss,
     nets: Nets | None = None,
+    labels: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """One tutorial iteration; returns (d_loss, d_acc, g_loss) as a device tensor, no sync.
+
+    A conditional pair gets `labels`, the real batch's: D sees each real image with its class,
+    and G draws its fakes of those classes.
 
     D runs once per backward pass, the known DDP pitfall for GANs being a second forward (which
     re-broadcasts rank 0's batch-norm buffers in place) before the first one's backward.
@@ -187,19 +219,19 @@ def train_step(
     nets = nets or Nets.of(state)
     G, D = nets.generator, nets.discriminator
     with autocast:
-        fake = G(z)  # (B, 1, 28, 28), reused by both updates below
+        fake = G(z, labels)  # (B, 1, 28, 28), reused by both updates below
 
     # D on the real batch (label 1), then on the fake batch (label 0): two Adam steps.
     state.opt_d.zero_grad(set_to_none=True)
     with autocast:
-        logits_real = D(real).float()  # (B,)
+        logits_real = D(real, labels).float()  # (B,)
         loss_real = loss.d_real(logits_real)
     loss_real.backward()
     state.opt_d.step()
 
     state.opt_d.zero_grad(set_to_none=True)
     with autocast:
-        logits_fake = D(fake.detach()).float()
+        logits_fake = D(fake.detach(), labels).float()
         loss_fake = loss.d_fake(logits_fake)
     loss_fake.backward()
     state.opt_d.step()
@@ -209,10 +241,12 @@ def train_step(
     frozen = nets.frozen_discriminator
     frozen.requires_grad_(False)
     with autocast:
-        g_loss = loss.g(frozen(fake).float())
+        g_loss = loss.g(frozen(fake, labels).float())
     g_loss.backward()
     frozen.requires_grad_(True)
     state.opt_g.step()
+    if state.ema is not None:
+        state.ema.update_parameters(state.generator)
 
     d_acc = ((logits_real > 0).float().mean() + (logits_fake < 0).float().mean()) / 2
     return torch.stack([(loss_real + loss_fake).detach() / 2, d_acc, g_loss.detach()])
@@ -266,13 +300,18 @@ def train(
     latent_dim: int,
     callbacks: Callbacks = Callbacks(),
     world: World = World(),
+    labels: torch.Tensor | None = None,
 ) -> TrainState:
-    """Train from `state.step` to `params.steps`. `images`: uint8 (N, 28, 28) on the device.
+    """Train from `state.step` to `params.steps`. `images`: uint8 (N, 28, 28) on the device; `labels`
+    (N,) int64 beside them, which a conditional generator needs.
 
     In a distributed job every rank calls this with its own random stream; `params.batch_size`
     is the global batch, split evenly, and only the writing rank is given callbacks.
     """
     device = images.device
+    if state.generator.n_classes and labels is None:
+        raise ValueError("a conditional generator trains on labelled images: pass their labels")
+    conditional = labels if state.generator.n_classes else None
     batch = params.batch_size // world.size
     nets = distribute(state, world, params.sync_batchnorm)
     autocast = _autocast(device, params.precision)
@@ -320,7 +359,7 @@ def train(
         idx = torch.randint(0, images.shape[0], (batch,), device=device)
         real = data.to_model(images[idx])  # the one pixel transform, on the device
         z = torch.randn(batch, latent_dim, device=device)
-        stats = train_step(state, real, z, autocast, loss, nets)
+        stats = train_step(state, real, z, autocast, loss, nets, None if conditional is None else conditional[idx])
         state.step += 1
         pending.append((state.step, stats))
 
@@ -329,7 +368,7 @@ def train(
         if step % params.log_every == 0 or step % params.checkpoint_every == 0 or last:
             flush()
         if callbacks.on_sample and (step % params.sample_every == 0 or last):
-            callbacks.on_sample(step, sample_grid(state.generator, noise))
+            callbacks.on_sample(step, sample_grid(state.output, noise))
         if callbacks.on_eval and params.fid_every and (step % params.fid_every == 0 or last):
             callbacks.on_eval(state)
         if step % params.checkpoint_every == 0 or last:
@@ -357,11 +396,11 @@ def checkpoint_fingerprint(params: Params, data_hash: str, precision: str) -> st
 
 def resume_or_fresh(
     params: Params, ckpt: dict[str, Any] | None, checkpoint: Path, fingerprint: str, device: torch.device,
-    world: World = World(),
+    world: World = World(), n_classes: int = 10,
 ) -> tuple[TrainState, str | None]:  # fmt: skip
     """The state to train from: that of `ckpt` (read from `checkpoint`) when it matches, else a fresh
     one; and what was found, to say. Each rank of a job continues with its own random stream."""
-    state = new_state(params.model, params.train, device)
+    state = new_state(params.model, params.train, device, n_classes)
     if world.rank:  # the weights are rank 0's (DDP broadcasts them); the random stream is the rank's own
         torch.manual_seed(distributed.rank_seed(params.train.seed, world.rank))
     if ckpt is None:
@@ -397,12 +436,20 @@ def write_fid_log(fid_history: list[tuple[int, float]], path: Path) -> None:
         fh.write("step,fid_quick\n" + "".join(f"{step},{float(fid)!r}\n" for step, fid in fid_history))
 
 
-def for_export(model: ModelParams, weights: dict[str, torch.Tensor]) -> tuple[Generator, str, np.ndarray]:
-    """The generator as MLflow gets it: on the CPU, in inference mode, with its name and an input example."""
-    generator = build_generator(model)
+def for_export(
+    model: ModelParams, weights: dict[str, torch.Tensor], n_classes: int = 10
+) -> tuple[Generator, str, np.ndarray]:
+    """The generator as MLflow gets it: on the CPU, in inference mode, with its name and an input example.
+
+    MLflow's pyfunc passes one tensor, so a conditional generator's example carries the class
+    in z's last column (see Generator.forward).
+    """
+    generator = build_generator(model, n_classes=n_classes)
     generator.load_state_dict({k: v.cpu() for k, v in weights.items()})
     # A batch of 8 in the example keeps the exported model's batch size dynamic.
     example = np.random.default_rng(0).standard_normal((8, model.latent_dim)).astype(np.float32)
+    if generator.n_classes:
+        example = np.concatenate([example, (np.arange(8) % n_classes)[:, None].astype(np.float32)], axis=1)
     return generator.eval(), "generator", example
 
 
@@ -526,7 +573,7 @@ class Writer:
         def on_eval(state: TrainState) -> None:
             # Same noise at every evaluation (own RNG: training is untouched), so the curve shows
             # the generator changing, not the draw.
-            fid = scoring.generator_fid(state.generator, classifier, reference, p.fid_samples, p.seed,
+            fid = scoring.generator_fid(state.output, classifier, reference, p.fid_samples, p.seed,
                                         self.params.evaluate.batch_size, device)  # fmt: skip
             state.fid_history.append((state.step, fid))
             self.bar.write(f"step {state.step}: quick FID ({p.fid_samples} samples) {fid:.3f}")
@@ -544,7 +591,9 @@ class Writer:
         """The DVC outputs, then what MLflow gets at the end; says what it did not get."""
         self.bar.close()
         paths = self.paths
-        runtime.save_checkpoint({"generator": state.generator.state_dict()}, paths.generator)
+        # The generator the run gives (the EMA of G with train.ema_decay), and the trained G beside it.
+        raw = {"generator_raw": state.generator.state_dict()} if state.ema is not None else {}
+        runtime.save_checkpoint({"generator": state.output.state_dict(), **raw}, paths.generator)
         write_log(state.history, paths.train_log)
         write_fid_log(state.fid_history, paths.fid_log)  # header only when train.fid_every is 0
         data.save_png(last_grid, paths.last_samples)
@@ -556,7 +605,7 @@ class Writer:
         if dropped := self.run.drop_unfinished_models():  # a kill during an earlier upload
             print(f"removed {dropped} unfinished logged model(s) of MLflow run {self.run.run_id}, left by an "
                   "interrupted upload.")  # fmt: skip
-        self.run.log_model(*for_export(self.params.model, state.generator.state_dict()))
+        self.run.log_model(*for_export(self.params.model, state.output.state_dict(), state.generator.n_classes))
         self.run.finish()
         print(
             f"step {summary['step']}: D loss {summary['d_loss']:.4f}, D acc {100 * summary['d_acc']:.1f}%, "
@@ -592,25 +641,28 @@ def run(params: Params, paths: Layout, device: torch.device, world: World) -> No
     """The stage in one process (of a job, or the only one): resume or start, train, write."""
     p = params.train
     precision = runtime.resolve_precision(p.precision, device)
-    dataset = data.load_prepared(paths.prepared, len(data.class_names(params.data)))
+    n_classes = len(data.class_names(params.data))
+    dataset = data.load_prepared(paths.prepared, n_classes)
     data_hash = runtime.sha256_file(paths.prepared)
     fingerprint = checkpoint_fingerprint(params, data_hash, precision)
     # Rank 0 reads the checkpoint for everyone: other machines of a job need not share its disk.
     ckpt = runtime.load_checkpoint(paths.checkpoint) if world.writer and paths.checkpoint.exists() else None
     ckpt = distributed.broadcast(world, ckpt)
-    state, how = resume_or_fresh(params, ckpt, paths.checkpoint, fingerprint, device, world)
+    state, how = resume_or_fresh(params, ckpt, paths.checkpoint, fingerprint, device, world, n_classes)
 
     # The one gate: only the writing process touches files, MLflow and the terminal.
     writer = Writer.open(params, paths, state, how, fingerprint, device, precision, data_hash, world) if world.writer else None
 
     images = torch.from_numpy(dataset.train_images).to(device)
+    labels = torch.from_numpy(dataset.train_labels).to(device) if params.model.conditional else None
     started, first_step = time.perf_counter(), state.step
     try:
-        train(state, images, p, params.model.latent_dim, writer.callbacks(device) if writer else Callbacks(), world)
+        train(state, images, p, params.model.latent_dim, writer.callbacks(device) if writer else Callbacks(), world,
+              labels)  # fmt: skip
     except BaseException as exc:
         if writer:
             writer.fail(exc)
         raise
     if writer:
         summary = summarise(state, time.perf_counter() - started, first_step, p.batch_size)
-        writer.finish(state, summary, sample_grid(state.generator, fixed_noise(params.model.latent_dim, p.seed, device)))
+        writer.finish(state, summary, sample_grid(state.output, fixed_noise(params.model.latent_dim, p.seed, device)))
