@@ -20,11 +20,12 @@ import torch
 from pipeline import data, runtime, scoring
 from pipeline.errors import UserError
 from pipeline.layout import Layout
-from pipeline.models import generate, load_generator
+from pipeline.models import load_generator
 from pipeline.params import EvaluateParams, Params, load_params
 
 SCALARS = ("fid", "kid_mean", "kid_std", "is_mean", "is_std", "class_kl", "classes_covered", "mean_confidence",
            "precision", "recall", "density", "coverage")  # fmt: skip
+CONDITIONAL = ("label_accuracy", "fid_class_mean")  # and fid_per_class: a conditional generator's scores
 
 
 def load_samples(path: Path) -> np.ndarray:
@@ -81,28 +82,39 @@ def load_samples(path: Path) -> np.ndarray:
 
 def evaluate(
     images: np.ndarray, classifier: torch.nn.Module, reference: scoring.Reference, params: EvaluateParams,
-    device: torch.device,
+    device: torch.device, asked: tuple[np.ndarray, np.ndarray] | None = None,
 ) -> dict[str, Any]:  # fmt: skip
-    """Score uint8 samples against the reference; the pure core of the stage."""
+    """Score uint8 samples against the reference; the pure core of the stage. `asked`: of a conditional
+    generator, the labels each sample was asked for and the real labels of the reference images."""
     features, probs = scoring.classify(classifier, images, params.batch_size, device)
-    return scoring.score(features, probs, reference, params)
+    scores = scoring.score(features, probs, reference, params)
+    if asked is not None:
+        scores |= scoring.conditional_scores(features, probs, asked[0], reference, asked[1])
+    return scores
+
+
+def scalars(result: dict[str, Any]) -> tuple[str, ...]:
+    """The single-number scores of a result: every generator's, and a conditional one's."""
+    return SCALARS + tuple(key for key in CONDITIONAL if key in result)
 
 
 def report(scores: dict[str, Any], floors: dict[str, Any], context: dict[str, Any]) -> dict[str, Any]:
     """metrics/eval.json: each score, its real-data floor beside it, and what makes it comparable."""
     out: dict[str, Any] = {}
-    for key in SCALARS:
+    for key in scalars(scores):
         out[key] = scores[key]
         if key in floors:
             out[f"{key}_floor"] = floors[key]
     out["class_counts"] = scores["class_counts"]
+    if "fid_per_class" in scores:
+        out["fid_per_class"] = scores["fid_per_class"]
     out.update(context)
     return out
 
 
 def print_report(result: dict[str, Any]) -> None:
     print(f"{'score':<18}{'value':>12}{'real floor':>14}")
-    for key in SCALARS:
+    for key in scalars(result):
         floor = result.get(f"{key}_floor")
         floor_text = f"{floor:>14.4f}" if isinstance(floor, (int, float)) else f"{'':>14}"
         print(f"{key:<18}{result[key]:>12.4f}{floor_text}")
@@ -142,11 +154,14 @@ def main(params_path: Path = Path("params.yaml"), samples: Path | None = None, o
         if images.shape[0] < need:
             raise UserError(f"{samples} holds {images.shape[0]} samples; scoring needs at least {need} "
                             "(2 x classifier.feature_dim) for a meaningful FID.")  # fmt: skip
+        asked = None
     else:
-        generator = load_generator(paths.generator, params.model, device)
-        images = generate(generator, p.n_samples, p.seed, p.batch_size, device).numpy()
-        source = str(paths.generator)
-    scores = evaluate(images, classifier, reference, p, device)
+        n_classes = len(data.class_names(params.data))
+        generator = load_generator(paths.generator, params.model, device, n_classes)
+        pixels, labels = scoring.draw(generator, p.n_samples, p.seed, p.batch_size, device, reference)
+        images, source = pixels.numpy(), str(paths.generator)
+        asked = None if labels is None else (labels.numpy(), data.load_prepared(paths.prepared, n_classes).test_labels)
+    scores = evaluate(images, classifier, reference, p, device, asked)
     context = {
         **scoring.scoring_metadata(sha, int(reference.features.shape[1]), p),
         "n_samples": int(images.shape[0]),
@@ -154,6 +169,11 @@ def main(params_path: Path = Path("params.yaml"), samples: Path | None = None, o
         "seconds": round(time.perf_counter() - started, 2),
     }
     result = report(scores, {k: v for k, v in floors.items() if k in SCALARS}, context)
+    if "fid_per_class" in result:
+        names = data.class_names(params.data)
+        print("per-class FID (the samples asked for each class against its real images):")
+        for name, value in zip(names, result["fid_per_class"], strict=True):
+            print(f"  {name:<16}{'too few samples' if value is None else f'{value:>10.3f}'}")
     print_report(result)
 
     if samples is not None:  # scoring outside samples: a report, not a pipeline output
@@ -191,7 +211,7 @@ def log_to_mlflow(
     run.log_params({f"evaluate.{k}": str(v) for k, v in params.evaluate.model_dump().items()} | floors
                    | {"classifier_sha256": result["classifier_sha256"], "feature_dim": str(result["feature_dim"]),
                       "n_samples": str(result["n_samples"])})  # fmt: skip
-    scores = {k: float(result[k]) for k in SCALARS}
+    scores = {k: float(result[k]) for k in scalars(result)}
     run.log_metrics([{"step": 0, **scores}])
     for path in paths.outputs("evaluate"):
         run.log_artifact(path, "evaluation")

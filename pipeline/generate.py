@@ -4,7 +4,8 @@ The generator comes from the train stage's DVC output (default), from the model 
 training run logged (`--run RUN_ID`), or from the registry (`--model models:/NAME@champion`,
 `models:/NAME/3`). Whatever the source, its weights go into the pipeline's own Generator, so
 the samples are those `evaluate` draws: the same seed, N and batch size give the same pixels,
-and `evaluate --samples` of them gives the stage's scores.
+and `evaluate --samples` of them gives the stage's scores. A conditional generator draws the
+classes evaluate asks for, or only `--label`'s; `--raw` takes the trained G of an EMA run.
 """
 
 from __future__ import annotations
@@ -16,24 +17,26 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from pipeline import data, runtime
+from pipeline import data, runtime, scoring
 from pipeline.errors import UserError
 from pipeline.layout import Layout
-from pipeline.models import Generator, build_generator, generate, load_generator
-from pipeline.params import ModelParams, load_params
+from pipeline.models import LABEL_DIM, Generator, build_generator, generate, load_generator, requested_labels
+from pipeline.params import DataParams, ModelParams, load_params
 
 
 def from_weights(weights: dict[str, torch.Tensor], model: ModelParams, where: str) -> Generator:
     """A Generator holding `weights`, its sizes read off them (batch-norm settings from `model`)."""
     try:
-        dense = weights["dense.weight"]  # (C * 7 * 7, latent)
+        dense = weights["dense.weight"]  # (C * 7 * 7, latent [+ label embedding])
+        n_classes = int(weights["embed.weight"].shape[0]) if "embed.weight" in weights else 0
         blocks = sorted(key for key in weights if key.endswith(".conv.weight"))  # the two upsampling convs
         sizes = model.model_copy(update={
-            "latent_dim": int(dense.shape[1]),
+            "latent_dim": int(dense.shape[1]) - (LABEL_DIM if n_classes else 0),
             "g_dense_channels": int(dense.shape[0]) // 49,
             "g_channels": [int(weights[key].shape[0]) for key in blocks],
+            "conditional": bool(n_classes),
         })  # fmt: skip
-        generator = build_generator(sizes)
+        generator = build_generator(sizes, n_classes=n_classes)
         generator.load_state_dict(weights)
     except (KeyError, RuntimeError, ValueError, IndexError) as exc:
         first = (str(exc).strip().splitlines() or [type(exc).__name__])[0][:160]
@@ -70,6 +73,17 @@ def run_model_uri(run_id: str, experiment_id: str) -> str:
     return f"models:/{ready[-1].model_id}"
 
 
+def class_index(label: str, data_params: DataParams) -> int:
+    """--label as a class index: its number or its name."""
+    names = data.class_names(data_params)
+    if label.isdigit() and int(label) < len(names):
+        return int(label)
+    if label in names:
+        return names.index(label)
+    raise UserError(f"--label {label!r} is not a class of {data_params.dataset}: give 0-{len(names) - 1} or one of "
+                    f"{', '.join(names)}.")  # fmt: skip
+
+
 def image_grid(pixels: np.ndarray) -> np.ndarray:
     """The first samples (at most 100) as one square grid."""
     rows = math.isqrt(min(len(pixels), 100) - 1) + 1
@@ -79,6 +93,7 @@ def image_grid(pixels: np.ndarray) -> np.ndarray:
 def main(
     params_path: Path = Path("params.yaml"), n: int = 25, seed: int | None = None, run: str | None = None,
     model: str | None = None, grid: Path | None = None, output: Path | None = None, folder: Path | None = None,
+    label: str | None = None, raw: bool = False,
 ) -> None:  # fmt: skip
     params = load_params(params_path)
     paths = Layout(dataset=params.data.dataset)
@@ -86,6 +101,8 @@ def main(
         raise UserError("give --run or --model, not both.")
     if n < 1:
         raise UserError(f"-n must be at least 1, not {n}.")
+    if raw and (run or model):
+        raise UserError("--raw reads the train stage's models/generator.pt; MLflow holds only the generator a run gives.")
     device = runtime.pick_device(params.train.device)
     if run or model:
         from pipeline import tracking
@@ -97,10 +114,17 @@ def main(
         source = str(paths.generator)
         if not paths.generator.is_file():
             raise UserError(f"{paths.generator} is missing; train first (`dvc repro train`) or give --run or --model.")
-        generator = load_generator(paths.generator, params.model, device)
+        generator = load_generator(paths.generator, params.model, device, len(data.class_names(params.data)), raw)
     # The evaluate stage's seed and batch size by default: the same noise, so the same samples.
     seed = params.evaluate.seed if seed is None else seed
-    pixels = generate(generator, n, seed, params.evaluate.batch_size, device).numpy()  # (n, 28, 28) uint8
+    labels = None
+    if label is not None and not generator.n_classes:
+        raise UserError(f"{source} is not a conditional generator (model.conditional): it cannot be asked for a class.")
+    if label is not None:
+        labels = torch.full((n,), class_index(label, params.data))
+    elif generator.n_classes:  # the classes evaluate asks for: the real test set's shares
+        labels = requested_labels(n, scoring.load_reference(paths.reference).label_distribution, seed)
+    pixels = generate(generator, n, seed, params.evaluate.batch_size, device, labels).numpy()  # (n, 28, 28) uint8
     if grid is None and output is None and folder is None:
         grid = Path("generated.png")
     written = []

@@ -22,7 +22,7 @@ import torch
 from pipeline import metrics
 from pipeline.data import to_model
 from pipeline.errors import UserError
-from pipeline.models import Classifier, generate
+from pipeline.models import Classifier, Generator, generate, requested_labels
 from pipeline.params import EvaluateParams
 from pipeline.runtime import atomic_path
 
@@ -182,12 +182,21 @@ def load_reference(path: Path, classifier_sha256: str | None = None) -> Referenc
 # --- the scores ---------------------------------------------------------------------------
 
 
+def draw(
+    generator: Generator, n: int, seed: int, batch_size: int, device: torch.device, reference: Reference
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """n seeded samples (uint8, CPU) and, of a conditional generator, the labels they were asked for:
+    drawn with the reference's class shares, so that the samples' classes match the real ones."""
+    labels = requested_labels(n, reference.label_distribution, seed) if generator.n_classes else None
+    return generate(generator, n, seed, batch_size, device, labels), labels
+
+
 def generator_fid(
-    generator: torch.nn.Module, classifier: Classifier, reference: Reference, n: int, seed: int, batch_size: int,
+    generator: Generator, classifier: Classifier, reference: Reference, n: int, seed: int, batch_size: int,
     device: torch.device,
 ) -> float:  # fmt: skip
     """FID of n fresh samples (seeded, inference mode) against the reference: the quick estimate."""
-    images = generate(generator, n, seed, batch_size, device)
+    images, _ = draw(generator, n, seed, batch_size, device, reference)
     features, _ = classify(classifier, images, batch_size, device)
     mean, cov = metrics.feature_stats(features)
     return metrics.frechet_distance(mean, cov, reference.mean, reference.cov)
@@ -226,6 +235,33 @@ def score(
         **metrics.prdc(reference.features, fake_features, params.prdc_k),
         "class_counts": classes["counts"],
     }
+
+
+def conditional_scores(
+    fake_features: np.ndarray, fake_probs: np.ndarray, asked: np.ndarray, reference: Reference, real_labels: np.ndarray
+) -> dict[str, float | list[float | None]]:
+    """Of a conditional generator: does it draw the class asked for, and how well, class by class.
+
+    `label_accuracy`: the share of samples the frozen classifier puts in the class they were
+    asked for. `fid_per_class[c]`: FID of the samples asked for class c against the reference
+    features of the real images of class c (None where either side has fewer than 2 x D);
+    `fid_class_mean`: their mean, given only when every class was scored.
+    """
+    if len(real_labels) != len(reference.features):
+        raise UserError(f"the reference holds {len(reference.features)} images, the test split {len(real_labels)}: "
+                        f"{RECOMPUTE}.")  # fmt: skip
+    need = 2 * reference.features.shape[1]
+    per_class: list[float | None] = []
+    for c in range(len(reference.label_distribution)):
+        fake, real = fake_features[asked == c], reference.features[real_labels == c]
+        if min(len(fake), len(real)) < need:
+            per_class.append(None)
+            continue
+        per_class.append(metrics.fid(fake, real))
+    out: dict[str, float | list[float | None]] = {"label_accuracy": float(np.mean(fake_probs.argmax(axis=1) == asked))}
+    if all(f is not None for f in per_class):
+        out["fid_class_mean"] = float(np.mean(per_class))
+    return out | {"fid_per_class": per_class}
 
 
 def scoring_metadata(
