@@ -130,7 +130,8 @@ class Layout:
             "classifier": (self.prepared,),
             "reference": (self.prepared, self.classifier),
             "train": (self.prepared, self.classifier, self.reference),  # the last two for the quick FID
-            "evaluate": (self.generator, self.run_info, self.classifier, self.reference, self.floors),
+            # the prepared data for its test labels (a conditional generator's per-class FID)
+            "evaluate": (self.generator, self.run_info, self.classifier, self.reference, self.prepared, self.floors),
         }[stage]
 
     def outputs(self, stage: str) -> tuple[Path, ...]:

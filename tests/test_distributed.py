@@ -240,9 +240,9 @@ def test_the_step_calls_d_once_per_backward_and_g_through_the_frozen_module() ->
             super().__init__()
             self.inner = inner
 
-        def forward(self, x: torch.Tensor) -> torch.Tensor:
+        def forward(self, x: torch.Tensor, labels: torch.Tensor | None = None) -> torch.Tensor:
             events.append("forward")
-            out = self.inner(x)
+            out = self.inner(x, labels)
             out.register_hook(lambda grad: events.append("backward"))
             return out
 
