@@ -1,87 +1,242 @@
-"""Do the speed levers cost sample quality? FID after a fixed budget, with and without each.
+"""What a lever does to sample quality: FID after a fixed budget, arm against arm, over seeds.
 
-For each seed, trains the default model with `pipeline.train.train` once with the
-params.yaml defaults and once per `--lever` (TrainParams overrides, usually turning a
-lever off), for the same number of steps, then scores every generator with the frozen
-classifier (`scoring.generator_fid`, same noise for all). A lever is harmless when the
-difference of mean FIDs is within twice the seed-to-seed standard deviation.
+An arm is a set of overrides of params.yaml's model and train sections (dotted keys, as
+`dvc exp run -S` takes them). For each seed, every arm trains with `pipeline.train.train` for
+the same number of steps and its generator (the EMA of G where the arm keeps one) is scored
+with the frozen classifier (`scoring.generator_fid`, the same noise for all). A difference is
+real when it is beyond twice the seed-to-seed standard deviation.
 
-    python benchmarks/lever_quality.py --steps 1500 \
-        --lever '{"precision": "fp32"}' \
-        --lever '{"precision": "fp32", "fast_upsample": false, "fast_output": false, "fused_adam": false}'
+Two uses:
+
+    # the quality study of the README: the tutorial, each lever alone and the quality preset
+    python benchmarks/lever_quality.py --study --steps 4000 --fid-samples 10000 --jobs 2 \\
+        --speed-steps 200 --grids docs/quality_grids.png
+
+    # do the speed levers cost quality? (TrainParams overrides against the defaults)
+    python benchmarks/lever_quality.py --steps 1500 --lever '{"precision": "fp32"}'
+
+`--jobs N` trains N arms at once, each in its own process with 1/N of the threads (the FIDs do
+not depend on it, the bits do). Their images/s share the machine, so `--speed-steps` measures
+each arm's speed again afterwards, alone, alternating the arms over three repeats.
 """
 
 from __future__ import annotations
 
 import argparse
+import concurrent.futures
 import json
+import multiprocessing as mp
+import os
 import statistics
 import time
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 
 from pipeline import data, runtime, scoring
+from pipeline.errors import UserError
 from pipeline.layout import Layout
-from pipeline.params import load_params
-from pipeline.train import new_state, train
+from pipeline.params import Params, load_params, validate_params
+from pipeline.train import fixed_noise, new_state, sample_grid, train
+
+# The quality preset (README, "Better samples"): the sweep's best learning rates, an EMA of G and
+# the class-conditional pair. Each key is a `dvc exp run -S` override.
+PRESET: dict[str, Any] = {
+    "model.conditional": True,
+    "train.ema_decay": 0.995,
+    "train.lr_g": 0.00095,
+    "train.lr_d": 0.00059,
+    "train.beta1": 0.75,
+}
+STUDY: dict[str, dict[str, Any]] = {
+    "tutorial": {},
+    "ema 0.995": {"train.ema_decay": 0.995},
+    "conditional": {"model.conditional": True},
+    "hinge + spectral norm": {"train.loss": "hinge", "model.spectral_norm": True},
+    "quality preset": PRESET,
+}
 
 
-def run(levers: list[dict[str, Any]], steps: int, seeds: list[int], fid_samples: int, device: torch.device) -> dict[str, Any]:
-    params = load_params("params.yaml")
+def dvc_overrides(arm: dict[str, Any]) -> str:
+    """The arm as `-S key=value` options of `dvc exp run`."""
+    return " ".join(f"-S {key}={json.dumps(value)}" for key, value in arm.items())
+
+
+def with_overrides(params: Params, arm: dict[str, Any]) -> Params:
+    """params.yaml's values with the arm's dotted overrides, validated as the file would be."""
+    raw = params.model_dump(mode="json")
+    for key, value in arm.items():
+        section, name = key.split(".", 1)
+        raw[section][name] = value
+    return validate_params(raw, source=f"the arm {arm}")
+
+
+def _setup(threads: int) -> None:
+    torch.set_num_threads(threads)
+
+
+def train_arm(params_path: str, arm: dict[str, Any], steps: int, seed: int, fid_samples: int, device_type: str
+              ) -> dict[str, Any]:  # fmt: skip
+    """One (arm, seed): train, score; the figures and the last grid."""
+    device = torch.device(device_type)
+    params = with_overrides(load_params(params_path), {**arm, "train.steps": steps, "train.seed": seed,
+                                                       "train.device": device_type})  # fmt: skip
     paths = Layout(dataset=params.data.dataset)
-    images = torch.from_numpy(data.load_prepared(paths.prepared).train_images).to(device)
+    dataset = data.load_prepared(paths.prepared, len(data.class_names(params.data)))
+    images = torch.from_numpy(dataset.train_images).to(device)
+    labels = torch.from_numpy(dataset.train_labels).to(device)
     classifier, sha = scoring.load_classifier(paths.classifier, params.classifier.feature_dim, device)
     reference = scoring.load_reference(paths.reference, classifier_sha256=sha)
-    arms = {"default": {}, **{json.dumps(lever, sort_keys=True): lever for lever in levers}}
-    rows = []
-    for seed in seeds:
-        for name, overrides in arms.items():
-            p = params.train.model_copy(update={"steps": steps, "seed": seed, "device": device.type, **overrides})
+    p = params.train
+    state = new_state(params.model, p, device, len(reference.label_distribution))
+    start = time.perf_counter()
+    train(state, images, p, params.model.latent_dim, labels=labels)
+    seconds = time.perf_counter() - start
+    fid = scoring.generator_fid(state.output, classifier, reference, fid_samples, 1234, params.evaluate.batch_size, device)
+    grid = sample_grid(state.output, fixed_noise(params.model.latent_dim, seed, device))
+    return {"seed": seed, "fid": round(fid, 3), "seconds": round(seconds, 1), "img_s": round(steps * p.batch_size / seconds, 1),
+            "threads": torch.get_num_threads(), "grid": grid}  # fmt: skip
+
+
+def speed(params_path: str, arms: dict[str, dict[str, Any]], steps: int, device: torch.device, repeats: int = 3
+          ) -> dict[str, float]:  # fmt: skip
+    """Each arm's images/s alone in this process: `steps` timed steps after 20 warm-up, arms alternating, medians."""
+    params = load_params(params_path)
+    paths = Layout(dataset=params.data.dataset)
+    dataset = data.load_prepared(paths.prepared, len(data.class_names(params.data)))
+    images = torch.from_numpy(dataset.train_images).to(device)
+    labels = torch.from_numpy(dataset.train_labels).to(device)
+    rates: dict[str, list[float]] = {name: [] for name in arms}
+    for _ in range(repeats):
+        for name, arm in arms.items():
+            armed = with_overrides(params, {**arm, "train.steps": 20, "train.device": device.type})
+            state = new_state(armed.model, armed.train, device, int(labels.max()) + 1)
+            train(state, images, armed.train, armed.model.latent_dim, labels=labels)  # warm-up
+            timed = armed.train.model_copy(update={"steps": 20 + steps})
             start = time.perf_counter()
-            state = train(new_state(params.model, p, device), images, p, params.model.latent_dim)
-            seconds = time.perf_counter() - start
-            fid = scoring.generator_fid(
-                state.generator, classifier, reference, fid_samples, 1234, params.evaluate.batch_size, device
-            )
-            rows.append({"seed": seed, "arm": name, "fid": round(fid, 3), "seconds": round(seconds, 1),
-                         "img_s": round(steps * p.batch_size / seconds, 1)})  # fmt: skip
-            print(f"seed {seed} {name:<40} FID {fid:8.3f}  ({seconds:.0f} s, {rows[-1]['img_s']:.0f} img/s)", flush=True)
-    fids = {arm: [r["fid"] for r in rows if r["arm"] == arm] for arm in arms}
-    summary = {
-        arm: {"mean": round(statistics.mean(f), 3), "std": round(statistics.stdev(f), 3) if len(f) > 1 else 0.0}
-        for arm, f in fids.items()
-    }
+            train(state, images, timed, armed.model.latent_dim, labels=labels)
+            if device.type == "cuda":
+                torch.cuda.synchronize()
+            rates[name].append(steps * timed.batch_size / (time.perf_counter() - start))
+    return {name: round(statistics.median(r), 1) for name, r in rates.items()}
+
+
+def run(params_path: str, arms: dict[str, dict[str, Any]], steps: int, seeds: dict[str, list[int]], fid_samples: int,
+        device: torch.device, jobs: int) -> tuple[dict[str, Any], dict[tuple[str, int], np.ndarray]]:  # fmt: skip
+    """Every arm over its seeds, `jobs` at a time: the report and the last grids."""
+    for arm in arms.values():  # a typo in an arm fails before hours of training
+        with_overrides(load_params(params_path), arm)
+    order = list(arms)[::-1]  # the last arm (the preset of --study) first: the one most worth seeing early
+    tasks = sorted(((name, seed) for name in arms for seed in seeds[name]), key=lambda t: (t[1], order.index(t[0])))
+    threads = max(1, (os.cpu_count() or 1) // jobs) if jobs > 1 else torch.get_num_threads()
+    rows, grids = [], {}
+    with concurrent.futures.ProcessPoolExecutor(jobs, mp.get_context("spawn"), _setup, (threads,)) as pool:
+        futures = {pool.submit(train_arm, params_path, arms[name], steps, seed, fid_samples, device.type): (name, seed)
+                   for name, seed in tasks}  # fmt: skip
+        for future in concurrent.futures.as_completed(futures):
+            name, seed = futures[future]
+            row = future.result()
+            grids[(name, seed)] = row.pop("grid")
+            rows.append({"arm": name, **row})
+            print(f"seed {seed} {name:<28} FID {row['fid']:8.3f}  ({row['seconds']:.0f} s, {row['img_s']:.0f} img/s "
+                  f"on {row['threads']} thread(s))", flush=True)  # fmt: skip
+    summary = {}
+    for name in arms:
+        fids = [r["fid"] for r in rows if r["arm"] == name]
+        summary[name] = {"mean": round(statistics.mean(fids), 3), "std": round(statistics.stdev(fids), 3) if len(fids) > 1 else None,
+                         "seeds": len(fids)}  # fmt: skip
+    first = next(iter(arms))
     comparisons = []
-    for arm in list(arms)[1:]:
-        diff = summary[arm]["mean"] - summary["default"]["mean"]
-        spread = max(summary["default"]["std"], summary[arm]["std"])
-        verdict = "within seed-to-seed noise" if abs(diff) <= 2 * spread else "outside seed-to-seed noise"
-        comparisons.append({"arm": arm, "difference": round(diff, 3), "verdict": verdict})
-        print(f"default {summary['default']}  vs  {arm} {summary[arm]}: difference {diff:+.3f}, {verdict}")
-    resolved = runtime.resolve_precision(params.train.precision, device)
-    return {"defaults": {**params.train.model_dump(exclude={"steps", "seed", "device"}), "precision_resolved": resolved},
-            "steps": steps, "seeds": seeds, "fid_samples": fid_samples, "device": device.type, "torch": torch.__version__,
-            "threads": torch.get_num_threads(), "runs": rows, "summary": summary, "comparisons": comparisons}  # fmt: skip
+    for name in list(arms)[1:]:
+        diff = summary[name]["mean"] - summary[first]["mean"]
+        spreads = [s for s in (summary[first]["std"], summary[name]["std"]) if s is not None]
+        verdict = ("one seed: no spread to judge by" if not spreads else
+                   "within seed-to-seed noise" if abs(diff) <= 2 * max(spreads) else "outside seed-to-seed noise")  # fmt: skip
+        comparisons.append({"arm": name, "difference": round(diff, 3), "verdict": verdict})
+    params = load_params(params_path)
+    report = {"arms": arms, "steps": steps, "seeds": seeds, "fid_samples": fid_samples, "device": device.type,
+              "precision_resolved": runtime.resolve_precision(params.train.precision, device), "torch": torch.__version__,
+              "jobs": jobs, "runs": sorted(rows, key=lambda r: (r["seed"], list(arms).index(r["arm"]))), "summary": summary,
+              "comparisons": comparisons}  # fmt: skip
+    return report, grids
+
+
+def print_table(report: dict[str, Any]) -> None:
+    speeds = report.get("speed_img_s", {})
+    first = next(iter(report["arms"]))
+    print(f"\n{report['steps']} steps, FID at N = {report['fid_samples']}")
+    print(f"{'arm':<26}{'FID mean':>10}{'± std':>9}{'seeds':>7}{'img/s':>9}{'x speed':>9}")
+    for name, s in report["summary"].items():
+        rate = speeds.get(name)
+        ratio = f"{rate / speeds[first]:.2f}" if rate and speeds.get(first) else ""
+        std = f"{s['std']:.1f}" if s["std"] is not None else "-"
+        print(f"{name:<26}{s['mean']:>10.1f}{std:>9}{s['seeds']:>7}{rate or '':>9}{ratio:>9}")
+
+
+def save_grids(grids: dict[tuple[str, int], np.ndarray], names: list[str], seed: int, path: Path) -> None:
+    """The arms' last grids of one seed side by side, 8 px apart, as one PNG."""
+    tiles = [grids[(name, seed)] for name in names if (name, seed) in grids]
+    gap = np.full((tiles[0].shape[0], 8), 255, np.uint8)
+    row = np.concatenate([part for tile in tiles for part in (tile, gap)][:-1], axis=1)
+    data.save_png(row, path, scale=1)
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--lever", type=json.loads, action="append", required=True,
-                        help="TrainParams overrides as JSON; repeat for more arms")  # fmt: skip
+    parser.add_argument("--study", action="store_true", help="the README's arms: tutorial, each lever, the preset")
+    parser.add_argument("--arm", action="append", default=[], metavar="NAME=JSON",
+                        help='an arm of dotted overrides, e.g. \'ema={"train.ema_decay": 0.995}\'; repeat for more')  # fmt: skip
+    parser.add_argument("--lever", type=json.loads, action="append", default=[],
+                        help="TrainParams overrides as JSON (an arm against the defaults); repeat for more")  # fmt: skip
     parser.add_argument("--steps", type=int, default=1000)
     parser.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2])
+    parser.add_argument("--lever-seeds", nargs="+", type=int,
+                        help="with --study: the seeds of the arms between the first and the last (default: --seeds)")  # fmt: skip
     parser.add_argument("--fid-samples", type=int, default=2000)
+    parser.add_argument("--jobs", type=int, default=1, help="arms trained at once, each in its own process")
+    parser.add_argument("--speed-steps", type=int, default=0, help="then each arm's img/s alone over this many steps")
+    parser.add_argument("--speed-only", action="store_true", help="only the --speed-steps measurement, no training")
+    parser.add_argument("--grids", type=Path, help="a PNG of the first and last arms' final grids (first seed)")
     parser.add_argument("--device", default="auto")
+    parser.add_argument("--params", default="params.yaml")
     parser.add_argument("--output", type=Path, default=Path("benchmarks/results/lever_quality.json"))
     args = parser.parse_args()
-    result = run(args.lever, args.steps, args.seeds, args.fid_samples, runtime.pick_device(args.device))
+    arms: dict[str, dict[str, Any]] = dict(STUDY) if args.study else {"default": {}}
+    for text in args.arm:
+        name, _, overrides = text.partition("=")
+        arms[name] = json.loads(overrides)
+    for lever in args.lever:
+        arms[json.dumps(lever, sort_keys=True)] = {f"train.{k}": v for k, v in lever.items()}
+    if len(arms) < 2:
+        parser.error("give --study, --arm or --lever: there is nothing to compare the defaults with")
+    device = runtime.pick_device(args.device)
+    if args.speed_only:
+        speeds = speed(args.params, arms, args.speed_steps or 200, device)
+        first = next(iter(arms))
+        for name, rate in speeds.items():
+            print(f"{name:<26}{rate:>9.1f} img/s  x{rate / speeds[first]:.2f}")
+        runtime.write_json(args.output, {"arms": arms, "speed_img_s": speeds, "threads": torch.get_num_threads()})
+        return
+    names = list(arms)
+    between = args.lever_seeds if args.study and args.lever_seeds else args.seeds
+    seeds = {name: args.seeds if name in (names[0], names[-1]) else between for name in names}
+    report, grids = run(args.params, arms, args.steps, seeds, args.fid_samples, device, args.jobs)
+    if args.speed_steps:
+        report["speed_img_s"] = speed(args.params, arms, args.speed_steps, device)
+    print_table(report)
+    if args.grids:
+        save_grids(grids, [names[0], names[-1]], args.seeds[0], args.grids)
+        print(f"grids of {names[0]!r} and {names[-1]!r} (seed {args.seeds[0]}) -> {args.grids}")
     args.output.parent.mkdir(parents=True, exist_ok=True)
     existing = json.loads(args.output.read_text()) if args.output.is_file() else []
-    runtime.write_json(args.output, [*existing, result])
+    runtime.write_json(args.output, [*existing, report])
     print(f"-> {args.output}")
 
 
 if __name__ == "__main__":
-    main()
+    try:
+        main()
+    except UserError as exc:
+        raise SystemExit(f"error: {exc}") from None
