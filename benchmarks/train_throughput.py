@@ -1,33 +1,62 @@
-"""Training and scoring throughput of the pipeline against a straightforward baseline.
+"""Training and scoring throughput of the pipeline against the Keras tutorial and a PyTorch baseline.
 
-The baseline is the DCGAN loop as most people write it: fp32, a DataLoader with shuffling
-over the prepared tensors, `.item()` on every loss every step, and the generator run
-twice per step (once for D's fake batch, once for G's update), as the tutorial does.
-The pipeline side is `pipeline.train.train` itself, with the params under test.
+Three arms train the same DCGAN at each batch size:
 
-Each (device, batch size) pair alternates baseline and pipeline over several repeats in
-this one process and reports medians and their ratio. Peak memory is measured in a fresh
-child process per variant that loads the data and runs 5 steps (CUDA: the peak of
-torch.cuda.max_memory_allocated; CPU: the process's peak resident set size).
+* Keras: the tutorial's own code (benchmarks/keras_tutorial.py, Keras 3 on TensorFlow-CPU),
+  in its own process, so TensorFlow never enters this one; it needs the `keras` extra
+  (pip install -e '.[keras]'), or `--no-keras` leaves it out. CPU rows only.
+* baseline: the DCGAN loop as most people write it in PyTorch: fp32, a DataLoader with
+  shuffling over the prepared tensors, `.item()` on every loss every step, and the generator
+  run twice per step (once for D's fake batch, once for G's update), as the tutorial does.
+* pipeline: `pipeline.train.train` itself, with the params under test.
 
+Each (device, batch size) pair alternates the arms over several repeats (Keras, baseline,
+pipeline, Keras, ...), so drifting machine load hits all alike, and reports the median
+images/s of each (timed steps x batch size / wall time, after untimed warm-up steps) and the
+ratios pipeline/Keras and pipeline/baseline. Every arm runs with the same thread count:
+torch's intra-op threads (`--threads`, default torch's own) and TensorFlow's intra-op pool
+set to it, TensorFlow's inter-op pool to torch's inter-op count; the JSON records them.
+
+Distance to the limit (benchmarks/peak_flops.py): this machine's fp32 and bf16 matmul peak
+through torch, measured first on a quiet machine, and the FLOPs of one training step counted
+by torch's FLOP counter. Each arm's achieved useful GFLOP/s is the tutorial's model math per
+iteration (the same FLOPs for every arm, whatever its layers or loop do) x iterations/s, and
+its fraction of peak divides that by the peak of the precision it computes in: fp32 for Keras
+and the baseline, the pipeline's resolved precision for the pipeline. The FLOPs each arm
+actually executes (fewer for the pipeline's fast layers, one more G forward for the
+tutorial's loop) are in the JSON as executed GFLOP/s.
+
+Peak memory is measured in a fresh child process per torch variant that loads the data and
+runs 5 steps (CUDA: the peak of torch.cuda.max_memory_allocated; CPU: the process's peak
+resident set size); Keras': its own process's peak resident set size.
+
+    pip install -e '.[keras]'
     python benchmarks/train_throughput.py                 # full: batch 32..256, CPU (+CUDA)
-    python benchmarks/train_throughput.py --quick         # a few steps, to prove it runs
+    python benchmarks/train_throughput.py --batch-sizes 32 128 --repeats 5
+    python benchmarks/train_throughput.py --quick         # a few steps of everything, to prove it runs
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
+import importlib.util
 import json
 import multiprocessing as mp
 import platform
 import queue as queue_module
 import resource
 import statistics
+import subprocess
+import sys
+import tempfile
 import time
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import numpy as np
+import peak_flops  # benchmarks/peak_flops.py: this script's folder is first on sys.path
 import torch
 import torch.nn.functional as F
 
@@ -38,6 +67,12 @@ from pipeline.params import ModelParams, TrainParams
 from pipeline.train import new_state, train
 
 PATHS = Layout()
+KERAS_SCRIPT = Path(__file__).resolve().with_name("keras_tutorial.py")
+NO_KERAS = (
+    "The Keras arm needs TensorFlow and Keras 3, which this environment lacks: "
+    "pip install -e '.[keras]' (or pass --no-keras to leave the arm out)."
+)
+ARMS = ("keras", "baseline", "pipeline")
 
 
 def load_images(device: torch.device) -> torch.Tensor:
@@ -166,34 +201,184 @@ def peak_memory_mib(variant: str, batch_size: int, levers: dict[str, Any], devic
     return round(float(_in_child(_peak_memory_child, variant, batch_size, levers, device.type)), 1)
 
 
-def bench_training(device: torch.device, batch_sizes: list[int], levers: dict[str, Any], repeats: int,
-                   steps: int, warmup: int) -> list[dict[str, Any]]:  # fmt: skip
+def keras_installed() -> bool:
+    """Whether TensorFlow and Keras can be imported, found without importing them here."""
+    return all(importlib.util.find_spec(name) is not None for name in ("tensorflow", "keras"))
+
+
+class KerasArm:
+    """The tutorial's Keras code (keras_tutorial.py --serve) in its own process, answering "time N steps".
+
+    It starts building, verifying and warming up at once; `ready()` waits for that. Its timings
+    are taken in that process around the tutorial's loop alone, as the torch arms' are here.
+    """
+
+    def __init__(self, batch_size: int, warmup: int, threads: tuple[int, int], log: Any) -> None:
+        command = [
+            sys.executable, str(KERAS_SCRIPT), "--serve", "--verify", "--batch-size", str(batch_size),
+            "--warmup", str(warmup), "--threads", str(threads[0]), "--inter-op-threads", str(threads[1]),
+            "--data", str(PATHS.prepared),
+        ]  # fmt: skip
+        self.log = log  # its stderr: TensorFlow's chatter, whose last line explains a failure
+        self.proc = subprocess.Popen(command, stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=log,
+                                     text=True, bufsize=1)  # fmt: skip
+        self.info: dict[str, Any] | None = None
+        self.peak_mib = 0.0
+
+    def _receive(self) -> dict[str, Any]:
+        assert self.proc.stdout is not None
+        for line in self.proc.stdout:
+            if line.startswith("{"):
+                message: dict[str, Any] = json.loads(line)
+                self.peak_mib = message.get("peak_rss_mib") or 0.0
+                return message
+        code = self.proc.wait()
+        self.log.seek(0)
+        last = (self.log.read().strip().splitlines() or ["no output"])[-1]
+        raise SystemExit(f"The Keras arm's process ended (exit code {code}): {last}")
+
+    def ready(self) -> dict[str, Any]:
+        """The child's versions, threads and verification, once it has warmed up."""
+        if self.info is None:
+            self.info = self._receive()
+        return self.info
+
+    def images_per_second(self, steps: int) -> float:
+        self.ready()
+        assert self.proc.stdin is not None
+        self.proc.stdin.write(f"{steps}\n")
+        self.proc.stdin.flush()
+        return float(self._receive()["images_per_second"])
+
+    def close(self) -> None:
+        if self.proc.stdin:
+            self.proc.stdin.close()  # EOF: the child returns
+        try:
+            self.proc.wait(timeout=60)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+            self.proc.wait()
+
+
+@contextlib.contextmanager
+def keras_arm(batch_size: int, warmup: int, threads: tuple[int, int]) -> Iterator[KerasArm]:
+    """A started KerasArm whose process is ended on the way out, whatever happened."""
+    with tempfile.TemporaryFile("w+") as log:
+        arm = KerasArm(batch_size, warmup, threads, log)
+        try:
+            yield arm
+        finally:
+            arm.close()
+
+
+def flop_figures(flops: dict[str, int], img_s: dict[str, float | None], batch_size: int,
+                 precisions: dict[str, str], peaks: dict[str, Any]) -> dict[str, Any]:  # fmt: skip
+    """Useful and executed GFLOP/s per arm, and useful GFLOP/s as a fraction of the peak of the arm's precision.
+
+    Useful FLOPs: the tutorial's model math once per iteration (peak_flops' docstring), the same for
+    every arm. Executed: what the arm's step runs: the tutorial's loop for Keras; for the baseline,
+    counted on its own step (which also computes D's weight gradients in G's update, as such loops
+    do); the pipeline's layers and loop for the pipeline.
+    """
+    executed = {"keras": flops["tutorial_loop"], "baseline": flops["baseline"], "pipeline": flops["pipeline"]}
+    figures: dict[str, Any] = {"useful_gflop_s": {}, "executed_gflop_s": {}, "peak_precision": precisions,
+                               "fraction_of_peak": {}}  # fmt: skip
+    for arm, rate in img_s.items():
+        if rate is None:
+            continue
+        steps_per_s = rate / batch_size
+        useful = flops["useful"] * steps_per_s / 1e9
+        figures["useful_gflop_s"][arm] = round(useful, 2)
+        figures["executed_gflop_s"][arm] = round(executed[arm] * steps_per_s / 1e9, 2)
+        figures["fraction_of_peak"][arm] = round(useful / peaks[precisions[arm]]["gflops"], 4)
+    return figures
+
+
+def bench_batch(device: torch.device, images: torch.Tensor, batch_size: int, levers: dict[str, Any],
+                timing: dict[str, int], peaks: dict[str, Any], keras: KerasArm | None) -> dict[str, Any]:  # fmt: skip
+    """One batch size: the arms alternated over the repeats, their medians, ratios, FLOP rates and peak memory.
+
+    While the Keras process starts (seconds of TensorFlow import and tracing), this one does the
+    untimed work: the torch arms' warm-up, the FLOP count and the peak-memory children.
+    """
+    runners = {v: make(v, images, batch_size, levers, device) for v in ("baseline", "pipeline")}
+    for runner in runners.values():
+        runner.run(timing["warmup"])  # allocator, caches, compilation
+    flops = peak_flops.step_flops(batch_size, levers, device)
+    flops["baseline"] = peak_flops.count_flops(lambda: runners["baseline"].run(1))
+    peak_mib = {v: peak_memory_mib(v, batch_size, levers, device) for v in runners}
+    if keras is not None:
+        keras.ready()
+    rates: dict[str, list[float]] = {arm: [] for arm in ARMS if arm != "keras" or keras is not None}
+    for _ in range(timing["repeats"]):  # alternate, so drifting machine load hits every arm alike
+        if keras is not None:
+            rates["keras"].append(keras.images_per_second(timing["steps"]))
+        for variant, runner in runners.items():
+            rates[variant].append(images_per_second(runner, timing["steps"], batch_size, device))
+    median = {arm: round(statistics.median(rates[arm]), 1) if arm in rates else None for arm in ARMS}
+    precision = runtime.resolve_precision(TrainParams(**levers).precision, device)
+    row: dict[str, Any] = {
+        "device": device.type,
+        "batch_size": batch_size,
+        "precision": precision,
+        **{f"{arm}_img_s": median[arm] for arm in ARMS},
+        "speedup": round(median["pipeline"] / median["baseline"], 2),  # pipeline / baseline
+        "speedup_vs_keras": round(median["pipeline"] / median["keras"], 2) if median["keras"] else None,
+        "all_img_s": {k: [round(r, 1) for r in v] for k, v in rates.items()},
+        "flops_per_step": flops,
+        **flop_figures(flops, median, batch_size, {"keras": "fp32", "baseline": "fp32", "pipeline": precision}, peaks),
+        "baseline_peak_mib": peak_mib["baseline"],
+        "pipeline_peak_mib": peak_mib["pipeline"],
+        "keras_peak_mib": keras.peak_mib if keras is not None else None,
+    }
+    print_row(row)
+    return row
+
+
+def print_row(row: dict[str, Any]) -> None:
+    keras = f"Keras {row['keras_img_s']:>7,.0f}   " if row["keras_img_s"] else ""
+    vs_keras = f"   x{row['speedup_vs_keras']:.2f} Keras" if row["speedup_vs_keras"] else ""
+    print(f"{row['device']:<5} batch {row['batch_size']:>4}: {keras}baseline {row['baseline_img_s']:>7,.0f}   "
+          f"pipeline {row['pipeline_img_s']:>7,.0f} img/s ({row['precision']}){vs_keras}   x{row['speedup']:.2f} baseline"
+          f"   peak MiB {row['baseline_peak_mib']} / {row['pipeline_peak_mib']}", flush=True)  # fmt: skip
+
+
+def bench_training(device: torch.device, batch_sizes: list[int], levers: dict[str, Any], timing: dict[str, int],
+                   peaks: dict[str, Any], keras_threads: tuple[int, int] | None) -> list[dict[str, Any]]:  # fmt: skip
+    """Every batch size on `device`; `keras_threads` (intra-op, inter-op) runs the Keras arm, None leaves it out."""
     images = load_images(device)
     rows = []
     for batch_size in batch_sizes:
-        runners = {v: make(v, images, batch_size, levers, device) for v in ("baseline", "pipeline")}
-        for runner in runners.values():
-            runner.run(warmup)  # allocator, caches, compilation
-        rates: dict[str, list[float]] = {"baseline": [], "pipeline": []}
-        for _ in range(repeats):  # alternate, so drifting machine load hits both alike
-            for variant, runner in runners.items():
-                rates[variant].append(images_per_second(runner, steps, batch_size, device))
-        row = {
-            "device": device.type,
-            "batch_size": batch_size,
-            "precision": runtime.resolve_precision(TrainParams(**levers).precision, device),
-            "baseline_img_s": round(statistics.median(rates["baseline"]), 1),
-            "pipeline_img_s": round(statistics.median(rates["pipeline"]), 1),
-            "all_img_s": {k: [round(r, 1) for r in v] for k, v in rates.items()},
-        }
-        row["speedup"] = round(row["pipeline_img_s"] / row["baseline_img_s"], 2)
-        row["baseline_peak_mib"] = peak_memory_mib("baseline", batch_size, levers, device)
-        row["pipeline_peak_mib"] = peak_memory_mib("pipeline", batch_size, levers, device)
-        rows.append(row)
-        print(f"{device.type:<5} batch {batch_size:>4}: baseline {row['baseline_img_s']:>9,.0f} img/s   "
-              f"pipeline {row['pipeline_img_s']:>9,.0f} img/s ({row['precision']})   x{row['speedup']:.2f}"
-              f"   peak MiB {row['baseline_peak_mib']} / {row['pipeline_peak_mib']}", flush=True)  # fmt: skip
+        if keras_threads is None:
+            rows.append(bench_batch(device, images, batch_size, levers, timing, peaks, None))
+            continue
+        with keras_arm(batch_size, timing["warmup"], keras_threads) as keras:
+            row = bench_batch(device, images, batch_size, levers, timing, peaks, keras)
+            row["keras"] = keras.ready()
+            rows.append(row)
     return rows
+
+
+def print_table(rows: list[dict[str, Any]], peaks: dict[str, dict[str, Any]]) -> None:
+    """The side-by-side summary: images/s, the pipeline's ratios and each arm's fraction of the peak."""
+    for device, peak in peaks.items():
+        print(f"\n{device} peak (torch matmul, {peak['threads']} threads): fp32 {peak['fp32']['gflops']:,.1f} GFLOP/s, "
+              f"bf16 {peak['bf16']['gflops']:,.1f} GFLOP/s; % of peak = useful GFLOP/s (the tutorial's model math "
+              "per step, the same for every arm) / the peak of the arm's precision")  # fmt: skip
+    print(f"{'':<12}{'images/s':^32}{'pipeline /':^20}{'useful GFLOP/s':^27}{'% of peak':^27}")
+    print(f"{'device batch':<12}" + "".join(f"{a:>11}" for a in ("Keras", "baseline", "pipeline"))
+          + f"{'Keras':>10}{'baseline':>10}" + "".join(f"{a:>9}" for a in ("Keras", "basel.", "pipel.") * 2))  # fmt: skip
+
+    def cell(value: float | None, width: int, spec: str) -> str:
+        return f"{value:>{width}{spec}}" if value is not None else f"{'-':>{width}}"
+
+    for row in rows:
+        gflops, fraction = row["useful_gflop_s"], row["fraction_of_peak"]
+        print(f"{row['device']:<6}{row['batch_size']:>6}"
+              + "".join(cell(row[f"{a}_img_s"], 11, ",.0f") for a in ARMS)
+              + cell(row["speedup_vs_keras"], 10, ".2f") + cell(row["speedup"], 10, ".2f")
+              + "".join(cell(gflops.get(a), 9, ".1f") for a in ARMS)
+              + "".join(cell(100 * fraction[a] if a in fraction else None, 9, ".1f") for a in ARMS))  # fmt: skip
 
 
 def _scoring_child(device_type: str, n: int, queue: Any) -> None:
@@ -224,8 +409,7 @@ def _scoring_child(device_type: str, n: int, queue: Any) -> None:
         "generate_s": round(generated - start, 2),
         "score_s": round(done - generated, 2),
         "samples_per_s": round(n / (done - start), 1),
-        "peak_mib": round(torch.cuda.max_memory_allocated() / 2**20, 1) if device.type == "cuda"
-        else round(peak_rss_mib(), 1),  # fmt: skip
+        "peak_mib": round(torch.cuda.max_memory_allocated() / 2**20 if device.type == "cuda" else peak_rss_mib(), 1),
     }
     queue.put(result)
 
@@ -246,26 +430,51 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--steps", type=int, default=0, help="timed steps per repeat (default: by device)")
     parser.add_argument("--levers", type=json.loads, default={}, help='TrainParams overrides, e.g. \'{"precision": "bf16"}\'')
+    parser.add_argument("--threads", type=int, default=torch.get_num_threads(), help="intra-op threads of every arm")
+    parser.add_argument("--no-keras", action="store_true", help="leave out the Keras tutorial's arm")
     parser.add_argument("--output", type=Path, default=Path("benchmarks/results/train_throughput.json"))
     args = parser.parse_args()
 
     devices = [torch.device(d) for d in args.devices if d != "cuda" or torch.cuda.is_available()]
+    with_keras = not args.no_keras and any(d.type == "cpu" for d in devices)
+    if with_keras and not keras_installed():
+        raise SystemExit(NO_KERAS)
+    torch.set_num_threads(args.threads)
+    threads = (torch.get_num_threads(), torch.get_num_interop_threads())
     report: dict[str, Any] = {
         "levers": args.levers or "params.yaml defaults",
-        "machine": {"platform": platform.platform(), "processor": platform.processor(), "threads": torch.get_num_threads(),
-                    "cuda": torch.cuda.get_device_name() if torch.cuda.is_available() else None},  # fmt: skip
+        "machine": {
+            "platform": platform.platform(),
+            "processor": platform.processor(),
+            "cuda": torch.cuda.get_device_name() if torch.cuda.is_available() else None,
+        },
+        "threads": {"torch_intra_op": threads[0], "torch_inter_op": threads[1]},
         "torch": torch.__version__,
+        "peak": {},
         "training": [],
         "scoring": [],
     }
     for device in devices:
-        if args.quick:  # every code path, in seconds: one batch size, two steps, memory included
-            batch_sizes, repeats, steps, warmup = args.batch_sizes[:1], 1, 2, 1
+        if args.quick:  # every code path, in seconds: one batch size, two steps, memory and FLOPs included
+            batch_sizes, timing = args.batch_sizes[:1], {"repeats": 1, "steps": 2, "warmup": 1}
+            peak_size = {"max_n": 1024, "repeats": 2, "budget_s": 1.0}
         else:
-            batch_sizes, repeats, warmup = args.batch_sizes, args.repeats, 5 if device.type == "cpu" else 50
             steps = args.steps or (30 if device.type == "cpu" else 500)
-        report["training"] += bench_training(device, batch_sizes, args.levers, repeats, steps, warmup)
+            batch_sizes = args.batch_sizes
+            timing = {"repeats": args.repeats, "steps": steps, "warmup": 5 if device.type == "cpu" else 50}
+            peak_size = {}
+        # First, while nothing else of this benchmark runs.
+        peaks = report["peak"][device.type] = peak_flops.measure_peaks(device, **peak_size)
+        keras_threads = threads if with_keras and device.type == "cpu" else None
+        rows = bench_training(device, batch_sizes, args.levers, timing, peaks, keras_threads)
+        report["training"] += rows
+        if keras_threads is not None:
+            info = rows[0]["keras"]
+            report["threads"] |= {"tensorflow_intra_op": info["intra_op_threads"],
+                                  "tensorflow_inter_op": info["inter_op_threads"]}  # fmt: skip
+            report["keras"] = {k: info[k] for k in ("tensorflow", "keras", "backend", "numpy", "python")}
         report["scoring"].append(bench_scoring(device, 1000 if args.quick else 10_000))
+    print_table(report["training"], report["peak"])
     args.output.parent.mkdir(parents=True, exist_ok=True)
     args.output.write_text(json.dumps(report, indent=2) + "\n")
     print(f"-> {args.output}")

@@ -14,13 +14,15 @@ import numpy as np
 import pytest
 import torch
 
+from benchmarks import peak_flops
 from pipeline import data, runtime, scoring
 from tests.conftest import ROOT, synthetic_mnist
 
 
 def run_script(args: list[str], cwd: Path) -> subprocess.CompletedProcess[str]:
     env = {**os.environ, "PYTHONPATH": str(ROOT) + os.pathsep + os.environ.get("PYTHONPATH", "")}
-    return subprocess.run([sys.executable, *args], cwd=cwd, env=env, capture_output=True, text=True, timeout=600)
+    return subprocess.run([sys.executable, *args], cwd=cwd, env=env, capture_output=True, text=True, timeout=600,
+                          check=False)  # fmt: skip
 
 
 @pytest.fixture
@@ -47,13 +49,81 @@ def test_train_throughput_quick_mode_reports_every_figure(bench_project: Path) -
     report, stdout = quick_throughput(bench_project, "cpu")
     (row,) = report["training"]
     assert row["device"] == "cpu" and row["batch_size"] == 32
-    assert row["baseline_img_s"] > 0 and row["pipeline_img_s"] > 0
+    assert row["keras_img_s"] > 0 and row["baseline_img_s"] > 0 and row["pipeline_img_s"] > 0
     assert row["speedup"] == pytest.approx(row["pipeline_img_s"] / row["baseline_img_s"], rel=0.01)
+    assert row["speedup_vs_keras"] == pytest.approx(row["pipeline_img_s"] / row["keras_img_s"], rel=0.01)
+    assert set(row["all_img_s"]) == {"keras", "baseline", "pipeline"}
     assert row["precision"] in {"fp32", "bf16"}
-    assert row["baseline_peak_mib"] > 0 and row["pipeline_peak_mib"] > 0
+    assert row["baseline_peak_mib"] > 0 and row["pipeline_peak_mib"] > 0 and row["keras_peak_mib"] > 0
+    # The Keras arm really trains: D changes in its own steps, not in G's (keras_tutorial.py --verify).
+    assert row["keras"]["verify"]["d_step_changed_d"] > 0 and row["keras"]["verify"]["c_step_changed_d"] == 0
+    assert report["keras"]["keras"].startswith("3.") and report["keras"]["backend"] == "tensorflow"
+    threads = report["threads"]
+    assert threads["tensorflow_intra_op"] == threads["torch_intra_op"] >= 1
+    assert threads["tensorflow_inter_op"] == threads["torch_inter_op"] >= 1
+    # The distance to the limit: peaks, FLOPs per step, GFLOP/s and fractions of the peak for every arm.
+    peak = report["peak"]["cpu"]
+    assert peak["fp32"]["gflops"] > 0 and peak["bf16"]["gflops"] > 0
+    flops = row["flops_per_step"]
+    assert flops["pipeline"] < flops["useful"] < flops["tutorial_loop"] < flops["baseline"]
+    assert row["peak_precision"] == {"keras": "fp32", "baseline": "fp32", "pipeline": row["precision"]}
+    for arm in ("keras", "baseline", "pipeline"):
+        useful = flops["useful"] * row[f"{arm}_img_s"] / 32 / 1e9
+        assert row["useful_gflop_s"][arm] == pytest.approx(useful, rel=0.01, abs=0.01)
+        assert row["executed_gflop_s"][arm] > 0
+        fraction = row["fraction_of_peak"][arm]
+        assert np.isfinite(fraction) and fraction > 0
+        assert fraction == pytest.approx(useful / peak[row["peak_precision"][arm]]["gflops"], rel=0.02, abs=1e-4)
     (scoring_row,) = report["scoring"]
     assert scoring_row["n"] == 1000 and scoring_row["samples_per_s"] > 0 and scoring_row["score_s"] > 0
-    assert " x" in stdout and "bench.json" in stdout  # the terminal table and where the JSON went
+    assert " x" in stdout and "% of peak" in stdout and "Keras" in stdout  # the terminal table
+    assert "bench.json" in stdout  # and where the JSON went
+
+
+def test_train_throughput_without_tensorflow_names_the_extra(tmp_path: Path) -> None:
+    """Without TensorFlow the Keras arm is not skipped quietly: one sentence names the extra to install."""
+    hide_tensorflow = (
+        "import runpy, sys; sys.modules['tensorflow'] = None; sys.path.insert(0, sys.argv[1]); "
+        "sys.argv = sys.argv[1:]; runpy.run_path(sys.argv[0] + '/train_throughput.py', run_name='__main__')"
+    )
+    args = ["-c", hide_tensorflow, str(ROOT / "benchmarks"), "--quick", "--devices", "cpu", "--output", "x.json"]
+    result = run_script(args, tmp_path)
+    assert result.returncode != 0 and not (tmp_path / "x.json").exists()
+    assert result.stderr.strip().splitlines()[-1] == (
+        "The Keras arm needs TensorFlow and Keras 3, which this environment lacks: "
+        "pip install -e '.[keras]' (or pass --no-keras to leave the arm out)."
+    )
+
+
+def test_flop_counter_counts_a_dense_layer_and_a_conv_by_hand() -> None:
+    z, images = torch.randn(8, 100), torch.randn(2, 128, 14, 14, requires_grad=True)
+    dense, conv = torch.nn.Linear(100, 6272), torch.nn.Conv2d(128, 64, 3, padding=1)
+    assert peak_flops.count_flops(lambda: dense(z)) == 2 * 8 * 100 * 6272  # 2 FLOPs per multiply-add
+    forward = 2 * 2 * 64 * 14 * 14 * (128 * 9)  # per output value: a 3x3 window over 128 channels
+    assert peak_flops.count_flops(lambda: conv(images)) == forward
+    out = conv(images)  # backward: the gradient of the input and of the weights, each as dear as the forward
+    assert peak_flops.count_flops(lambda: out.sum().backward()) == 2 * forward
+
+
+def test_step_flops_are_the_tutorials_model_math_counted_by_hand() -> None:
+    """One iteration's FLOPs, from the layer sizes: what the fraction-of-peak figures rest on."""
+    b = 4
+
+    def conv(c_in: int, c_out: int, side_out: int) -> int:  # a 3x3 conv
+        return 2 * b * c_out * side_out**2 * c_in * 9
+
+    dense = 2 * b * 100 * 128 * 7 * 7
+    g = dense + conv(128, 128, 14) + conv(128, 64, 28) + conv(64, 1, 28)  # upsample then conv, as Keras
+    d_first = conv(1, 32, 14)
+    d = d_first + conv(32, 64, 7) + conv(64, 128, 4) + conv(128, 256, 4) + 2 * b * 256 * 4 * 4
+    # D on real, D on fake: forward, weight gradients, input gradients but the images'.
+    d_steps = 2 * (d + d + (d - d_first))
+    # G's update: D forward and input gradients (frozen: no weight gradients), G's weight and input gradients (not z's).
+    g_step = d + d + g + (g - dense)
+    flops = peak_flops.step_flops(b, {"precision": "fp32"}, torch.device("cpu"))
+    assert flops["useful"] == g + d_steps + g_step  # G forward once, its output reused by both updates
+    assert flops["tutorial_loop"] == flops["useful"] + g  # generator.predict, then G again in the combined model
+    assert flops["pipeline"] < flops["useful"]  # the phased upsample convs: the same function, fewer FLOPs
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
@@ -73,21 +143,27 @@ def test_lever_quality_compares_every_arm_over_seeds(bench_project: Path) -> Non
     features, _ = scoring.classify(classifier, mnist.test_images, 100, torch.device("cpu"))
     reference = scoring.compute_reference(features, mnist.test_labels, sha)
     scoring.save_reference(reference, bench_project / "data/reference/mnist.npz")
-    out = bench_project / "quality.json"
-    lever = '{"precision": "fp32", "fused_adam": false}'
-    args = ["--steps", "2", "--seeds", "0", "1", "--fid-samples", "300", "--lever", lever, "--output", str(out)]
+    out, grids = bench_project / "quality.json", bench_project / "grids.png"
+    lever, arm = '{"precision": "fp32", "fused_adam": false}', 'cond={"model.conditional": true, "train.ema_decay": 0.9}'
+    args = ["--steps", "2", "--seeds", "0", "1", "--fid-samples", "300", "--lever", lever, "--arm", arm,
+            "--speed-steps", "2", "--grids", str(grids), "--output", str(out)]  # fmt: skip
     result = run_script([str(ROOT / "benchmarks/lever_quality.py"), *args], bench_project)
     assert result.returncode == 0, result.stderr[-3000:]
     (report,) = json.loads(out.read_text())
+    lever_arm = '{"fused_adam": false, "precision": "fp32"}'
     assert [(r["seed"], r["arm"]) for r in report["runs"]] == [
-        (0, "default"), (0, '{"fused_adam": false, "precision": "fp32"}'),
-        (1, "default"), (1, '{"fused_adam": false, "precision": "fp32"}'),
+        (0, "default"), (0, "cond"), (0, lever_arm), (1, "default"), (1, "cond"), (1, lever_arm),
     ]  # fmt: skip
+    assert report["arms"][lever_arm] == {"train.precision": "fp32", "train.fused_adam": False}
     assert all(np.isfinite(r["fid"]) and r["fid"] > 0 for r in report["runs"])
-    (comparison,) = report["comparisons"]
-    assert comparison["verdict"] in {"within seed-to-seed noise", "outside seed-to-seed noise"}
+    assert [c["arm"] for c in report["comparisons"]] == ["cond", lever_arm]
+    assert all(c["verdict"] in {"within seed-to-seed noise", "outside seed-to-seed noise"} for c in report["comparisons"])
     default = [r["fid"] for r in report["runs"] if r["arm"] == "default"]
     assert report["summary"]["default"]["mean"] == pytest.approx(np.mean(default), abs=1e-3)
+    assert report["speed_img_s"].keys() == report["arms"].keys() and min(report["speed_img_s"].values()) > 0
+    assert grids.is_file() and "FID mean" in result.stdout
+    bad = run_script([str(ROOT / "benchmarks/lever_quality.py"), "--arm", 'x={"train.ema_decay": 2}'], bench_project)
+    assert bad.returncode != 0 and "train.ema_decay" in bad.stderr
 
 
 @pytest.mark.slow
