@@ -1,7 +1,8 @@
 """Generative-model scores (FID, KID, IS, PRDC, class balance) on classifier features.
 
-Numpy math in float64 (torch only for a fast exact k-th smallest value): callers extract
-features/probabilities with the frozen MNIST classifier and pass plain arrays here.
+Numpy math in float64 (PRDC screens its distances in float32 first, and torch gives a fast k-th
+smallest value): callers extract features/probabilities with the frozen MNIST classifier and pass
+plain arrays here.
 """
 
 from __future__ import annotations
@@ -98,23 +99,28 @@ def fid(features_a: np.ndarray, features_b: np.ndarray) -> float:
     return frechet_distance(*feature_stats(a), *feature_stats(b))
 
 
-def _poly_kernel(x: np.ndarray, y: np.ndarray) -> np.ndarray:
-    """(x.y / d + 1)^3 for all pairs, in place (numpy's ** 3 calls pow() per element: 5x slower)."""
-    g = x @ y.T
+def _poly_kernel_sums(x: np.ndarray, y: np.ndarray, g: np.ndarray, k: np.ndarray) -> tuple[float, float]:
+    """Sum and trace of k(x, y) = (x.y / d + 1)^3 over all pairs, computed in the buffers g and k.
+
+    In place and into preallocated buffers: numpy's ** 3 calls pow() per element (5x slower),
+    and a fresh m x m array per kernel costs page faults on every subset.
+    """
+    np.matmul(x, y.T, out=g)  # x @ x.T is one symmetric (syrk) product
     g /= x.shape[1]
     g += 1.0
-    k = g * g
+    np.multiply(g, g, out=k)
     k *= g
-    return k
+    return float(k.sum()), float(np.trace(k))
 
 
-def _poly_mmd2(x: np.ndarray, y: np.ndarray) -> float:
-    """Unbiased MMD^2 with k(x, y) = (x.y / d + 1)^3 for equal-size sets."""
+def _poly_mmd2(x: np.ndarray, y: np.ndarray, g: np.ndarray, k: np.ndarray) -> float:
+    """Unbiased MMD^2 with k(x, y) = (x.y / d + 1)^3 for equal-size sets (m x m buffers g and k)."""
     m = x.shape[0]
-    k_xx, k_yy, k_xy = _poly_kernel(x, x), _poly_kernel(y, y), _poly_kernel(x, y)
+    (s_xx, t_xx), (s_yy, t_yy) = _poly_kernel_sums(x, x, g, k), _poly_kernel_sums(y, y, g, k)
+    s_xy, _ = _poly_kernel_sums(x, y, g, k)
     # Unbiased: drop the diagonal k(x_i, x_i) terms from the within-set sums.
-    within = (k_xx.sum() - np.trace(k_xx) + k_yy.sum() - np.trace(k_yy)) / (m * (m - 1))
-    return float(within - 2.0 * k_xy.sum() / (m * m))
+    within = (s_xx - t_xx + s_yy - t_yy) / (m * (m - 1))
+    return float(within - 2.0 * s_xy / (m * m))
 
 
 def kid(
@@ -130,10 +136,12 @@ def kid(
     if m < 2 or subsets < 1:
         raise MetricInputError(f"KID needs subset_size >= 2 and subsets >= 1; got m={m}, subsets={subsets}.")
     rng = np.random.default_rng(seed)
-    scores = np.array([
-        _poly_mmd2(a[rng.choice(a.shape[0], m, replace=False)], b[rng.choice(b.shape[0], m, replace=False)])
-        for _ in range(subsets)
-    ])
+    g, k = np.empty((m, m)), np.empty((m, m))  # reused by every subset
+
+    def subset(x: np.ndarray) -> np.ndarray:
+        return x[rng.choice(x.shape[0], m, replace=False)]
+
+    scores = np.array([_poly_mmd2(subset(a), subset(b), g, k) for _ in range(subsets)])  # draws a's, then b's
     return float(scores.mean()), float(scores.std())
 
 
@@ -186,26 +194,76 @@ def class_report(
     }
 
 
-def _sq_dists(x: np.ndarray, y: np.ndarray) -> np.ndarray:
-    """Squared Euclidean distances, clipped at 0 against cancellation round-off."""
-    d = x @ y.T
-    # In-place updates: this block is chunk x N, so avoid full-size temporaries.
-    d *= -2.0
-    d += np.einsum("ij,ij->i", x, x)[:, None]
-    d += np.einsum("ij,ij->i", y, y)[None, :]
-    return np.maximum(d, 0.0, out=d)
+# PRDC compares every pair of points (10^8 pairs at N = 10,000) with k-NN radii, and almost every
+# pair is far from the radius it is compared with. So distances are screened in float32 (half
+# the cost of float64 matrix products) under a rigorous bound on their error, and only the pairs
+# the bound cannot settle (a few per point) are computed exactly, in float64, as sum((x - y)^2).
+# The decisions are those of exact distances; the float64 formula |x|^2 + |y|^2 - 2 x.y of earlier
+# versions could differ from them only within ~1e-16 x |x|^2 of a radius, that is for exact ties.
+
+_U32 = float(np.finfo(np.float32).eps) / 2  # unit round-off of float32
 
 
-def _kth_nn_sq_radii(x: np.ndarray, k: int, chunk: int) -> np.ndarray:
+class _Screen:
+    """A point set prepared for screened squared distances: `left[i] @ right[j]` is |x_i - x_j|^2
+    in float32, within `bound(i, j) = slack[i] + slack[j]` of the exact value."""
+
+    def __init__(self, points: np.ndarray) -> None:
+        self.points = points  # (N, D) float64, for the exact distances
+        x32 = points.astype(np.float32)
+        sq = np.einsum("ij,ij->i", x32, x32, dtype=np.float64).astype(np.float32)[:, None]
+        ones = np.ones_like(sq)
+        # One matrix product gives -2 x.y + |x|^2 + |y|^2: no elementwise passes over the N x N block.
+        self.left = np.hstack([-2.0 * x32, sq, ones])  # (N, D + 2) float32
+        self.right = np.hstack([x32, ones, sq])
+        # A float32 dot product of n = D + 2 terms (any order, FMA or not) is off by at most
+        # n u sum |terms| <= n u 2 (|x|^2 + |y|^2); rounding the inputs and norms to float32 adds
+        # about 5 u (|x|^2 + |y|^2). Twice that covers higher-order terms and the float64 sums
+        # here; the absolute term covers float32 underflow of tiny products.
+        n = points.shape[1] + 2
+        self.slack = 2.0 * (2 * n + 5) * _U32 * np.einsum("ij,ij->i", points, points)
+        self.slack += 8 * n * float(np.finfo(np.float32).smallest_subnormal)
+
+    def block(self, rows: slice, other: _Screen) -> np.ndarray:
+        """Screened squared distances (float32) from the points `rows` to every point of `other`."""
+        return self.left[rows] @ other.right.T
+
+
+def _up32(values: np.ndarray) -> np.ndarray:
+    """float64 -> the float32 values just above: a threshold that is never too low."""
+    return np.nextafter(values.astype(np.float32), np.float32(np.inf))
+
+
+def _pairs(mask: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """(row, column) indices of the True entries of a 2-D mask; np.nonzero is ~10x slower in 2-D."""
+    return np.divmod(np.flatnonzero(mask), mask.shape[1])
+
+
+def _pair_sq_dists(x: np.ndarray, y: np.ndarray, i: np.ndarray, j: np.ndarray) -> np.ndarray:
+    """Exact-as-float64 squared distances |x_i - y_j|^2 of the listed pairs."""
+    diff = x[i] - y[j]
+    return np.einsum("ij,ij->i", diff, diff)
+
+
+def _kth_nn_sq_radii(s: _Screen, k: int, chunk: int) -> np.ndarray:
     """Squared distance from each point to its k-th nearest other point."""
-    radii = np.empty(x.shape[0])
-    for start in range(0, x.shape[0], chunk):
-        d = _sq_dists(x[start:start + chunk], x)
-        rows = np.arange(d.shape[0])
-        d[rows, start + rows] = np.inf  # exclude the point itself
+    n = s.points.shape[0]
+    radii = np.empty(n)
+    reach = s.slack.max()
+    for start in range(0, n, chunk):
+        rows = slice(start, min(start + chunk, n))
+        d = s.block(rows, s)  # (B, N) float32
+        local = np.arange(d.shape[0])
+        d[local, start + local] = np.inf  # exclude the point itself
         # torch.topk (threaded, partial) gives np.partition's exact k-th value about 15x faster.
-        nearest = torch.topk(torch.from_numpy(d), k, dim=1, largest=False).values
-        radii[start:start + chunk] = nearest[:, k - 1].numpy()
+        kth = torch.topk(torch.from_numpy(d), k, dim=1, largest=False).values[:, k - 1].numpy()
+        # k points lie within kth + bound of point i, so every one of its k nearest has a screened
+        # value within kth + 2 x bound: those candidates (about k per point) decide exactly.
+        i, j = _pairs(d <= _up32(kth + 2.0 * (s.slack[rows] + reach))[:, None])
+        exact = _pair_sq_dists(s.points[rows], s.points, i, j)
+        order = np.lexsort((exact, i))  # by point, then by distance; each point has >= k candidates
+        first = np.searchsorted(i[order], local)
+        radii[rows] = exact[order][first + k - 1]
     return radii
 
 
@@ -220,24 +278,34 @@ def prdc(
         )
     if chunk < 1:
         raise MetricInputError(f"prdc needs chunk >= 1; got {chunk}.")
-    r_real = _kth_nn_sq_radii(real, k, chunk)
-    r_fake = _kth_nn_sq_radii(fake, k, chunk)
+    # Scale by a power of two (exact: every decision stays the same) so that float32 neither
+    # overflows nor loses the features' relative precision.
+    scale = 2.0 ** -np.frexp(max(np.abs(real).max(), np.abs(fake).max()))[1]
+    s_real, s_fake = _Screen(real * scale), _Screen(fake * scale)
+    r_real = _kth_nn_sq_radii(s_real, k, chunk)
+    r_fake = _kth_nn_sq_radii(s_fake, k, chunk)
     fake_in_real = np.zeros(fake.shape[0], dtype=bool)  # precision
-    fake_ball_count = np.zeros(fake.shape[0])  # density
+    ball_count = 0  # density
     real_in_fake = np.zeros(real.shape[0], dtype=bool)  # recall
     real_covered = np.zeros(real.shape[0], dtype=bool)  # coverage
-    # One pass over real-row chunks of the real x fake distance matrix; strict "<" as in the
-    # reference implementation.
+    # One pass over real-row blocks of the real x fake distances. A pair can be inside a ball
+    # only if its screened value is below radius + bound; those few are decided exactly, with
+    # strict "<" as in the reference implementation.
+    reach_fake = s_fake.slack.max()
     for start in range(0, real.shape[0], chunk):
-        d = _sq_dists(real[start:start + chunk], fake)
-        inside = d < r_real[start:start + chunk, None]
-        fake_in_real |= inside.any(axis=0)
-        fake_ball_count += inside.sum(axis=0)
-        real_covered[start:start + chunk] = inside.any(axis=1)
-        real_in_fake[start:start + chunk] = (d < r_fake[None, :]).any(axis=1)
+        rows = slice(start, min(start + chunk, real.shape[0]))
+        d = s_real.block(rows, s_fake)  # (B, N_fake) float32
+        i, j = _pairs(d <= _up32(r_real[rows] + s_real.slack[rows] + reach_fake)[:, None])
+        inside = _pair_sq_dists(s_real.points[rows], s_fake.points, i, j) < r_real[rows][i]
+        fake_in_real[j[inside]] = True
+        ball_count += int(inside.sum())
+        real_covered[start + i[inside]] = True
+        i, j = _pairs(d <= _up32(r_fake + s_fake.slack + s_real.slack[rows].max())[None, :])
+        inside = _pair_sq_dists(s_real.points[rows], s_fake.points, i, j) < r_fake[j]
+        real_in_fake[start + i[inside]] = True
     return {
         "precision": float(fake_in_real.mean()),
         "recall": float(real_in_fake.mean()),
-        "density": float(fake_ball_count.sum() / (k * fake.shape[0])),
+        "density": float(ball_count / (k * fake.shape[0])),
         "coverage": float(real_covered.mean()),
     }

@@ -11,8 +11,6 @@ import pytest
 import scipy.linalg
 import scipy.spatial.distance
 import torch
-from torchmetrics.image.fid import _compute_fid
-from torchmetrics.image.kid import poly_mmd
 
 from pipeline.metrics import (
     MetricInputError,
@@ -109,6 +107,8 @@ def test_frechet_distance_refuses_covariances_that_are_not_psd() -> None:
 
 
 def test_fid_matches_torchmetrics() -> None:
+    from torchmetrics.image.fid import _compute_fid  # here: the subprocess tests import this module
+
     a, b = _two_feature_sets(np.random.default_rng(4))
     (mu1, c1), (mu2, c2) = feature_stats(a), feature_stats(b)
     assert mu1.dtype == c1.dtype == np.float64
@@ -163,6 +163,8 @@ def test_shape_errors_refused() -> None:
 
 
 def test_kid_full_set_matches_torchmetrics_and_brute_force() -> None:
+    from torchmetrics.image.kid import poly_mmd
+
     a, b = _two_feature_sets(np.random.default_rng(9), n=60, d=8)
     # One subset of size N is a permutation of each set; unbiased MMD^2 ignores order.
     mean, std = kid(a, b, subsets=1, subset_size=10_000)
@@ -178,6 +180,8 @@ def test_kid_full_set_matches_torchmetrics_and_brute_force() -> None:
 
 
 def test_kid_subsets_match_torchmetrics_per_subset() -> None:
+    from torchmetrics.image.kid import poly_mmd
+
     a, b = _two_feature_sets(np.random.default_rng(10), n=300, d=16)
     b = b[:250]  # unequal sizes: subsets use min(subset_size, N_a, N_b)
     rng = np.random.default_rng(3)
@@ -297,3 +301,95 @@ def test_prdc_refuses_k_too_large() -> None:
     rng = np.random.default_rng(16)
     with pytest.raises(MetricInputError, match="k="):
         prdc(rng.normal(size=(5, 3)), rng.normal(size=(10, 3)), k=5)
+
+
+# The fast PRDC screens distances in float32 and decides every pair the bound cannot settle in
+# float64: each test below compares it, decision for decision, with the naive version above.
+
+
+def _near_tie_sets(seed: int = 19) -> tuple[np.ndarray, np.ndarray]:
+    """Fakes placed at their real point's k-NN radius (k = 5), inside or outside by 1e-9 of it:
+    float32 cannot tell which, only the exact check can."""
+    rng = np.random.default_rng(seed)
+    real = rng.normal(size=(300, 8)) * 100.0
+    d = scipy.spatial.distance.cdist(real, real)
+    radius = np.sort(d, axis=1)[:, 5]
+    centres = rng.choice(len(real), 200, replace=False)
+    direction = rng.normal(size=(200, 8))
+    direction /= np.linalg.norm(direction, axis=1, keepdims=True)
+    side = np.where(np.arange(200) % 2 == 0, 1 - 1e-9, 1 + 1e-9)  # half just inside, half just outside
+    fake = real[centres] + direction * (radius[centres] * side)[:, None]
+    return real, fake
+
+
+@pytest.mark.parametrize("chunk", [1, 64, 333, 4096])
+def test_prdc_matches_naive_for_every_chunk_and_k(chunk: int) -> None:
+    rng = np.random.default_rng(17)
+    real = rng.normal(size=(400, 16)) @ rng.normal(size=(16, 16))
+    fake = rng.normal(size=(350, 16)) @ rng.normal(size=(16, 16)) * 0.9 + 0.1
+    for k in (1, 3, 5):
+        assert prdc(real, fake, k=k, chunk=chunk) == _prdc_naive(real, fake, k)
+
+
+def test_prdc_exact_ties_and_duplicates_match_naive() -> None:
+    # Integer coordinates: many distances tie exactly, with each other and with the radii, some
+    # radii are 0 (repeated points), and strict "<" must hold exactly as in the naive version.
+    rng = np.random.default_rng(18)
+    real = rng.integers(0, 4, size=(300, 5)).astype(np.float64)
+    fake = np.vstack([real[:50], rng.integers(0, 4, size=(250, 5))]).astype(np.float64)
+    for k in (1, 5):
+        assert prdc(real, fake, k=k, chunk=70) == _prdc_naive(real, fake, k)
+
+
+def test_prdc_decides_pairs_float32_cannot_separate() -> None:
+    # Each constructed pair decided the wrong way would move density by 1 / (5 x 200).
+    real, fake = _near_tie_sets()
+    assert prdc(real, fake, k=5, chunk=128) == _prdc_naive(real, fake, 5)
+
+
+@pytest.mark.parametrize("scale", [1e-30, 1e30])
+def test_prdc_is_scale_free(scale: float) -> None:
+    # float32 alone would underflow or overflow here; the power-of-two rescaling keeps every decision.
+    rng = np.random.default_rng(20)
+    real, fake = rng.normal(size=(300, 12)), rng.normal(size=(300, 12)) + 0.2
+    assert prdc(real * scale, fake * scale) == prdc(real, fake) == _prdc_naive(real, fake, 5)
+
+
+# OpenBLAS picks its float32 kernels by CPU type too: the screening bound must hold for each.
+PRDC_NEAR_TIES = """
+from pipeline.metrics import prdc
+from tests.test_metrics import _near_tie_sets, _prdc_naive
+real, fake = _near_tie_sets()
+print(prdc(real, fake, k=5, chunk=128) == _prdc_naive(real, fake, 5))
+"""
+
+
+@pytest.mark.parametrize("coretype", [None, "Haswell", "Sandybridge"])
+def test_prdc_matches_naive_under_each_openblas_kernel(coretype: str | None) -> None:
+    env = {k: v for k, v in os.environ.items() if k != "OPENBLAS_CORETYPE"}
+    if coretype is not None:
+        env["OPENBLAS_CORETYPE"] = coretype
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    command = [sys.executable, "-c", PRDC_NEAR_TIES]
+    result = subprocess.run(command, env=env, cwd=root, capture_output=True, text=True, check=False)
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.strip() == "True"
+
+
+def _kid_naive(a: np.ndarray, b: np.ndarray, subsets: int, m: int, seed: int) -> tuple[float, float]:
+    """KID the obvious way: fresh kernel matrices per subset, the diagonal dropped by a mask."""
+    rng = np.random.default_rng(seed)
+    d, off = a.shape[1], ~np.eye(m, dtype=bool)
+    scores = []
+    for _ in range(subsets):
+        x, y = a[rng.choice(len(a), m, replace=False)], b[rng.choice(len(b), m, replace=False)]
+        k_xx, k_yy, k_xy = ((u @ v.T / d + 1.0) ** 3 for u, v in ((x, x), (y, y), (x, y)))
+        scores.append(k_xx[off].mean() + k_yy[off].mean() - 2.0 * k_xy.mean())
+    return float(np.mean(scores)), float(np.std(scores))
+
+
+def test_kid_with_reused_buffers_matches_naive() -> None:
+    a, b = _two_feature_sets(np.random.default_rng(21), n=500, d=32)
+    mean, std = kid(a, b, subsets=12, subset_size=200, seed=5)
+    want_mean, want_std = _kid_naive(a, b, 12, 200, 5)
+    assert mean == pytest.approx(want_mean, rel=1e-12) and std == pytest.approx(want_std, rel=1e-10)
