@@ -41,14 +41,13 @@ from pipeline.layout import Layout
 from pipeline.params import Params, load_params, validate_params
 from pipeline.train import fixed_noise, new_state, sample_grid, train
 
-# The quality preset (README, "Better samples"): the sweep's best learning rates, an EMA of G and
-# the class-conditional pair. Each key is a `dvc exp run -S` override.
+# The quality preset (README, "Better samples"): the class-conditional pair with hinge loss, spectral
+# norm of D and an EMA of G, at the tutorial's learning rates. Each key is a `dvc exp run -S` override.
 PRESET: dict[str, Any] = {
     "model.conditional": True,
+    "model.spectral_norm": True,
+    "train.loss": "hinge",
     "train.ema_decay": 0.995,
-    "train.lr_g": 0.00095,
-    "train.lr_d": 0.00059,
-    "train.beta1": 0.75,
 }
 STUDY: dict[str, dict[str, Any]] = {
     "tutorial": {},
