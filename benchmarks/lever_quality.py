@@ -73,6 +73,12 @@ def with_overrides(params: Params, arm: dict[str, Any]) -> Params:
     return validate_params(raw, source=f"the arm {arm}")
 
 
+def training_data(params: Params, paths: Layout, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+    """The prepared training images (uint8) and labels of params' dataset, on `device`."""
+    dataset = data.load_prepared(paths.prepared, len(data.class_names(params.data)))
+    return torch.from_numpy(dataset.train_images).to(device), torch.from_numpy(dataset.train_labels).to(device)
+
+
 def _setup(threads: int) -> None:
     torch.set_num_threads(threads)
 
@@ -84,9 +90,7 @@ def train_arm(params_path: str, arm: dict[str, Any], steps: int, seed: int, fid_
     params = with_overrides(load_params(params_path), {**arm, "train.steps": steps, "train.seed": seed,
                                                        "train.device": device_type})  # fmt: skip
     paths = Layout(dataset=params.data.dataset)
-    dataset = data.load_prepared(paths.prepared, len(data.class_names(params.data)))
-    images = torch.from_numpy(dataset.train_images).to(device)
-    labels = torch.from_numpy(dataset.train_labels).to(device)
+    images, labels = training_data(params, paths, device)
     classifier, sha = scoring.load_classifier(paths.classifier, params.classifier.feature_dim, device)
     reference = scoring.load_reference(paths.reference, classifier_sha256=sha)
     p = params.train
@@ -105,9 +109,7 @@ def speed(params_path: str, arms: dict[str, dict[str, Any]], steps: int, device:
     """Each arm's images/s alone in this process: `steps` timed steps after 20 warm-up, arms alternating, medians."""
     params = load_params(params_path)
     paths = Layout(dataset=params.data.dataset)
-    dataset = data.load_prepared(paths.prepared, len(data.class_names(params.data)))
-    images = torch.from_numpy(dataset.train_images).to(device)
-    labels = torch.from_numpy(dataset.train_labels).to(device)
+    images, labels = training_data(params, paths, device)
     rates: dict[str, list[float]] = {name: [] for name in arms}
     for _ in range(repeats):
         for name, arm in arms.items():
