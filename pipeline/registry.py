@@ -87,7 +87,9 @@ def decision_lock(client: Any, name: str, timeout_s: float = 120.0) -> Iterator[
                                            description="Held while an evaluation decides the champion.")  # fmt: skip
             break
         except MlflowException as exc:
-            if "ALREADY_EXISTS" not in _code(exc):
+            # Held by another process; or held until just now: the store's insert failed on the name,
+            # and the lock was gone by the time it read the holder back (RESOURCE_DOES_NOT_EXIST). Retry.
+            if not any(code in _code(exc) for code in ("ALREADY_EXISTS", "DOES_NOT_EXIST")):
                 raise
         with contextlib.suppress(MlflowException):  # a lock left by a killed process: take it over
             since = float(client.get_registered_model(lock).tags.get("since", "inf"))

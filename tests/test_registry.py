@@ -111,3 +111,31 @@ def test_concurrent_evaluations_cannot_both_win(store: str, tmp_path: Path) -> N
     # FID that decided after it could take the alias back (without the lock, one could).
     assert float(champion.tags["fid"]) == 10.0 and results[10.0] is True
     assert [m.name for m in MlflowClient().search_registered_models()] == [name]
+
+
+def test_the_lock_is_taken_when_its_holder_lets_go_mid_attempt(store: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The race CI met under load: our insert of the lock fails on its name, and before the store reads
+    the holder back the holder releases it, so the store answers RESOURCE_DOES_NOT_EXIST. That is a free
+    lock, not an error: take it."""
+    import os
+
+    from mlflow import MlflowClient
+    from mlflow.store.model_registry.sqlalchemy_store import SqlAlchemyStore
+
+    client = MlflowClient()
+    name = registry.model_name(EXPERIMENT)
+    lock = f"{name}.lock"
+    client.create_registered_model(lock, tags={"owner": "another-process", "since": "1e18"})  # held, not stale
+    original = SqlAlchemyStore.get_registered_model
+    released = []
+
+    def holder_lets_go_first(self: SqlAlchemyStore, model_name: str) -> object:
+        if model_name == lock and not released:  # the read-back right after our failed insert
+            released.append(True)
+            self.delete_registered_model(lock)
+        return original(self, model_name)
+
+    monkeypatch.setattr(SqlAlchemyStore, "get_registered_model", holder_lets_go_first)
+    with registry.decision_lock(client, name, timeout_s=30):
+        assert released and client.get_registered_model(lock).tags["owner"].endswith(f":{os.getpid()}")
+    assert not client.search_registered_models(f"name = '{lock}'")  # released after the decision
