@@ -166,6 +166,21 @@ def test_lever_quality_compares_every_arm_over_seeds(bench_project: Path) -> Non
     assert bad.returncode != 0 and "train.ema_decay" in bad.stderr
 
 
+def test_profile_step_splits_the_step_into_its_phases(bench_project: Path) -> None:
+    out = bench_project / "profile.json"
+    args = ["--steps", "2", "--warmup", "1", "--devices", "cpu", "--output", str(out)]
+    result = run_script([str(ROOT / "benchmarks/profile_step.py"), *args], bench_project)
+    assert result.returncode == 0, result.stderr[-3000:]
+    (run,) = json.loads(out.read_text())["runs"]
+    phases = run["phases"]
+    assert list(phases) == ["G forward", "D real (fwd+bwd)", "D fake (fwd+bwd)", "G update", "optimiser", "other"]
+    # Every labelled phase ran, and with "other" (the rest) they make up the step.
+    assert all(phases[name]["ms"] > 0 for name in list(phases)[:-1])
+    assert sum(row["ms"] for row in phases.values()) == pytest.approx(run["step_ms"], rel=1e-3, abs=1e-3)
+    assert run["top_ops"] and run["top_ops"][0]["self_ms"] >= run["top_ops"][-1]["self_ms"] > 0
+    assert "G update" in result.stdout
+
+
 @pytest.mark.slow
 def test_ddp_scaling_quick_mode_reports_each_arm(tmp_path: Path) -> None:
     out = tmp_path / "ddp.json"
