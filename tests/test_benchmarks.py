@@ -35,6 +35,15 @@ def bench_project(tmp_path: Path) -> Path:
     return tmp_path
 
 
+def save_reference(project: Path) -> None:
+    """The reference the FIDs are computed against, made from the synthetic test images."""
+    classifier, sha = scoring.load_classifier(project / "models/classifier-mnist.pt", 128, torch.device("cpu"))
+    mnist = data.load_prepared(project / "data/prepared/mnist.npz")
+    features, _ = scoring.classify(classifier, mnist.test_images, 100, torch.device("cpu"))
+    reference = scoring.compute_reference(features, mnist.test_labels, sha)
+    scoring.save_reference(reference, project / "data/reference/mnist.npz")
+
+
 def quick_throughput(project: Path, device: str) -> tuple[dict[str, Any], str]:
     """`train_throughput.py --quick` on one device: its JSON report and its terminal output."""
     out = project / "bench.json"
@@ -137,12 +146,7 @@ def test_train_throughput_quick_mode_on_cuda(bench_project: Path) -> None:
 
 @pytest.mark.slow
 def test_lever_quality_compares_every_arm_over_seeds(bench_project: Path) -> None:
-    # The reference the FIDs are computed against, made from the synthetic test images.
-    classifier, sha = scoring.load_classifier(bench_project / "models/classifier-mnist.pt", 128, torch.device("cpu"))
-    mnist = data.load_prepared(bench_project / "data/prepared/mnist.npz")
-    features, _ = scoring.classify(classifier, mnist.test_images, 100, torch.device("cpu"))
-    reference = scoring.compute_reference(features, mnist.test_labels, sha)
-    scoring.save_reference(reference, bench_project / "data/reference/mnist.npz")
+    save_reference(bench_project)
     out, grids = bench_project / "quality.json", bench_project / "grids.png"
     lever, arm = '{"precision": "fp32", "fused_adam": false}', 'cond={"model.conditional": true, "train.ema_decay": 0.9}'
     args = ["--steps", "2", "--seeds", "0", "1", "--fid-samples", "300", "--lever", lever, "--arm", arm,
@@ -164,6 +168,20 @@ def test_lever_quality_compares_every_arm_over_seeds(bench_project: Path) -> Non
     assert grids.is_file() and "FID mean" in result.stdout
     bad = run_script([str(ROOT / "benchmarks/lever_quality.py"), "--arm", 'x={"train.ema_decay": 2}'], bench_project)
     assert bad.returncode != 0 and "train.ema_decay" in bad.stderr
+
+
+def test_lever_quality_runs_part_of_the_study(bench_project: Path) -> None:
+    save_reference(bench_project)
+    out, script = bench_project / "quality.json", str(ROOT / "benchmarks/lever_quality.py")
+    args = ["--study", "--arms", "quality preset", "--steps", "2", "--seeds", "0", "--fid-samples", "300",
+            "--output", str(out)]  # fmt: skip
+    result = run_script([script, *args], bench_project)
+    assert result.returncode == 0, result.stderr[-3000:]
+    (report,) = json.loads(out.read_text())
+    assert list(report["arms"]) == ["quality preset"] and report["arms"]["quality preset"]["model.conditional"]
+    assert [r["arm"] for r in report["runs"]] == ["quality preset"] and report["comparisons"] == []
+    bad = run_script([script, "--study", "--arms", "tutorial", "qualty preset"], bench_project)
+    assert bad.returncode == 2 and "--arms picks from the study's arms" in bad.stderr, bad.stderr
 
 
 def test_profile_step_splits_the_step_into_its_phases(bench_project: Path) -> None:
