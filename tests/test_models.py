@@ -124,22 +124,29 @@ def test_tap_conv_sums_bf16_taps_in_fp32() -> None:
     assert (fast.double() - exact).abs().max() <= 1.5 * (plain.double() - exact).abs().max()
 
 
-def test_dropout_keeps_the_distribution_of_nn_dropout() -> None:
+@pytest.mark.parametrize("p", [0.25, 0.3])  # a byte per element (256p whole), a float per element
+def test_dropout_keeps_the_distribution_of_nn_dropout(p: float) -> None:
     from pipeline.models import Dropout
 
     torch.manual_seed(0)
-    layer, x = Dropout(0.25), torch.ones(200_000, requires_grad=True)
+    layer, x = Dropout(p), torch.ones(200_003, requires_grad=True)  # not a multiple of the 4 bytes a draw gives
     y = layer(x)
     kept = y != 0
-    assert abs(kept.double().mean().item() - 0.75) < 0.005
-    torch.testing.assert_close(y[kept], torch.full_like(y[kept], 1 / 0.75))
+    assert abs(kept.double().mean().item() - (1 - p)) < 0.005
+    for offset in range(4):  # each byte of a draw decides alike
+        assert abs(kept[offset::4].double().mean().item() - (1 - p)) < 0.01
+    assert abs((kept[1:] & kept[:-1]).double().mean().item() - (1 - p) ** 2) < 0.005  # neighbours independent
+    torch.testing.assert_close(y[kept], torch.full_like(y[kept], 1 / (1 - p)))
     (grad,) = torch.autograd.grad(y.sum(), x)
-    assert torch.equal(grad, torch.where(kept, 1 / 0.75, 0.0))  # no gradient through dropped units
+    assert torch.equal(grad, torch.where(kept, 1 / (1 - p), 0.0))  # no gradient through dropped units
     assert torch.equal(layer.eval()(x), x)
     torch.manual_seed(1)
     first = layer.train()(x)
     torch.manual_seed(1)
     assert torch.equal(layer(x), first)  # seeded by the global RNG, so runs repeat
+    half = torch.randn(64, 32, 14, 14).abs().add_(0.1).to(torch.bfloat16)  # under autocast: scaled as x * (1/(1-p))
+    y = layer(half)
+    assert y.dtype == torch.bfloat16 and torch.equal(y, torch.where(y != 0, half * (1 / (1 - p)), 0.0))
 
 
 def test_generator_checkpoints_do_not_depend_on_the_fast_forms() -> None:
