@@ -87,8 +87,8 @@ class Baseline:
     def __init__(self, images: torch.Tensor, batch_size: int, device: torch.device) -> None:
         model = ModelParams()
         self.device, self.latent = device, model.latent_dim
-        # The tutorial's layers as they read: upsample then conv, plain conv, nn.Dropout.
-        self.G = build_generator(model, fast_upsample=False, fast_output=False).to(device)
+        # The tutorial's layers as they read: upsample then conv, plain conv, nn.Dropout, NCHW activations.
+        self.G = build_generator(model, fast_upsample=False, fast_output=False, fast_layout=False).to(device)
         self.D = build_discriminator(model, fast_dropout=False).to(device)
         self.opt_g = torch.optim.Adam(self.G.parameters(), lr=2e-4, betas=(0.5, 0.999))
         self.opt_d = torch.optim.Adam(self.D.parameters(), lr=2e-4, betas=(0.5, 0.999))

@@ -139,9 +139,11 @@ class Generator(nn.Module):
         phased: bool = True,
         by_taps: bool = True,
         n_classes: int = 0,
+        nhwc: bool = True,
     ) -> None:
         super().__init__()
         self.latent_dim = latent_dim
+        self.nhwc = nhwc  # on the CPU, the activations in channels-last memory (the parameters are unchanged)
         self.dense_channels = dense_channels
         self.n_classes = n_classes  # 0: unconditional, the tutorial's
         self.embed = nn.Embedding(n_classes, LABEL_DIM) if n_classes else None
@@ -170,6 +172,10 @@ class Generator(nn.Module):
                 z, labels = z[:, :-1], z[:, -1].round().long()
             z = torch.cat([z, self.embed(labels).to(z.dtype)], dim=1)
         x = torch.relu(self.dense(z)).view(-1, self.dense_channels, BASE_SIZE, BASE_SIZE)
+        if self.nhwc and x.device.type == "cpu":
+            # oneDNN runs G's transposed and 1x1 convs faster on channels-last activations: 2-3x in
+            # inference (to the same output), about 10% per training step (another order of sums).
+            x = x.contiguous(memory_format=torch.channels_last)
         return self.body(x)
 
 
@@ -254,10 +260,11 @@ class Classifier(nn.Module):
 
 
 def build_generator(
-    params: ModelParams, *, n_classes: int = 10, fast_upsample: bool = True, fast_output: bool = True
-) -> Generator:
-    """The generator of `params` (conditional on `n_classes` with model.conditional); the two flags
-    choose faster forms of the same function."""
+    params: ModelParams, *, n_classes: int = 10, fast_upsample: bool = True, fast_output: bool = True,
+    fast_layout: bool = True,
+) -> Generator:  # fmt: skip
+    """The generator of `params` (conditional on `n_classes` with model.conditional); the flags choose
+    faster forms of the same function and, on the CPU, channels-last activations."""
     return Generator(
         latent_dim=params.latent_dim,
         dense_channels=params.g_dense_channels,
@@ -267,6 +274,7 @@ def build_generator(
         phased=fast_upsample,
         by_taps=fast_output,
         n_classes=n_classes if params.conditional else 0,
+        nhwc=fast_layout,
     )
 
 

@@ -149,6 +149,16 @@ def test_dropout_keeps_the_distribution_of_nn_dropout(p: float) -> None:
     assert y.dtype == torch.bfloat16 and torch.equal(y, torch.where(y != 0, half * (1 / (1 - p)), 0.0))
 
 
+def test_generator_inference_in_channels_last_gives_the_nchw_output() -> None:
+    torch.manual_seed(0)
+    for n_classes in (0, 10):
+        fast, nchw = Generator(n_classes=n_classes).eval(), Generator(n_classes=n_classes, nhwc=False).eval()
+        nchw.load_state_dict(fast.state_dict())
+        z, labels = torch.randn(16, 100), (torch.arange(16) % 10 if n_classes else None)
+        with torch.inference_mode():
+            assert torch.equal(fast(z, labels), nchw(z, labels))
+
+
 def test_generator_checkpoints_do_not_depend_on_the_fast_forms() -> None:
     torch.manual_seed(0)
     fast, reference = Generator(phased=True, by_taps=True), Generator(phased=False, by_taps=False)
