@@ -68,6 +68,7 @@ def backfill(
             if new:
                 missing.append({"step": row["step"], **new})
         run.log_metrics(missing)
+        run.drop_incomplete_images(image_key)  # a kill mid-upload: the step is sent again, whole
         shown = run.image_steps(image_key)
         for step, image in sorted(images.items()):
             if step not in shown:

@@ -480,6 +480,23 @@ class MlflowRun:
         pattern = rf"{re.escape(key)}\+step\+(\d+)\+.*\+compressed\.webp"
         return {int(found[1]) for name in names if (found := re.fullmatch(pattern, name))}
 
+    def drop_incomplete_images(self, key: str) -> int:
+        """Delete the images under `key` that a kill left without their compressed copy; how many.
+
+        MLflow's log_image uploads the PNG first, then the compressed WEBP the UI shows: a kill
+        between the two leaves a PNG that the step's next upload would duplicate.
+        """
+        names = {Path(a.path).name for a in self._client.list_artifacts(self.run_id, "images")}
+        pattern = rf"{re.escape(key)}\+step\+\d+\+.*\.png"
+        orphans = sorted(n for n in names if re.fullmatch(pattern, n) and f"{n[:-4]}+compressed.webp" not in names)
+        if orphans:
+            from mlflow.store.artifact.artifact_repository_registry import get_artifact_repository
+
+            repository = get_artifact_repository(self._client.get_run(self.run_id).info.artifact_uri)
+            for name in orphans:
+                repository.delete_artifacts(f"images/{name}")
+        return len(orphans)
+
     def artifact_names(self) -> set[str]:
         return {artifact.path for artifact in self._client.list_artifacts(self.run_id)}
 

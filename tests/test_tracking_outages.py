@@ -159,6 +159,31 @@ def test_resend_refuses_where_no_training_finished(tmp_path: Path) -> None:
     assert_refused(run_cli(["resend"], cwd=project, env=env, timeout=120), "no finished training run here")
 
 
+def test_an_image_a_kill_left_half_uploaded_is_dropped_so_each_step_is_shown_once(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """MLflow uploads an image's PNG, then its compressed copy: a kill between the two left a PNG that a
+    resumed run's upload of the same step duplicated (seen once in CI's kill test)."""
+    import mlflow
+    from mlflow.tracking._tracking_service import utils
+
+    monkeypatch.setattr(utils, "_tracking_uri", utils._tracking_uri)  # connect() sets it: put it back after
+    experiment = tracking.connect(tmp_path, f"sqlite:///{tmp_path / 'mlflow.db'}", "dcgan-mnist")
+    client = mlflow.MlflowClient()
+    run = tracking.MlflowRun(client.create_run(experiment).info.run_id, experiment, client)
+    for step in (1, 2):
+        run.log_image(np.full((28, 28), step, np.uint8), key="samples", step=step)
+    root = tmp_path / "mlartifacts"
+    (half,) = [p for p in root.rglob("samples+step+2+*+compressed.webp")]
+    half.unlink()  # the kill
+    assert run.image_steps("samples") == {1}
+    assert run.drop_incomplete_images("samples") == 1 and run.drop_incomplete_images("samples") == 0
+    run.log_image(np.full((28, 28), 2, np.uint8), key="samples", step=2)  # the resumed run's upload
+    names = [Path(a.path).name for a in client.list_artifacts(run.run_id, "images")]
+    pngs = sorted(int(n.split("+")[2]) for n in names if n.endswith(".png"))
+    assert pngs == [1, 2] and run.image_steps("samples") == {1, 2}
+
+
 def test_backfill_makes_a_new_run_once_when_the_store_lost_the_old_one(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
