@@ -130,7 +130,7 @@ def train_step_flops(model: ModelParams, params: TrainParams, device: torch.devi
 
 def tutorial_generator_flops(model: ModelParams, batch_size: int, device: torch.device) -> int:
     """FLOPs of one forward pass of the tutorial's generator (upsample then conv, plain output conv)."""
-    generator = build_generator(model, fast_upsample=False, fast_output=False, fast_layout=False).to(device)
+    generator = build_generator(model, fast_upsample=False, fast_output=False).to(device)
     z = torch.randn(batch_size, model.latent_dim, device=device)
     with torch.no_grad():
         return count_flops(lambda: generator(z))
