@@ -97,6 +97,72 @@ def test_phased_upsample_conv_is_the_same_function_and_gradient() -> None:
     assert y.shape == (2, 3, 14, 14)
 
 
+@pytest.mark.parametrize("channels_last", [False, True])
+def test_upsample_conv_by_matmul_is_the_transposed_conv_forward_and_backward(channels_last: bool) -> None:
+    from pipeline.models import UpsampleConv
+
+    torch.manual_seed(0)
+    layer = UpsampleConv(5, 3).double()
+    layer.matmul_dtypes = (torch.float64,)  # by default bf16 only, where it is faster
+    torch.nn.init.normal_(layer.conv.bias)
+    x = torch.randn(3, 5, 7, 6, dtype=torch.float64)  # not square: rows and columns kept apart
+    x = x.contiguous(memory_format=torch.channels_last if channels_last else torch.contiguous_format).requires_grad_()
+    y = fast_and_plain(layer, "by_matmul", x, [layer.conv.weight, layer.conv.bias])
+    assert y.shape == (3, 3, 14, 12)
+    layer.by_matmul = True
+    (grad,) = torch.autograd.grad(layer(x).sum(), x)
+    assert grad.is_contiguous(memory_format=torch.channels_last if channels_last else torch.contiguous_format)
+
+
+def test_upsample_conv_by_matmul_in_bf16_is_as_accurate_as_the_transposed_conv() -> None:
+    """Under autocast both forms round their inputs to bf16 alike; the matmul form's input gradient
+    adds its four window taps in bf16 (four roundings where oneDNN makes one), so allow 1.5x."""
+    from pipeline.models import UpsampleConv
+
+    torch.manual_seed(0)
+    layer = UpsampleConv(64, 32)
+    torch.nn.init.normal_(layer.conv.bias)
+    x, weights = torch.randn(8, 64, 14, 14), [layer.conv.weight, layer.conv.bias]
+    probe = torch.randn(8, 32, 28, 28)
+
+    def output_and_grads(by_matmul: bool, exact: bool = False) -> list[torch.Tensor]:
+        layer.by_matmul = by_matmul
+        net, inputs = (layer.double(), x.double()) if exact else (layer.float(), x)
+        inputs = inputs.clone().requires_grad_()
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=not exact):
+            y = net(inputs)
+        grads = torch.autograd.grad((y * probe.to(y.dtype)).sum(), [inputs, *[w for w in weights]])
+        return [t.double() for t in (y, *grads)]
+
+    exact = output_and_grads(False, exact=True)
+    matmul, transposed = output_and_grads(True), output_and_grads(False)
+    for name, m, t, e in zip(("output", "input grad", "weight grad", "bias grad"), matmul, transposed, exact):
+        assert (m - e).abs().mean() <= 1.5 * (t - e).abs().mean(), name
+
+
+def test_upsample_conv_infers_with_the_transposed_conv() -> None:
+    """Only training takes the matmul form: inference (and the generator MLflow exports) keeps the
+    transposed conv, bit for bit."""
+    from pipeline.models import UpsampleConv
+
+    torch.manual_seed(0)
+    layer, x = UpsampleConv(5, 3).eval(), torch.randn(2, 5, 7, 7)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        with_matmul = layer(x)
+        layer.by_matmul = False
+        assert torch.equal(with_matmul, layer(x)) and with_matmul.is_contiguous()
+
+
+def test_upsample_conv_trains_by_matmul_only_in_bf16() -> None:
+    """In fp32 the matmul form's extra multiply-adds made it slower: the transposed conv stays."""
+    from pipeline.models import UpsampleConv
+
+    layer, x = UpsampleConv(5, 3), torch.randn(2, 5, 7, 7)
+    assert layer(x).is_contiguous()  # fp32: the transposed conv's NCHW output
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        assert not layer(x).is_contiguous()  # bf16: the matmul form's channels-last output
+
+
 @pytest.mark.parametrize("out_ch", [1, 3])
 def test_tap_conv_is_the_same_function_and_gradient(out_ch: int) -> None:
     from pipeline.models import TapConv
