@@ -106,6 +106,8 @@ def profile_device(device: torch.device, params: Params, steps: int, warmup: int
     p, latent_dim = params.train, params.model.latent_dim
     images = load_images(device)
     state = new_state(params.model, p, device)
+    if device.type == "cpu":  # as train() does
+        runtime.keep_freed_memory()
     if p.compile:  # as train() does
         state.generator.compile()
         state.discriminator.compile()

@@ -15,7 +15,9 @@ pipeline, Keras, ...), so drifting machine load hits all alike, and reports the 
 images/s of each (timed steps x batch size / wall time, after untimed warm-up steps) and the
 ratios pipeline/Keras and pipeline/baseline. Every arm runs with the same thread count:
 torch's intra-op threads (`--threads`, default torch's own) and TensorFlow's intra-op pool
-set to it, TensorFlow's inter-op pool to torch's inter-op count; the JSON records them.
+set to it, TensorFlow's inter-op pool to torch's inter-op count; the JSON records them. Both
+torch arms run with the malloc setting the pipeline's training makes for itself (freed memory
+kept for reuse, `runtime.keep_freed_memory`; TensorFlow caches its own).
 
 Distance to the limit (benchmarks/peak_flops.py): this machine's fp32 and bf16 matmul peak
 through torch, measured first on a quiet machine, and the FLOPs of one training step counted
@@ -441,6 +443,8 @@ def main() -> None:
         raise SystemExit(NO_KERAS)
     torch.set_num_threads(args.threads)
     threads = (torch.get_num_threads(), torch.get_num_interop_threads())
+    # The allocator setting the pipeline's training makes for itself, made for both torch arms here.
+    allocator = "glibc heap kept (runtime.keep_freed_memory)" if runtime.keep_freed_memory() else "default"
     report: dict[str, Any] = {
         "levers": args.levers or "params.yaml defaults",
         "machine": {
@@ -449,6 +453,7 @@ def main() -> None:
             "cuda": torch.cuda.get_device_name() if torch.cuda.is_available() else None,
         },
         "threads": {"torch_intra_op": threads[0], "torch_inter_op": threads[1]},
+        "allocator": allocator,
         "torch": torch.__version__,
         "peak": {},
         "training": [],

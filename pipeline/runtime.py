@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import ctypes
 import functools
 import hashlib
 import json
@@ -52,6 +53,29 @@ def resolve_precision(precision: str, device: torch.device) -> str:
     if device.type == "cpu":
         return "bf16" if cpu_has_native_bf16() else "fp32"
     return "fp32"
+
+
+# glibc's mallopt parameters
+_M_TRIM_THRESHOLD, _M_MMAP_THRESHOLD = -1, -3
+
+
+@functools.cache
+def keep_freed_memory() -> bool:
+    """Have glibc's malloc keep freed memory for the next allocation instead of returning it to the OS.
+
+    PyTorch's CPU allocator caches nothing (its CUDA one does): each training step allocates its
+    large activations afresh, and glibc serves blocks over its mmap threshold from new pages,
+    faulted in on first write: 10,000-15,000 page faults per training step at batch 128. With
+    blocks up to 1 GiB served from the heap and the heap trimmed only beyond 1 GiB of free
+    space, the next step reuses the last one's pages (a step 4-5% faster on the AMX machine).
+    The process then holds its peak memory, as a caching allocator does. Once per process;
+    False where malloc is not glibc's.
+    """
+    try:
+        libc = ctypes.CDLL("libc.so.6")
+        return bool(libc.mallopt(_M_TRIM_THRESHOLD, 1 << 30) and libc.mallopt(_M_MMAP_THRESHOLD, 1 << 30))
+    except (OSError, AttributeError):
+        return False
 
 
 def seed_everything(seed: int) -> None:

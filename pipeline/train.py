@@ -309,6 +309,8 @@ def train(
     is the global batch, split evenly, and only the writing rank is given callbacks.
     """
     device = images.device
+    if device.type == "cpu":
+        runtime.keep_freed_memory()
     if state.generator.n_classes and labels is None:
         raise ValueError("a conditional generator trains on labelled images: pass their labels")
     conditional = labels if state.generator.n_classes else None
