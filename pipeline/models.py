@@ -58,9 +58,9 @@ def keras_init_(module: nn.Module) -> None:
 _TAPS = torch.tensor([[0.0, 0.0, 1.0], [0.0, 1.0, 1.0], [1.0, 1.0, 0.0], [1.0, 0.0, 0.0]])  # (4, 3)
 
 
-# The same function by output phase: output row 2i + a (a = 0, 1) is a two-tap conv over rows
-# (i + a, i + a + 1) of the input padded by one, with these sums of the 3x3 rows: (a, tap, 3x3 row).
-_PHASE_TAPS = torch.tensor([[[1.0, 0.0, 0.0], [0.0, 1.0, 1.0]], [[1.0, 1.0, 0.0], [0.0, 0.0, 1.0]]])
+# The same taps by output phase: output row 2i + a (a = 0, 1) is a two-tap conv over rows
+# (i + a, i + a + 1) of the input padded by one; phase 0 takes (w0, w1 + w2), phase 1 (w0 + w1, w2).
+_PHASE_TAPS = _TAPS[[3, 1, 2, 0]].view(2, 2, 3)  # (a, tap, 3x3 row)
 
 
 def _zero_border(t: torch.Tensor, top: int, left: int, height: int, width: int) -> None:
@@ -273,8 +273,8 @@ class Generator(nn.Module):
         x = torch.relu(self.dense(z)).view(-1, self.dense_channels, BASE_SIZE, BASE_SIZE)
         if self.nhwc and not self.training and x.device.type == "cpu":
             # Inference (sampling, scoring): oneDNN runs G's transposed and 1x1 convs 2-3x faster on
-            # channels-last activations, to the same output. Training stays NCHW: there it was 10%
-            # faster, but another order of sums, and the quality preset then collapsed at 2 of 3 seeds.
+            # channels-last activations, to the same output. Training takes UpsampleConv's matmul form
+            # in bf16 instead (channels-last too), and NCHW with the transposed conv in fp32.
             x = x.contiguous(memory_format=torch.channels_last)
         return self.body(x)
 
