@@ -474,9 +474,12 @@ class MlflowRun:
     def metric_steps(self, name: str) -> set[int]:
         return {metric.step for metric in self._client.get_metric_history(self.run_id, name)}
 
+    def _image_names(self) -> set[str]:
+        return {Path(a.path).name for a in self._client.list_artifacts(self.run_id, "images")}
+
     def image_steps(self, key: str) -> set[int]:
         """Steps of the images logged under `key` that are complete (the UI shows the compressed file)."""
-        names = [Path(a.path).name for a in self._client.list_artifacts(self.run_id, "images")]
+        names = self._image_names()
         pattern = rf"{re.escape(key)}\+step\+(\d+)\+.*\+compressed\.webp"
         return {int(found[1]) for name in names if (found := re.fullmatch(pattern, name))}
 
@@ -486,7 +489,7 @@ class MlflowRun:
         MLflow's log_image uploads the PNG first, then the compressed WEBP the UI shows: a kill
         between the two leaves a PNG that the step's next upload would duplicate.
         """
-        names = {Path(a.path).name for a in self._client.list_artifacts(self.run_id, "images")}
+        names = self._image_names()
         pattern = rf"{re.escape(key)}\+step\+\d+\+.*\.png"
         orphans = sorted(n for n in names if re.fullmatch(pattern, n) and f"{n[:-4]}+compressed.webp" not in names)
         if orphans:
