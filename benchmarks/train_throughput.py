@@ -390,6 +390,7 @@ def _scoring_child(device_type: str, n: int, queue: Any) -> None:
     from pipeline.params import EvaluateParams
 
     device = torch.device(device_type)
+    runtime.keep_freed_memory()  # as the evaluate stage does
     classifier, sha = scoring.load_classifier(PATHS.classifier, 128, device)
     if PATHS.reference.is_file():
         reference = scoring.load_reference(PATHS.reference)

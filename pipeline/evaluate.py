@@ -135,6 +135,7 @@ def main(params_path: Path = Path("params.yaml"), samples: Path | None = None, o
     paths = Layout(dataset=params.data.dataset)
     p = params.evaluate
     device = runtime.pick_device(params.train.device)
+    runtime.keep_freed_memory()  # the classifier's activations and PRDC's distance blocks, reused
     classifier, sha = scoring.load_classifier(paths.classifier, params.classifier.feature_dim, device)
     reference = scoring.load_reference(paths.reference, classifier_sha256=sha)
     if samples is None:  # a tracking server that is down is reported before any work

@@ -206,11 +206,17 @@ _U32 = float(np.finfo(np.float32).eps) / 2  # unit round-off of float32
 
 class _Screen:
     """A point set prepared for screened squared distances: `left[i] @ right[j]` is |x_i - x_j|^2
-    in float32, within `bound(i, j) = slack[i] + slack[j]` of the exact value."""
+    in float32, within `bound(i, j) = slack[i] + slack[j]` of the exact value. Two screens give
+    distances to each other only when they share their `center`."""
 
-    def __init__(self, points: np.ndarray) -> None:
+    def __init__(self, points: np.ndarray, center: np.ndarray) -> None:
         self.points = points  # (N, D) float64, for the exact distances
-        x32 = points.astype(np.float32)
+        # Distances do not change under a shift, but the bound (a multiple of |x|^2) does: measured
+        # from the points' centre it stays of the order of their spread, not of their norms. A
+        # generator that collapsed draws near-duplicates far from the origin; from the origin the
+        # bound covered most pairs of its samples, and each had to be computed exactly.
+        shifted = points - center  # rounding here, u64 of each coordinate, is far inside the bound
+        x32 = shifted.astype(np.float32)
         sq = np.einsum("ij,ij->i", x32, x32, dtype=np.float64).astype(np.float32)[:, None]
         ones = np.ones_like(sq)
         # One matrix product gives -2 x.y + |x|^2 + |y|^2: no elementwise passes over the N x N block.
@@ -221,7 +227,7 @@ class _Screen:
         # about 5 u (|x|^2 + |y|^2). Twice that covers higher-order terms and the float64 sums
         # here; the absolute term covers float32 underflow of tiny products.
         n = points.shape[1] + 2
-        self.slack = 2.0 * (2 * n + 5) * _U32 * np.einsum("ij,ij->i", points, points)
+        self.slack = 2.0 * (2 * n + 5) * _U32 * np.einsum("ij,ij->i", shifted, shifted)
         self.slack += 8 * n * float(np.finfo(np.float32).smallest_subnormal)
 
     def block(self, rows: slice, other: _Screen) -> np.ndarray:
@@ -281,9 +287,12 @@ def prdc(
     # Scale by a power of two (exact: every decision stays the same) so that float32 neither
     # overflows nor loses the features' relative precision.
     scale = 2.0 ** -np.frexp(max(np.abs(real).max(), np.abs(fake).max()))[1]
-    s_real, s_fake = _Screen(real * scale), _Screen(fake * scale)
-    r_real = _kth_nn_sq_radii(s_real, k, chunk)
-    r_fake = _kth_nn_sq_radii(s_fake, k, chunk)
+    real, fake = real * scale, fake * scale
+    # Each set's radii from its own centre, the pairs between them from the centre of both.
+    r_real = _kth_nn_sq_radii(_Screen(real, real.mean(axis=0)), k, chunk)
+    r_fake = _kth_nn_sq_radii(_Screen(fake, fake.mean(axis=0)), k, chunk)
+    both = (real.sum(axis=0) + fake.sum(axis=0)) / (real.shape[0] + fake.shape[0])
+    s_real, s_fake = _Screen(real, both), _Screen(fake, both)
     fake_in_real = np.zeros(fake.shape[0], dtype=bool)  # precision
     ball_count = 0  # density
     real_in_fake = np.zeros(real.shape[0], dtype=bool)  # recall

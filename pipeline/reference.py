@@ -18,7 +18,7 @@ from pipeline.errors import UserError
 from pipeline.layout import Layout
 from pipeline.models import Classifier
 from pipeline.params import EvaluateParams, load_params
-from pipeline.runtime import pick_device, remove_stale_temps, write_json
+from pipeline.runtime import keep_freed_memory, pick_device, remove_stale_temps, write_json
 from pipeline.scoring import (
     Reference,
     classify,
@@ -53,6 +53,7 @@ def main(params_path: Path = Path("params.yaml")) -> None:
     n_classes = len(data.class_names(params.data))
     dataset = load_prepared(paths.prepared, n_classes)
     device = pick_device("auto")
+    keep_freed_memory()  # the classifier's activations and PRDC's distance blocks, reused
     model, sha = load_classifier(paths.classifier, params.classifier.feature_dim, device)
     start = time.perf_counter()
     reference, floor = build_reference(model, sha, dataset, params.evaluate, device, n_classes)

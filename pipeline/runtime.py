@@ -68,8 +68,9 @@ def keep_freed_memory() -> bool:
     faulted in on first write: 10,000-15,000 page faults per training step at batch 128. With
     blocks up to 1 GiB served from the heap and the heap trimmed only beyond 1 GiB of free
     space, the next step reuses the last one's pages (a step 4-5% faster on the AMX machine).
-    The process then holds its peak memory, as a caching allocator does. Once per process;
-    False where malloc is not glibc's.
+    The process then holds its peak memory, as a caching allocator does. Training, evaluate and
+    reference (classifier batches, PRDC's distance blocks) call it. Once per process; False where
+    malloc is not glibc's.
     """
     try:
         libc = ctypes.CDLL("libc.so.6")

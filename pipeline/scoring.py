@@ -42,7 +42,11 @@ _LOAD_ERRORS = (
 
 def save_classifier(model: Classifier, path: Path) -> None:
     """Write the weights atomically as a plain state_dict of CPU tensors."""
-    state = {key: value.detach().cpu().clone() for key, value in model.state_dict().items()}
+    # Contiguous copies: the bytes (and the hash) must not depend on the layout the model ran in.
+    state = {
+        key: value.detach().cpu().clone(memory_format=torch.contiguous_format)
+        for key, value in model.state_dict().items()
+    }
     # Save through a file object: given a path, torch names the archive after the (random) temp
     # file, and the same weights would get a different SHA-256 on every run.
     with atomic_path(path) as tmp, open(tmp, "wb") as fh:
@@ -80,7 +84,10 @@ def load_classifier(path: Path, feature_dim: int, device: torch.device) -> tuple
             f"classifier weights {path} do not fit a Classifier with feature_dim={feature_dim} "
             f"(changed params or a damaged file); {RETRAIN}."
         ) from None
-    model.to(device).eval().requires_grad_(False)
+    # On the CPU, channels-last weights make oneDNN run every conv and max-pool on channels-last
+    # activations: the same features (equal to the last bit on the AMX machine), about 1.5x faster.
+    layout = torch.channels_last if torch.device(device).type == "cpu" else torch.preserve_format
+    model.to(device, memory_format=layout).eval().requires_grad_(False)
     return model, hashlib.sha256(blob).hexdigest()  # == runtime.sha256_file(path)
 
 

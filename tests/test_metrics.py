@@ -12,6 +12,7 @@ import scipy.linalg
 import scipy.spatial.distance
 import torch
 
+from pipeline import metrics
 from pipeline.metrics import (
     MetricInputError,
     class_report,
@@ -353,6 +354,26 @@ def test_prdc_is_scale_free(scale: float) -> None:
     rng = np.random.default_rng(20)
     real, fake = rng.normal(size=(300, 12)), rng.normal(size=(300, 12)) + 0.2
     assert prdc(real * scale, fake * scale) == prdc(real, fake) == _prdc_naive(real, fake, 5)
+
+
+def test_prdc_screens_a_collapsed_generator_far_from_the_origin(monkeypatch: pytest.MonkeyPatch) -> None:
+    # A collapsed generator: near-duplicate samples far from the origin. Measured from the origin,
+    # float32's error bound (a multiple of |x|^2) exceeds every distance between them, and all
+    # 300 x 300 of their pairs had to be computed exactly; from their centre, a few per point.
+    rng = np.random.default_rng(21)
+    real = rng.normal(size=(300, 8))
+    fake = 50.0 + 1e-3 * rng.normal(size=(300, 8))
+    exact_pairs = 0
+    pair_sq_dists = metrics._pair_sq_dists
+
+    def counted(x: np.ndarray, y: np.ndarray, i: np.ndarray, j: np.ndarray) -> np.ndarray:
+        nonlocal exact_pairs
+        exact_pairs += len(i)
+        return pair_sq_dists(x, y, i, j)
+
+    monkeypatch.setattr(metrics, "_pair_sq_dists", counted)
+    assert prdc(real, fake, k=5, chunk=128) == _prdc_naive(real, fake, 5)
+    assert exact_pairs < 20 * 5 * (len(real) + len(fake))  # was over 90,000
 
 
 # OpenBLAS picks its float32 kernels by CPU type too: the screening bound must hold for each.

@@ -114,6 +114,20 @@ def test_classify_is_independent_of_batch_size_and_input_type(weights: Path) -> 
     np.testing.assert_array_equal(f, features)
 
 
+def test_the_cpu_scorer_runs_channels_last_to_the_same_features(weights: Path) -> None:
+    model, _ = load_classifier(weights, 16, CPU)
+    assert model.body[3].weight.is_contiguous(memory_format=torch.channels_last)  # the 32 -> 32 conv
+    plain = Classifier(16)
+    plain.load_state_dict(torch.load(weights, weights_only=True))
+    plain.eval().requires_grad_(False)
+    images = synthetic_mnist(n_train=64, n_test=1).train_images
+    features, probs = classify(model, images, 32, CPU)
+    want_features, want_probs = classify(plain, images, 32, CPU)
+    assert plain.body[3].weight.is_contiguous()  # the reference stays NCHW
+    np.testing.assert_allclose(features, want_features, rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(probs, want_probs, rtol=1e-5, atol=1e-9)
+
+
 def test_generator_outputs_take_the_same_path_as_real_pixels(weights: Path) -> None:
     model, _ = load_classifier(weights, 16, CPU)
     images = synthetic_mnist(n_train=8, n_test=1).train_images
