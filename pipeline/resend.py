@@ -68,8 +68,7 @@ def backfill(
             if new:
                 missing.append({"step": row["step"], **new})
         run.log_metrics(missing)
-        run.drop_incomplete_images(image_key)  # a kill mid-upload: the step is sent again, whole
-        shown = run.image_steps(image_key)
+        shown = run.image_steps(image_key, drop_incomplete=True)  # a kill mid-upload: the step is sent again
         for step, image in sorted(images.items()):
             if step not in shown:
                 run.log_image(image, key=image_key, step=step)

@@ -477,28 +477,25 @@ class MlflowRun:
     def _image_names(self) -> set[str]:
         return {Path(a.path).name for a in self._client.list_artifacts(self.run_id, "images")}
 
-    def image_steps(self, key: str) -> set[int]:
-        """Steps of the images logged under `key` that are complete (the UI shows the compressed file)."""
-        names = self._image_names()
-        pattern = rf"{re.escape(key)}\+step\+(\d+)\+.*\+compressed\.webp"
-        return {int(found[1]) for name in names if (found := re.fullmatch(pattern, name))}
-
-    def drop_incomplete_images(self, key: str) -> int:
-        """Delete the images under `key` that a kill left without their compressed copy; how many.
+    def image_steps(self, key: str, *, drop_incomplete: bool = False) -> set[int]:
+        """Steps of the images logged under `key` that are complete (the UI shows the compressed file).
 
         MLflow's log_image uploads the PNG first, then the compressed WEBP the UI shows: a kill
-        between the two leaves a PNG that the step's next upload would duplicate.
+        between the two leaves a PNG that the step's next upload would duplicate. With
+        `drop_incomplete`, such PNGs are deleted (from the same listing), so the step is sent again, whole.
         """
         names = self._image_names()
-        pattern = rf"{re.escape(key)}\+step\+\d+\+.*\.png"
-        orphans = sorted(n for n in names if re.fullmatch(pattern, n) and f"{n[:-4]}+compressed.webp" not in names)
-        if orphans:
-            from mlflow.store.artifact.artifact_repository_registry import get_artifact_repository
+        if drop_incomplete:
+            pattern = rf"{re.escape(key)}\+step\+\d+\+.*\.png"
+            orphans = [n for n in names if re.fullmatch(pattern, n) and f"{n[:-4]}+compressed.webp" not in names]
+            if orphans:
+                from mlflow.store.artifact.artifact_repository_registry import get_artifact_repository
 
-            repository = get_artifact_repository(self._client.get_run(self.run_id).info.artifact_uri)
-            for name in orphans:
-                repository.delete_artifacts(f"images/{name}")
-        return len(orphans)
+                repository = get_artifact_repository(self._client.get_run(self.run_id).info.artifact_uri)
+                for name in sorted(orphans):
+                    repository.delete_artifacts(f"images/{name}")
+        pattern = rf"{re.escape(key)}\+step\+(\d+)\+.*\+compressed\.webp"
+        return {int(found[1]) for name in names if (found := re.fullmatch(pattern, name))}
 
     def artifact_names(self) -> set[str]:
         return {artifact.path for artifact in self._client.list_artifacts(self.run_id)}
@@ -529,8 +526,9 @@ class MlflowRun:
         return self._guard(Lost("model cleanup"), drop) or 0
 
     def logged_steps(self, metric: str, image_key: str) -> tuple[int, set[int]]:
-        """The last step of `metric` the run holds, and the steps of its images under `image_key`."""
-        return max(self.metric_steps(metric), default=0), self.image_steps(image_key)
+        """The last step of `metric` the run holds, and the steps of its complete images under
+        `image_key` (the incomplete ones a kill left are deleted: see image_steps)."""
+        return max(self.metric_steps(metric), default=0), self.image_steps(image_key, drop_incomplete=True)
 
     @classmethod
     def tagged(cls, experiment_id: str, key: str, value: str) -> MlflowRun | None:

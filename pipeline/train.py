@@ -520,7 +520,7 @@ class Writer:
         self.logged_until, self.logged_grids, self.fid_logged_until = 0, set(), 0
         if state.step:
             try:
-                run.drop_incomplete_images("samples")  # a kill mid-upload: the step is uploaded again, whole
+                # The grids a kill left half-uploaded are deleted here: those steps are uploaded again, whole.
                 self.logged_until, self.logged_grids = run.logged_steps("g_loss", "samples")
                 self.fid_logged_until = max(run.metric_steps("fid_quick"), default=0)
             except Exception:  # noqa: BLE001 - a server that fails here fails the logging below, where it is said
