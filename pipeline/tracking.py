@@ -474,9 +474,6 @@ class MlflowRun:
     def metric_steps(self, name: str) -> set[int]:
         return {metric.step for metric in self._client.get_metric_history(self.run_id, name)}
 
-    def _image_names(self) -> set[str]:
-        return {Path(a.path).name for a in self._client.list_artifacts(self.run_id, "images")}
-
     def image_steps(self, key: str, *, drop_incomplete: bool = False) -> set[int]:
         """Steps of the images logged under `key` that are complete (the UI shows the compressed file).
 
@@ -484,7 +481,7 @@ class MlflowRun:
         between the two leaves a PNG that the step's next upload would duplicate. With
         `drop_incomplete`, such PNGs are deleted (from the same listing), so the step is sent again, whole.
         """
-        names = self._image_names()
+        names = {Path(a.path).name for a in self._client.list_artifacts(self.run_id, "images")}
         if drop_incomplete:
             pattern = rf"{re.escape(key)}\+step\+\d+\+.*\.png"
             orphans = [n for n in names if re.fullmatch(pattern, n) and f"{n[:-4]}+compressed.webp" not in names]
@@ -492,7 +489,7 @@ class MlflowRun:
                 from mlflow.store.artifact.artifact_repository_registry import get_artifact_repository
 
                 repository = get_artifact_repository(self._client.get_run(self.run_id).info.artifact_uri)
-                for name in sorted(orphans):
+                for name in orphans:
                     repository.delete_artifacts(f"images/{name}")
         pattern = rf"{re.escape(key)}\+step\+(\d+)\+.*\+compressed\.webp"
         return {int(found[1]) for name in names if (found := re.fullmatch(pattern, name))}

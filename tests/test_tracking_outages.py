@@ -176,6 +176,7 @@ def test_an_image_a_kill_left_half_uploaded_is_dropped_so_each_step_is_shown_onc
     root = tmp_path / "mlartifacts"
     (half,) = [p for p in root.rglob("samples+step+2+*+compressed.webp")]
     half.unlink()  # the kill
+
     def pngs() -> list[int]:
         names = [Path(a.path).name for a in client.list_artifacts(run.run_id, "images")]
         return sorted(int(n.split("+")[2]) for n in names if n.endswith(".png"))
