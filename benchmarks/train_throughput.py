@@ -80,7 +80,9 @@ ARMS = ("keras", "baseline", "pipeline")
 def load_images(device: torch.device) -> torch.Tensor:
     if PATHS.prepared.is_file():
         return torch.from_numpy(data.load_prepared(PATHS.prepared).train_images).to(device)
-    return torch.randint(0, 256, (60000, 28, 28), dtype=torch.uint8, device=device)
+    # A fresh clone (as in CI): noise, the same in every process, so that arms score the same data.
+    noise = torch.randint(0, 256, (60000, 28, 28), dtype=torch.uint8, generator=torch.Generator().manual_seed(0))
+    return noise.to(device)
 
 
 class Baseline:
@@ -383,21 +385,31 @@ def print_table(rows: list[dict[str, Any]], peaks: dict[str, dict[str, Any]]) ->
               + "".join(cell(100 * fraction[a] if a in fraction else None, 9, ".1f") for a in ARMS))  # fmt: skip
 
 
+def scoring_inputs(device: torch.device) -> tuple[torch.nn.Module, Any]:
+    """The frozen classifier and the real data's reference, as evaluate loads them; on a fresh clone
+    (as in CI) the reference comes from the prepared test images, or from noise."""
+    from pipeline import scoring
+
+    classifier, sha = scoring.load_classifier(PATHS.classifier, 128, device)
+    if PATHS.reference.is_file():
+        return classifier, scoring.load_reference(PATHS.reference)
+    if PATHS.prepared.is_file():
+        real = data.load_prepared(PATHS.prepared).test_images
+    else:
+        real = load_images(device)[:2000].cpu().numpy()
+    features, _ = scoring.classify(classifier, real, 1000, device)
+    return classifier, scoring.compute_reference(features, np.arange(len(features)) % 10, sha)
+
+
 def _scoring_child(device_type: str, n: int, queue: Any) -> None:
     """Samples/s of evaluation, in a fresh process: generation, classifier features, every metric."""
-    from pipeline import evaluate, scoring
+    from pipeline import evaluate
     from pipeline.models import Generator, generate
     from pipeline.params import EvaluateParams
 
     device = torch.device(device_type)
     runtime.keep_freed_memory()  # as the evaluate stage does
-    classifier, sha = scoring.load_classifier(PATHS.classifier, 128, device)
-    if PATHS.reference.is_file():
-        reference = scoring.load_reference(PATHS.reference)
-    else:  # a fresh clone (as in CI): a reference from the prepared test images, or from noise
-        real = data.load_prepared(PATHS.prepared).test_images if PATHS.prepared.is_file() else load_images(device)[:2000].cpu().numpy()
-        features, _ = scoring.classify(classifier, real, 1000, device)
-        reference = scoring.compute_reference(features, np.arange(len(features)) % 10, sha)
+    classifier, reference = scoring_inputs(device)
     params = EvaluateParams(n_samples=n, kid_subset_size=min(1000, n // 2))
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats()

@@ -89,6 +89,25 @@ def test_train_throughput_quick_mode_reports_every_figure(bench_project: Path) -
     assert "bench.json" in stdout  # and where the JSON went
 
 
+@pytest.mark.slow
+def test_scoring_levers_times_each_lever_off_to_the_same_scores(bench_project: Path) -> None:
+    save_reference(bench_project)
+    out = bench_project / "levers.json"
+    script = str(ROOT / "benchmarks/scoring_levers.py")
+    result = run_script([script, "--n", "1000", "--repeats", "1", "--output", str(out)], bench_project)
+    assert result.returncode == 0, result.stderr[-3000:]
+    arms = {row["arm"]: row for row in json.loads(out.read_text())["arms"]}
+    assert arms["all on"]["off"] == [] and arms["all off"]["off"] == ["heap", "layout", "centre"]
+    for row in arms.values():
+        assert 0 < row["generate_s"] < row["total_s"] and 0 < row["classify_s"] < row["score_s"] < row["total_s"]
+        assert 0 < row["prdc_s"] < row["score_s"] and row["exact_pairs"] > 0
+    # Keeping the heap and the screen's centre change no arithmetic of the scores; the classifier's
+    # layout changes the features' round-off only.
+    assert arms["heap not kept"]["max_rel_score_diff"] == arms["PRDC from the origin"]["max_rel_score_diff"] == 0
+    assert arms["classifier NCHW"]["max_rel_score_diff"] < 1e-3 and arms["all off"]["max_rel_score_diff"] < 1e-3
+    assert "exact pairs" in result.stdout and "levers.json" in result.stdout
+
+
 def test_train_throughput_without_tensorflow_names_the_extra(tmp_path: Path) -> None:
     """Without TensorFlow the Keras arm is not skipped quietly: one sentence names the extra to install."""
     hide_tensorflow = (
