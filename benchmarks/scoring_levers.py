@@ -5,8 +5,10 @@ line does) and scores them as the evaluate stage does, in its own spawned proces
 alternate over the repeats, so drifting machine load hits all alike, and the medians are
 reported. The levers:
 
+* G layout: the generator samples in channels-last activations (`Generator(nhwc=True)`, the
+  default); off: in NCHW.
 * heap: freed memory stays in glibc's heap (`runtime.keep_freed_memory`); off: not called.
-* layout: the frozen classifier runs channels-last (`scoring.load_classifier`); off: its
+* classifier layout: the frozen classifier runs channels-last (`scoring.load_classifier`); off: its
   weights made contiguous again, so oneDNN runs its convs and max-pools in NCHW.
 * centre: PRDC's float32 screen measures the points from their centre; off: from the origin,
   as before (a subclass of the screen that passes a zero centre).
@@ -36,11 +38,12 @@ from pipeline import evaluate, metrics, runtime, scoring
 from pipeline.models import Generator, generate
 from pipeline.params import EvaluateParams
 
-LEVERS = ("heap", "layout", "centre")
+LEVERS = ("G layout", "heap", "classifier layout", "centre")
 ARMS: dict[str, tuple[str, ...]] = {
     "all on": (),
+    "G NCHW": ("G layout",),
     "heap not kept": ("heap",),
-    "classifier NCHW": ("layout",),
+    "classifier NCHW": ("classifier layout",),
     "PRDC from the origin": ("centre",),
     "all off": LEVERS,
 }
@@ -73,7 +76,7 @@ def _child(off: tuple[str, ...], n: int, queue: Any) -> None:
     if "heap" not in off:
         runtime.keep_freed_memory()
     classifier, reference = train_throughput.scoring_inputs(device)
-    if "layout" in off:
+    if "classifier layout" in off:
         classifier.to(memory_format=torch.contiguous_format)
     if "centre" in off:
         metrics._Screen = _FromOrigin
@@ -91,7 +94,7 @@ def _child(off: tuple[str, ...], n: int, queue: Any) -> None:
     metrics._pair_sq_dists = counted
     params = EvaluateParams(n_samples=n, kid_subset_size=min(1000, n // 2))
     torch.manual_seed(0)  # the same untrained G in every arm, so that their scores can be compared
-    generator = Generator()
+    generator = Generator(nhwc="G layout" not in off)
     start = time.perf_counter()
     images = generate(generator, n, 0, params.batch_size, device).numpy()
     generated = time.perf_counter()
