@@ -319,7 +319,9 @@ def test_servers_listen_on_loopback_by_default() -> None:
         (host,) = [p for p in command.params if p.name == "host"]
         assert host.default == "127.0.0.1", (name, host.default)
     # Nothing in the project binds every interface or tells users to.
-    texts = [ROOT / "README.md", ROOT / "dvc.yaml", *sorted(ROOT.glob(".ci/*"))]
+    docs = sorted((ROOT / "docs").glob("*.md"))
+    assert docs, "the docs the README links to are missing"
+    texts = [ROOT / "README.md", *docs, ROOT / "dvc.yaml", *sorted(ROOT.glob(".ci/*"))]
     texts += sorted((ROOT / "pipeline").glob("*.py")) + sorted((ROOT / "benchmarks").glob("*.py"))
     for path in texts:
         text = path.read_text()
