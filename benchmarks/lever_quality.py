@@ -8,7 +8,7 @@ real when it is beyond twice the seed-to-seed standard deviation.
 
 Two uses:
 
-    # the quality study of the README: the tutorial, each lever alone and the quality preset
+    # the quality study of docs/training.md: the tutorial, each lever alone and the quality preset
     python benchmarks/lever_quality.py --study --steps 4000 --fid-samples 10000 --jobs 2 \\
         --speed-steps 200 --grids docs/quality_grids.png
 
@@ -45,7 +45,7 @@ from pipeline.layout import Layout
 from pipeline.params import Params, load_params, validate_params
 from pipeline.train import fixed_noise, new_state, sample_grid, train
 
-# The quality preset (README, "Better samples"): the class-conditional pair with an EMA of G, at the
+# The quality preset (docs/training.md): the class-conditional pair with an EMA of G, at the
 # tutorial's loss and learning rates. Each key is a `dvc exp run -S` override. Hinge loss with spectral
 # norm on top of it (the earlier preset) won at seed 0 but let D overpower G at other seeds.
 PRESET: dict[str, Any] = {"model.conditional": True, "train.ema_decay": 0.995}
@@ -189,7 +189,7 @@ def save_grids(grids: dict[tuple[str, int], np.ndarray], names: list[str], seed:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--study", action="store_true", help="the README's arms: tutorial, each lever, the preset")
+    parser.add_argument("--study", action="store_true", help="the arms of docs/training.md: tutorial, each lever, the preset")
     parser.add_argument("--arms", nargs="+", metavar="NAME", help="with --study: only these of its arms")
     parser.add_argument("--arm", action="append", default=[], metavar="NAME=JSON",
                         help='an arm of dotted overrides, e.g. \'ema={"train.ema_decay": 0.995}\'; repeat for more')  # fmt: skip
