@@ -53,10 +53,13 @@ def run_limited(args: list[str], cwd: Path, kib: int) -> subprocess.CompletedPro
     )  # fmt: skip
 
 
-def big_project(path: Path, db: Path, steps: int) -> Path:
+def trained(path: Path, db: Path, steps: int) -> Path:
+    """A project of BIG_G trained, without a limit, to `steps` (a checkpoint every 3 steps)."""
     project = with_db(make_project(path, steps=steps, checkpoint_every=3, sample_every=3, log_every=3), db)
     params = yaml.safe_load((project / "params.yaml").read_text())
     (project / "params.yaml").write_text(yaml.safe_dump({**params, "model": BIG_G}))
+    result = run_cli(["train"], cwd=project, env=stage_env(project))
+    assert result.returncode == 0, result.stderr[-2000:]
     return project
 
 
@@ -158,12 +161,8 @@ def test_cli_turns_a_stray_no_room_error_into_one_sentence(monkeypatch: pytest.M
 def test_train_failing_at_its_checkpoint_keeps_the_last_one_and_resumes_bit_identically(
     tmp_path: Path, tracking_db: Path
 ) -> None:
-    straight = big_project(tmp_path / "straight", tracking_db, steps=12)
-    assert run_cli(["train"], cwd=straight, env=stage_env(straight)).returncode == 0
-
-    project = big_project(tmp_path / "p", tracking_db, steps=6)
-    result = run_cli(["train"], cwd=project, env=stage_env(project))
-    assert result.returncode == 0, result.stderr[-2000:]
+    straight = trained(tmp_path / "straight", tracking_db, steps=12)
+    project = trained(tmp_path / "p", tracking_db, steps=6)
     checkpoint = (project / "checkpoints/train.pt").read_bytes()
 
     set_steps(project, 12)  # the checkpoint at step 9 finds no room
@@ -188,8 +187,7 @@ def test_train_failing_at_its_checkpoint_keeps_the_last_one_and_resumes_bit_iden
 def test_a_finished_run_stays_finished_when_a_no_op_resume_cannot_write_its_outputs(
     tmp_path: Path, tracking_db: Path
 ) -> None:
-    project = big_project(tmp_path / "p", tracking_db, steps=3)
-    assert run_cli(["train"], cwd=project, env=stage_env(project)).returncode == 0
+    project = trained(tmp_path / "p", tracking_db, steps=3)
     outputs = {p: p.read_bytes() for p in (project / "models").iterdir()} | {
         p: p.read_bytes() for p in (project / "metrics").iterdir()
     }
