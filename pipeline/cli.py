@@ -5,6 +5,8 @@ from __future__ import annotations
 import argparse
 import importlib
 import json
+import logging
+import os
 import sys
 from pathlib import Path
 
@@ -118,6 +120,8 @@ def run(args: argparse.Namespace) -> None:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    # MLflow logs each SQLAlchemy error it re-raises, traceback and all: the re-raised error is said once.
+    logging.getLogger("mlflow.store.db.utils").setLevel(logging.CRITICAL)
     try:
         run(args)
     except UserError as exc:
@@ -126,4 +130,19 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
         return 130
+    except Exception as exc:
+        # A write that found no room outside our atomic writers (torch, PIL, MLflow): one sentence too.
+        if (error := no_room_error(exc)) is None:
+            raise
+        print(f"error: {error}", file=sys.stderr)
+        return 2
     return 0
+
+
+def no_room_error(exc: BaseException) -> UserError | None:
+    """The sentence for `exc` when a write in it found no room (a full disk, `ulimit -f`), else None."""
+    from pipeline import tracking
+
+    # The file is named in an OSError; what SQLite could not grow is MLflow's store (or a sweep's study).
+    uri = tracking.tracking_uri(tracking.project_root(Path.cwd(), os.environ), os.environ)
+    return tracking.store_out_of_room(exc, uri)

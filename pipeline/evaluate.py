@@ -184,11 +184,20 @@ def main(params_path: Path = Path("params.yaml"), samples: Path | None = None, o
         return
 
     grid = data.make_grid(images[:25])
-    data.save_png(grid, paths.eval_samples)
-    with runtime.atomic_open(paths.class_plot) as fh:
-        fh.write(class_rows(scores, reference, data.class_names(params.data)))
-    runtime.write_json(paths.eval_metrics, result)
-    log_to_mlflow(params, paths, result, grid, uri, experiment_id)
+    with runtime.atomic_files():  # the three outputs appear together, or (a full disk) the old ones stay
+        data.save_png(grid, paths.eval_samples)
+        with runtime.atomic_open(paths.class_plot) as fh:
+            fh.write(class_rows(scores, reference, data.class_names(params.data)))
+        runtime.write_json(paths.eval_metrics, result)
+    try:
+        log_to_mlflow(params, paths, result, grid, uri, experiment_id)
+    except UserError as exc:
+        # The outputs are complete and true: a tracking store out of room is a loss to report, as a
+        # lost item is, not a failed stage (whose outputs DVC would then refuse to record).
+        if runtime.out_of_room(exc) is None:
+            raise
+        print(f"warning: {str(exc).rstrip('.')}; the outputs are complete, run the evaluate stage again once "
+              "MLflow's store has room.", file=sys.stderr)  # fmt: skip
 
 
 def log_to_mlflow(

@@ -15,7 +15,7 @@ from pipeline import data
 from pipeline.data import Dataset, class_counts, save_prepared
 from pipeline.layout import Layout
 from pipeline.params import Params, load_params
-from pipeline.runtime import remove_stale_temps, write_json
+from pipeline.runtime import atomic_files, remove_stale_temps, write_json
 
 # Every class needs this many images in each split: the classifier learns it, and the class
 # histogram, per-class counts and the floors mean something.
@@ -45,7 +45,8 @@ def main(params_path: Path = Path("params.yaml")) -> None:
     paths = Layout(dataset=params.data.dataset)
     remove_stale_temps(*paths.outputs("prepare"), paths.raw)
     dataset, summary = prepare(params, paths.raw, os.environ)
-    save_prepared(dataset, paths.prepared)
-    write_json(paths.data_metrics, summary)
+    with atomic_files():  # both or (a full disk) neither: never new arrays beside an old summary
+        save_prepared(dataset, paths.prepared)
+        write_json(paths.data_metrics, summary)
     counts = {split: summary[split]["count"] for split in ("train", "test")}  # type: ignore[index]
     print(f"prepared {counts['train']} train and {counts['test']} test images of {params.data.dataset} -> {paths.prepared}")

@@ -18,7 +18,7 @@ from pipeline.errors import UserError
 from pipeline.layout import Layout
 from pipeline.models import Classifier
 from pipeline.params import EvaluateParams, load_params
-from pipeline.runtime import keep_freed_memory, pick_device, remove_stale_temps, write_json
+from pipeline.runtime import atomic_files, keep_freed_memory, pick_device, remove_stale_temps, write_json
 from pipeline.scoring import (
     Reference,
     classify,
@@ -58,10 +58,11 @@ def main(params_path: Path = Path("params.yaml")) -> None:
     start = time.perf_counter()
     reference, floor = build_reference(model, sha, dataset, params.evaluate, device, n_classes)
     seconds = round(time.perf_counter() - start, 1)
-    save_reference(reference, paths.reference)
     meta = scoring_metadata(sha, params.classifier.feature_dim, params.evaluate)
     n_reference = int(reference.features.shape[0])
-    write_json(paths.floors, {**floor, **meta, "n_reference": n_reference, "seconds": seconds})
+    with atomic_files():  # both or (a full disk) neither: never new features beside old floors
+        save_reference(reference, paths.reference)
+        write_json(paths.floors, {**floor, **meta, "n_reference": n_reference, "seconds": seconds})
     print(f"real-vs-real floor: {params.evaluate.n_samples} training images vs {n_reference} test images")
     for key, value in floor.items():
         if not isinstance(value, list):

@@ -3,13 +3,17 @@
 from __future__ import annotations
 
 import contextlib
+import contextvars
 import ctypes
+import errno
 import functools
 import hashlib
 import json
 import os
 import random
 import re
+import resource
+import shutil
 import tempfile
 from collections.abc import Iterator
 from pathlib import Path
@@ -93,28 +97,55 @@ def device_name(device: torch.device) -> str:
     return device.type
 
 
+# The outputs that atomic_files() holds back: target -> its finished temp file, while one is open.
+_STAGED: contextvars.ContextVar[dict[Path, Path] | None] = contextvars.ContextVar("staged", default=None)
+
+
 @contextlib.contextmanager
 def atomic_path(path: Path | str) -> Iterator[Path]:
     """Yield a temporary path next to `path`; on success it replaces `path` atomically.
 
     A crash or exception leaves the old file (if any) untouched and no partial file that
-    DVC or a later stage could mistake for a finished output.
+    DVC or a later stage could mistake for a finished output. A full disk or a file-size
+    limit is a UserError naming `path` and the space left (see storage_error). Inside
+    atomic_files() the replacement waits for the end of that block.
     """
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    except OSError as exc:
+        if (error := storage_error(path, exc)) is not None:
+            raise error from None
+        raise
     os.close(fd)
-    tmp_path = Path(tmp)
+    tmp_path: Path | None = Path(tmp)
     umask = os.umask(0)
     os.umask(umask)
-    os.chmod(tmp_path, 0o666 & ~umask)  # mkstemp makes 0600; outputs get normal permissions
+    os.chmod(tmp, 0o666 & ~umask)  # mkstemp makes 0600; outputs get normal permissions
     try:
-        yield tmp_path
-        with open(tmp_path, "rb") as fh:
+        yield Path(tmp)
+        with open(tmp, "rb") as fh:
             os.fsync(fh.fileno())
-        os.replace(tmp_path, path)
+        staged = _STAGED.get()
+        if staged is None:
+            os.replace(tmp, path)
+        else:
+            if (earlier := staged.pop(path, None)) is not None:  # written twice in one block: the last counts
+                earlier.unlink(missing_ok=True)
+            staged[path] = Path(tmp)
+            tmp_path = None  # atomic_files() renames it, or removes it
+    except Exception as exc:
+        # numpy's tofile says only "N requested and M written": what the temp file shows decides.
+        hint = _short_write(Path(tmp)) if isinstance(exc, OSError) and exc.errno is None else None
+        if tmp_path is not None:
+            tmp_path.unlink(missing_ok=True)  # first, so that the space said is what the user has
+        if (error := storage_error(path, OSError(hint, os.strerror(hint)) if hint else exc)) is not None:
+            raise error from None
+        raise
     finally:
-        tmp_path.unlink(missing_ok=True)
+        if tmp_path is not None:
+            tmp_path.unlink(missing_ok=True)
 
 
 @contextlib.contextmanager
@@ -122,6 +153,120 @@ def atomic_open(path: Path | str, mode: str = "w") -> Iterator[IO[Any]]:
     """open() for writing whose result appears atomically (see atomic_path)."""
     with atomic_path(path) as tmp, open(tmp, mode, encoding=None if "b" in mode else "utf-8") as fh:
         yield fh
+
+
+@contextlib.contextmanager
+def atomic_files() -> Iterator[None]:
+    """Every atomic write in the block appears at its end, together; after a failure none does.
+
+    A stage's outputs are written as temp files first and renamed one after another once all
+    are complete (renames need no space), so a full disk at the third file cannot leave two
+    new files beside an old third one. Nested blocks belong to the outermost.
+    """
+    if _STAGED.get() is not None:
+        yield
+        return
+    staged: dict[Path, Path] = {}
+    token = _STAGED.set(staged)
+    try:
+        yield
+    except BaseException:
+        for tmp in staged.values():
+            tmp.unlink(missing_ok=True)
+        raise
+    finally:
+        _STAGED.reset(token)
+    for path, tmp in staged.items():
+        os.replace(tmp, path)
+
+
+# Writes that fail for want of room: no space, a file over `ulimit -f` (Python ignores SIGXFSZ,
+# so the write fails with EFBIG), a quota. SQLite reports them as SQLITE_FULL, or under a
+# file-size limit as SQLITE_IOERR_WRITE.
+NO_ROOM = {errno.ENOSPC: "no space left on the device", errno.EFBIG: "the file-size limit was reached",
+           errno.EDQUOT: "the disk quota is exceeded"}  # fmt: skip
+_SQLITE_FULL, _SQLITE_IOERR_WRITE = 13, 778
+
+
+def out_of_room(exc: BaseException) -> BaseException | None:
+    """The error in `exc` or what it wraps (torch, PIL, SQLAlchemy wrap them) that says a write found
+    no room; None when there is none."""
+    seen: BaseException | None = exc
+    for _ in range(20):  # a cause chain, not a cycle
+        if seen is None:
+            return None
+        if isinstance(seen, OSError) and seen.errno in NO_ROOM:
+            return seen
+        if getattr(seen, "sqlite_errorcode", None) in (_SQLITE_FULL, _SQLITE_IOERR_WRITE):
+            return seen
+        seen = seen.__cause__ or seen.__context__
+    return None
+
+
+def _short_write(tmp: Path) -> int | None:
+    """EFBIG when `tmp` reached the file-size limit, ENOSPC when its filesystem is all but full, else None."""
+    try:
+        size = tmp.stat().st_size
+    except OSError:
+        return None
+    if (limit := _file_size_limit()) is not None and size >= limit:
+        return errno.EFBIG
+    free = _free_bytes(tmp)
+    return errno.ENOSPC if free is not None and free < 1 << 20 else None
+
+
+def _free_bytes(path: Path) -> int | None:
+    """Free space on the filesystem of `path` (of its nearest existing folder); None when unknown."""
+    where = path.absolute()
+    while not where.exists() and where != where.parent:
+        where = where.parent
+    try:
+        return shutil.disk_usage(where).free
+    except OSError:
+        return None
+
+
+def _file_size_limit() -> int | None:
+    limit = resource.getrlimit(resource.RLIMIT_FSIZE)[0]
+    return None if limit == resource.RLIM_INFINITY else limit
+
+
+def _likely_cause(path: Path) -> int:
+    """SQLite says only "disk I/O error" or "full": a file-size limit with the disk not nearly full is it."""
+    free = _free_bytes(path)
+    return errno.EFBIG if _file_size_limit() is not None and free is not None and free >= 1 << 20 else errno.ENOSPC
+
+
+def _size(n: float) -> str:
+    if n < 1024:
+        return f"{n:.0f} bytes"
+    for unit in ("KiB", "MiB", "GiB"):
+        n /= 1024
+        if n < 1024 or unit == "GiB":
+            break
+    return f"{n:.1f} {unit}"
+
+
+def room_left(path: Path | str) -> str:
+    """'1.2 MiB free on its filesystem', plus the file-size limit when one is set (ulimit -f)."""
+    free = _free_bytes(Path(path))
+    text = "free space unknown" if free is None else f"{_size(free)} free on its filesystem"
+    if (limit := _file_size_limit()) is not None:
+        text += f", and ulimit -f limits files to {_size(limit)}"
+    return text
+
+
+def storage_error(path: Path | str, exc: BaseException) -> UserError | None:
+    """The one sentence for a write of `path` that found no room (None for any other failure)."""
+    found = out_of_room(exc)
+    if found is None:
+        return None
+    code = getattr(found, "errno", None) if isinstance(found, OSError) else _likely_cause(Path(path))
+    reason = NO_ROOM.get(code, "the disk is full")  # type: ignore[arg-type]
+    return UserError(
+        f"cannot write {path}: {reason} ({room_left(path)}); the previous outputs are kept, "
+        "so free some space and run the same command again."
+    )
 
 
 def write_json(path: Path | str, data: Any) -> None:

@@ -130,6 +130,8 @@ def connect(root: Path, uri: str, experiment: str) -> str:
                 return mlflow.get_experiment_by_name(experiment).experiment_id
     except Exception as exc:  # noqa: BLE001 - network errors arrive as many types, often inside an MlflowException
         shown = redact(uri)
+        if room := store_out_of_room(exc, uri):
+            raise room from None
         if reason := network_failure(exc):
             raise UserError(
                 f"MLflow tracking server {shown} is unreachable ({reason}); start it, "
@@ -195,6 +197,23 @@ def open_experiment(experiment: str, cwd: Path, env: Mapping[str, str]) -> tuple
 def first_line(exc: BaseException) -> str:
     text = str(exc).strip()
     return (text.splitlines()[0] if text else type(exc).__name__)[:300].rstrip(".")
+
+
+def store_out_of_room(exc: BaseException, uri: str) -> UserError | None:
+    """The one sentence for a write of the tracking store at `uri` that found no room (a full disk,
+    `ulimit -f`): its SQLite file or the artifact file named in the error; None for other failures."""
+    from pipeline import runtime
+
+    found = runtime.out_of_room(exc)
+    if found is None:
+        return None
+    if isinstance(found, OSError) and found.filename:
+        path = Path(found.filename)
+    elif uri.startswith("sqlite:///"):
+        path = Path(uri.removeprefix("sqlite:///").split("?")[0])
+    else:
+        path = Path.cwd()  # the file is not known: the project's filesystem is the likely one
+    return runtime.storage_error(path, found)
 
 
 def git_info(root: Path) -> dict[str, str]:
@@ -294,6 +313,8 @@ class Tracker(Protocol):
 class MlflowRun:
     """One MLflow run behind the Tracker interface, plus the reads that `resend` needs."""
 
+    previous_status: str | None = None  # a resumed run's status before start() reopened it
+
     def __init__(self, run_id: str, experiment_id: str, client: Any) -> None:
         self.run_id = run_id
         self.experiment_id = experiment_id
@@ -324,11 +345,12 @@ class MlflowRun:
                 _mark_dead_runs_killed(client, experiment_id)
             except Exception:  # noqa: BLE001 - housekeeping: never the reason a run cannot start
                 pass
-            run = None
+            run, previous = None, None
             if resume_run_id:
                 try:
                     old = client.get_run(resume_run_id).info
                     if old.experiment_id == experiment_id and old.lifecycle_stage == "active":
+                        previous = old.status
                         run = mlflow.start_run(run_id=resume_run_id)
                         client.log_batch(run.info.run_id, tags=[RunTag(k, v) for k, v in owner.items()])
                 except MlflowException:
@@ -340,8 +362,12 @@ class MlflowRun:
                     tags = {**tags, "mlflow.parentRunId": parent_run_id}
                 run = mlflow.start_run(experiment_id=experiment_id, run_name=name, tags={**tags, **owner})
         except Exception as exc:
-            raise UserError(f"MLflow could not start a run: {first_line(exc)}.") from None
-        return cls(run.info.run_id, experiment_id, client)
+            raise store_out_of_room(exc, mlflow.get_tracking_uri()) or UserError(
+                f"MLflow could not start a run: {first_line(exc)}."
+            ) from None
+        started = cls(run.info.run_id, experiment_id, client)
+        started.previous_status = previous
+        return started
 
     @classmethod
     def create(cls, experiment_id: str, name: str, tags: dict[str, str]) -> MlflowRun:
@@ -458,10 +484,21 @@ class MlflowRun:
         self._guard(Lost("run status"), self._client.update_run, self.run_id, status="RUNNING")
 
     def finish(self, status: str = "FINISHED") -> None:
+        """End the run with `status`; a status MLflow did not take is in `lost` as "run status"."""
         import mlflow
 
+        # A local store that failed one write (a full disk) may well take this small one, and a
+        # run left RUNNING would be untrue: tried even after a failure, unless a server is gone.
+        local = not mlflow.get_tracking_uri().startswith(("http://", "https://"))
+        if local and self.failure is not None:
+            self.failure, failure = None, self.failure
+            self.finish(status)
+            self.failure = self.failure or failure
+            return
         active = mlflow.active_run()
         if active is not None and active.info.run_id == self.run_id:
+            # end_run takes the run off MLflow's stack before it writes: a failure here is not
+            # tried again (with a traceback) when the process exits.
             self._guard(Lost("run status"), mlflow.end_run, status)
         else:
             self._guard(Lost("run status"), self._client.set_terminated, self.run_id, status)

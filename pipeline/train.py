@@ -587,21 +587,37 @@ class Writer:
         return on_eval
 
     def fail(self, exc: BaseException) -> None:
+        """End the MLflow run as the stage ends: KILLED, FAILED, or, when this session added nothing
+        to it (a resume at its last step), the status it had before; a status MLflow could not
+        take is said in the error's sentence."""
         self.bar.close()
-        self.run.finish("KILLED" if isinstance(exc, KeyboardInterrupt) else "FAILED")
+        status = "KILLED" if isinstance(exc, KeyboardInterrupt) else "FAILED"
+        if self.bar.n == self.bar.initial and self.run.previous_status == "FINISHED":
+            status = "FINISHED"  # its record is what it was when it finished: a failed no-op must not undo that
+        self.run.finish(status)
+        if isinstance(exc, UserError) and any(item.kind == "run status" for item in self.run.lost):
+            exc.args = (
+                f"{str(exc).rstrip('.')}; MLflow could not mark run {self.run.run_id} {status} either "
+                f"({self.run.failure}), so it shows RUNNING until the next stage start marks it KILLED.",
+            )
 
     def finish(self, state: TrainState, summary: dict[str, Any], last_grid: np.ndarray) -> None:
         """The DVC outputs, then what MLflow gets at the end; says what it did not get."""
         self.bar.close()
         paths = self.paths
-        # The generator the run gives (the EMA of G with train.ema_decay), and the trained G beside it.
-        raw = {"generator_raw": state.generator.state_dict()} if state.ema is not None else {}
-        runtime.save_checkpoint({"generator": state.output.state_dict(), **raw}, paths.generator)
-        write_log(state.history, paths.train_log)
-        write_fid_log(state.fid_history, paths.fid_log)  # header only when train.fid_every is 0
-        data.save_png(last_grid, paths.last_samples)
-        runtime.write_json(paths.run_info, self.run_info)
-        runtime.write_json(paths.train_metrics, summary)
+        try:
+            with runtime.atomic_files():  # all of them, or (a full disk) none: never new beside old
+                # The generator the run gives (the EMA of G with train.ema_decay), and the trained G beside it.
+                raw = {"generator_raw": state.generator.state_dict()} if state.ema is not None else {}
+                runtime.save_checkpoint({"generator": state.output.state_dict(), **raw}, paths.generator)
+                write_log(state.history, paths.train_log)
+                write_fid_log(state.fid_history, paths.fid_log)  # header only when train.fid_every is 0
+                data.save_png(last_grid, paths.last_samples)
+                runtime.write_json(paths.run_info, self.run_info)
+                runtime.write_json(paths.train_metrics, summary)
+        except BaseException as exc:
+            self.fail(exc)  # main's handler covers train() only: the run must not stay RUNNING
+            raise
 
         self.run.log_metrics([summary_row(summary)])
         self.run.log_artifact(paths.train_log)
