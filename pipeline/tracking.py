@@ -21,7 +21,7 @@ from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Protocol
-from urllib.parse import unquote
+from urllib.parse import unquote, urlsplit, urlunsplit
 
 import numpy as np
 
@@ -93,12 +93,12 @@ def without_login(uri: str, environ: MutableMapping[str, str]) -> str:
     puts it in its errors ("API request to ... failed"): given no login, none can show. A login in
     the URI won over those variables before (requests applies it last), so it overrides them here.
     """
-    if not uri.lower().startswith(("http://", "https://")) or (span := _password_span(uri)) is None:
+    parts = urlsplit(uri)  # as requests reads the login: the host part ends at the first '/'
+    if parts.scheme.lower() not in ("http", "https") or not parts.password:
         return uri
-    start = uri.index("//") + 2
-    environ["MLFLOW_TRACKING_USERNAME"] = unquote(uri[start : span[0] - 1])
-    environ["MLFLOW_TRACKING_PASSWORD"] = unquote(uri[span[0] : span[1]])
-    return uri[:start] + uri[span[1] + 1 :]
+    environ["MLFLOW_TRACKING_USERNAME"] = unquote(parts.username or "")
+    environ["MLFLOW_TRACKING_PASSWORD"] = unquote(parts.password)
+    return urlunsplit(parts._replace(netloc=parts.netloc.rpartition("@")[2]))
 
 
 def _is_local_sqlite(uri: str) -> bool:

@@ -73,6 +73,9 @@ def test_an_http_login_leaves_the_uri_for_mlflows_variables() -> None:
     assert uri == "http://127.0.0.1:5000/"
     assert env == {"MLFLOW_TRACKING_USERNAME": "ann@lab", "MLFLOW_TRACKING_PASSWORD": "a/b@c:d%e"}
     assert tracking.without_login("postgresql://u:p@h/db", env) == "postgresql://u:p@h/db"  # SQLAlchemy needs it
+    # the host part ends at the first '/', as requests reads the login
+    assert tracking.without_login("http://u:p@s@host:5000/pre/a@b", env) == "http://host:5000/pre/a@b"
+    assert env["MLFLOW_TRACKING_PASSWORD"] == "p@s"
 
 
 @pytest.fixture
@@ -86,7 +89,8 @@ def auth_server(tmp_path: Path) -> Iterator[MlflowServer]:
 
 
 @pytest.mark.slow
-def test_train_and_evaluate_show_no_password_given_in_the_tracking_uri(tmp_path: Path, auth_server: MlflowServer) -> None:
+def test_train_and_evaluate_show_no_password_given_in_the_tracking_uri(tmp_path: Path,
+                                                                        auth_server: MlflowServer) -> None:  # fmt: skip
     pieces = [secrets.token_hex(4) for _ in range(5)]
     password = f"{pieces[0]}/{pieces[1]}@{pieces[2]}:{pieces[3]}%40{pieces[4]}"
     import mlflow.server
@@ -124,7 +128,8 @@ def test_train_and_evaluate_show_no_password_given_in_the_tracking_uri(tmp_path:
 
 
 def own_params(project: Path, path: str) -> None:
-    (project / "params.yaml").write_text(yaml.safe_dump({"data": {"dataset": "own", "path": path, "classes": ["a", "b"]}}))
+    own = {"dataset": "own", "path": path, "classes": ["a", "b"]}
+    (project / "params.yaml").write_text(yaml.safe_dump({"data": own}))
 
 
 def own_npz(path: Path) -> None:
@@ -146,8 +151,9 @@ def test_a_data_path_outside_data_own_is_refused_before_anything_is_read(tmp_pat
     assert not (project / "data/prepared").exists()
 
 
-def test_the_prepare_stage_follows_symlinks_and_reads_only_npz_files(tmp_path: Path,
-                                                                    monkeypatch: pytest.MonkeyPatch) -> None:  # fmt: skip
+def test_the_prepare_stage_follows_symlinks_and_reads_only_npz_files(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     project = tmp_path / "p"
     own = project / "data/own"
     own.mkdir(parents=True)
