@@ -203,16 +203,41 @@ def fetch_dataset(
     )
 
 
+def check_own_path(path: Path, folder: Path) -> None:
+    """Refuse a `data.path` that leads out of `folder` (your own data's: the prepare stage's DVC
+    dependency) through a symlink; params validation has already refused one that says so in words."""
+    try:
+        real, home = path.resolve(), folder.resolve()
+    except (OSError, RuntimeError) as exc:  # a symlink loop: RuntimeError up to Python 3.12
+        raise UserError(f"data.path {path} cannot be followed ({exc}).") from None
+    if not real.is_relative_to(home):
+        raise UserError(f"data.path {path} leads out of {folder}/ through a symlink (to {real}); your own data is "
+                        f"read only from {folder}/, so that DVC sees it change: copy the file there.")  # fmt: skip
+
+
+NPZ_MAGIC = (b"PK\x03\x04", b"PK\x05\x06")  # what numpy.savez writes: a zip archive (the second: an empty one)
+
+
 def load_own(path: Path, class_names: list[str], test_fraction: float, seed: int, min_per_class: int) -> Dataset:
     """Your own data: an .npz of `images` (N, 28, 28) uint8 and `labels` (N,) integers 0..K-1 (split here,
     seeded, `test_fraction` held out), or of train_images/train_labels/test_images/test_labels."""
+    if path.is_dir():
+        raise UserError(f"data.path {path} is a folder, not an .npz file.")
     if not path.is_file():
         raise UserError(f"data.path {path} does not exist.")
+    not_npz = f"data.path {path} is not an .npz file (a zip of arrays, as numpy.savez writes)"
     try:
+        with open(path, "rb") as fh:
+            if fh.read(4) not in NPZ_MAGIC:  # else numpy tries the file as a pickle, and says so
+                raise UserError(f"{not_npz}.")
         with np.load(path, allow_pickle=False) as npz:
             arrays = {key: npz[key] for key in npz.files}
     except (ValueError, OSError, EOFError, zipfile.BadZipFile, zlib.error) as exc:
-        raise UserError(f"data.path {path} is not a readable .npz file ({str(exc).splitlines()[0]}).") from None
+        reason = str(exc).splitlines()[0] if str(exc).strip() else type(exc).__name__
+        if "pickle" in reason:  # an object array: never unpickled, whatever numpy suggests
+            raise UserError(f"data.path {path} holds Python objects, which are never unpickled; save numeric "
+                            "arrays.") from None  # fmt: skip
+        raise UserError(f"{not_npz}: {reason}.") from None
     if {"images", "labels"} <= arrays.keys():
         images, labels = _own_split(path, "", arrays["images"], arrays["labels"], class_names)
         test = np.zeros(len(labels), bool)

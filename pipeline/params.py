@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import json
 from dataclasses import dataclass
-from pathlib import Path
+from pathlib import Path, PurePath
 from typing import Annotated, Any, Literal, get_args, get_origin
 
 import yaml
@@ -283,6 +283,13 @@ class Params(Section):
         return self
 
     @model_validator(mode="after")
+    def _own_data_is_in_its_folder(self) -> Params:
+        if self.data.path is not None and (problem := own_path_problem(self.data.path)):
+            shown = repr(self.data.path)[1:-1]  # on one line, and short
+            raise ValueError(f"data.path {shown if len(shown) <= 200 else shown[:197] + '...'} {problem}")
+        return self
+
+    @model_validator(mode="after")
     def _batch_splits_over_processes(self) -> Params:
         if self.train.batch_size % self.train.nproc:
             raise ValueError(f"train.batch_size={self.train.batch_size} does not split evenly over "
@@ -293,6 +300,26 @@ class Params(Section):
     def _sweep_searches_real_params(self) -> Params:
         _check_sweep(self)
         return self
+
+
+# Your own data's folder, relative to the project root: the prepare stage's DVC dependency
+# (dvc.yaml), so DVC sees a change of any file in it; data.path must name a file there.
+OWN_DATA = PurePath("data", "own")
+
+
+def own_path_problem(path: str) -> str | None:
+    """Why `data.path`, as written, cannot be your own data (outside data/own/), or None.
+
+    Only the words are judged here (no file is read); the prepare stage follows symlinks.
+    """
+    parts = PurePath(path).parts
+    if PurePath(path).is_absolute() or ".." in parts or parts[: len(OWN_DATA.parts)] != OWN_DATA.parts:
+        return (f"is outside {OWN_DATA.as_posix()}/: your own data is read only from there (the prepare "
+                f"stage's DVC dependency, so DVC sees it change); put the .npz there and name it relative "
+                f"to the project root, e.g. {OWN_DATA.as_posix()}/mine.npz")  # fmt: skip
+    if len(parts) == len(OWN_DATA.parts):
+        return f"names the folder {OWN_DATA.as_posix()}/ itself, not an .npz file in it"
+    return None
 
 
 def values_without(section: Section, *groups: Group) -> dict[str, Any]:
@@ -395,8 +422,12 @@ def load_params(path: Path | str = "params.yaml") -> Params:
         raise UserError(f"{path} not found: run from the project root or pass --params.") from None
     except (OSError, UnicodeDecodeError) as exc:
         raise UserError(f"{path} cannot be read: {exc}.") from None
+    _refuse_cut_short(path, text)
     try:
         raw = yaml.load(text, Loader=_StrictLoader)  # noqa: S506 - a SafeLoader
+        if raw is None:  # an emptied file (a crash mid-write) must not silently mean the defaults
+            raise UserError(f"{path} holds no params (it is empty or only comments); an emptied file is not "
+                            "taken to mean the defaults: restore it, or write `{}` to mean them.")  # fmt: skip
         return validate_params(raw, source=str(path))
     except yaml.YAMLError as exc:
         mark = getattr(exc, "problem_mark", None)
@@ -405,6 +436,19 @@ def load_params(path: Path | str = "params.yaml") -> Params:
         raise UserError(f"{path} is not valid YAML{where}: {problem}.") from None
     except RecursionError:  # thousands of nested brackets, or an alias that contains itself
         raise UserError(f"{path} is nested too deeply (or an alias contains itself) to be params.") from None
+
+
+def _refuse_cut_short(path: Path, text: str) -> None:
+    """A params file cut inside a line is refused rather than read as far as it goes.
+
+    A crash or a full disk while the file is written leaves it cut at any byte: almost always
+    inside a line (`steps: 4000` cut to `steps: 40` still parses, the rest falls back to the
+    defaults), which the missing final newline gives away; editors, `yaml.safe_dump` and
+    `dvc exp run -S` end the file with one. (read_text has made every line end a "\n".)
+    """
+    if text.strip() and not text.rstrip(" \t").endswith("\n"):
+        raise UserError(f"{path} ends inside line {len(text.splitlines())} (no newline after it), as a file cut "
+                        "short does; if that line is complete, end the file with a newline.")  # fmt: skip
 
 
 def flatten(params: Params) -> dict[str, str]:

@@ -26,6 +26,7 @@ def prepare(params: Params, raw_dir: Path, env: Mapping[str, str]) -> tuple[Data
     """Fetch and verify the dataset; return it and its images per class."""
     if params.data.dataset == "own":
         own = params.data
+        data.check_own_path(Path(own.path or ""), Layout().own)
         dataset = data.load_own(Path(own.path or ""), list(own.classes or ()), own.test_fraction, own.split_seed,
                                 MIN_PER_CLASS)  # fmt: skip
     else:

@@ -16,11 +16,12 @@ import subprocess
 import sys
 import time
 import warnings
-from collections.abc import Iterator, Mapping
+from collections.abc import Iterator, Mapping, MutableMapping
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Protocol
+from urllib.parse import unquote, urlsplit, urlunsplit
 
 import numpy as np
 
@@ -50,9 +51,54 @@ def tracking_uri(root: Path, env: Mapping[str, str]) -> str:
     return env.get("MLFLOW_TRACKING_URI") or f"sqlite:///{Layout(root).mlflow_db}"
 
 
+_SCHEME, _WHITESPACE = re.compile(r"[A-Za-z][A-Za-z0-9+.-]*://"), re.compile(r"\s")
+
+
+def _password_span(url: str) -> tuple[int, int] | None:
+    """Where the password of `url` (`scheme://user:password@host...`, no whitespace) lies, or None.
+
+    The password runs from the first ':' after `//` to the LAST '@': passwords may hold '/', '@',
+    ':' and '%' (SQLAlchemy takes a raw '/', requests splits the login off at the last '@'). A
+    ':' after a '/' is a path's, not a login's; an '@' further on in a path only hides more.
+    """
+    start = url.index("//") + 2
+    at, colon = url.rfind("@"), url.find(":", start)
+    if at < 0 or colon < 0 or colon > at or "/" in url[start:colon] or colon + 1 == at:
+        return None
+    return colon + 1, at
+
+
 def redact(text: str) -> str:
-    """`text` with the password of every URL in it replaced by ***: user:secret@host -> user:***@host."""
-    return re.sub(r"(://[^:/@\s]+):[^@/\s]*@", r"\1:***@", text)
+    """`text` with the password of every URL in it replaced by ***: user:secret@host -> user:***@host.
+
+    A URL ends at whitespace; see _password_span for where its password lies.
+    """
+    parts, done = [], 0
+    for match in _SCHEME.finditer(text):
+        if match.start() < done:  # a scheme inside a password already hidden
+            continue
+        space = _WHITESPACE.search(text, match.end())
+        span = _password_span(text[match.start() : space.start() if space else len(text)])
+        if span is not None:
+            parts += [text[done : match.start() + span[0]], "***"]
+            done = match.start() + span[1]
+    return "".join(parts) + text[done:]
+
+
+def without_login(uri: str, environ: MutableMapping[str, str]) -> str:
+    """An http(s) tracking URI without its `user:password@`, the login moved to MLFLOW_TRACKING_USERNAME
+    and MLFLOW_TRACKING_PASSWORD in `environ`; any other URI as it is.
+
+    MLflow prints the tracking URI it was given (the "View run ... at:" line when a run ends) and
+    puts it in its errors ("API request to ... failed"): given no login, none can show. A login in
+    the URI won over those variables before (requests applies it last), so it overrides them here.
+    """
+    parts = urlsplit(uri)  # as requests reads the login: the host part ends at the first '/'
+    if parts.scheme.lower() not in ("http", "https") or not parts.password:
+        return uri
+    environ["MLFLOW_TRACKING_USERNAME"] = unquote(parts.username or "")
+    environ["MLFLOW_TRACKING_PASSWORD"] = unquote(parts.password)
+    return urlunsplit(parts._replace(netloc=parts.netloc.rpartition("@")[2]))
 
 
 def _is_local_sqlite(uri: str) -> bool:
@@ -101,7 +147,8 @@ def _create_database(root: Path, path: Path) -> None:
 def connect(root: Path, uri: str, experiment: str) -> str:
     """Point MLflow at `uri`, make sure `experiment` exists; return its id.
 
-    Fails fast, with one sentence, when a tracking server does not answer.
+    Fails fast, with one sentence, when a tracking server does not answer. A login in an http(s)
+    `uri` goes to MLflow through its variables instead (see without_login).
     """
     import mlflow
     from mlflow.exceptions import MlflowException
@@ -110,7 +157,7 @@ def connect(root: Path, uri: str, experiment: str) -> str:
     user = {key: os.environ[key] for key in CHECK_HTTP if key in os.environ}  # the user's settings win
     if remote:
         os.environ.update({**CHECK_HTTP, **user})
-    mlflow.set_tracking_uri(uri)
+    mlflow.set_tracking_uri(without_login(uri, os.environ))
     try:
         with _creation_lock(root, uri):
             if _is_local_sqlite(uri):
@@ -165,7 +212,7 @@ def ui_hint(uri: str, experiment_id: str) -> str:
     page = f"#/experiments/{experiment_id}/runs?workflowType=machine_learning"
     if uri.startswith(("http://", "https://")):
         return f"{redact(uri).rstrip('/')}/{page}"
-    return f"`mlflow ui --backend-store-uri {uri}`, then http://127.0.0.1:5000/{page}"
+    return f"`mlflow ui --backend-store-uri {redact(uri)}`, then http://127.0.0.1:5000/{page}"
 
 
 def network_failure(exc: BaseException) -> str | None:
@@ -188,14 +235,14 @@ def network_failure(exc: BaseException) -> str | None:
 
 
 def open_experiment(experiment: str, cwd: Path, env: Mapping[str, str]) -> tuple[str, str, Path]:
-    """Connect as a stage does: (tracking URI, experiment id, repository root)."""
+    """Connect as a stage does: (tracking URI as it may be shown, experiment id, repository root)."""
     root = project_root(cwd, env)
     uri = tracking_uri(root, env)
-    return uri, connect(root, uri, experiment), root
+    return redact(without_login(uri, {})), connect(root, uri, experiment), root
 
 
 def first_line(exc: BaseException) -> str:
-    text = str(exc).strip()
+    text = redact(str(exc)).strip()  # errors of MLflow and SQLAlchemy quote the URIs they were given
     return (text.splitlines()[0] if text else type(exc).__name__)[:300].rstrip(".")
 
 

@@ -158,8 +158,8 @@ def test_unusable_own_data_is_one_sentence(tmp_path: Path, arrays: dict[str, np.
 
 
 def test_the_prepare_stage_says_what_is_wrong_with_own_data(tmp_path: Path) -> None:
-    (tmp_path / "params.yaml").write_text(yaml.safe_dump({"data": {"dataset": "own", "path": "nope.npz",
+    (tmp_path / "params.yaml").write_text(yaml.safe_dump({"data": {"dataset": "own", "path": "data/own/nope.npz",
                                                                    "classes": ["a", "b"]}}))  # fmt: skip
-    assert_refused(run_cli(["prepare"], cwd=tmp_path), "data.path nope.npz does not exist")
+    assert_refused(run_cli(["prepare"], cwd=tmp_path), "data.path data/own/nope.npz does not exist")
     (tmp_path / "params.yaml").write_text(yaml.safe_dump({"data": {"dataset": "own"}}))
     assert_refused(run_cli(["prepare"], cwd=tmp_path), "data.dataset: own needs data.path")

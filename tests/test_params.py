@@ -58,8 +58,10 @@ def test_missing_file(tmp_path: Path) -> None:
         load_params(tmp_path / "nope.yaml")
 
 
-def test_empty_file_gives_defaults(tmp_path: Path) -> None:
-    assert load_params(write(tmp_path, "")) == Params()
+def test_an_empty_file_is_refused_and_an_empty_mapping_gives_defaults(tmp_path: Path) -> None:
+    with pytest.raises(UserError, match=r"holds no params \(it is empty or only comments\)"):
+        load_params(write(tmp_path, ""))  # an emptied file (a crash mid-write) is not taken to mean the defaults
+    assert load_params(write(tmp_path, "{}\n")) == Params()
 
 
 def test_cli_reports_one_sentence_exit_2_and_writes_nothing(tmp_path: Path) -> None:
