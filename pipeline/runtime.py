@@ -262,10 +262,11 @@ class StopRequest:
 
 
 @contextlib.contextmanager
-def stop_on_signals(request: StopRequest) -> Iterator[StopRequest]:
+def stop_on_signals(request: StopRequest, second_stops_at_once: bool = True) -> Iterator[StopRequest]:
     """For the block: the first SIGTERM, SIGINT or SIGHUP is recorded in `request` (the work polls it
-    and stops where it can resume from); a second one raises Stopped at once. The old handlers come
-    back afterwards. Python sets handlers only in the main thread: elsewhere this does nothing."""
+    and stops where it can resume from); a second one raises Stopped at once, unless
+    `second_stops_at_once` is False. The old handlers come back afterwards. Python sets handlers only
+    in the main thread: elsewhere this does nothing."""
     import signal
     import threading
 
@@ -274,7 +275,7 @@ def stop_on_signals(request: StopRequest) -> Iterator[StopRequest]:
         return
 
     def handle(signum: int, frame: Any) -> None:
-        if request.signum:
+        if request.signum and second_stops_at_once:
             raise Stopped(signum, at_once=True)
         request.signum = signum
 

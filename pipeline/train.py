@@ -10,6 +10,10 @@ Beyond the tutorial, each off by default (see params.py): an EMA of G's weights,
 after every G step, is what the grids, the quick FID and the exported generator use; a
 conditional pair gets each real image's label, and the fakes the real batch's labels.
 
+A SIGTERM, SIGINT or SIGHUP while training (a scheduler's time limit, Ctrl-C, `docker stop`) stops
+it at the next step (a job: the next logging step) with its checkpoint, from which the same command resumes
+bit-identically (see run()); one training at a time runs in a working directory (see main()).
+
 The core, `train()`, does no file or MLflow I/O: it reports through callbacks, which
 main() wires to DVC outputs and MLflow. Host-device synchronisation happens only at
 logging points (every `log_every` steps), where the per-step losses collected on the
@@ -709,7 +713,7 @@ def main(params_path: Path = Path("params.yaml")) -> None:
         world, device = distributed.join(device, env, timeout_s=p.dist_timeout_s)
     try:
         # Rank 0 of a job holds the lock, unless the process that launched it (train.nproc) does already.
-        held = not world.writer or env.get(LOCK_HOLDER) == str(os.getppid())
+        held = not world.writer or (world.distributed and env.get(LOCK_HOLDER) == str(os.getppid()))
         with contextlib.nullcontext() if held else one_training(paths):
             run(params, paths, device, world)
     finally:
@@ -760,11 +764,14 @@ def run(params: Params, paths: Layout, device: torch.device, world: World) -> No
     started, first_step = time.perf_counter(), state.step
     stop = runtime.StopRequest()
     try:
-        # Until training ends, a SIGTERM, SIGINT or SIGHUP stops it at a step it can resume from.
-        with runtime.stop_on_signals(stop):
+        # Until training ends, a SIGTERM, SIGINT or SIGHUP stops it at a step it can resume from. A
+        # rank of a job may get each signal twice (from its launcher, and from systemd or Slurm, which
+        # signal every process): its launcher, not a second signal, stops it at once (torch's kills
+        # the ranks that outlast its grace period).
+        with runtime.stop_on_signals(stop, second_stops_at_once=not world.distributed):
             train(state, images, p, params.model.latent_dim, writer.callbacks(device) if writer else Callbacks(),
                   world, labels, stop)  # fmt: skip
-            if stop.signum:  # after the last step's look (its checkpoint is written)
+            if stop.signum and not world.distributed:  # after the last step's look (its checkpoint is written)
                 raise runtime.Stopped(stop.signum)
     except runtime.Stopped as exc:
         if writer:
