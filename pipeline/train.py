@@ -10,9 +10,10 @@ Beyond the tutorial, each off by default (see params.py): an EMA of G's weights,
 after every G step, is what the grids, the quick FID and the exported generator use; a
 conditional pair gets each real image's label, and the fakes the real batch's labels.
 
-A SIGTERM, SIGINT or SIGHUP while training (a scheduler's time limit, Ctrl-C, `docker stop`) stops
-it at the next step (a job: the next logging step) with its checkpoint, from which the same command resumes
-bit-identically (see run()); one training at a time runs in a working directory (see main()).
+A SIGTERM, SIGINT or SIGHUP while training (a scheduler's time limit, Ctrl-C, `docker stop`)
+stops it at the next step (a job: the next logging step) with that step's checkpoint, from
+which the same command resumes bit-identically (see run()); one training at a time runs in a
+working directory (see main()).
 
 The core, `train()`, does no file or MLflow I/O: it reports through callbacks, which
 main() wires to DVC outputs and MLflow. Host-device synchronisation happens only at
