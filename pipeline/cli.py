@@ -127,9 +127,10 @@ def main(argv: list[str] | None = None) -> int:
     except UserError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
-    except KeyboardInterrupt:
-        print("interrupted", file=sys.stderr)
-        return 130
+    except KeyboardInterrupt as exc:  # Ctrl-C; or a stop signal, whose runtime.Stopped brings its sentence and code
+        if message := getattr(exc, "message", "interrupted"):
+            print(message, file=sys.stderr)
+        return int(getattr(exc, "exit_code", 130))
     except Exception as exc:
         # A write that found no room outside our atomic writers (torch, PIL, MLflow): one sentence too.
         if (error := no_room_error(exc)) is None:

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import datetime
 import os
+import signal
 import socket
 import sys
 import uuid
@@ -110,8 +111,11 @@ def launch(nproc: int, params_path: Path) -> None:
     Returns when every process has finished; if one fails, the others are stopped and this
     raises one sentence naming it (each process has printed its own error above).
     """
+    from torch.distributed.elastic.multiprocessing import SignalException
     from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
     from torch.distributed.launcher.api import LaunchConfig, elastic_launch
+
+    from pipeline.runtime import STOP_SIGNALS, Stopped
 
     config = LaunchConfig(
         min_nodes=1,
@@ -126,7 +130,14 @@ def launch(nproc: int, params_path: Path) -> None:
     os.environ.setdefault("OMP_NUM_THREADS", str(max(1, (os.cpu_count() or 1) // nproc)))
     try:
         elastic_launch(config, entrypoint=sys.executable)("-m", "pipeline", "train", "--params", str(params_path))
+    except SignalException as exc:
+        # Ours to stop (Ctrl-C, timeout, a scheduler): torch's launcher sent it on to the processes, which
+        # stop together at one step, and rank 0 says where; this process only exits as they do.
+        raise Stopped(int(exc.sigval)) from None
     except ChildFailedError as exc:
+        stop_codes = {128 + int(getattr(signal, name)) for name in STOP_SIGNALS}
+        if {failure.exitcode for failure in exc.failures.values()} <= stop_codes:  # signalled directly: the same
+            raise Stopped(min(failure.exitcode for failure in exc.failures.values()) - 128) from None
         rank, failure = min(exc.failures.items())
         raise UserError(
             f"training process {rank} of {nproc} failed (exit code {failure.exitcode}); the others were stopped, "
@@ -154,3 +165,15 @@ def broadcast(world: World, value: Any) -> Any:
     box = [value if world.rank == 0 else None]
     dist.broadcast_object_list(box, src=0)
     return box[0]
+
+
+def agreed_stop(world: World, signum: int, device: torch.device) -> int:
+    """The stop signal any rank received (0: none), the same on every rank, so that all stop at the
+    same step; outside a job, `signum` itself. One collective: call it at a step where all ranks do."""
+    if not world.distributed:
+        return signum
+    import torch.distributed as dist
+
+    flag = torch.tensor([signum], dtype=torch.int64, device=device)
+    dist.all_reduce(flag, op=dist.ReduceOp.MAX)
+    return int(flag.item())

@@ -73,6 +73,12 @@ class Layout:
         return self.root / "checkpoints" / "train.pt"
 
     @property
+    def train_lock(self) -> Path:
+        """Held by the training of this working directory, so that a second one is refused (beside the
+        checkpoint: each DVC queued experiment's workspace has its own)."""
+        return self.root / "checkpoints" / "train.lock"
+
+    @property
     def train_metrics(self) -> Path:
         return self.root / "metrics" / "train.json"
 

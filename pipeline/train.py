@@ -10,6 +10,11 @@ Beyond the tutorial, each off by default (see params.py): an EMA of G's weights,
 after every G step, is what the grids, the quick FID and the exported generator use; a
 conditional pair gets each real image's label, and the fakes the real batch's labels.
 
+A SIGTERM, SIGINT or SIGHUP while training (a scheduler's time limit, Ctrl-C, `docker stop`)
+stops it at the next step (a job: the next logging step) with that step's checkpoint, from
+which the same command resumes bit-identically (see run()); one training at a time runs in a
+working directory (see main()).
+
 The core, `train()`, does no file or MLflow I/O: it reports through callbacks, which
 main() wires to DVC outputs and MLflow. Host-device synchronisation happens only at
 logging points (every `log_every` steps), where the per-step losses collected on the
@@ -85,6 +90,9 @@ class TrainState:
     # train(); a single process has only its own, read when the checkpoint is written.
     rank_rngs: list[dict[str, Any]] = field(default_factory=list)
     ema: AveragedModel | None = None  # with train.ema_decay: the moving average of G (batch norm included)
+    # Every sample grid so far (uint8, H x W), by step: a resumed run writes again those whose files are
+    # gone, as samples/ is a DVC output that a finished run must be able to give back.
+    grids: dict[int, np.ndarray] = field(default_factory=dict)
 
     @property
     def output(self) -> Generator:
@@ -109,6 +117,9 @@ class TrainState:
             "fid_history": torch.tensor(self.fid_history, dtype=torch.float64).reshape(-1, 2),
             "run_id": self.run_id or "",
             **({"ema": self.ema.state_dict()} if self.ema is not None else {}),
+            "grid_steps": torch.tensor(sorted(self.grids), dtype=torch.int64),
+            "grids": torch.from_numpy(np.stack([self.grids[s] for s in sorted(self.grids)]))
+            if self.grids else torch.zeros((0, 0, 0), dtype=torch.uint8),
         }
 
     def restore(self, ckpt: dict[str, Any], rank: int = 0) -> None:
@@ -124,6 +135,8 @@ class TrainState:
         self.history = [(int(r[0]), *map(float, r[1:])) for r in ckpt["history"].tolist()]
         self.fid_history = [(int(step), float(fid)) for step, fid in ckpt["fid_history"].tolist()]
         self.run_id = ckpt["run_id"] or None
+        if "grids" in ckpt:  # (checkpoints written before grids were kept have none)
+            self.grids = {int(s): g.numpy() for s, g in zip(ckpt["grid_steps"].tolist(), ckpt["grids"], strict=True)}
 
 
 def rng_state() -> dict[str, Any]:
@@ -301,12 +314,18 @@ def train(
     callbacks: Callbacks = Callbacks(),
     world: World = World(),
     labels: torch.Tensor | None = None,
+    stop: runtime.StopRequest | None = None,
 ) -> TrainState:
     """Train from `state.step` to `params.steps`. `images`: uint8 (N, 28, 28) on the device; `labels`
     (N,) int64 beside them, which a conditional generator needs.
 
     In a distributed job every rank calls this with its own random stream; `params.batch_size`
     is the global batch, split evenly, and only the writing rank is given callbacks.
+
+    Once `stop` holds a signal, training stops at a step boundary: the checkpoint of that step is
+    written (a resume from it is bit-identical) and runtime.Stopped raised. One process looks at
+    the flag every step; a job's ranks agree on it where they sync anyway (every `log_every`
+    steps), so that all stop at the same step.
     """
     device = images.device
     if device.type == "cpu":
@@ -367,17 +386,26 @@ def train(
 
         step = state.step
         last = step == params.steps
-        if step % params.log_every == 0 or step % params.checkpoint_every == 0 or last:
+        boundary = step % params.log_every == 0 or step % params.checkpoint_every == 0 or last
+        if boundary:
             flush()
         if callbacks.on_sample and (step % params.sample_every == 0 or last):
-            callbacks.on_sample(step, sample_grid(state.output, noise))
+            grid = sample_grid(state.output, noise)
+            state.grids[step] = grid
+            callbacks.on_sample(step, grid)
         if callbacks.on_eval and params.fid_every and (step % params.fid_every == 0 or last):
             callbacks.on_eval(state)
-        if step % params.checkpoint_every == 0 or last:
+        signum = 0  # the stop signal this step stops on
+        if stop is not None and (boundary or not world.distributed):
+            signum = distributed.agreed_stop(world, stop.signum, device)
+        if step % params.checkpoint_every == 0 or last or signum:
+            flush()  # (off a boundary, only when stopping: the rows since the last flush, into the history)
             if world.distributed:  # every rank's random state, for the checkpoint
                 state.rank_rngs = distributed.all_gather(world, rng_state())
             if callbacks.on_checkpoint:
                 callbacks.on_checkpoint(state)
+        if signum:
+            raise runtime.Stopped(signum)
     flush()
     return state
 
@@ -423,6 +451,15 @@ def resume_or_fresh(
         first = (str(exc).strip().splitlines() or [type(exc).__name__])[0][:200]
         raise UserError(f"{checkpoint} does not fit this model ({first}); delete it to start fresh.") from None
     return state, f"resuming from {checkpoint} at step {state.step}"
+
+
+def trained_speed(summary: Path, step: int) -> dict[str, float]:
+    """`seconds` and `images_per_second` of metrics/train.json when it is of `step`; else nothing."""
+    try:
+        old = runtime.read_json(summary) if summary.exists() else {}
+    except UserError:
+        return {}
+    return {k: old[k] for k in ("seconds", "images_per_second") if k in old} if old.get("step") == step else {}
 
 
 def write_log(history: list[Row], path: Path) -> None:
@@ -503,6 +540,36 @@ def start_tracking(
     return run, run_info
 
 
+def sample_file(paths: Layout, step: int) -> Path:
+    return paths.samples / f"step_{step:06d}.png"
+
+
+class Recorded:
+    """A finished MLflow run, reopened while its deleted outputs are written again: its metrics, images
+    and model are there already, so logging them does nothing; its status is set as for any run."""
+
+    def __init__(self, run: MlflowRun) -> None:
+        self.recorded = run
+
+    def log_metrics(self, rows: list[dict[str, float]]) -> None:
+        pass
+
+    def log_image(self, image: np.ndarray, key: str, step: int) -> None:
+        pass
+
+    def log_artifact(self, path: Path, folder: str | None = None) -> None:
+        pass
+
+    def log_model(self, model: Any, name: str, input_example: np.ndarray) -> None:
+        pass
+
+    def drop_unfinished_models(self) -> int:
+        return 0
+
+    def __getattr__(self, name: str) -> Any:  # run_id, lost, finish, ...: the run's own
+        return getattr(self.recorded, name)
+
+
 class Writer:
     """Every side effect of the stage: DVC outputs, the MLflow run, the progress bar.
 
@@ -514,17 +581,23 @@ class Writer:
         from tqdm import tqdm
 
         self.params, self.paths, self.fingerprint = params, paths, fingerprint
-        self.run, self.run_info = run, run_info
+        self.run_info = run_info
         # A resumed run already holds the steps between its last checkpoint and the kill: each
         # step goes to MLflow once (their values are the same again, bit for bit, on the CPU).
         self.logged_until, self.logged_grids, self.fid_logged_until = 0, set(), 0
+        recorded = False
         if state.step:
             try:
                 # The grids a kill left half-uploaded are deleted here: those steps are uploaded again, whole.
                 self.logged_until, self.logged_grids = run.logged_steps("g_loss", "samples")
                 self.fid_logged_until = max(run.metric_steps("fid_quick"), default=0)
+                if state.step == params.train.steps:  # a finished run again: did its end reach MLflow?
+                    recorded = state.step in run.metric_steps(f"final_{FINAL[-1]}") and run.has_model()
             except Exception:  # noqa: BLE001 - a server that fails here fails the logging below, where it is said
                 pass
+        # A finished run run again (its outputs deleted, or `dvc repro -f`) writes its outputs again;
+        # MLflow holds its end already, which is not logged twice.
+        self.run: MlflowRun | Recorded = Recorded(run) if recorded else run
         self.bar = tqdm(total=params.train.steps, initial=state.step, desc=desc, unit="step", dynamic_ncols=True)
 
     @classmethod
@@ -542,6 +615,9 @@ class Writer:
             for old in paths.samples.glob("*.png"):
                 old.unlink()
             paths.fid_log.unlink(missing_ok=True)
+        for step, grid in state.grids.items():  # the grids of a resumed run whose files are gone
+            if not sample_file(paths, step).exists():
+                data.save_png(grid, sample_file(paths, step))
         where = f"{device.type} x{world.size}" if world.distributed else device.type
         return cls(params, paths, fingerprint, run, run_info, state, f"train [{where}, {precision}]")
 
@@ -555,7 +631,7 @@ class Writer:
         self.run.log_metrics(metric_rows([row for row in rows if row[0] > self.logged_until]))
 
     def on_sample(self, step: int, grid: np.ndarray) -> None:
-        data.save_png(grid, self.paths.samples / f"step_{step:06d}.png")
+        data.save_png(grid, sample_file(self.paths, step))
         if step not in self.logged_grids:
             self.run.log_image(grid, key="samples", step=step)
 
@@ -640,7 +716,9 @@ def main(params_path: Path = Path("params.yaml")) -> None:
     params = load_params(params_path)
     p, paths, env = params.train, Layout(dataset=params.data.dataset), dict(os.environ)
     if p.nproc > 1 and not distributed.under_torchrun(env):
-        distributed.launch(p.nproc, params_path)  # the same command, as p.nproc processes of one job
+        with one_training(paths):
+            os.environ[LOCK_HOLDER] = str(os.getpid())  # its ranks: this process holds the lock for them
+            distributed.launch(p.nproc, params_path)  # the same command, as p.nproc processes of one job
         return
     device = runtime.pick_device(p.device)
     world = World()
@@ -651,9 +729,35 @@ def main(params_path: Path = Path("params.yaml")) -> None:
                             f"make it a multiple of {size}.")  # fmt: skip
         world, device = distributed.join(device, env, timeout_s=p.dist_timeout_s)
     try:
-        run(params, paths, device, world)
+        # Rank 0 of a job holds the lock, unless the process that launched it (train.nproc) does already.
+        held = not world.writer or (world.distributed and env.get(LOCK_HOLDER) == str(os.getppid()))
+        with contextlib.nullcontext() if held else one_training(paths):
+            run(params, paths, device, world)
     finally:
         distributed.leave(world)
+
+
+LOCK_HOLDER = "PIPELINE_TRAIN_LOCK_PID"  # set by a launching process for the ranks it starts
+
+
+def one_training(paths: Layout) -> contextlib.AbstractContextManager[None]:
+    """One training at a time in this working directory: a second one would log every step twice and
+    remove the first one's model upload."""
+    return runtime.exclusive(paths.train_lock, "a training")
+
+
+def stopped_sentence(stop: runtime.Stopped, step: int, checkpoint: Path) -> str:
+    """What a stop signal did, in one sentence."""
+    if not stop.at_once:
+        return f"stopped by {stop.name} at step {step}: checkpoint written to {checkpoint}; run the same command to resume."
+    try:
+        kept: int | None = int(runtime.load_checkpoint(checkpoint)["step"]) if checkpoint.exists() else None
+    except (UserError, KeyError, TypeError, ValueError):
+        kept = None
+    at_once = f"stopped at once by a second {stop.name} after step {step}"
+    if kept is None:
+        return f"{at_once}, before any checkpoint; run the same command to start again."
+    return f"{at_once}: {checkpoint} of step {kept} is kept; run the same command to resume from it."
 
 
 def run(params: Params, paths: Layout, device: torch.device, world: World) -> None:
@@ -675,13 +779,28 @@ def run(params: Params, paths: Layout, device: torch.device, world: World) -> No
     images = torch.from_numpy(dataset.train_images).to(device)
     labels = torch.from_numpy(dataset.train_labels).to(device) if params.model.conditional else None
     started, first_step = time.perf_counter(), state.step
+    stop = runtime.StopRequest()
     try:
-        train(state, images, p, params.model.latent_dim, writer.callbacks(device) if writer else Callbacks(), world,
-              labels)  # fmt: skip
+        # Until training ends, a SIGTERM, SIGINT or SIGHUP stops it at a step it can resume from. A
+        # rank of a job may get each signal twice (from its launcher, and from systemd or Slurm, which
+        # signal every process): its launcher, not a second signal, stops it at once (torch's kills
+        # the ranks that outlast its grace period).
+        with runtime.stop_on_signals(stop, second_stops_at_once=not world.distributed):
+            train(state, images, p, params.model.latent_dim, writer.callbacks(device) if writer else Callbacks(),
+                  world, labels, stop)  # fmt: skip
+            if stop.signum and not world.distributed:  # after the last step's look (its checkpoint is written)
+                raise runtime.Stopped(stop.signum)
+    except runtime.Stopped as exc:
+        if writer:
+            writer.fail(exc)
+            exc.message = stopped_sentence(exc, state.step, paths.checkpoint)
+        raise
     except BaseException as exc:
         if writer:
             writer.fail(exc)
         raise
     if writer:
         summary = summarise(state, time.perf_counter() - started, first_step, p.batch_size)
+        if first_step == p.steps:  # nothing trained now: the speed stays that of the session that trained
+            summary.update(trained_speed(paths.train_metrics, first_step))
         writer.finish(state, summary, sample_grid(state.output, fixed_noise(params.model.latent_dim, p.seed, device)))
