@@ -103,9 +103,10 @@ def by_uri(uri: str) -> Logged:
         repair = (f"run `python -m pipeline resend` for its training run {version.run_id} and evaluate again, "
                   "or train it again")  # fmt: skip
         source = str(version.source or "")
-        if not source.startswith("models:/m-"):
+        model_id = version.model_id or (source.removeprefix("models:/") if source.startswith("models:/m-") else "")
+        if not model_id:  # registered from a run's artifacts, as MLflow 2 did: no weights file
             return Logged("", None, who, repair)
-        model = client.get_logged_model(source.removeprefix("models:/"))
+        model = client.get_logged_model(model_id)
     except MlflowException as exc:
         raise UserError(f"MLflow has no model {uri} ({tracking.first_line(exc).rstrip('.')}).") from None
     return Logged(model.artifact_location, version.tags.get(tracking.ARTIFACT_SHA_TAG), who, repair)

@@ -138,7 +138,10 @@ def register(name: str, run_id: str, model_uri: str, score: Score, weights: Mapp
                                                          "weights; the alias 'champion' marks the best FID.")  # fmt: skip
     version = version_of(client, name, run_id, model_uri, weights)
     if version is None:
-        version = client.create_model_version(name, model_uri, run_id=run_id, tags=dict(weights or {}))
+        # A tracking server refuses a `models:/<model id>` source unless model_id names it (SQLite does not).
+        model_id = model_uri.removeprefix("models:/") if model_uri.startswith("models:/m-") else None
+        version = client.create_model_version(name, model_uri, run_id=run_id, tags=dict(weights or {}),
+                                              model_id=model_id)  # fmt: skip
     for key, value in score.tags().items():
         client.set_model_version_tag(name, version.version, key, value)
 
