@@ -21,7 +21,16 @@ import yaml
 from pipeline import runtime, tracking
 from pipeline.models import build_generator
 from pipeline.params import ModelParams, flatten, load_params
-from tests.conftest import SMALL_MODEL, Payload, assert_refused, make_eval_project, mlflow_client, run_cli, stage_env
+from tests.conftest import (
+    SMALL_MODEL,
+    MlflowServer,
+    Payload,
+    assert_refused,
+    make_eval_project,
+    mlflow_client,
+    run_cli,
+    stage_env,
+)
 
 pytestmark = pytest.mark.slow
 
@@ -35,8 +44,8 @@ def set_steps(project: Path, steps: int) -> None:
     (project / "params.yaml").write_text(yaml.safe_dump(params))
 
 
-def stage(project: Path, *args: str) -> str:
-    result = run_cli(list(args), cwd=project, env=stage_env(project))
+def stage(project: Path, *args: str, env: dict[str, str] | None = None) -> str:
+    result = run_cli(list(args), cwd=project, env=env or stage_env(project))
     assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-3000:]
     return result.stdout
 
@@ -50,8 +59,8 @@ def trained(path: Path, steps: int = 4) -> tuple[Path, str]:
     return project, runtime.read_json(project / "models/train_run.json")["run_id"]
 
 
-def draw(project: Path, name: str, *source: str) -> np.ndarray:
-    stage(project, "generate", "-n", "16", *source, "--output", f"{name}.npy")
+def draw(project: Path, name: str, *source: str, env: dict[str, str] | None = None) -> np.ndarray:
+    stage(project, "generate", "-n", "16", *source, "--output", f"{name}.npy", env=env)
     return np.load(project / f"{name}.npy")
 
 
@@ -119,10 +128,6 @@ def test_a_tampered_mlflow_model_runs_no_code_and_tampered_weights_are_refused(t
     project, run_id = trained(tmp_path / "p")
     (model,) = models_of(project, run_id)
     folder, marker = model_dir(model), tmp_path / "marker"
-    assert (folder / "data/model.pt2").is_file() and (folder / tracking.WEIGHTS_PATH).is_file()
-    assert model.tags[tracking.ARTIFACT_SHA_TAG] == runtime.sha256_file(folder / tracking.WEIGHTS_PATH)
-    version = client(project).get_model_version_by_alias(NAME, "champion")
-    assert version.tags[tracking.ARTIFACT_SHA_TAG] == model.tags[tracking.ARTIFACT_SHA_TAG]
 
     # Untampered: MLflow gives exactly the pixels of models/generator.pt.
     local = draw(project, "local")
@@ -141,10 +146,17 @@ def test_a_tampered_mlflow_model_runs_no_code_and_tampered_weights_are_refused(t
 
     # The MLflow model is never loaded: a payload in it runs nowhere, and the verified weights still draw.
     for how in (swap_for_pth, poison_sample_inputs):
-        tampered(how)
-        assert np.array_equal(draw(project, "run", "--run", run_id), local), how.__name__
-        assert np.array_equal(draw(project, "champion", "--model", CHAMPION), local), how.__name__
-        assert not marker.exists(), how.__name__
+        for source in (["--run", run_id], ["--model", CHAMPION]):
+            tampered(how)
+            result = run_cli(["generate", "-n", "16", *source, "--output", "t.npy"], cwd=project, env=stage_env(project))
+            assert not marker.exists(), f"{how.__name__}, {source[0]}: loading the model ran its payload"
+            assert result.returncode == 0, result.stderr
+            assert np.array_equal(np.load(project / "t.npy"), local), (how.__name__, source[0])
+
+    # The weights file beside the model, its SHA-256 recorded at log time and copied onto the version.
+    assert model.tags[tracking.ARTIFACT_SHA_TAG] == runtime.sha256_file(pristine / tracking.WEIGHTS_PATH)
+    version = client(project).get_model_version_by_alias(NAME, "champion")
+    assert version.tags[tracking.ARTIFACT_SHA_TAG] == model.tags[tracking.ARTIFACT_SHA_TAG]
 
     # The weights file fails its recorded SHA-256: refused before torch reads a byte of it.
     for how in (pickle_weights, other_weights):
@@ -159,6 +171,29 @@ def test_a_tampered_mlflow_model_runs_no_code_and_tampered_weights_are_refused(t
     assert_refused(run_cli(["generate", "--run", run_id], cwd=project, env=stage_env(project)),
                    f"MLflow run {run_id}'s generator weights", "cannot be fetched", "resend")  # fmt: skip
     assert not (project / "generated.png").exists()
+
+
+def test_through_a_tracking_server_the_weights_file_is_checked_too(tmp_path: Path, mlflow_server: MlflowServer) -> None:
+    """Artifacts proxied by `mlflow server`: the weights file travels inside the logged model and back."""
+    mlflow_server.start()
+    project = make_eval_project(tmp_path / "p")
+    set_steps(project, 4)
+    env = {**stage_env(project), "MLFLOW_TRACKING_URI": mlflow_server.uri}
+    stage(project, "train", env=env)
+    stage(project, "evaluate", env=env)
+    run_id = runtime.read_json(project / "models/train_run.json")["run_id"]
+    local = draw(project, "local", env=env)
+    assert np.array_equal(draw(project, "run", "--run", run_id, env=env), local)
+    assert np.array_equal(draw(project, "champion", "--model", CHAMPION, env=env), local)
+
+    (weights,) = (mlflow_server.root / "artifacts").rglob(tracking.WEIGHTS_FILE)
+    marker = tmp_path / "marker"
+    weights.write_bytes(pickle.dumps(Payload(marker)))
+    assert_refused(run_cli(["generate", "--run", run_id], cwd=project, env=env),
+                   f"MLflow run {run_id}'s generator weights fail their SHA-256 check")  # fmt: skip
+    assert_refused(run_cli(["generate", "--model", CHAMPION], cwd=project, env=env),
+                   f"registered model {NAME} version 1's generator weights fail their SHA-256 check")  # fmt: skip
+    assert not marker.exists()
 
 
 def test_a_model_logged_without_a_weights_file_is_refused_until_resend_adds_one(tmp_path: Path) -> None:
@@ -189,14 +224,14 @@ def test_a_model_logged_without_a_weights_file_is_refused_until_resend_adds_one(
 def test_an_extended_run_registers_the_weights_it_was_scored_on(tmp_path: Path) -> None:
     project, run_id = trained(tmp_path / "p", steps=4)
     first = draw(project, "first")
-    first_tensors = tensors_of(project / "models/generator.pt")
+    shutil.copyfile(project / "models/generator.pt", tmp_path / "first.pt")
     set_steps(project, 6)
     stage(project, "train")
     said = stage(project, "evaluate")
     assert f"registered {NAME} version 2" in said, said
     second = draw(project, "second")
     assert not np.array_equal(first, second)
-    second_tensors = tensors_of(project / "models/generator.pt")
+    first_tensors, second_tensors = tensors_of(tmp_path / "first.pt"), tensors_of(project / "models/generator.pt")
 
     mlflow = client(project)
     old, new = models_of(project, run_id)
