@@ -231,7 +231,7 @@ def log_to_mlflow(
         parent.log_metrics([{"step": 0, **{f"eval_{k}": v for k, v in scores.items()}}])
         parent.set_tags({"eval.latest_run": run.run_id, "eval.n_samples": str(result["n_samples"]),
                          "eval.classifier_sha256": result["classifier_sha256"]})  # fmt: skip
-        register(params, parent, result)
+        register(params, parent, result, paths.generator)
     print(f"MLflow: evaluation run {run.run_id}" + (f" under training run {parent.run_id}" if parent else ""))
     print(f"see the runs: {tracking.ui_hint(uri, experiment_id)}")
     lost = "; ".join(filter(None, (run.lost_summary(), parent.lost_summary() if parent else "")))
@@ -240,21 +240,31 @@ def log_to_mlflow(
               file=sys.stderr)  # fmt: skip
 
 
-def register(params: Params, parent: Any, result: dict[str, Any]) -> None:
-    """The training run's generator as a version in the registry, and the champion decided (see registry)."""
+def register(params: Params, parent: Any, result: dict[str, Any], generator: Path) -> None:
+    """The training run's generator as a version in the registry, and the champion decided (see registry).
+
+    The version is the run's logged model whose weights are `generator`'s, the ones just scored: an
+    extended run logs a model per training, and only the newest holds what was evaluated.
+    """
     from pipeline import registry, tracking
 
     if parent.failure is not None:
         return  # the server went away: evaluate again once it is back
     try:
-        models = [m for m in parent.logged_models() if str(m.status) == "READY"]
-        if not models:
-            print(f"training run {parent.run_id} holds no finished model to register (`python -m pipeline resend`).")
+        tensors = tracking.tensors_sha256(runtime.load_checkpoint(generator)["generator"])
+        models = sorted((m for m in parent.logged_models() if str(m.status) == "READY"),
+                        key=lambda m: m.creation_timestamp)  # fmt: skip
+        scored = [m for m in models if m.tags.get(tracking.TENSORS_SHA_TAG) == tensors]
+        if not scored:
+            what = "no finished model" if not models else f"no logged model of {generator}'s weights"
+            print(f"training run {parent.run_id} holds {what} to register (`python -m pipeline resend` logs it).")
             return
+        weights = {tracking.ARTIFACT_SHA_TAG: scored[-1].tags[tracking.ARTIFACT_SHA_TAG],
+                   tracking.TENSORS_SHA_TAG: tensors}  # fmt: skip
         score = registry.Score(float(result["fid"]), result.get("fid_floor"), int(result["n_samples"]),
                                result["classifier_sha256"])  # fmt: skip
         name = registry.model_name(params.tracking.experiment, params.data.dataset)
-        outcome = registry.register(name, parent.run_id, f"models:/{models[-1].model_id}", score)
+        outcome = registry.register(name, parent.run_id, f"models:/{scored[-1].model_id}", score, weights)
     except Exception as exc:  # noqa: BLE001 - the registry is bookkeeping: the scores are written either way
         print(f"warning: the model registry did not take this evaluation ({tracking.first_line(exc)}); "
               "run evaluate again to register it.", file=sys.stderr)  # fmt: skip

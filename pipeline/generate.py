@@ -2,7 +2,9 @@
 
 The generator comes from the train stage's DVC output (default), from the model an MLflow
 training run logged (`--run RUN_ID`), or from the registry (`--model models:/NAME@champion`,
-`models:/NAME/3`). Whatever the source, its weights go into the pipeline's own Generator, so
+`models:/NAME/3`). From MLflow only the weights file logged beside the model is read, weights-only
+and after its SHA-256 matched the one recorded when it was logged (loading the MLflow model itself
+would unpickle). Whatever the source, its weights go into the pipeline's own Generator, so
 the samples are those `evaluate` draws: the same seed, N and batch size give the same pixels,
 and `evaluate --samples` of them gives the stage's scores. A conditional generator draws the
 classes evaluate asks for, or only `--label`'s; `--raw` takes the trained G of an EMA run.
@@ -12,6 +14,7 @@ from __future__ import annotations
 
 import math
 import os
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -44,33 +47,104 @@ def from_weights(weights: dict[str, torch.Tensor], model: ModelParams, where: st
     return generator
 
 
-def mlflow_weights(uri: str) -> dict[str, torch.Tensor]:
-    """The weights of an MLflow model (`models:/...`), through whatever tracking server holds it."""
-    import mlflow
-    from mlflow.exceptions import MlflowException
+@dataclass(frozen=True)
+class Logged:
+    """A generator MLflow holds: its logged model's artifact location, the SHA-256 recorded for its
+    weights file when it was logged (None: logged by older code, without one), and who it is."""
 
-    from pipeline import tracking
-
-    try:
-        loaded = mlflow.pytorch.load_model(uri, map_location="cpu")
-    except MlflowException as exc:
-        raise UserError(f"MLflow has no model {uri} ({tracking.first_line(exc).rstrip('.')}).") from None
-    except Exception as exc:  # noqa: BLE001 - a flavour other than pytorch, a damaged artifact, ...
-        raise UserError(f"{uri} cannot be loaded as a PyTorch model ({tracking.first_line(exc).rstrip('.')}).") from None
-    return {key: value.detach().cpu() for key, value in loaded.state_dict().items()}
+    location: str
+    recorded: str | None
+    who: str  # "MLflow run <id>", "registered model <name> version <n>", ...
+    repair: str  # how to give it a weights file
 
 
-def run_model_uri(run_id: str, experiment_id: str) -> str:
-    """`models:/<id>` of the generator that training run `run_id` logged (its finished upload)."""
+def by_run(run_id: str, experiment_id: str) -> Logged:
+    """The generator that training run `run_id` logged last (its finished upload)."""
     from pipeline import tracking
 
     run = tracking.MlflowRun.existing(run_id, experiment_id)
     if run is None:
         raise UserError(f"MLflow run {run_id} is not in this experiment's tracking store.")
-    ready = [model for model in run.logged_models() if str(model.status) == "READY"]
+    ready = sorted((m for m in run.logged_models() if str(m.status) == "READY"), key=lambda m: m.creation_timestamp)
     if not ready:
         raise UserError(f"MLflow run {run_id} holds no finished model; train (or `resend`) it first.")
-    return f"models:/{ready[-1].model_id}"
+    repair = "run `python -m pipeline resend` in its project, or train it again"
+    return Logged(ready[-1].artifact_location, ready[-1].tags.get(tracking.ARTIFACT_SHA_TAG), f"MLflow run {run_id}",
+                  repair)  # fmt: skip
+
+
+def by_uri(uri: str) -> Logged:
+    """The generator of `models:/NAME@ALIAS`, `models:/NAME/VERSION` or `models:/<model id>`.
+
+    A registered version is trusted through the SHA-256 copied onto it when it was registered, so a
+    logged model whose file and tags were both rewritten afterwards is still caught.
+    """
+    from mlflow import MlflowClient
+    from mlflow.exceptions import MlflowException
+
+    from pipeline import tracking
+
+    client = MlflowClient()
+    ref = uri.removeprefix("models:/")
+    try:
+        if uri.startswith("models:/m-") and "/" not in ref:
+            model = client.get_logged_model(ref)
+            return Logged(model.artifact_location, model.tags.get(tracking.ARTIFACT_SHA_TAG), f"MLflow model {ref}",
+                          "run `python -m pipeline resend` in its project, or train it again")  # fmt: skip
+        if not uri.startswith("models:/") or not ("@" in ref or ref.rpartition("/")[2].isdigit()):
+            raise UserError(f"--model {uri} is not models:/NAME@ALIAS, models:/NAME/VERSION or models:/<model id>.")
+        if "@" in ref:
+            name, _, alias = ref.partition("@")
+            version = client.get_model_version_by_alias(name, alias)
+        else:
+            name, _, number = ref.rpartition("/")
+            version = client.get_model_version(name, number)
+        who = f"registered model {name} version {version.version}"
+        repair = (f"run `python -m pipeline resend` for its training run {version.run_id} and evaluate again, "
+                  "or train it again")  # fmt: skip
+        source = str(version.source or "")
+        model_id = version.model_id or (source.removeprefix("models:/") if source.startswith("models:/m-") else "")
+        if not model_id:  # registered from a run's artifacts, as MLflow 2 did: no weights file
+            return Logged("", None, who, repair)
+        model = client.get_logged_model(model_id)
+    except MlflowException as exc:
+        raise UserError(f"MLflow has no model {uri} ({tracking.first_line(exc).rstrip('.')}).") from None
+    return Logged(model.artifact_location, version.tags.get(tracking.ARTIFACT_SHA_TAG), who, repair)
+
+
+def trusted_weights(logged: Logged) -> tuple[dict[str, torch.Tensor], dict[str, float]]:
+    """The weights (and batch-norm settings) in `logged`'s weights file, read weights-only once its
+    SHA-256 matches the recorded one. Never the MLflow model itself: loading that unpickles."""
+    import tempfile
+
+    import mlflow
+
+    from pipeline import tracking
+
+    if not logged.recorded:
+        raise UserError(f"{logged.who} was logged without a verifiable weights file (by an older version of this "
+                        f"pipeline), so it is not loaded; {logged.repair}.")  # fmt: skip
+    # A progress bar for one small file would be the only thing on stderr; the user's setting wins.
+    os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
+    with tempfile.TemporaryDirectory() as folder:
+        try:
+            path = Path(mlflow.artifacts.download_artifacts(
+                artifact_uri=f"{logged.location.rstrip('/')}/{tracking.WEIGHTS_PATH}", dst_path=folder))  # fmt: skip
+        except Exception as exc:  # noqa: BLE001 - a deleted file, an unreachable store: the same for the user
+            raise UserError(f"{logged.who}'s generator weights ({tracking.WEIGHTS_PATH}) cannot be fetched "
+                            f"({tracking.first_line(exc).rstrip('.')}); {logged.repair}.") from None  # fmt: skip
+        found = runtime.sha256_file(path)
+        if found != logged.recorded:
+            raise UserError(f"{logged.who}'s generator weights fail their SHA-256 check (recorded "
+                            f"{logged.recorded[:12]}, found {found[:12]}); refusing to load them.")  # fmt: skip
+        try:
+            state = runtime.load_checkpoint(path)
+        except UserError as exc:
+            raise UserError(f"{logged.who}'s generator weights cannot be loaded ({str(exc).rstrip('.')}).") from None
+    weights, arch = state.get("generator"), state.get("architecture", {})
+    if not isinstance(weights, dict) or not isinstance(arch, dict):
+        raise UserError(f"{logged.who}'s weights file holds no generator; {logged.repair}.")
+    return weights, {key: float(value) for key, value in arch.items() if key in ("bn_eps", "bn_momentum")}
 
 
 def class_index(label: str, data_params: DataParams) -> int:
@@ -108,8 +182,10 @@ def main(
         from pipeline import tracking
 
         uri, experiment_id, _ = tracking.open_experiment(params.tracking.experiment, Path.cwd(), dict(os.environ))
-        source = model or run_model_uri(run or "", experiment_id)
-        generator = from_weights(mlflow_weights(source), params.model, source).to(device)
+        logged = by_uri(model) if model else by_run(run or "", experiment_id)
+        weights, arch = trusted_weights(logged)
+        source = model or f"MLflow run {run}"
+        generator = from_weights(weights, params.model.model_copy(update=arch), source).to(device)
     else:
         source = str(paths.generator)
         if not paths.generator.is_file():

@@ -1,8 +1,12 @@
 """The MLflow Model Registry: every evaluated training run's generator, and the `champion`.
 
 `evaluate` registers the generator a training run logged as a version of the registered model
-`<experiment>-generator` (one version per training run; a re-evaluation updates its tags)
-with its FID, floor, N and classifier hash as version tags. The alias `champion` then moves to
+`<experiment>-generator` with its FID, floor, N and classifier hash as version tags. A version
+holds exactly the weights its FID was measured on: versions are keyed by the SHA-256 of those
+weights (tracking.TENSORS_SHA_TAG), so a re-evaluation of the same weights updates its version's
+tags and an extended run, whose new weights were logged as a new model, gets a new version. The
+SHA-256 of the weights file recorded when the model was logged is copied onto the version:
+`generate --model` checks the file against it. The alias `champion` then moves to
 it only if it scored strictly better than the champion under the same classifier and N: never
 to a worse, tied or incomparable one. Deciding that is read-compare-write, so it runs under a
 lock that MLflow itself provides: creating a registered model whose name is taken fails, on
@@ -18,7 +22,7 @@ import contextlib
 import os
 import socket
 import time
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -106,22 +110,38 @@ def decision_lock(client: Any, name: str, timeout_s: float = 120.0) -> Iterator[
             client.delete_registered_model(lock)
 
 
-def version_of_run(client: Any, name: str, run_id: str) -> Any | None:
+def version_of(client: Any, name: str, run_id: str, model_uri: str, weights: Mapping[str, str] | None) -> Any | None:
+    """The version of `name` that holds these weights of run `run_id` (without `weights`: that holds `model_uri`)."""
+    from pipeline.tracking import TENSORS_SHA_TAG
+
     found = client.search_model_versions(f"name = '{name}' and run_id = '{run_id}'")
-    return found[0] if found else None
+    if weights:
+        found = [v for v in found if v.tags.get(TENSORS_SHA_TAG) == weights[TENSORS_SHA_TAG]]
+    else:
+        found = [v for v in found if v.source == model_uri]
+    return max(found, key=lambda v: int(v.version), default=None)
 
 
-def register(name: str, run_id: str, model_uri: str, score: Score) -> Outcome:
-    """Register (or re-tag) the run's generator as a version of `name` and decide the champion (module docstring)."""
+def register(name: str, run_id: str, model_uri: str, score: Score, weights: Mapping[str, str] | None = None) -> Outcome:
+    """Register (or re-tag) the run's generator as a version of `name` and decide the champion (module docstring).
+
+    `weights`: the SHA-256 tags of the model's weights file and tensors (tracking.ARTIFACT_SHA_TAG,
+    TENSORS_SHA_TAG), which the version keeps.
+    """
     from mlflow.exceptions import MlflowException
+
+    from pipeline.tracking import ARTIFACT_SHA_TAG
 
     client = _client()
     with contextlib.suppress(MlflowException):  # exists already: fine
-        client.create_registered_model(name, description="DCGAN generators, one version per evaluated training run; "
-                                                         "the alias 'champion' marks the best FID.")  # fmt: skip
-    version = version_of_run(client, name, run_id)
+        client.create_registered_model(name, description="DCGAN generators, one version per evaluated set of "
+                                                         "weights; the alias 'champion' marks the best FID.")  # fmt: skip
+    version = version_of(client, name, run_id, model_uri, weights)
     if version is None:
-        version = client.create_model_version(name, model_uri, run_id=run_id)
+        # A tracking server refuses a `models:/<model id>` source unless model_id names it (SQLite does not).
+        model_id = model_uri.removeprefix("models:/") if model_uri.startswith("models:/m-") else None
+        version = client.create_model_version(name, model_uri, run_id=run_id, tags=dict(weights or {}),
+                                              model_id=model_id)  # fmt: skip
     for key, value in score.tags().items():
         client.set_model_version_tag(name, version.version, key, value)
 
@@ -138,6 +158,10 @@ def register(name: str, run_id: str, model_uri: str, score: Score) -> Outcome:
         elif best is None:
             promote, reason = False, (f"the champion (version {champion.version}) has no FID at N={score.n_samples} "
                                       f"with classifier {score.classifier_sha256[:12]} to compare with")  # fmt: skip
+        elif weights and not champion.tags.get(ARTIFACT_SHA_TAG) and champion.run_id == run_id \
+                and score.fid <= float(best):  # fmt: skip
+            promote, reason = True, (f"FID {score.fid:.4g} matches version {champion.version}'s {float(best):.4g}, "
+                                     "whose weights, logged by older code, cannot be verified")  # fmt: skip
         elif score.fid < float(best):
             promote, reason = True, f"FID {score.fid:.4g} beats version {champion.version}'s {float(best):.4g}"
         else:

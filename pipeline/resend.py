@@ -35,7 +35,8 @@ def backfill(
     model_name: str = "generator",
 ) -> tuple[str, dict[str, int]]:
     """Send what a finished run lacks of these params, step metrics, images, artifacts and model
-    (`model()` gives the network and an input example; it is built only when the run has none).
+    (`model()` gives the network and an input example; it is sent when the run holds no model of its
+    weights with their weights file).
 
     The run is `run_id`, or, where this store lacks it, a new run tagged `resent_from` with
     `tags` (found again by the next call). Whatever the run already holds is skipped, so a
@@ -46,7 +47,9 @@ def backfill(
         found = tracking.MlflowRun.existing(run_id, experiment_id) or tracking.MlflowRun.tagged(
             experiment_id, "resent_from", run_id
         )
-        have = found.params() if found else {}
+        # A param changed on the run (an extended run's train.steps) is recorded as a tag, since MLflow
+        # params are immutable: its current value is the tag's.
+        have = tracking.current_params(found) if found else {}
         clash = next((key for key, value in params.items() if have.get(key, value) != value), None)
         if found and clash:
             raise UserError(
@@ -79,10 +82,13 @@ def backfill(
                 run.log_artifact(path)
                 sent["artifacts"] += 1
         run.drop_unfinished_models()  # uploads a kill interrupted; the model is sent again below
-        if model is not None and not run.has_model():
+        if model is not None:
+            # The model of these weights, with its weights file: a run that holds only an older model
+            # (an extended run's first, or one logged before models carried weights files) gets it.
             network, example = model()
-            run.log_model(network, model_name, example)
-            sent["model"] = 1
+            if not run.has_model(tracking.tensors_sha256(network.state_dict())):
+                run.log_model(network, model_name, example)
+                sent["model"] = 1
         run.finish()
     except UserError:
         raise

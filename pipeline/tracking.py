@@ -513,18 +513,27 @@ class MlflowRun:
         self._guard(Lost("artifact", path.name), self._client.log_artifact, self.run_id, str(path), folder)
 
     def log_model(self, model: Any, name: str, input_example: np.ndarray) -> None:
+        """The generator as an MLflow model, with its weights beside it as a checksummed weights-only file
+        (see `WEIGHTS_PATH`): what `generate` loads, since loading the MLflow model unpickles."""
         self._guard(Lost("model", name), self._log_model, model, name, input_example)
 
     def _log_model(self, model: Any, name: str, input_example: np.ndarray) -> None:
+        import tempfile
+
         import mlflow
 
-        # mlflow.pytorch logs into the active run: the one start() opened.
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")
-            # Named requirements: otherwise MLflow infers them by loading the model in a fresh
-            # Python process (torch imported again), seconds per training run for the same answer.
-            mlflow.pytorch.log_model(model, name=name, input_example=input_example,
-                                     pip_requirements=mlflow.pytorch.get_default_pip_requirements())  # fmt: skip
+        with tempfile.TemporaryDirectory() as folder:
+            weights = Path(folder) / WEIGHTS_FILE
+            tags = save_weights(model.state_dict(), architecture(model), weights)
+            # mlflow.pytorch logs into the active run: the one start() opened.
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore")
+                # Named requirements: otherwise MLflow infers them by loading the model in a fresh
+                # Python process (torch imported again), seconds per training run for the same answer.
+                # The weights travel inside the model (extra_files/), so a model and its weights are
+                # one upload, and the tags record their SHA-256 when the model is created.
+                mlflow.pytorch.log_model(model, name=name, input_example=input_example, extra_files=[str(weights)],
+                                         tags=tags, pip_requirements=mlflow.pytorch.get_default_pip_requirements())  # fmt: skip
 
     def reopen(self) -> None:
         """Mark the run RUNNING again (a resumed sweep)."""
@@ -588,9 +597,19 @@ class MlflowRun:
             experiment_ids=[self.experiment_id], filter_string=f"source_run_id = '{self.run_id}'", output_format="list"
         ))  # fmt: skip
 
-    def has_model(self) -> bool:
-        """Whether the run holds a logged model whose upload finished."""
-        return any(str(model.status) == "READY" for model in self.logged_models())
+    def has_model(self, tensors_sha256: str | None = None) -> bool:
+        """Whether the run holds a finished logged model with its weights file (of these tensors, if given).
+
+        A model logged by older code, without the weights file, does not count: `resend` then logs one.
+        """
+        for model in self.logged_models():
+            if str(model.status) != "READY" or not model.tags.get(ARTIFACT_SHA_TAG):
+                continue
+            if tensors_sha256 is not None and model.tags.get(TENSORS_SHA_TAG) != tensors_sha256:
+                continue
+            if weights_present(model.artifact_location):
+                return True
+        return False
 
     def drop_unfinished_models(self) -> int:
         """Delete the run's logged models whose upload never finished (a kill left them PENDING); how many.
@@ -651,3 +670,65 @@ def _mark_dead_runs_killed(client: Any, experiment_id: str) -> None:
         pid = run.data.tags.get("pipeline.pid", "")
         if pid.isdigit() and not _process_alive(int(pid)):
             client.set_terminated(run.info.run_id, "KILLED")
+
+
+# --- the generator's weights beside its MLflow model --------------------------------------
+# Loading an MLflow PyTorch model unpickles (data/model.pth, or a .pt2 archive's sample inputs),
+# so whoever can write to an artifact store would run code on everyone who draws from it. Every
+# logged generator therefore carries its state dict as a checkpoint of runtime.save_checkpoint's
+# format (read weights-only), and its model's tags record, at log time, the SHA-256 of that file
+# (checked before it is parsed) and of its tensors (what evaluate compares with models/generator.pt).
+
+WEIGHTS_FILE = "generator_weights.pt"
+WEIGHTS_PATH = f"extra_files/{WEIGHTS_FILE}"  # inside the logged model's artifacts
+ARTIFACT_SHA_TAG = "weights.artifact_sha256"
+TENSORS_SHA_TAG = "weights.tensors_sha256"
+
+
+def tensors_sha256(weights: Mapping[str, Any]) -> str:
+    """SHA-256 of a state dict's names, dtypes, shapes and values: equal for equal weights, whatever file holds them."""
+    import hashlib
+
+    import torch
+
+    digest = hashlib.sha256()
+    for key in sorted(weights):
+        tensor = weights[key].detach().cpu().contiguous()
+        digest.update(f"{key}\0{tensor.dtype}\0{tuple(tensor.shape)}\0".encode())
+        digest.update(tensor.reshape(-1).view(torch.uint8).numpy().tobytes())
+    return digest.hexdigest()
+
+
+def architecture(model: Any) -> dict[str, float]:
+    """What rebuilding `model` needs beyond the sizes its weights show: its batch norms' settings."""
+    norm = next((m for m in model.modules() if hasattr(m, "eps") and hasattr(m, "momentum")), None)
+    return {} if norm is None else {"bn_eps": float(norm.eps), "bn_momentum": float(norm.momentum)}
+
+
+def save_weights(weights: Mapping[str, Any], arch: dict[str, float], path: Path) -> dict[str, str]:
+    """The weights file a logged model carries; the tags that record its SHA-256 and its tensors'."""
+    from pipeline.runtime import save_checkpoint, sha256_file
+
+    state = {key: value.detach().cpu() for key, value in weights.items()}
+    save_checkpoint({"generator": state, "architecture": arch}, path)
+    return {ARTIFACT_SHA_TAG: sha256_file(path), TENSORS_SHA_TAG: tensors_sha256(state)}
+
+
+def weights_present(model_location: str) -> bool:
+    """Whether the logged model at `model_location` (its artifact location) holds its weights file."""
+    import mlflow
+
+    try:
+        found = mlflow.artifacts.list_artifacts(artifact_uri=f"{model_location.rstrip('/')}/extra_files")
+    except Exception:  # noqa: BLE001 - a folder the store does not have
+        return False
+    return any(Path(item.path).name == WEIGHTS_FILE for item in found)
+
+
+def current_params(run: MlflowRun) -> dict[str, str]:
+    """The run's params as they stand now: a param changed on a resumed run is logged as the tag
+    `param_changed.<key>` (log_params), which overrides the immutable first value."""
+    data = run._client.get_run(run.run_id).data
+    changed = {key.removeprefix("param_changed."): value for key, value in data.tags.items()
+               if key.startswith("param_changed.")}  # fmt: skip
+    return {**dict(data.params), **changed}

@@ -1,0 +1,282 @@
+"""Models that come from MLflow: `generate --run/--model` reads only the weights file logged beside the
+model, weights-only and checked against the SHA-256 recorded at log time, so a tampered artifact store
+runs no code; every registered version holds the weights its FID was measured on, also for an extended
+run; and `resend` repairs an extended run."""
+
+from __future__ import annotations
+
+import io
+import pickle
+import shutil
+import zipfile
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pytest
+import torch
+import yaml
+
+from pipeline import runtime, tracking
+from pipeline.models import build_generator
+from pipeline.params import ModelParams, flatten, load_params
+from tests.conftest import (
+    SMALL_MODEL,
+    MlflowServer,
+    Payload,
+    assert_refused,
+    make_eval_project,
+    mlflow_client,
+    run_cli,
+    stage_env,
+)
+
+pytestmark = pytest.mark.slow
+
+NAME = "dcgan-mnist-generator"
+CHAMPION = f"models:/{NAME}@champion"
+
+
+def set_steps(project: Path, steps: int) -> None:
+    params = yaml.safe_load((project / "params.yaml").read_text())
+    params["train"]["steps"] = steps
+    (project / "params.yaml").write_text(yaml.safe_dump(params))
+
+
+def stage(project: Path, *args: str, env: dict[str, str] | None = None) -> str:
+    result = run_cli(list(args), cwd=project, env=env or stage_env(project))
+    assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-3000:]
+    return result.stdout
+
+
+def trained(path: Path, steps: int = 4) -> tuple[Path, str]:
+    """A tiny project trained `steps` steps and evaluated (its generator registered): it and its run id."""
+    project = make_eval_project(path)
+    set_steps(project, steps)
+    stage(project, "train")
+    stage(project, "evaluate")
+    return project, runtime.read_json(project / "models/train_run.json")["run_id"]
+
+
+def draw(project: Path, name: str, *source: str, env: dict[str, str] | None = None) -> np.ndarray:
+    stage(project, "generate", "-n", "16", *source, "--output", f"{name}.npy", env=env)
+    return np.load(project / f"{name}.npy")
+
+
+def client(project: Path) -> Any:
+    return mlflow_client(f"sqlite:///{project / 'mlflow.db'}")
+
+
+def models_of(project: Path, run_id: str) -> list[Any]:
+    """The run's logged models, oldest first."""
+    mlflow = client(project)
+    experiment = mlflow.get_run(run_id).info.experiment_id
+    found = mlflow.search_logged_models([experiment], filter_string=f"source_run_id = '{run_id}'")
+    return sorted(found, key=lambda model: model.creation_timestamp)
+
+
+def model_dir(model: Any) -> Path:
+    return Path(model.artifact_location.removeprefix("file://"))
+
+
+def tensors_of(path: Path) -> str:
+    return tracking.tensors_sha256(runtime.load_checkpoint(path)["generator"])
+
+
+# --- ways to tamper with a logged model: each gets the marker file a loader that unpickles would create
+
+
+def swap_for_pth(folder: Path, marker: Path) -> None:
+    """The MLflow model's data/ becomes a pickled model (model.pth), as older MLflow logged it."""
+    (folder / "data/model.pt2").unlink()
+    (folder / "data/model.pth").write_bytes(pickle.dumps(Payload(marker)))
+    (folder / "data/pickle_module_info.txt").write_text("pickle")
+
+
+def poison_sample_inputs(folder: Path, marker: Path) -> None:
+    """model.pt2's sample inputs, which torch.export.load unpickles, become a payload."""
+    archive, out = folder / "data/model.pt2", io.BytesIO()
+    payload = io.BytesIO()
+    torch.save(Payload(marker), payload)
+    with zipfile.ZipFile(archive) as old, zipfile.ZipFile(out, "w") as new:
+        names = [info.filename for info in old.infolist()]
+        assert any(name.endswith("sample_inputs/model.pt") for name in names), names
+        for info in old.infolist():
+            body = payload.getvalue() if info.filename.endswith("sample_inputs/model.pt") else old.read(info)
+            new.writestr(info, body)
+    archive.write_bytes(out.getvalue())
+
+
+def pickle_weights(folder: Path, marker: Path) -> None:
+    """The weights file itself becomes a pickle that runs code."""
+    (folder / tracking.WEIGHTS_PATH).write_bytes(pickle.dumps(Payload(marker)))
+
+
+def other_weights(folder: Path, marker: Path) -> None:
+    """The weights file becomes a valid checkpoint of other weights (no code: another generator)."""
+    torch.manual_seed(123)
+    generator = build_generator(ModelParams(**SMALL_MODEL), n_classes=0)
+    runtime.save_checkpoint({"generator": generator.state_dict(), "architecture": {}}, folder / tracking.WEIGHTS_PATH)
+
+
+def delete_weights(folder: Path, marker: Path) -> None:
+    (folder / tracking.WEIGHTS_PATH).unlink()
+
+
+def test_a_tampered_mlflow_model_runs_no_code_and_tampered_weights_are_refused(tmp_path: Path) -> None:
+    project, run_id = trained(tmp_path / "p")
+    (model,) = models_of(project, run_id)
+    folder, marker = model_dir(model), tmp_path / "marker"
+
+    # Untampered: MLflow gives exactly the pixels of models/generator.pt.
+    local = draw(project, "local")
+    assert np.array_equal(draw(project, "run", "--run", run_id), local)
+    assert np.array_equal(draw(project, "champion", "--model", CHAMPION), local)
+    assert np.array_equal(draw(project, "version", "--model", f"models:/{NAME}/1"), local)
+
+    pristine = tmp_path / "pristine"
+    shutil.copytree(folder, pristine)
+
+    def tampered(how: Callable[[Path, Path], None]) -> None:
+        shutil.rmtree(folder)
+        shutil.copytree(pristine, folder)
+        marker.unlink(missing_ok=True)
+        how(folder, marker)
+
+    # The MLflow model is never loaded: a payload in it runs nowhere, and the verified weights still draw.
+    for how in (swap_for_pth, poison_sample_inputs):
+        for source in (["--run", run_id], ["--model", CHAMPION]):
+            tampered(how)
+            result = run_cli(["generate", "-n", "16", *source, "--output", "t.npy"], cwd=project, env=stage_env(project))
+            assert not marker.exists(), f"{how.__name__}, {source[0]}: loading the model ran its payload"
+            assert result.returncode == 0, result.stderr
+            assert np.array_equal(np.load(project / "t.npy"), local), (how.__name__, source[0])
+
+    # The weights file beside the model, its SHA-256 recorded at log time and copied onto the version.
+    assert model.tags[tracking.ARTIFACT_SHA_TAG] == runtime.sha256_file(pristine / tracking.WEIGHTS_PATH)
+    version = client(project).get_model_version_by_alias(NAME, "champion")
+    assert version.tags[tracking.ARTIFACT_SHA_TAG] == model.tags[tracking.ARTIFACT_SHA_TAG]
+
+    # The weights file fails its recorded SHA-256: refused before torch reads a byte of it.
+    for how in (pickle_weights, other_weights):
+        tampered(how)
+        error = assert_refused(run_cli(["generate", "--run", run_id], cwd=project, env=stage_env(project)),
+                               f"MLflow run {run_id}'s generator weights fail their SHA-256 check")  # fmt: skip
+        assert "refusing to load them" in error
+        assert_refused(run_cli(["generate", "--model", CHAMPION], cwd=project, env=stage_env(project)),
+                       f"registered model {NAME} version 1's generator weights fail their SHA-256 check")  # fmt: skip
+        assert not marker.exists(), how.__name__
+    tampered(delete_weights)
+    assert_refused(run_cli(["generate", "--run", run_id], cwd=project, env=stage_env(project)),
+                   f"MLflow run {run_id}'s generator weights", "cannot be fetched", "resend")  # fmt: skip
+    assert not (project / "generated.png").exists()
+
+
+def test_through_a_tracking_server_the_weights_file_is_checked_too(tmp_path: Path, mlflow_server: MlflowServer) -> None:
+    """Artifacts proxied by `mlflow server`: the weights file travels inside the logged model and back."""
+    mlflow_server.start()
+    project = make_eval_project(tmp_path / "p")
+    set_steps(project, 4)
+    env = {**stage_env(project), "MLFLOW_TRACKING_URI": mlflow_server.uri}
+    stage(project, "train", env=env)
+    stage(project, "evaluate", env=env)
+    run_id = runtime.read_json(project / "models/train_run.json")["run_id"]
+    local = draw(project, "local", env=env)
+    assert np.array_equal(draw(project, "run", "--run", run_id, env=env), local)
+    assert np.array_equal(draw(project, "champion", "--model", CHAMPION, env=env), local)
+
+    (weights,) = (mlflow_server.root / "artifacts").rglob(tracking.WEIGHTS_FILE)
+    marker = tmp_path / "marker"
+    weights.write_bytes(pickle.dumps(Payload(marker)))
+    assert_refused(run_cli(["generate", "--run", run_id], cwd=project, env=env),
+                   f"MLflow run {run_id}'s generator weights fail their SHA-256 check")  # fmt: skip
+    assert_refused(run_cli(["generate", "--model", CHAMPION], cwd=project, env=env),
+                   f"registered model {NAME} version 1's generator weights fail their SHA-256 check")  # fmt: skip
+    assert not marker.exists()
+
+
+def test_a_model_logged_without_a_weights_file_is_refused_until_resend_adds_one(tmp_path: Path) -> None:
+    """A run and a version from code before weights files: refused in one sentence; `resend` logs the
+    weights, and the next evaluation registers a version that holds them, which takes the alias."""
+    project, run_id = trained(tmp_path / "p")
+    (model,) = models_of(project, run_id)
+    mlflow = client(project)
+    for tag in (tracking.ARTIFACT_SHA_TAG, tracking.TENSORS_SHA_TAG):  # as older code logged and registered it
+        mlflow.delete_logged_model_tag(model.model_id, tag)
+        mlflow.delete_model_version_tag(NAME, "1", tag)
+    shutil.rmtree(model_dir(model) / "extra_files")
+    env = stage_env(project)
+    assert_refused(run_cli(["generate", "--run", run_id], cwd=project, env=env),
+                   f"MLflow run {run_id} was logged without a verifiable weights file", "resend")  # fmt: skip
+    assert_refused(run_cli(["generate", "--model", CHAMPION], cwd=project, env=env),
+                   f"registered model {NAME} version 1 was logged without", f"resend` for its training run {run_id}")  # fmt: skip
+
+    assert "1 model" in stage(project, "resend")
+    local = draw(project, "local")
+    assert np.array_equal(draw(project, "run", "--run", run_id), local)
+    said = stage(project, "evaluate")
+    assert f"registered {NAME} version 2: is now the champion" in said, said
+    assert np.array_equal(draw(project, "champion", "--model", CHAMPION), local)
+    assert "nothing re-sent" in stage(project, "resend")
+
+
+def test_an_extended_run_registers_the_weights_it_was_scored_on(tmp_path: Path) -> None:
+    project, run_id = trained(tmp_path / "p", steps=4)
+    first = draw(project, "first")
+    shutil.copyfile(project / "models/generator.pt", tmp_path / "first.pt")
+    set_steps(project, 6)
+    stage(project, "train")
+    said = stage(project, "evaluate")
+    assert f"registered {NAME} version 2" in said, said
+    second = draw(project, "second")
+    assert not np.array_equal(first, second)
+    first_tensors, second_tensors = tensors_of(tmp_path / "first.pt"), tensors_of(project / "models/generator.pt")
+
+    mlflow = client(project)
+    old, new = models_of(project, run_id)
+    for number, pixels, tensors, model in ((1, first, first_tensors, old), (2, second, second_tensors, new)):
+        version = mlflow.get_model_version(NAME, str(number))
+        assert version.run_id == run_id and version.source == f"models:/{model.model_id}"
+        assert version.tags[tracking.TENSORS_SHA_TAG] == tensors
+        assert version.tags[tracking.ARTIFACT_SHA_TAG] == model.tags[tracking.ARTIFACT_SHA_TAG]
+        assert np.array_equal(draw(project, f"v{number}", "--model", f"models:/{NAME}/{number}"), pixels)
+    # Whichever version won, the champion draws the weights its FID was measured on.
+    champion = mlflow.get_model_version_by_alias(NAME, "champion")
+    expected = {"1": first, "2": second}[str(champion.version)]
+    assert np.array_equal(draw(project, "champion", "--model", CHAMPION), expected)
+    assert np.array_equal(draw(project, "run", "--run", run_id), second)
+    # A re-evaluation of the same weights keeps their version.
+    assert f"registered {NAME} version 2" in stage(project, "evaluate")
+    assert len(mlflow.search_model_versions(f"name = '{NAME}'")) == 2
+
+
+def test_resend_repairs_an_extended_run_and_still_refuses_foreign_outputs(tmp_path: Path) -> None:
+    project = make_eval_project(tmp_path / "p")
+    set_steps(project, 4)
+    stage(project, "train")
+    set_steps(project, 6)
+    stage(project, "train")
+    run_id = runtime.read_json(project / "models/train_run.json")["run_id"]
+    assert client(project).get_run(run_id).data.tags["param_changed.train.steps"] == "6"
+    # The server lost the log and the final model (the sqlite store keeps its record: the files go).
+    artifacts = Path(client(project).get_run(run_id).info.artifact_uri.removeprefix("file://"))
+    (artifacts / "train_log.csv").unlink()
+    newest = models_of(project, run_id)[-1]
+    client(project).delete_logged_model(newest.model_id)
+
+    said = stage(project, "resend")
+    assert f"re-sent to MLflow run {run_id}: 1 artifacts, 1 model." in said, said
+    assert (artifacts / "train_log.csv").is_file()
+    assert np.array_equal(draw(project, "run", "--run", run_id), draw(project, "local"))
+    assert "nothing re-sent" in stage(project, "resend")
+
+    # Outputs of another seed, a param the run never changed: not its own.
+    params = yaml.safe_load((project / "params.yaml").read_text())
+    params["train"]["seed"] = 5
+    (project / "params.yaml").write_text(yaml.safe_dump(params))
+    info = runtime.read_json(project / "models/train_run.json")
+    info["params_sha256"] = runtime.fingerprint(flatten(load_params(project / "params.yaml")))
+    runtime.write_json(project / "models/train_run.json", info)
+    assert_refused(run_cli(["resend"], cwd=project, env=stage_env(project)),
+                   f"run {run_id} has train.seed=0, not 5")  # fmt: skip
