@@ -124,6 +124,9 @@ class TrainParams(Section):
     # Data-parallel processes that `python -m pipeline train` (and dvc repro) starts on this machine;
     # under torchrun, torchrun decides. A checkpoint resumes only with the world size that wrote it.
     nproc: Annotated[int, Field(ge=1, le=1024), DEVICE] = 1
+    # CPU threads of each training process; 0: torch's own choice (one per core, or OMP_NUM_THREADS).
+    # The weights depend on it (another order of float sums): jobs sharing a machine each take a share.
+    threads: Annotated[int, Field(ge=0, le=1024), DEVICE] = 0
     sync_batchnorm: Annotated[bool, RECIPE] = True  # in a job on CUDA: batch norm over the global batch
     dist_timeout_s: Annotated[int, Field(ge=10, le=86_400), DEVICE] = 1800  # a rank waits this long for the others
     # auto: bf16 autocast where native (CUDA, CPUs with BF16)

@@ -83,6 +83,36 @@ def keep_freed_memory() -> bool:
         return False
 
 
+def use_threads(requested: int) -> int:
+    """Run torch's CPU work on `requested` threads (0: keep torch's own choice); the count in use."""
+    if requested:
+        torch.set_num_threads(requested)
+    return torch.get_num_threads()
+
+
+def cores() -> int:
+    """The cores this process may run on (its CPU affinity where the OS tells it)."""
+    try:
+        return len(os.sched_getaffinity(0))
+    except (AttributeError, OSError):
+        return os.cpu_count() or 1
+
+
+def busy_machine_advice(threads: int, cores: int, load: float) -> str | None:
+    """What to do when the machine is oversubscribed (its 1-minute load above its cores), else None.
+
+    Every process starts one thread per core by default: a few jobs on one machine then spin
+    against each other and each trains many times slower than alone. A share of the cores each,
+    in proportion to the work already there, avoids that.
+    """
+    if load <= cores:
+        return None
+    share = max(1, round(cores * cores / (load + cores)))
+    return (f"this machine is oversubscribed (load {load:.1f} on {cores} cores) and this run adds {threads} "
+            f"thread(s): processes that share cores can each train many times slower; give each job a share, "
+            f"e.g. -S train.threads={share} (or OMP_NUM_THREADS={share}; the weights depend on the thread count).")
+
+
 def seed_everything(seed: int) -> None:
     """Seed Python, NumPy and torch (all devices) from one param."""
     random.seed(seed)

@@ -531,6 +531,7 @@ def start_tracking(
         "dist.world_size": str(world.size),
         "dist.backend": world.backend or "none",
         "dist.per_rank_batch": str(params.train.batch_size // world.size),
+        "threads": str(torch.get_num_threads()),  # per process; train.threads, or torch's choice for 0
     }
     run = tracking.MlflowRun.start(experiment_id, tracking.run_name(env), tags, resume_run_id=run_id)
     run.log_params(flatten(params))
@@ -721,6 +722,7 @@ def main(params_path: Path = Path("params.yaml")) -> None:
             distributed.launch(p.nproc, params_path)  # the same command, as p.nproc processes of one job
         return
     device = runtime.pick_device(p.device)
+    runtime.use_threads(p.threads)
     world = World()
     if distributed.under_torchrun(env):
         size = int(env["WORLD_SIZE"])
@@ -764,6 +766,9 @@ def run(params: Params, paths: Layout, device: torch.device, world: World) -> No
     """The stage in one process (of a job, or the only one): resume or start, train, write."""
     p = params.train
     precision = runtime.resolve_precision(p.precision, device)
+    if world.writer and device.type == "cpu" and hasattr(os, "getloadavg"):
+        if advice := runtime.busy_machine_advice(torch.get_num_threads(), runtime.cores(), os.getloadavg()[0]):
+            print(f"warning: {advice}", file=sys.stderr)
     n_classes = len(data.class_names(params.data))
     dataset = data.load_prepared(paths.prepared, n_classes)
     data_hash = runtime.sha256_file(paths.prepared)
