@@ -229,3 +229,15 @@ def test_ddp_scaling_quick_mode_reports_each_arm(tmp_path: Path) -> None:
     assert set(rows) == {0, 2} and rows[2]["per_rank_batch"] == 32
     assert all(row["images_per_second"] > 0 for row in rows.values())
     assert "efficiency" in result.stdout
+
+
+@pytest.mark.slow
+def test_shared_machine_quick_mode_times_one_job_and_two_with_and_without_a_share(bench_project: Path) -> None:
+    result = run_script([str(ROOT / "benchmarks/shared_machine.py"), "--quick"], bench_project)
+    assert result.returncode == 0, result.stderr[-3000:]
+    report = json.loads(result.stdout.strip().splitlines()[-1])
+    arms = {(row["jobs"], row["threads"]): row for row in report["rows"]}
+    share = max(1, report["cores"] // 2)
+    assert set(arms) == {(1, 0), (2, 0), (2, share)}
+    assert [len(r) for r in arms[(2, share)]["repeats"]] == [2]  # two processes, one repeat
+    assert all(row["img_s_per_job"] > 0 for row in arms.values())
