@@ -1,6 +1,7 @@
 from __future__ import annotations
 
 import json
+import shutil
 from pathlib import Path
 
 import pytest
@@ -92,3 +93,14 @@ def test_rules_across_sections(tmp_path: Path) -> None:
         load_params(write(tmp_path, "train:\n  fid_every: 100\n  fid_samples: 100\n"))
     with pytest.raises(UserError, match=r"evaluate.n_samples must be at least 64"):
         load_params(write(tmp_path, "classifier:\n  feature_dim: 32\nevaluate:\n  n_samples: 50\n"))
+
+
+def test_params_yaml_is_written_as_dvc_writes_it(tmp_path: Path) -> None:
+    """`dvc exp run -S key=value` rewrites params.yaml in its own style (blank for null, block lists):
+    the committed file is already in that style, so an experiment's diff shows only the values it set."""
+    from dvc.utils.hydra import apply_overrides
+
+    copy = tmp_path / "params.yaml"
+    shutil.copyfile(ROOT / "params.yaml", copy)
+    apply_overrides(copy, [f"train.steps={load_params(ROOT / 'params.yaml').train.steps}"])  # a no-op -S
+    assert copy.read_text() == (ROOT / "params.yaml").read_text()
