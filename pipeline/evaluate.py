@@ -190,7 +190,7 @@ def main(params_path: Path = Path("params.yaml"), samples: Path | None = None, o
             fh.write(class_rows(scores, reference, data.class_names(params.data)))
         runtime.write_json(paths.eval_metrics, result)
     try:
-        log_to_mlflow(params, paths, result, grid, uri, experiment_id)
+        log_to_mlflow(params, paths, result, grid, uri, experiment_id, len(reference.features))
     except UserError as exc:
         # The outputs are complete and true: a tracking store out of room is a loss to report, as a
         # lost item is, not a failed stage (whose outputs DVC would then refuse to record).
@@ -201,8 +201,9 @@ def main(params_path: Path = Path("params.yaml"), samples: Path | None = None, o
 
 
 def log_to_mlflow(
-    params: Params, paths: Layout, result: dict[str, Any], grid: np.ndarray, uri: str, experiment_id: str
-) -> None:
+    params: Params, paths: Layout, result: dict[str, Any], grid: np.ndarray, uri: str, experiment_id: str,
+    reference_images: int,
+) -> None:  # fmt: skip
     """A nested run per evaluation under the training run; the latest scores on the training run."""
     from pipeline import tracking
 
@@ -221,6 +222,8 @@ def log_to_mlflow(
     run.log_params({f"evaluate.{k}": str(v) for k, v in params.evaluate.model_dump().items()} | floors
                    | {"classifier_sha256": result["classifier_sha256"], "feature_dim": str(result["feature_dim"]),
                       "n_samples": str(result["n_samples"])})  # fmt: skip
+    run.log_dataset(f"{params.data.dataset}-reference", runtime.sha256_file(paths.reference), paths.reference,
+                    "evaluation", {"images": reference_images, "classes": len(data.class_names(params.data))})  # fmt: skip
     scores = {k: float(result[k]) for k in scalars(result)}
     run.log_metrics([{"step": 0, **scores}])
     for path in paths.outputs("evaluate"):

@@ -9,6 +9,7 @@ records, as data, what could not be logged and says so at the end.
 
 from __future__ import annotations
 
+import json
 import os
 import re
 import socket
@@ -28,6 +29,7 @@ import numpy as np
 from pipeline.errors import UserError
 from pipeline.layout import Layout
 
+DIGEST_LENGTH = 36  # the longest dataset digest MLflow stores
 # The experiment-kind tag of MLflow 3's UI: model training, not GenAI (traces, token usage).
 EXPERIMENT_KIND, MODEL_TRAINING = "mlflow.experimentKind", "custom_model_development"
 
@@ -299,7 +301,7 @@ def run_name(env: Mapping[str, str]) -> str | None:
 class Lost:
     """One item the tracker did not receive: its kind, the name of the item, and the steps it covers."""
 
-    kind: str  # "params", "tags", "metrics", "image", "artifact", "model", "run status"
+    kind: str  # "params", "tags", "metrics", "image", "artifact", "model", "dataset", "run status"
     name: str = ""  # the image key, artifact file or model name
     steps: tuple[int, ...] = ()
 
@@ -351,6 +353,7 @@ class Tracker(Protocol):
     def log_metrics(self, rows: list[dict[str, float]]) -> None: ...
     def log_image(self, image: np.ndarray, key: str, step: int) -> None: ...
     def log_artifact(self, path: Path, folder: str | None = None) -> None: ...
+    def log_dataset(self, name: str, sha256: str, path: Path, context: str, counts: dict[str, int]) -> None: ...
     def log_model(self, model: Any, name: str, input_example: np.ndarray) -> None: ...
     def child(self, name: str, tags: dict[str, str]) -> Tracker: ...
     def finish(self, status: str = "FINISHED") -> None: ...
@@ -511,6 +514,19 @@ class MlflowRun:
 
     def log_artifact(self, path: Path, folder: str | None = None) -> None:
         self._guard(Lost("artifact", path.name), self._client.log_artifact, self.run_id, str(path), folder)
+
+    def log_dataset(self, name: str, sha256: str, path: Path, context: str, counts: dict[str, int]) -> None:
+        """The data the run read, as an MLflow dataset input: the runs table's Dataset column, and its filter.
+
+        Its digest is the file's SHA-256 cut to the 36 characters MLflow keeps (the full one is the
+        run's `data.sha256` tag); its source the DVC path; `context` and `counts` are its tags.
+        """
+        from mlflow.entities import Dataset, DatasetInput, InputTag
+
+        dataset = Dataset(name=name, digest=sha256[:DIGEST_LENGTH], source_type="local",
+                          source=json.dumps({"uri": path.as_posix()}), profile=json.dumps(counts))  # fmt: skip
+        tags = [InputTag("mlflow.data.context", context), *(InputTag(k, str(v)) for k, v in counts.items())]
+        self._guard(Lost("dataset", name), self._client.log_inputs, self.run_id, [DatasetInput(dataset, tags)])
 
     def log_model(self, model: Any, name: str, input_example: np.ndarray) -> None:
         """The generator as an MLflow model, with its weights beside it as a checksummed weights-only file

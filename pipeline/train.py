@@ -586,14 +586,16 @@ class Writer:
         # A resumed run already holds the steps between its last checkpoint and the kill: each
         # step goes to MLflow once (their values are the same again, bit for bit, on the CPU).
         self.logged_until, self.logged_grids, self.fid_logged_until = 0, set(), 0
+        self.ends_logged: set[int] = set()  # the steps whose `final_*` figures the run holds
         recorded = False
         if state.step:
             try:
                 # The grids a kill left half-uploaded are deleted here: those steps are uploaded again, whole.
                 self.logged_until, self.logged_grids = run.logged_steps("g_loss", "samples")
                 self.fid_logged_until = max(run.metric_steps("fid_quick"), default=0)
+                self.ends_logged = run.metric_steps(f"final_{FINAL[-1]}")
                 if state.step == params.train.steps:  # a finished run again: did its end reach MLflow?
-                    recorded = state.step in run.metric_steps(f"final_{FINAL[-1]}") and run.has_model()
+                    recorded = state.step in self.ends_logged and run.has_model()
             except Exception:  # noqa: BLE001 - a server that fails here fails the logging below, where it is said
                 pass
         # A finished run run again (its outputs deleted, or `dvc repro -f`) writes its outputs again;
@@ -663,6 +665,15 @@ class Writer:
 
         return on_eval
 
+    def holds_model(self, weights: dict[str, torch.Tensor]) -> bool:
+        """Whether the run holds a finished model of exactly these weights (False when MLflow cannot say)."""
+        from pipeline import tracking
+
+        try:
+            return self.run.has_model(tracking.tensors_sha256(weights))
+        except Exception:  # noqa: BLE001 - the upload that follows says what failed
+            return False
+
     def fail(self, exc: BaseException) -> None:
         """End the MLflow run as the stage ends: KILLED, FAILED, or, when this session added nothing
         to it (a resume at its last step), the status it had before; a status MLflow could not
@@ -696,12 +707,17 @@ class Writer:
             self.fail(exc)  # main's handler covers train() only: the run must not stay RUNNING
             raise
 
-        self.run.log_metrics([summary_row(summary)])
+        # A resume replayed from an earlier checkpoint ends where the run has ended before: its end, and
+        # its model of the same weights (bit for bit again on the CPU), are in MLflow once already.
+        if summary["step"] not in self.ends_logged:
+            self.run.log_metrics([summary_row(summary)])
         self.run.log_artifact(paths.train_log)
         if dropped := self.run.drop_unfinished_models():  # a kill during an earlier upload
             print(f"removed {dropped} unfinished logged model(s) of MLflow run {self.run.run_id}, left by an "
                   "interrupted upload.")  # fmt: skip
-        self.run.log_model(*for_export(self.params.model, state.output.state_dict(), state.generator.n_classes))
+        weights = state.output.state_dict()
+        if not (self.ends_logged and self.holds_model(weights)):
+            self.run.log_model(*for_export(self.params.model, weights, state.generator.n_classes))
         self.run.finish()
         print(
             f"step {summary['step']}: D loss {summary['d_loss']:.4f}, D acc {100 * summary['d_acc']:.1f}%, "
@@ -780,6 +796,9 @@ def run(params: Params, paths: Layout, device: torch.device, world: World) -> No
 
     # The one gate: only the writing process touches files, MLflow and the terminal.
     writer = Writer.open(params, paths, state, how, fingerprint, device, precision, data_hash, world) if world.writer else None
+    if writer:
+        writer.run.log_dataset(params.data.dataset, data_hash, paths.prepared, "training",
+                               {"images": len(dataset.train_labels), "classes": n_classes})  # fmt: skip
 
     images = torch.from_numpy(dataset.train_images).to(device)
     labels = torch.from_numpy(dataset.train_labels).to(device) if params.model.conditional else None

@@ -106,7 +106,50 @@ def test_every_command_works_against_the_team_server(tmp_path: Path, team: Mlflo
     assert generator(torch.randn(2, 100)).shape == (2, 1, 28, 28)
     (evaluation,) = client.search_runs([run.info.experiment_id], f"tags.mlflow.parentRunId = '{run.info.run_id}'")
     assert evaluation.data.tags["stage"] == "evaluate"
+    # The data each run read, as MLflow datasets: the runs table's Dataset column tells MNIST from the others.
+    (trained_on,) = run.inputs.dataset_inputs
+    assert (trained_on.dataset.name, trained_on.dataset.source_type) == ("mnist", "local")
+    assert trained_on.dataset.digest == run.data.tags["data.sha256"][:36]
+    assert trained_on.dataset.digest == runtime.sha256_file(project / "data/prepared/mnist.npz")[:36]
+    assert "data/prepared/mnist.npz" in trained_on.dataset.source
+    assert {t.key: t.value for t in trained_on.tags} == {"mlflow.data.context": "training", "images": "128",
+                                                         "classes": "10"}  # fmt: skip
+    (scored_against,) = client.get_run(evaluation.info.run_id).inputs.dataset_inputs
+    assert scored_against.dataset.name == "mnist-reference"
+    assert scored_against.dataset.digest == runtime.sha256_file(project / "data/reference/mnist.npz")[:36]
+    assert {t.key: t.value for t in scored_against.tags}["mlflow.data.context"] == "evaluation"
     assert team.failed_requests() == []  # the sweep's runs on the server: the next two tests
+
+
+def test_a_resume_replayed_from_an_earlier_checkpoint_logs_every_metric_once(tmp_path: Path, team: MlflowServer) -> None:
+    """A kill after step 10's metrics went out but before its checkpoint: the run is trained again from
+    step 5 to 10, and every metric, the `final_*` ones included, still holds one point per step."""
+    project = team_project(tmp_path / "p")
+    params = yaml.safe_load((project / "params.yaml").read_text())
+    params["train"].update(steps=5, fid_every=0, checkpoint_every=5)
+    env = member_env(team, project)
+    for steps in (5, 10):
+        params["train"]["steps"] = steps
+        (project / "params.yaml").write_text(yaml.safe_dump(params))
+        if steps == 10:
+            step_5 = (project / "checkpoints/train.pt").read_bytes()
+        result = run_cli(["train"], cwd=project, env=env)
+        assert result.returncode == 0, result.stderr[-3000:]
+    (project / "checkpoints/train.pt").write_bytes(step_5)
+    result = run_cli(["train"], cwd=project, env=env)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "resuming from checkpoints/train.pt at step 5" in result.stdout
+
+    client = team.client()
+    run_id = runtime.read_json(project / "models/train_run.json")["run_id"]
+    run = client.get_run(run_id)
+    for key in run.data.metrics:
+        steps = [m.step for m in client.get_metric_history(run_id, key)]
+        assert len(steps) == len(set(steps)), (key, steps)
+    assert [m.step for m in client.get_metric_history(run_id, "final_images_per_second")] == [5, 10]
+    assert [m.step for m in client.get_metric_history(run_id, "g_loss")] == list(range(1, 11))
+    models = client.search_logged_models([run.info.experiment_id], filter_string=f"source_run_id = '{run_id}'")
+    assert len(models) == 2  # steps 5 and 10; the replayed step 10's weights are the model logged already
 
 
 def test_a_refused_login_is_one_sentence_before_any_training(tmp_path: Path, team: MlflowServer) -> None:
