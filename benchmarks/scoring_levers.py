@@ -8,8 +8,9 @@ reported. The levers:
 * G layout: the generator samples in channels-last activations (`Generator(nhwc=True)`, the
   default); off: in NCHW.
 * heap: freed memory stays in glibc's heap (`machine.keep_freed_memory`); off: not called.
-* classifier layout: the frozen classifier runs channels-last (`frozen_classifier.load_classifier`); off: its
-  weights made contiguous again, so oneDNN runs its convs and max-pools in NCHW.
+* classifier layout: the frozen classifier runs channels-last
+  (`frozen_classifier.load_classifier`); off: its weights made contiguous again, so oneDNN
+  runs its convs and max-pools in NCHW.
 * centre: PRDC's float32 screen measures the points from their centre; off: from the origin,
   as before (a subclass of the screen that passes a zero centre).
 
@@ -38,7 +39,7 @@ from pipeline import machine
 from pipeline.gan.dcgan import Generator
 from pipeline.gan.sampling import generate
 from pipeline.params import EvaluateParams
-from pipeline.scoring import metrics, scorer
+from pipeline.scoring import frozen_classifier, metrics
 from pipeline.stages import evaluate
 
 LEVERS = ("G layout", "heap", "classifier layout", "centre")
@@ -84,7 +85,7 @@ def _child(off: tuple[str, ...], n: int, queue: Any) -> None:
     if "centre" in off:
         metrics._Screen = _FromOrigin
     clock: dict[str, float] = {}
-    _timed(scorer, "classify", clock)  # score() calls it by this name
+    _timed(frozen_classifier, "classify", clock)  # evaluate.evaluate calls it through the module
     _timed(metrics, "prdc", clock)
     exact_pairs = 0
     pair_sq_dists = metrics._pair_sq_dists

@@ -276,9 +276,6 @@ def work(study: optuna.Study, objective: Callable[[optuna.Trial], float], budget
             return
 
 
-# --- the command ---------------------------------------------------------------------------
-
-
 def retry(study: optuna.Study, trial: FrozenTrial) -> None:
     """Queue `trial` again with its params; Optuna records the retry history that budget_used reads."""
     with warnings.catch_warnings():

@@ -14,9 +14,6 @@ from pipeline.gan.loop import TrainState, new_state
 from pipeline.params import BUDGET, CADENCE, DEVICE, Params, values_without
 
 
-# --- the stage: resume, the writing process's files and MLflow run -------------------------
-
-
 def checkpoint_fingerprint(params: Params, data_hash: str, precision: str) -> str:
     """What a checkpoint must match to be resumed: everything that changes the numbers.
 

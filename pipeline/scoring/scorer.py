@@ -2,7 +2,8 @@
 `score` every stage reports (reference floor, training FID, evaluate).
 
 Real images and generator samples both arrive here as uint8 pixels and go through
-`data.to_model` (in `frozen_classifier.classify`), so the two sides of every score see identical preprocessing.
+`data.to_model` (in `frozen_classifier.classify`), so the two sides of every score see
+identical preprocessing.
 """
 
 from __future__ import annotations

@@ -23,7 +23,6 @@ from pipeline.scoring.frozen_classifier import Classifier, classify, load_classi
 from pipeline.scoring.scorer import Reference, compute_reference, save_reference, score, scoring_metadata
 
 
-
 def build_reference(
     model: Classifier, classifier_sha256: str, dataset: Dataset, params: EvaluateParams, device: torch.device,
     n_classes: int = 10,

@@ -87,6 +87,9 @@ def run_trial(
     return scorer.score(features, probs, reference, p), data.make_grid(samples[:25])
 
 
+# --- the command ---------------------------------------------------------------------------
+
+
 def parent_run(study: optuna.Study, created: bool, experiment_id: str, tags: dict[str, str], mark: str,
                where: str) -> mlflow_run.MlflowRun:  # fmt: skip
     """The sweep's MLflow parent run: made by the process that created the study, found by the others."""

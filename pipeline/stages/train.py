@@ -44,6 +44,9 @@ if TYPE_CHECKING:
     from pipeline.tracking.mlflow_run import MlflowRun
 
 
+# --- the stage: resume, the writing process's files and MLflow run -------------------------
+
+
 def trained_speed(summary: Path, step: int) -> dict[str, float]:
     """`seconds` and `images_per_second` of metrics/train.json when it is of `step`; else nothing."""
     try:
