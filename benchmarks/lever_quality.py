@@ -3,7 +3,7 @@
 An arm is a set of overrides of params.yaml's model and train sections (dotted keys, as
 `dvc exp run -S` takes them). For each seed, every arm trains with `pipeline.gan.loop.train` for
 the same number of steps and its generator (the EMA of G where the arm keeps one) is scored
-with the frozen classifier (`scoring.generator_fid`, the same noise for all). A difference is
+with the frozen classifier (`scorer.generator_fid`, the same noise for all). A difference is
 real when it is beyond twice the seed-to-seed standard deviation.
 
 Two uses:
