@@ -31,10 +31,11 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from pipeline import data, distributed  # noqa: E402
-from pipeline.layout import Layout  # noqa: E402
-from pipeline.params import ModelParams, Params, TrainParams  # noqa: E402
-from pipeline.train import Callbacks, resume_or_fresh, train  # noqa: E402
+from pipeline import data, distributed
+from pipeline.gan.loop import Callbacks, train
+from pipeline.gan.resume import resume_or_fresh
+from pipeline.layout import Layout
+from pipeline.params import ModelParams, Params, TrainParams
 
 
 def images(device: torch.device) -> torch.Tensor:

@@ -1,9 +1,9 @@
 """What a lever does to sample quality: FID after a fixed budget, arm against arm, over seeds.
 
 An arm is a set of overrides of params.yaml's model and train sections (dotted keys, as
-`dvc exp run -S` takes them). For each seed, every arm trains with `pipeline.train.train` for
+`dvc exp run -S` takes them). For each seed, every arm trains with `pipeline.gan.loop.train` for
 the same number of steps and its generator (the EMA of G where the arm keeps one) is scored
-with the frozen classifier (`scoring.generator_fid`, the same noise for all). A difference is
+with the frozen classifier (`scorer.generator_fid`, the same noise for all). A difference is
 real when it is beyond twice the seed-to-seed standard deviation.
 
 Two uses:
@@ -39,11 +39,13 @@ from typing import Any
 import numpy as np
 import torch
 
-from pipeline import data, runtime, scoring
+from pipeline import data, files, machine
 from pipeline.errors import UserError
+from pipeline.gan.loop import new_state, train
+from pipeline.gan.sampling import fixed_noise, sample_grid
 from pipeline.layout import Layout
 from pipeline.params import Params, load_params, validate_params
-from pipeline.train import fixed_noise, new_state, sample_grid, train
+from pipeline.scoring import frozen_classifier, scorer
 
 # The quality preset (docs/training.md): the class-conditional pair with an EMA of G, at the
 # tutorial's loss and learning rates. Each key is a `dvc exp run -S` override. Hinge loss with spectral
@@ -93,14 +95,14 @@ def train_arm(params_path: str, arm: dict[str, Any], steps: int, seed: int, fid_
                                                        "train.device": device_type})  # fmt: skip
     paths = Layout(dataset=params.data.dataset)
     images, labels = training_data(params, paths, device)
-    classifier, sha = scoring.load_classifier(paths.classifier, params.classifier.feature_dim, device)
-    reference = scoring.load_reference(paths.reference, classifier_sha256=sha)
+    classifier, sha = frozen_classifier.load_classifier(paths.classifier, params.classifier.feature_dim, device)
+    reference = scorer.load_reference(paths.reference, classifier_sha256=sha)
     p = params.train
     state = new_state(params.model, p, device, len(reference.label_distribution))
     start = time.perf_counter()
     train(state, images, p, params.model.latent_dim, labels=labels)
     seconds = time.perf_counter() - start
-    fid = scoring.generator_fid(state.output, classifier, reference, fid_samples, 1234, params.evaluate.batch_size, device)
+    fid = scorer.generator_fid(state.output, classifier, reference, fid_samples, 1234, params.evaluate.batch_size, device)
     grid = sample_grid(state.output, fixed_noise(params.model.latent_dim, seed, device))
     return {"seed": seed, "fid": round(fid, 3), "seconds": round(seconds, 1), "img_s": round(steps * p.batch_size / seconds, 1),
             "threads": torch.get_num_threads(), "grid": grid}  # fmt: skip
@@ -161,7 +163,7 @@ def run(params_path: str, arms: dict[str, dict[str, Any]], steps: int, seeds: di
         comparisons.append({"arm": name, "difference": round(diff, 3), "verdict": verdict})
     params = load_params(params_path)
     report = {"arms": arms, "steps": steps, "seeds": seeds, "fid_samples": fid_samples, "device": device.type,
-              "precision_resolved": runtime.resolve_precision(params.train.precision, device), "torch": torch.__version__,
+              "precision_resolved": machine.resolve_precision(params.train.precision, device), "torch": torch.__version__,
               "jobs": jobs, "runs": sorted(rows, key=lambda r: (r["seed"], list(arms).index(r["arm"]))), "summary": summary,
               "comparisons": comparisons}  # fmt: skip
     return report, grids
@@ -220,13 +222,13 @@ def main() -> None:
         arms[json.dumps(lever, sort_keys=True)] = {f"train.{k}": v for k, v in lever.items()}
     if len(arms) < 2 and not args.arms:
         parser.error("give --study, --arm or --lever: there is nothing to compare the defaults with")
-    device = runtime.pick_device(args.device)
+    device = machine.pick_device(args.device)
     if args.speed_only:
         speeds = speed(args.params, arms, args.speed_steps or 200, device)
         first = next(iter(arms))
         for name, rate in speeds.items():
             print(f"{name:<26}{rate:>9.1f} img/s  x{rate / speeds[first]:.2f}")
-        runtime.write_json(args.output, {"arms": arms, "speed_img_s": speeds, "threads": torch.get_num_threads()})
+        files.write_json(args.output, {"arms": arms, "speed_img_s": speeds, "threads": torch.get_num_threads()})
         return
     names = list(arms)
     between = args.lever_seeds if args.study and args.lever_seeds else args.seeds
@@ -240,7 +242,7 @@ def main() -> None:
         print(f"grids of {names[0]!r} and {names[-1]!r} (seed {args.seeds[0]}) -> {args.grids}")
     args.output.parent.mkdir(parents=True, exist_ok=True)
     existing = json.loads(args.output.read_text()) if args.output.is_file() else []
-    runtime.write_json(args.output, [*existing, report])
+    files.write_json(args.output, [*existing, report])
     print(f"-> {args.output}")
 
 

@@ -15,7 +15,7 @@ the multiply-adds a matmul peak bounds. Three counts per batch size:
 * ``useful``: the tutorial's model math for one iteration, each part once: G forward, D forward
   and backward on the real batch, D forward and backward on the fake batch, and G's update
   through the frozen D (D forward, backward to D's input, G backward). It is counted on
-  `pipeline.train.train` with the tutorial's own layers (upsample then 3x3 conv, a plain 3x3
+  `pipeline.gan.loop.train` with the tutorial's own layers (upsample then 3x3 conv, a plain 3x3
   output conv). This is the same figure for every arm, so it is the one the throughput
   benchmark turns into GFLOP/s and a fraction of the peak: an arm that does the same training
   with fewer FLOPs scores higher, as it should.
@@ -41,10 +41,10 @@ from typing import Any
 import torch
 from torch.utils.flop_counter import FlopCounterMode
 
-from pipeline import runtime
-from pipeline.models import IMAGE_SIZE, build_generator
+from pipeline import machine
+from pipeline.gan.dcgan import IMAGE_SIZE, build_generator
+from pipeline.gan.loop import new_state, train
 from pipeline.params import ModelParams, TrainParams
-from pipeline.train import new_state, train
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
 
@@ -99,7 +99,7 @@ def measure_peaks(
     }
     peaks["threads"] = torch.get_num_threads()
     if device.type == "cpu":
-        peaks["native_bf16"] = runtime.cpu_has_native_bf16()
+        peaks["native_bf16"] = machine.cpu_has_native_bf16()
     return peaks
 
 
@@ -111,7 +111,7 @@ def count_flops(fn: Callable[[], Any]) -> int:
 
 
 def train_step_flops(model: ModelParams, params: TrainParams, device: torch.device) -> int:
-    """FLOPs of one iteration of `pipeline.train.train` with these params, on random images."""
+    """FLOPs of one iteration of `pipeline.gan.loop.train` with these params, on random images."""
     params = params.model_copy(
         update={
             "steps": 1,

@@ -1,8 +1,8 @@
-"""Where one training step's time goes: torch.profiler over `pipeline.train.train_step`.
+"""Where one training step's time goes: torch.profiler over `pipeline.gan.loop.train_step`.
 
 The step is the pipeline's own (params.yaml defaults, `--batch-size` overriding the batch),
 run unchanged: the phase labels are record_function ranges opened and closed by hooks on
-the generator, the discriminator and the two optimisers, so pipeline/train.py needs no edit.
+the generator, the discriminator and the two optimisers, so pipeline/gan/loop.py needs no edit.
 The step calls D three times (the real batch, the fake batch, G's update through the frozen
 D), so the n-th D call of a step names its phase; a phase runs from its forward to the next
 optimiser step, its loss and backward pass included.
@@ -39,11 +39,11 @@ import torch
 from torch.autograd import DeviceType
 from torch.profiler import ProfilerActivity, profile, record_function
 
-from pipeline import data, runtime
+from pipeline import data, machine
+from pipeline.gan.loop import TrainState, _autocast, new_state, train_step
+from pipeline.gan.losses import LOSSES
 from pipeline.layout import Layout
-from pipeline.losses import LOSSES
 from pipeline.params import Params, load_params
-from pipeline.train import TrainState, _autocast, new_state, train_step
 
 PHASES = ("G forward", "D real (fwd+bwd)", "D fake (fwd+bwd)", "G update", "optimiser")
 D_CALLS = PHASES[1:4]  # what the 1st, 2nd and 3rd call of D in a step are
@@ -107,7 +107,7 @@ def profile_device(device: torch.device, params: Params, steps: int, warmup: int
     images = load_images(device)
     state = new_state(params.model, p, device)
     if device.type == "cpu":  # as train() does
-        runtime.keep_freed_memory()
+        machine.keep_freed_memory()
     if p.compile:  # as train() does
         state.generator.compile()
         state.discriminator.compile()
@@ -154,8 +154,8 @@ def profile_device(device: torch.device, params: Params, steps: int, warmup: int
     self_us = {e.key: getattr(e, sort_by) / steps for e in ops}
     ops.sort(key=lambda e: self_us[e.key], reverse=True)
     return {
-        "device": runtime.device_name(device),
-        "precision": runtime.resolve_precision(p.precision, device),
+        "device": machine.device_name(device),
+        "precision": machine.resolve_precision(p.precision, device),
         "batch_size": p.batch_size,
         "steps": steps,
         "warmup": warmup,

@@ -7,9 +7,10 @@ reported. The levers:
 
 * G layout: the generator samples in channels-last activations (`Generator(nhwc=True)`, the
   default); off: in NCHW.
-* heap: freed memory stays in glibc's heap (`runtime.keep_freed_memory`); off: not called.
-* classifier layout: the frozen classifier runs channels-last (`scoring.load_classifier`); off: its
-  weights made contiguous again, so oneDNN runs its convs and max-pools in NCHW.
+* heap: freed memory stays in glibc's heap (`machine.keep_freed_memory`); off: not called.
+* classifier layout: the frozen classifier runs channels-last
+  (`frozen_classifier.load_classifier`); off: its weights made contiguous again, so oneDNN
+  runs its convs and max-pools in NCHW.
 * centre: PRDC's float32 screen measures the points from their centre; off: from the origin,
   as before (a subclass of the screen that passes a zero centre).
 
@@ -34,9 +35,12 @@ import numpy as np
 import torch
 import train_throughput  # benchmarks/train_throughput.py: this script's folder is first on sys.path
 
-from pipeline import evaluate, metrics, runtime, scoring
-from pipeline.models import Generator, generate
+from pipeline import machine
+from pipeline.gan.dcgan import Generator
+from pipeline.gan.sampling import generate
 from pipeline.params import EvaluateParams
+from pipeline.scoring import frozen_classifier, metrics
+from pipeline.stages import evaluate
 
 LEVERS = ("G layout", "heap", "classifier layout", "centre")
 ARMS: dict[str, tuple[str, ...]] = {
@@ -74,14 +78,14 @@ def _timed(module: Any, name: str, clock: dict[str, float]) -> None:
 def _child(off: tuple[str, ...], n: int, queue: Any) -> None:
     device = torch.device("cpu")
     if "heap" not in off:
-        runtime.keep_freed_memory()
+        machine.keep_freed_memory()
     classifier, reference = train_throughput.scoring_inputs(device)
     if "classifier layout" in off:
         classifier.to(memory_format=torch.contiguous_format)
     if "centre" in off:
         metrics._Screen = _FromOrigin
     clock: dict[str, float] = {}
-    _timed(scoring, "classify", clock)
+    _timed(frozen_classifier, "classify", clock)  # evaluate.evaluate calls it through the module
     _timed(metrics, "prdc", clock)
     exact_pairs = 0
     pair_sq_dists = metrics._pair_sq_dists

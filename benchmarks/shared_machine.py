@@ -3,7 +3,7 @@ process on torch's own thread count (one per core: what a user gets) and with ea
 the cores (`train.threads`, what the train stage advises when the load is above the cores).
 
 Each arm starts its processes together; each trains the default model and params (batch 32) with
-`pipeline.train.train`, untimed warm-up steps first, then reports its own images/s. Arms alternate
+`pipeline.gan.loop.train`, untimed warm-up steps first, then reports its own images/s. Arms alternate
 over the repeats, so drifting machine load hits all alike; the table gives the medians.
 
     python benchmarks/shared_machine.py                      # 1 and 2 jobs, 3 repeats
@@ -31,10 +31,10 @@ def child(threads: int, steps: int, warmup: int, batch_size: int) -> None:
     sys.path.insert(0, str(HERE))
     from train_throughput import Pipeline, images_per_second, load_images  # noqa: PLC0415 - the benchmark's own runner
 
-    from pipeline import runtime
+    from pipeline import machine
     from pipeline.params import TrainParams
 
-    runtime.use_threads(threads)
+    machine.use_threads(threads)
     device = torch.device("cpu")
     runner = Pipeline(load_images(device), TrainParams(batch_size=batch_size, device="cpu"), device)
     runner.run(warmup)
@@ -72,9 +72,9 @@ def main() -> None:
         return
     if args.quick:
         args.steps, args.warmup, args.repeats = 4, 2, 1
-    from pipeline import runtime
+    from pipeline import machine
 
-    cores = runtime.cores()
+    cores = machine.cores()
     arms = [(jobs, threads) for jobs in args.jobs for threads in ([0] if jobs == 1 else [0, max(1, cores // jobs)])]
     results: dict[tuple[int, int], list[list[float]]] = {key: [] for key in arms}
     started = time.perf_counter()

@@ -8,7 +8,7 @@ Three arms train the same DCGAN at each batch size:
 * baseline: the DCGAN loop as most people write it in PyTorch: fp32, a DataLoader with
   shuffling over the prepared tensors, `.item()` on every loss every step, and the generator
   run twice per step (once for D's fake batch, once for G's update), as the tutorial does.
-* pipeline: `pipeline.train.train` itself, with the params under test.
+* pipeline: `pipeline.gan.loop.train` itself, with the params under test.
 
 Each (device, batch size) pair alternates the arms over several repeats (Keras, baseline,
 pipeline, Keras, ...), so drifting machine load hits all alike, and reports the median
@@ -17,7 +17,7 @@ ratios pipeline/Keras and pipeline/baseline. Every arm runs with the same thread
 torch's intra-op threads (`--threads`, default torch's own) and TensorFlow's intra-op pool
 set to it, TensorFlow's inter-op pool to torch's inter-op count; the JSON records them. Both
 torch arms run with the malloc setting the pipeline's training makes for itself (freed memory
-kept for reuse, `runtime.keep_freed_memory`; TensorFlow caches its own).
+kept for reuse, `machine.keep_freed_memory`; TensorFlow caches its own).
 
 Distance to the limit (benchmarks/peak_flops.py): this machine's fp32 and bf16 matmul peak
 through torch, measured first on a quiet machine, and the FLOPs of one training step counted
@@ -62,11 +62,11 @@ import peak_flops  # benchmarks/peak_flops.py: this script's folder is first on 
 import torch
 import torch.nn.functional as F
 
-from pipeline import data, runtime
+from pipeline import data, machine
+from pipeline.gan.dcgan import build_discriminator, build_generator
+from pipeline.gan.loop import new_state, train
 from pipeline.layout import Layout
-from pipeline.models import build_discriminator, build_generator
 from pipeline.params import ModelParams, TrainParams
-from pipeline.train import new_state, train
 
 PATHS = Layout()
 KERAS_SCRIPT = Path(__file__).resolve().with_name("keras_tutorial.py")
@@ -128,7 +128,7 @@ class Baseline:
 
 
 class Pipeline:
-    """pipeline.train.train with the given levers, extended `steps` at a time."""
+    """pipeline.gan.loop.train with the given levers, extended `steps` at a time."""
 
     def __init__(self, images: torch.Tensor, params: TrainParams, device: torch.device) -> None:
         self.images, self.model = images, ModelParams()
@@ -320,7 +320,7 @@ def bench_batch(device: torch.device, images: torch.Tensor, batch_size: int, lev
         for variant, runner in runners.items():
             rates[variant].append(images_per_second(runner, timing["steps"], batch_size, device))
     median = {arm: round(statistics.median(rates[arm]), 1) if arm in rates else None for arm in ARMS}
-    precision = runtime.resolve_precision(TrainParams(**levers).precision, device)
+    precision = machine.resolve_precision(TrainParams(**levers).precision, device)
     row: dict[str, Any] = {
         "device": device.type,
         "batch_size": batch_size,
@@ -388,27 +388,28 @@ def print_table(rows: list[dict[str, Any]], peaks: dict[str, dict[str, Any]]) ->
 def scoring_inputs(device: torch.device) -> tuple[torch.nn.Module, Any]:
     """The frozen classifier and the real data's reference, as evaluate loads them; on a fresh clone
     (as in CI) the reference comes from the prepared test images, or from noise."""
-    from pipeline import scoring
+    from pipeline.scoring import frozen_classifier, scorer
 
-    classifier, sha = scoring.load_classifier(PATHS.classifier, 128, device)
+    classifier, sha = frozen_classifier.load_classifier(PATHS.classifier, 128, device)
     if PATHS.reference.is_file():
-        return classifier, scoring.load_reference(PATHS.reference)
+        return classifier, scorer.load_reference(PATHS.reference)
     if PATHS.prepared.is_file():
         real = data.load_prepared(PATHS.prepared).test_images
     else:
         real = load_images(device)[:2000].cpu().numpy()
-    features, _ = scoring.classify(classifier, real, 1000, device)
-    return classifier, scoring.compute_reference(features, np.arange(len(features)) % 10, sha)
+    features, _ = frozen_classifier.classify(classifier, real, 1000, device)
+    return classifier, scorer.compute_reference(features, np.arange(len(features)) % 10, sha)
 
 
 def _scoring_child(device_type: str, n: int, queue: Any) -> None:
     """Samples/s of evaluation, in a fresh process: generation, classifier features, every metric."""
-    from pipeline import evaluate
-    from pipeline.models import Generator, generate
+    from pipeline.gan.dcgan import Generator
+    from pipeline.gan.sampling import generate
     from pipeline.params import EvaluateParams
+    from pipeline.stages import evaluate
 
     device = torch.device(device_type)
-    runtime.keep_freed_memory()  # as the evaluate stage does
+    machine.keep_freed_memory()  # as the evaluate stage does
     classifier, reference = scoring_inputs(device)
     params = EvaluateParams(n_samples=n, kid_subset_size=min(1000, n // 2))
     if device.type == "cuda":
@@ -457,7 +458,7 @@ def main() -> None:
     torch.set_num_threads(args.threads)
     threads = (torch.get_num_threads(), torch.get_num_interop_threads())
     # The allocator setting the pipeline's training makes for itself, made for both torch arms here.
-    allocator = "glibc heap kept (runtime.keep_freed_memory)" if runtime.keep_freed_memory() else "default"
+    allocator = "glibc heap kept (machine.keep_freed_memory)" if machine.keep_freed_memory() else "default"
     report: dict[str, Any] = {
         "levers": args.levers or "params.yaml defaults",
         "machine": {

@@ -14,14 +14,14 @@ from pipeline.errors import UserError
 
 # subcommand -> (module whose main() runs it, one-line help)
 STAGES: dict[str, tuple[str, str]] = {
-    "prepare": ("pipeline.prepare", "fetch, verify and decode MNIST into data/prepared/"),
-    "classifier": ("pipeline.classifier", "train the frozen MNIST classifier used for every score"),
-    "reference": ("pipeline.reference", "cache the real-data features and the real-vs-real score floors"),
-    "train": ("pipeline.train", "train the DCGAN; resumes from checkpoints/train.pt; logs to MLflow"),
-    "evaluate": ("pipeline.evaluate", "score the generator (or --samples FILE) with the frozen classifier"),
-    "sweep": ("pipeline.sweep", "Optuna search over params.yaml's sweep.space; each trial an MLflow child run"),
-    "generate": ("pipeline.generate", "draw samples from a trained generator (DVC output, an MLflow run or the registry)"),
-    "champion": ("pipeline.registry", "print the registry's champion generator: version, FID, training run"),
+    "prepare": ("pipeline.stages.prepare", "fetch, verify and decode MNIST into data/prepared/"),
+    "classifier": ("pipeline.stages.classifier", "train the frozen MNIST classifier used for every score"),
+    "reference": ("pipeline.stages.reference", "cache the real-data features and the real-vs-real score floors"),
+    "train": ("pipeline.stages.train", "train the DCGAN; resumes from checkpoints/train.pt; logs to MLflow"),
+    "evaluate": ("pipeline.stages.evaluate", "score the generator (or --samples FILE) with the frozen classifier"),
+    "sweep": ("pipeline.stages.sweep", "Optuna search over params.yaml's sweep.space; each trial an MLflow child run"),
+    "generate": ("pipeline.stages.generate", "draw samples from a trained generator (DVC output, an MLflow run or the registry)"),
+    "champion": ("pipeline.stages.champion", "print the registry's champion generator: version, FID, training run"),
 }
 
 
@@ -75,17 +75,17 @@ def build_parser() -> argparse.ArgumentParser:
 def run(args: argparse.Namespace) -> None:
     for option in ("output", "grid", "folder"):
         if getattr(args, option, None) is not None:
-            from pipeline.runtime import inside_project
+            from pipeline.files import inside_project
 
             inside_project(getattr(args, option), args.allow_outside)
     if args.command == "resend":
-        from pipeline.resend import resend
+        from pipeline.stages.resend import resend
 
         resend(args.params)
         return
     if args.command == "schema":
+        from pipeline.files import write_json
         from pipeline.params import json_schema
-        from pipeline.runtime import write_json
 
         if args.output:
             write_json(args.output, json_schema())
@@ -96,7 +96,7 @@ def run(args: argparse.Namespace) -> None:
         import torch
 
         from pipeline.data import class_names
-        from pipeline.models import build_discriminator, build_generator, summary
+        from pipeline.gan.dcgan import build_discriminator, build_generator, summary
         from pipeline.params import load_params
 
         params = load_params(args.params)
@@ -127,7 +127,7 @@ def main(argv: list[str] | None = None) -> int:
     except UserError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
-    except KeyboardInterrupt as exc:  # Ctrl-C; or a stop signal, whose runtime.Stopped brings its sentence and code
+    except KeyboardInterrupt as exc:  # Ctrl-C; or a stop signal, whose signals.Stopped brings its sentence and code
         if message := getattr(exc, "message", "interrupted"):
             print(message, file=sys.stderr)
         return int(getattr(exc, "exit_code", 130))
@@ -142,8 +142,8 @@ def main(argv: list[str] | None = None) -> int:
 
 def no_room_error(exc: BaseException) -> UserError | None:
     """The sentence for `exc` when a write in it found no room (a full disk, `ulimit -f`), else None."""
-    from pipeline import tracking
+    from pipeline.tracking import connection
 
     # The file is named in an OSError; what SQLite could not grow is MLflow's store (or a sweep's study).
-    uri = tracking.tracking_uri(tracking.project_root(Path.cwd(), os.environ), os.environ)
-    return tracking.store_out_of_room(exc, uri)
+    uri = connection.tracking_uri(connection.project_root(Path.cwd(), os.environ), os.environ)
+    return connection.store_out_of_room(exc, uri)

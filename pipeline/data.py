@@ -21,8 +21,8 @@ import numpy as np
 import torch
 
 from pipeline.errors import UserError
+from pipeline.files import atomic_path
 from pipeline.params import DataParams
-from pipeline.runtime import atomic_path
 
 IMAGE_SIZE = 28
 N_CLASSES = 10  # MNIST's and Fashion-MNIST's; your own data has as many as its class names

@@ -115,7 +115,7 @@ def launch(nproc: int, params_path: Path) -> None:
     from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
     from torch.distributed.launcher.api import LaunchConfig, elastic_launch
 
-    from pipeline.runtime import STOP_SIGNALS, Stopped
+    from pipeline.signals import STOP_SIGNALS, Stopped
 
     config = LaunchConfig(
         min_nodes=1,

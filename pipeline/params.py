@@ -111,7 +111,7 @@ class TrainParams(Section):
 
     steps: Annotated[PositiveInt, BUDGET] = 4000
     batch_size: Annotated[BatchSize, RECIPE] = 32
-    loss: Annotated[Literal["bce", "hinge"], RECIPE] = "bce"  # a name in pipeline/losses.py: bce = the tutorial's
+    loss: Annotated[Literal["bce", "hinge"], RECIPE] = "bce"  # a name in pipeline/gan/losses.py: bce = the tutorial's
     seed: Annotated[Seed, RECIPE] = 0
     lr_d: Annotated[LearningRate, OPTIMISER] = 2e-4
     lr_g: Annotated[LearningRate, OPTIMISER] = 2e-4

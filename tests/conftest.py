@@ -22,18 +22,13 @@ import yaml
 from filelock import FileLock
 from PIL import Image
 
-from pipeline import data, runtime, tracking
+from pipeline import data, files
 from pipeline.data import Dataset, IdxFile, load_prepared, save_prepared
-from pipeline.models import Classifier, build_generator
+from pipeline.gan.dcgan import build_generator
 from pipeline.params import ModelParams
-from pipeline.scoring import (
-    classify,
-    compute_reference,
-    load_classifier,
-    load_reference,
-    save_classifier,
-    save_reference,
-)
+from pipeline.scoring.frozen_classifier import Classifier, classify, load_classifier, save_classifier
+from pipeline.scoring.scorer import compute_reference, load_reference, save_reference
+from pipeline.tracking import connection
 from tests.servers import MlflowServer, free_port  # noqa: F401 - shared with the test modules
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -181,7 +176,7 @@ def make_eval_project(path: Path) -> Path:
     save_classifier(Classifier(16), path / "models/classifier-mnist.pt")
     write_reference(path, synthetic_mnist(n_train=128), feature_dim=16)
     generator = build_generator(ModelParams(**SMALL_MODEL))
-    runtime.save_checkpoint({"generator": generator.state_dict()}, path / "models/generator.pt")
+    files.save_checkpoint({"generator": generator.state_dict()}, path / "models/generator.pt")
     return path
 
 
@@ -202,7 +197,7 @@ def tracking_db(tmp_path_factory: pytest.TempPathFactory) -> Path:
     in the middle of it, four writers racing on it) start without one.
     """
     where = tmp_path_factory.mktemp("tracking-db")
-    tracking._create_database(where, where / "mlflow.db")
+    connection._create_database(where, where / "mlflow.db")
     return where / "mlflow.db"
 
 
@@ -298,7 +293,7 @@ def assert_outputs_complete(project: Path, temps_allowed: bool) -> None:
             if not path.is_file() or path.name.startswith("."):
                 continue
             if path.suffix == ".pt" and not path.name.startswith("classifier-"):
-                runtime.load_checkpoint(path)
+                files.load_checkpoint(path)
             elif path.suffix == ".png":
                 with Image.open(path) as image:
                     image.load()
@@ -319,7 +314,7 @@ def assert_outputs_complete(project: Path, temps_allowed: bool) -> None:
 def snapshot(project: Path) -> dict[str, str]:
     """SHA-256 of every file in the project except the tracking store."""
     return {
-        str(p.relative_to(project)): runtime.sha256_file(p)
+        str(p.relative_to(project)): files.sha256_file(p)
         for p in sorted(project.rglob("*"))
         if p.is_file() and p.relative_to(project).parts[0] not in TRACKING_FILES
     }

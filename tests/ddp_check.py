@@ -15,9 +15,9 @@ import torch
 import torch.distributed as dist
 
 from pipeline import data, distributed
-from pipeline.losses import BCE
+from pipeline.gan.loop import distribute, new_state, train_step
+from pipeline.gan.losses import BCE
 from pipeline.params import ModelParams, TrainParams
-from pipeline.train import distribute, new_state, train_step
 from tests.conftest import SMALL_MODEL, synthetic_mnist
 
 STEPS = 6

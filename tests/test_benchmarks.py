@@ -15,7 +15,8 @@ import pytest
 import torch
 
 from benchmarks import peak_flops
-from pipeline import data, runtime, scoring
+from pipeline import data, machine
+from pipeline.scoring import frozen_classifier, scorer
 from tests.conftest import ROOT, synthetic_mnist
 
 
@@ -37,11 +38,11 @@ def bench_project(tmp_path: Path) -> Path:
 
 def save_reference(project: Path) -> None:
     """The reference the FIDs are computed against, made from the synthetic test images."""
-    classifier, sha = scoring.load_classifier(project / "models/classifier-mnist.pt", 128, torch.device("cpu"))
+    classifier, sha = frozen_classifier.load_classifier(project / "models/classifier-mnist.pt", 128, torch.device("cpu"))
     mnist = data.load_prepared(project / "data/prepared/mnist.npz")
-    features, _ = scoring.classify(classifier, mnist.test_images, 100, torch.device("cpu"))
-    reference = scoring.compute_reference(features, mnist.test_labels, sha)
-    scoring.save_reference(reference, project / "data/reference/mnist.npz")
+    features, _ = frozen_classifier.classify(classifier, mnist.test_images, 100, torch.device("cpu"))
+    reference = scorer.compute_reference(features, mnist.test_labels, sha)
+    scorer.save_reference(reference, project / "data/reference/mnist.npz")
 
 
 def quick_throughput(project: Path, device: str) -> tuple[dict[str, Any], str]:
@@ -160,7 +161,7 @@ def test_step_flops_are_the_tutorials_model_math_counted_by_hand() -> None:
 def test_train_throughput_quick_mode_on_cuda(bench_project: Path) -> None:
     report, _ = quick_throughput(bench_project, "cuda")
     assert [row["device"] for row in report["training"]] == ["cuda"]
-    assert report["training"][0]["precision"] == runtime.resolve_precision("auto", torch.device("cuda"))
+    assert report["training"][0]["precision"] == machine.resolve_precision("auto", torch.device("cuda"))
     assert report["machine"]["cuda"] and report["scoring"][0]["device"] == "cuda"
 
 

@@ -10,11 +10,11 @@ import pytest
 import torch
 import yaml
 
-from pipeline.classifier import random_shift, train_classifier
 from pipeline.data import Dataset, save_prepared
+from pipeline.files import sha256_file
 from pipeline.params import ClassifierParams
-from pipeline.runtime import sha256_file
-from pipeline.scoring import load_classifier
+from pipeline.scoring.frozen_classifier import load_classifier
+from pipeline.stages.classifier import random_shift, train_classifier
 from tests.conftest import run_cli, synthetic_mnist
 
 CPU = torch.device("cpu")

@@ -21,12 +21,13 @@ import torch
 import yaml
 from PIL import Image
 
-from pipeline import data, runtime
+from pipeline import data, files, machine
 from pipeline.data import save_prepared
 from pipeline.errors import UserError
-from pipeline.evaluate import load_samples
+from pipeline.gan.loop import new_state
+from pipeline.gan.resume import checkpoint_fingerprint
 from pipeline.params import load_params
-from pipeline.train import checkpoint_fingerprint, new_state
+from pipeline.stages.evaluate import load_samples
 from tests.conftest import (
     CPU,
     ROOT,
@@ -54,11 +55,11 @@ def with_footer(body: bytes) -> bytes:
 def good_checkpoint(project: Path) -> tuple[Path, str]:
     """A real resume checkpoint for the project's params and data, and its fingerprint."""
     params = load_params(project / "params.yaml")
-    data_hash = runtime.sha256_file(project / "data/prepared/mnist.npz")
-    precision = runtime.resolve_precision(params.train.precision, runtime.pick_device(params.train.device))
+    data_hash = files.sha256_file(project / "data/prepared/mnist.npz")
+    precision = machine.resolve_precision(params.train.precision, machine.pick_device(params.train.device))
     fingerprint = checkpoint_fingerprint(params, data_hash, precision)
     path = project / "checkpoints/train.pt"
-    runtime.save_checkpoint(new_state(params.model, params.train, CPU).to_checkpoint(fingerprint), path)
+    files.save_checkpoint(new_state(params.model, params.train, CPU).to_checkpoint(fingerprint), path)
     return path, fingerprint
 
 
@@ -80,7 +81,7 @@ def test_train_refuses_a_damaged_or_hostile_checkpoint(tmp_path: Path, damage: s
         torch.save({"fingerprint": fingerprint, "step": 1, "run_id": Payload(marker)}, buffer)
         blob = bytearray(with_footer(buffer.getvalue()))
     else:
-        runtime.save_checkpoint({"fingerprint": fingerprint, "step": 2, "generator": {"x": torch.zeros(1)}}, path)
+        files.save_checkpoint({"fingerprint": fingerprint, "step": 2, "generator": {"x": torch.zeros(1)}}, path)
         blob = bytearray(path.read_bytes())
     path.write_bytes(bytes(blob))
     before = snapshot(project)
@@ -246,7 +247,7 @@ def test_samples_loader_refuses_hostile_and_odd_files(tmp_path: Path, make, says
 def calls(name: str) -> list[tuple[Path, ast.Call]]:
     """Every call of `...name(...)` in the package's source."""
     found = []
-    for path in sorted((ROOT / "pipeline").glob("*.py")):
+    for path in sorted((ROOT / "pipeline").rglob("*.py")):
         for node in ast.walk(ast.parse(path.read_text())):
             if isinstance(node, ast.Call):
                 func = node.func
@@ -274,7 +275,7 @@ def test_every_load_of_weights_or_arrays_refuses_pickled_code() -> None:
         assert ast.unparse(call.func) != "pickle.load", f"{path.name}:{call.lineno}"
         if ast.unparse(call.func) == "yaml.load":  # only with a SafeLoader (a subclass may add checks)
             loader = {k.arg: k.value for k in call.keywords}.get("Loader")
-            module = importlib.import_module(f"pipeline.{path.stem}")
+            module = importlib.import_module(".".join(path.relative_to(ROOT).with_suffix("").parts))
             name = ast.unparse(loader) if loader is not None else "Loader missing"
             found = getattr(yaml, name[5:]) if name.startswith("yaml.") else getattr(module, name, None)
             assert isinstance(found, type) and issubclass(found, yaml.SafeLoader), f"{path.name}:{call.lineno}"
@@ -286,11 +287,11 @@ def test_output_paths_stay_inside_the_project(tmp_path: Path, monkeypatch: pytes
     (project / "escape").symlink_to(tmp_path, target_is_directory=True)
     monkeypatch.chdir(project)
     for fine in ("r.json", "sub/r.json", "sub/../r.json", str(project / "r.json")):
-        assert runtime.inside_project(Path(fine)) == Path(fine)
+        assert files.inside_project(Path(fine)) == Path(fine)
     for outside in ("../r.json", "sub/../../r.json", str(tmp_path / "r.json"), "/etc/passwd", "escape/r.json"):
         with pytest.raises(UserError, match=r"is outside the project .*; pass --allow-outside to write there anyway"):
-            runtime.inside_project(Path(outside))
-        assert runtime.inside_project(Path(outside), allow_outside=True) == Path(outside)
+            files.inside_project(Path(outside))
+        assert files.inside_project(Path(outside), allow_outside=True) == Path(outside)
 
 
 @pytest.mark.slow

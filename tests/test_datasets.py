@@ -14,8 +14,8 @@ import yaml
 
 from pipeline import data
 from pipeline.errors import UserError
-from pipeline.metrics import fid
-from pipeline.scoring import classify, load_classifier
+from pipeline.scoring.frozen_classifier import classify, load_classifier
+from pipeline.scoring.metrics import fid
 from tests.conftest import ROOT, assert_refused, dvc_repo, run_cli, run_dvc, shared_dataset_dir, stage_env
 
 FASHION_CLASSIFIER = ROOT / "models/classifier-fashion-mnist.pt"

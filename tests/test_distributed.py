@@ -21,7 +21,7 @@ import pytest
 import torch
 import yaml
 
-from pipeline import cli, runtime
+from pipeline import cli, files
 from tests.conftest import (
     ROOT,
     SMALL_MODEL,
@@ -54,7 +54,7 @@ def torchrun(project: Path, nproc: int = 2, *rdzv: str, timeout: float = 600) ->
 
 
 def generator(project: Path) -> dict[str, torch.Tensor]:
-    return runtime.load_checkpoint(project / "models/generator.pt")["generator"]
+    return files.load_checkpoint(project / "models/generator.pt")["generator"]
 
 
 def assert_same_weights(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> None:
@@ -90,7 +90,7 @@ def test_two_processes_train_one_model_into_one_run_and_one_set_of_files(two_pro
         f"step_{s:06d}.png" for s in range(8, STEPS + 1, 8)
     ]
     assert len((two_processes / "metrics/train_log.csv").read_text().splitlines()) == 1 + STEPS
-    ckpt = runtime.load_checkpoint(two_processes / "checkpoints/train.pt")
+    ckpt = files.load_checkpoint(two_processes / "checkpoints/train.pt")
     assert ckpt["world_size"] == 2 and len(ckpt["rng_ranks"]) == 1  # rank 1's random state too
     assert not torch.equal(ckpt["rng_cpu"], ckpt["rng_ranks"][0]["cpu"])  # a stream of its own
 
@@ -151,7 +151,7 @@ def test_a_killed_rank_stops_the_job_which_then_resumes_bit_identically(
     ckpt = project / "checkpoints/train.pt"
     deadline = time.monotonic() + 300
     while job.poll() is None and time.monotonic() < deadline:
-        if ckpt.exists() and runtime.load_checkpoint(ckpt)["step"] >= 8:
+        if ckpt.exists() and files.load_checkpoint(ckpt)["step"] >= 8:
             break
         time.sleep(0.02)
     victim = worker(job, 1)
@@ -160,9 +160,9 @@ def test_a_killed_rank_stops_the_job_which_then_resumes_bit_identically(
     started = time.monotonic()
     assert job.wait(timeout=120) != 0  # torchrun stops the whole job
     assert time.monotonic() - started < 60
-    killed_at = runtime.load_checkpoint(ckpt)["step"]
+    killed_at = files.load_checkpoint(ckpt)["step"]
     assert killed_at < STEPS and not (project / "models/generator.pt").exists()
-    run_id = runtime.load_checkpoint(ckpt)["run_id"]
+    run_id = files.load_checkpoint(ckpt)["run_id"]
 
     # Another world size is refused, with one sentence, and the checkpoint is kept.
     before = ckpt.read_bytes()
@@ -174,7 +174,7 @@ def test_a_killed_rank_stops_the_job_which_then_resumes_bit_identically(
     assert result.returncode == 0, result.stderr[-3000:]
     assert f"resuming from checkpoints/train.pt at step {killed_at}" in result.stdout
     assert_same_weights(generator(project), generator(two_processes))
-    assert runtime.read_json(project / "models/train_run.json")["run_id"] == run_id  # the same MLflow run
+    assert files.read_json(project / "models/train_run.json")["run_id"] == run_id  # the same MLflow run
     assert [r.info.status for r in runs(project)] == ["FINISHED"]
 
 
@@ -229,9 +229,9 @@ def test_ranks_stay_in_sync_on_cuda_with_nccl_and_syncbatchnorm(tmp_path: Path) 
 def test_the_step_calls_d_once_per_backward_and_g_through_the_frozen_module() -> None:
     """A second DDP forward of D before the first one's backward re-broadcasts batch-norm buffers in
     place (the known DDP pitfall for GANs): each D forward through the wrapper has its own backward."""
-    from pipeline.losses import BCE
+    from pipeline.gan.loop import Nets, new_state, train_step
+    from pipeline.gan.losses import BCE
     from pipeline.params import ModelParams, TrainParams
-    from pipeline.train import Nets, new_state, train_step
 
     events: list[str] = []
 

@@ -11,7 +11,8 @@ import pytest
 import torch
 import yaml
 
-from pipeline.models import generate, load_generator
+from pipeline.gan.export import load_generator
+from pipeline.gan.sampling import generate
 from pipeline.params import load_params
 from tests.conftest import dvc_repo, run_cli, run_dvc, shared_mnist_dir
 

@@ -7,7 +7,7 @@ import pytest
 from PIL import Image
 
 from pipeline.errors import UserError
-from pipeline.evaluate import load_samples
+from pipeline.stages.evaluate import load_samples
 
 
 def test_uint8_npy(tmp_path: Path) -> None:

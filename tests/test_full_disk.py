@@ -16,7 +16,7 @@ import pytest
 import torch
 import yaml
 
-from pipeline import cli, runtime
+from pipeline import cli, files
 from pipeline.errors import UserError
 from tests.conftest import (
     ROOT,
@@ -75,7 +75,7 @@ def run_status(project: Path) -> str:
 
 
 def weights(path: Path) -> dict[str, torch.Tensor]:
-    return runtime.load_checkpoint(path)["generator"]
+    return files.load_checkpoint(path)["generator"]
 
 
 # --- the one place: atomic writes ------------------------------------------------------------
@@ -83,10 +83,10 @@ def weights(path: Path) -> dict[str, torch.Tensor]:
 
 def test_enospc_at_a_write_is_one_sentence_naming_the_file_and_the_old_file_stays(tmp_path: Path) -> None:
     path = tmp_path / "metrics" / "eval.json"
-    runtime.write_json(path, {"fid": 1.0})
+    files.write_json(path, {"fid": 1.0})
     before = path.read_bytes()
     with pytest.raises(UserError) as info:
-        with runtime.atomic_open(path) as fh:
+        with files.atomic_open(path) as fh:
             fh.write('{"fid": ')
             raise no_space()
     message = str(info.value)
@@ -99,7 +99,7 @@ def test_enospc_at_a_write_is_one_sentence_naming_the_file_and_the_old_file_stay
 def test_enospc_inside_torch_save_is_the_same_sentence(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     """torch.save into a file wraps the OSError in a RuntimeError; the sentence looks through it."""
     path = tmp_path / "train.pt"
-    runtime.save_checkpoint({"step": 1}, path)
+    files.save_checkpoint({"step": 1}, path)
 
     def full(self: Path, data: bytes) -> int:
         try:
@@ -109,26 +109,26 @@ def test_enospc_inside_torch_save_is_the_same_sentence(tmp_path: Path, monkeypat
 
     monkeypatch.setattr(Path, "write_bytes", full)
     with pytest.raises(UserError, match=r"cannot write .*train\.pt: no space left"):
-        runtime.save_checkpoint({"step": 2}, path)
+        files.save_checkpoint({"step": 2}, path)
     monkeypatch.undo()
-    assert runtime.load_checkpoint(path)["step"] == 1
+    assert files.load_checkpoint(path)["step"] == 1
     assert list(tmp_path.glob(".*.tmp")) == []
 
 
 def test_a_full_disk_at_the_third_output_leaves_all_three_old(tmp_path: Path) -> None:
     paths = [tmp_path / "plots" / "eval_samples.png", tmp_path / "plots" / "eval_classes.csv", tmp_path / "eval.json"]
     for path in paths:
-        runtime.write_json(path, {"old": path.name})
-    with pytest.raises(UserError, match="eval.json"), runtime.atomic_files():
-        runtime.write_json(paths[0], {"new": 1})
-        runtime.write_json(paths[1], {"new": 2})
-        with runtime.atomic_open(paths[2]) as fh:
+        files.write_json(path, {"old": path.name})
+    with pytest.raises(UserError, match="eval.json"), files.atomic_files():
+        files.write_json(paths[0], {"new": 1})
+        files.write_json(paths[1], {"new": 2})
+        with files.atomic_open(paths[2]) as fh:
             raise no_space()
     assert [json.loads(p.read_text()) for p in paths] == [{"old": p.name} for p in paths]
     assert list(tmp_path.rglob(".*.tmp")) == []
-    with runtime.atomic_files():  # and with room, all appear together at the end
+    with files.atomic_files():  # and with room, all appear together at the end
         for i, path in enumerate(paths):
-            runtime.write_json(path, {"new": i})
+            files.write_json(path, {"new": i})
         assert json.loads(paths[0].read_text()) == {"old": paths[0].name}
     assert [json.loads(p.read_text()) for p in paths] == [{"new": i} for i in range(3)]
 
@@ -170,7 +170,7 @@ def test_train_failing_at_its_checkpoint_keeps_the_last_one_and_resumes_bit_iden
     error = assert_refused(result, "checkpoints/train.pt", "the file-size limit was reached", "free on its filesystem")
     assert "ulimit -f limits files to 2.4 MiB" in error
     assert (project / "checkpoints/train.pt").read_bytes() == checkpoint
-    assert runtime.load_checkpoint(project / "checkpoints/train.pt")["step"] == 6
+    assert files.load_checkpoint(project / "checkpoints/train.pt")["step"] == 6
     assert temp_files(project) == []
     assert_outputs_complete(project, temps_allowed=False)
     assert run_status(project) == "FAILED"

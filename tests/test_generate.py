@@ -10,8 +10,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from pipeline import runtime
-from pipeline.models import build_discriminator
+from pipeline import files
+from pipeline.gan.dcgan import build_discriminator
 from pipeline.params import ModelParams
 from tests.conftest import SMALL_MODEL, assert_refused, make_eval_project, run_cli, stage_env
 
@@ -34,7 +34,7 @@ def test_every_source_gives_the_samples_that_evaluate_scored(finished_project: P
     assert json.loads((project / "dvc.eval.json").read_text())["fid"] == stage["fid"]
 
     # The same generator through MLflow, by its training run.
-    run_id = runtime.read_json(project / "models/train_run.json")["run_id"]
+    run_id = files.read_json(project / "models/train_run.json")["run_id"]
     assert np.array_equal(generate("run", "--run", run_id), dvc)
     # The registry's champion is the run that `champion` names.
     shown = run_cli(["champion"], cwd=project, env=env)
@@ -59,7 +59,7 @@ def test_a_missing_or_foreign_model_is_one_sentence(tmp_path: Path) -> None:
     assert_refused(run_cli(["generate", "--model", "models:/nothing@champion"], cwd=project, env=env),
                    "MLflow has no model models:/nothing@champion")  # fmt: skip
     discriminator = build_discriminator(ModelParams(**SMALL_MODEL)).state_dict()
-    runtime.save_checkpoint({"generator": discriminator}, project / "models/generator.pt")
+    files.save_checkpoint({"generator": discriminator}, project / "models/generator.pt")
     assert_refused(run_cli(["generate"], cwd=project, env=env), "models/generator.pt does not match the model section")
     assert_refused(run_cli(["generate", "-n", "0"], cwd=project, env=env), "-n must be at least 1")
     assert not (project / "generated.png").exists()

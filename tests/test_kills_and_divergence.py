@@ -27,10 +27,10 @@ import torch
 import yaml
 from PIL import Image
 
-from pipeline import runtime
+from pipeline import files
 from pipeline.data import load_prepared
+from pipeline.gan.loop import Callbacks, new_state, train
 from pipeline.params import Params, TrainParams
-from pipeline.train import Callbacks, new_state, train
 from tests.conftest import (
     CPU,
     ROOT,
@@ -93,7 +93,7 @@ def kill_when(proc: subprocess.Popen[bytes], ready: Callable[[], bool], timeout:
 
 
 def kill_mid_write(proc: subprocess.Popen[bytes], folder: Path, pattern: str, timeout: float = 300) -> bool:
-    """SIGKILL the stage while runtime.atomic_path has a temp file matching `pattern` open in `folder`.
+    """SIGKILL the stage while files.atomic_path has a temp file matching `pattern` open in `folder`.
 
     The stage is frozen (SIGSTOP) the moment a new temp file shows up and killed only if the
     file is still there, so a True result means the kill really landed inside a write.
@@ -153,7 +153,7 @@ def test_prepare_killed_at_random_moments_and_mid_write(tmp_path: Path) -> None:
     started = time.monotonic()
     assert run_cli(["prepare"], cwd=reference, env=env).returncode == 0
     duration = time.monotonic() - started
-    want = {out: runtime.sha256_file(reference / out) for out in ("data/prepared/mnist.npz", "metrics/data.json")}
+    want = {out: files.sha256_file(reference / out) for out in ("data/prepared/mnist.npz", "metrics/data.json")}
 
     project = tmp_path / "p"
     project.mkdir()
@@ -172,13 +172,13 @@ def test_prepare_killed_at_random_moments_and_mid_write(tmp_path: Path) -> None:
             injected.append(how)
         # Whatever moment it died at: each output is absent, or whole and exactly right.
         for out, sha in want.items():
-            assert not (project / out).exists() or runtime.sha256_file(project / out) == sha, out
+            assert not (project / out).exists() or files.sha256_file(project / out) == sha, out
         assert_outputs_complete(project, temps_allowed=True)
     assert injected.count("mid-write") == 2, injected
 
     result = run_cli(["prepare"], cwd=project, env=env)
     assert result.returncode == 0, result.stderr
-    assert {out: runtime.sha256_file(project / out) for out in want} == want
+    assert {out: files.sha256_file(project / out) for out in want} == want
     assert_outputs_complete(project, temps_allowed=False)
     print(f"prepare: {len(injected)} kills injected ({injected}), outputs exact afterwards")
 
@@ -229,7 +229,7 @@ def test_train_killed_at_random_steps_and_mid_write_resumes_bit_identically(tmp_
         injected.append(how)
         assert_outputs_complete(project, temps_allowed=True)
         if ckpt.exists():  # the checkpoint is a good one: its history is the uninterrupted run's
-            state = runtime.load_checkpoint(ckpt)
+            state = files.load_checkpoint(ckpt)
             saved = [tuple(row) for row in state["history"].tolist()]
             assert saved == [tuple(map(float, row)) for row in history[: state["step"]]]
 
@@ -239,7 +239,7 @@ def test_train_killed_at_random_steps_and_mid_write_resumes_bit_identically(tmp_
     assert_outputs_complete(project, temps_allowed=False)
 
     # Bit-identical to the run that was never killed: weights, per-step log, sample grids.
-    final = runtime.load_checkpoint(project / "models/generator.pt")["generator"]
+    final = files.load_checkpoint(project / "models/generator.pt")["generator"]
     assert final.keys() == weights.keys() and all(torch.equal(final[k], weights[k]) for k in weights)
     rows = [line.split(",") for line in (project / "metrics/train_log.csv").read_text().splitlines()[1:]]
     assert [(int(s), *(float(np.float32(v)) for v in vals)) for s, *vals in rows] == history
@@ -336,7 +336,7 @@ def test_divergence_stops_cleanly_and_keeps_the_last_good_checkpoint(tmp_path: P
     step = int(error.split("step ")[1].split(":")[0])
     assert re.search(r"D loss [-+.\w]+, G loss [-+.\w]+", error)  # the losses are named
 
-    ckpt = runtime.load_checkpoint(project / "checkpoints/train.pt")
+    ckpt = files.load_checkpoint(project / "checkpoints/train.pt")
     assert 0 < ckpt["step"] < step  # the last good one, never the diverged state
     assert all(torch.isfinite(t).all() for t in ckpt["generator"].values() if t.is_floating_point())
     assert not (project / "models/generator.pt").exists() and not (project / "metrics/train.json").exists()

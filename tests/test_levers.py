@@ -11,12 +11,14 @@ import pytest
 import torch
 import yaml
 
-from pipeline import runtime, scoring
+from pipeline import files
 from pipeline.errors import UserError
-from pipeline.losses import HINGE
-from pipeline.models import build_discriminator, build_generator, count_parameters, generate, requested_labels
+from pipeline.gan.dcgan import build_discriminator, build_generator, count_parameters
+from pipeline.gan.loop import new_state, train
+from pipeline.gan.losses import HINGE
+from pipeline.gan.sampling import generate, requested_labels
 from pipeline.params import ModelParams, TrainParams, load_params
-from pipeline.train import new_state, train
+from pipeline.scoring import scorer
 from tests.conftest import CPU, SMALL_MODEL, TINY_TRAIN, make_eval_project, run_cli, stage_env, synthetic_mnist
 
 MNIST = synthetic_mnist(n_train=64)
@@ -77,10 +79,10 @@ def test_lever_runs_resume_bit_identically(tmp_path: Path, model: dict, train_pa
     p = TrainParams(**{**TINY_TRAIN, **train_params, "steps": 3})
     first = new_state(m, p, CPU)
     train(first, IMAGES, p, m.latent_dim, labels=LABELS)
-    runtime.save_checkpoint(first.to_checkpoint("fp"), saved)
+    files.save_checkpoint(first.to_checkpoint("fp"), saved)
     resumed = new_state(m, p, CPU)
     torch.manual_seed(12345)  # a different RNG state must be overwritten by the checkpoint's
-    resumed.restore(runtime.load_checkpoint(saved))
+    resumed.restore(files.load_checkpoint(saved))
     a, b = run(6, model, resumed, **train_params), run(6, model, **train_params)
     wa, wb = everything(a), everything(b)
     assert wa.keys() == wb.keys() and len(wa) > 0
@@ -155,20 +157,20 @@ def test_conditional_scores_per_class_and_the_asked_for_label() -> None:
     d, n_real = 4, 400
     real_labels = np.repeat([0, 1], n_real // 2)
     real = rng.normal(size=(n_real, d)).astype(np.float32) + real_labels[:, None] * 3
-    ref = scoring.compute_reference(real, real_labels, "sha", n_classes=2)
+    ref = scorer.compute_reference(real, real_labels, "sha", n_classes=2)
     asked = np.repeat([0, 1], 100)
     fake = rng.normal(size=(200, d)).astype(np.float32) + asked[:, None] * 3
     probs = np.zeros((200, 2))
     probs[np.arange(200), asked] = 1.0
     probs[:20] = [0.0, 1.0]  # the classifier puts 20 samples asked for class 0 in class 1
-    out = scoring.conditional_scores(fake, probs, asked, ref, real_labels)
+    out = scorer.conditional_scores(fake, probs, asked, ref, real_labels)
     assert out["label_accuracy"] == pytest.approx(0.9)
     assert len(out["fid_per_class"]) == 2 and all(0 <= f < 1 for f in out["fid_per_class"])
     assert out["fid_class_mean"] == pytest.approx(np.mean(out["fid_per_class"]))
-    few = scoring.conditional_scores(fake[:105], probs[:105], asked[:105], ref, real_labels)
+    few = scorer.conditional_scores(fake[:105], probs[:105], asked[:105], ref, real_labels)
     assert few["fid_per_class"][1] is None and "fid_class_mean" not in few  # 5 samples of class 1: too few for 4-D
     with pytest.raises(UserError, match="the reference holds 400 images, the test split 3"):
-        scoring.conditional_scores(fake, probs, asked, ref, real_labels[:3])
+        scorer.conditional_scores(fake, probs, asked, ref, real_labels[:3])
 
 
 @pytest.mark.slow
@@ -187,7 +189,7 @@ def test_a_conditional_ema_run_from_params_to_scores_and_samples(tmp_path: Path)
     for stage in ("train", "evaluate"):
         result = run_cli([stage], cwd=project, env=env)
         assert result.returncode == 0, result.stderr[-3000:]
-    saved = runtime.load_checkpoint(project / "models/generator.pt")
+    saved = files.load_checkpoint(project / "models/generator.pt")
     assert {"generator", "generator_raw"} <= saved.keys() and "embed.weight" in saved["generator"]
     scores = json.loads((project / "metrics/eval.json").read_text())
     assert 0.0 <= scores["label_accuracy"] <= 1.0

@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from pipeline.errors import UserError
-from pipeline.losses import BCE, LOSSES
+from pipeline.gan.losses import BCE, LOSSES
 from pipeline.params import TrainParams, load_params
 
 

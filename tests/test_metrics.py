@@ -1,4 +1,4 @@
-"""Tests for pipeline.metrics: closed forms, independent implementations, input checks."""
+"""Tests for pipeline.scoring.metrics: closed forms, independent implementations, input checks."""
 
 from __future__ import annotations
 
@@ -12,8 +12,8 @@ import scipy.linalg
 import scipy.spatial.distance
 import torch
 
-from pipeline import metrics
-from pipeline.metrics import (
+from pipeline.scoring import metrics
+from pipeline.scoring.metrics import (
     MetricInputError,
     class_report,
     feature_stats,

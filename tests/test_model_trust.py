@@ -18,9 +18,10 @@ import pytest
 import torch
 import yaml
 
-from pipeline import runtime, tracking
-from pipeline.models import build_generator
+from pipeline import files
+from pipeline.gan.dcgan import build_generator
 from pipeline.params import ModelParams, flatten, load_params
+from pipeline.tracking import logged_model
 from tests.conftest import (
     SMALL_MODEL,
     MlflowServer,
@@ -56,7 +57,7 @@ def trained(path: Path, steps: int = 4) -> tuple[Path, str]:
     set_steps(project, steps)
     stage(project, "train")
     stage(project, "evaluate")
-    return project, runtime.read_json(project / "models/train_run.json")["run_id"]
+    return project, files.read_json(project / "models/train_run.json")["run_id"]
 
 
 def draw(project: Path, name: str, *source: str, env: dict[str, str] | None = None) -> np.ndarray:
@@ -81,7 +82,7 @@ def model_dir(model: Any) -> Path:
 
 
 def tensors_of(path: Path) -> str:
-    return tracking.tensors_sha256(runtime.load_checkpoint(path)["generator"])
+    return logged_model.tensors_sha256(files.load_checkpoint(path)["generator"])
 
 
 # --- ways to tamper with a logged model: each gets the marker file a loader that unpickles would create
@@ -110,18 +111,18 @@ def poison_sample_inputs(folder: Path, marker: Path) -> None:
 
 def pickle_weights(folder: Path, marker: Path) -> None:
     """The weights file itself becomes a pickle that runs code."""
-    (folder / tracking.WEIGHTS_PATH).write_bytes(pickle.dumps(Payload(marker)))
+    (folder / logged_model.WEIGHTS_PATH).write_bytes(pickle.dumps(Payload(marker)))
 
 
 def other_weights(folder: Path, marker: Path) -> None:
     """The weights file becomes a valid checkpoint of other weights (no code: another generator)."""
     torch.manual_seed(123)
     generator = build_generator(ModelParams(**SMALL_MODEL), n_classes=0)
-    runtime.save_checkpoint({"generator": generator.state_dict(), "architecture": {}}, folder / tracking.WEIGHTS_PATH)
+    files.save_checkpoint({"generator": generator.state_dict(), "architecture": {}}, folder / logged_model.WEIGHTS_PATH)
 
 
 def delete_weights(folder: Path, marker: Path) -> None:
-    (folder / tracking.WEIGHTS_PATH).unlink()
+    (folder / logged_model.WEIGHTS_PATH).unlink()
 
 
 def test_a_tampered_mlflow_model_runs_no_code_and_tampered_weights_are_refused(tmp_path: Path) -> None:
@@ -154,9 +155,9 @@ def test_a_tampered_mlflow_model_runs_no_code_and_tampered_weights_are_refused(t
             assert np.array_equal(np.load(project / "t.npy"), local), (how.__name__, source[0])
 
     # The weights file beside the model, its SHA-256 recorded at log time and copied onto the version.
-    assert model.tags[tracking.ARTIFACT_SHA_TAG] == runtime.sha256_file(pristine / tracking.WEIGHTS_PATH)
+    assert model.tags[logged_model.ARTIFACT_SHA_TAG] == files.sha256_file(pristine / logged_model.WEIGHTS_PATH)
     version = client(project).get_model_version_by_alias(NAME, "champion")
-    assert version.tags[tracking.ARTIFACT_SHA_TAG] == model.tags[tracking.ARTIFACT_SHA_TAG]
+    assert version.tags[logged_model.ARTIFACT_SHA_TAG] == model.tags[logged_model.ARTIFACT_SHA_TAG]
 
     # The weights file fails its recorded SHA-256: refused before torch reads a byte of it.
     for how in (pickle_weights, other_weights):
@@ -181,12 +182,12 @@ def test_through_a_tracking_server_the_weights_file_is_checked_too(tmp_path: Pat
     env = {**stage_env(project), "MLFLOW_TRACKING_URI": mlflow_server.uri}
     stage(project, "train", env=env)
     stage(project, "evaluate", env=env)
-    run_id = runtime.read_json(project / "models/train_run.json")["run_id"]
+    run_id = files.read_json(project / "models/train_run.json")["run_id"]
     local = draw(project, "local", env=env)
     assert np.array_equal(draw(project, "run", "--run", run_id, env=env), local)
     assert np.array_equal(draw(project, "champion", "--model", CHAMPION, env=env), local)
 
-    (weights,) = (mlflow_server.root / "artifacts").rglob(tracking.WEIGHTS_FILE)
+    (weights,) = (mlflow_server.root / "artifacts").rglob(logged_model.WEIGHTS_FILE)
     marker = tmp_path / "marker"
     weights.write_bytes(pickle.dumps(Payload(marker)))
     assert_refused(run_cli(["generate", "--run", run_id], cwd=project, env=env),
@@ -202,7 +203,7 @@ def test_a_model_logged_without_a_weights_file_is_refused_until_resend_adds_one(
     project, run_id = trained(tmp_path / "p")
     (model,) = models_of(project, run_id)
     mlflow = client(project)
-    for tag in (tracking.ARTIFACT_SHA_TAG, tracking.TENSORS_SHA_TAG):  # as older code logged and registered it
+    for tag in (logged_model.ARTIFACT_SHA_TAG, logged_model.TENSORS_SHA_TAG):  # as older code logged and registered it
         mlflow.delete_logged_model_tag(model.model_id, tag)
         mlflow.delete_model_version_tag(NAME, "1", tag)
     shutil.rmtree(model_dir(model) / "extra_files")
@@ -238,8 +239,8 @@ def test_an_extended_run_registers_the_weights_it_was_scored_on(tmp_path: Path) 
     for number, pixels, tensors, model in ((1, first, first_tensors, old), (2, second, second_tensors, new)):
         version = mlflow.get_model_version(NAME, str(number))
         assert version.run_id == run_id and version.source == f"models:/{model.model_id}"
-        assert version.tags[tracking.TENSORS_SHA_TAG] == tensors
-        assert version.tags[tracking.ARTIFACT_SHA_TAG] == model.tags[tracking.ARTIFACT_SHA_TAG]
+        assert version.tags[logged_model.TENSORS_SHA_TAG] == tensors
+        assert version.tags[logged_model.ARTIFACT_SHA_TAG] == model.tags[logged_model.ARTIFACT_SHA_TAG]
         assert np.array_equal(draw(project, f"v{number}", "--model", f"models:/{NAME}/{number}"), pixels)
     # Whichever version won, the champion draws the weights its FID was measured on.
     champion = mlflow.get_model_version_by_alias(NAME, "champion")
@@ -257,7 +258,7 @@ def test_resend_repairs_an_extended_run_and_still_refuses_foreign_outputs(tmp_pa
     stage(project, "train")
     set_steps(project, 6)
     stage(project, "train")
-    run_id = runtime.read_json(project / "models/train_run.json")["run_id"]
+    run_id = files.read_json(project / "models/train_run.json")["run_id"]
     assert client(project).get_run(run_id).data.tags["param_changed.train.steps"] == "6"
     # The server lost the log and the final model (the sqlite store keeps its record: the files go).
     artifacts = Path(client(project).get_run(run_id).info.artifact_uri.removeprefix("file://"))
@@ -275,8 +276,8 @@ def test_resend_repairs_an_extended_run_and_still_refuses_foreign_outputs(tmp_pa
     params = yaml.safe_load((project / "params.yaml").read_text())
     params["train"]["seed"] = 5
     (project / "params.yaml").write_text(yaml.safe_dump(params))
-    info = runtime.read_json(project / "models/train_run.json")
-    info["params_sha256"] = runtime.fingerprint(flatten(load_params(project / "params.yaml")))
-    runtime.write_json(project / "models/train_run.json", info)
+    info = files.read_json(project / "models/train_run.json")
+    info["params_sha256"] = files.fingerprint(flatten(load_params(project / "params.yaml")))
+    files.write_json(project / "models/train_run.json", info)
     assert_refused(run_cli(["resend"], cwd=project, env=stage_env(project)),
                    f"run {run_id} has train.seed=0, not 5")  # fmt: skip

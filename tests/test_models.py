@@ -5,19 +5,19 @@ from pathlib import Path
 import pytest
 import torch
 
-from pipeline import runtime
+from pipeline import files
 from pipeline.errors import UserError
-from pipeline.models import (
-    Classifier,
+from pipeline.gan.dcgan import (
     Discriminator,
     Generator,
     build_discriminator,
     build_generator,
     count_parameters,
-    load_generator,
     summary,
 )
+from pipeline.gan.export import load_generator
 from pipeline.params import ModelParams
+from pipeline.scoring.frozen_classifier import Classifier
 
 
 def test_parameter_counts_equal_the_keras_tutorial() -> None:
@@ -65,7 +65,7 @@ def test_summary_lists_layers_and_totals() -> None:
 
 def test_load_generator_round_trip_and_mismatch(tmp_path: Path) -> None:
     g = Generator()
-    runtime.save_checkpoint({"generator": g.state_dict()}, tmp_path / "g.pt")
+    files.save_checkpoint({"generator": g.state_dict()}, tmp_path / "g.pt")
     loaded = load_generator(tmp_path / "g.pt", ModelParams(), torch.device("cpu"))
     z = torch.randn(2, 100)
     assert torch.equal(loaded(z), g.eval()(z))
@@ -88,7 +88,7 @@ def fast_and_plain(layer: torch.nn.Module, switch: str, x: torch.Tensor, params:
 
 
 def test_phased_upsample_conv_is_the_same_function_and_gradient() -> None:
-    from pipeline.models import UpsampleConv
+    from pipeline.gan.layers import UpsampleConv
 
     torch.manual_seed(0)
     layer = UpsampleConv(5, 3).double()
@@ -99,7 +99,7 @@ def test_phased_upsample_conv_is_the_same_function_and_gradient() -> None:
 
 @pytest.mark.parametrize("channels_last", [False, True])
 def test_upsample_conv_by_matmul_is_the_transposed_conv_forward_and_backward(channels_last: bool) -> None:
-    from pipeline.models import UpsampleConv
+    from pipeline.gan.layers import UpsampleConv
 
     torch.manual_seed(0)
     layer = UpsampleConv(5, 3).double()
@@ -117,7 +117,7 @@ def test_upsample_conv_by_matmul_is_the_transposed_conv_forward_and_backward(cha
 def test_upsample_conv_by_matmul_in_bf16_is_as_accurate_as_the_transposed_conv() -> None:
     """Under autocast both forms round their inputs to bf16 alike; the matmul form's input gradient
     adds its four window taps in bf16 (four roundings where oneDNN makes one), so allow 1.5x."""
-    from pipeline.models import UpsampleConv
+    from pipeline.gan.layers import UpsampleConv
 
     torch.manual_seed(0)
     layer = UpsampleConv(64, 32)
@@ -143,7 +143,7 @@ def test_upsample_conv_by_matmul_in_bf16_is_as_accurate_as_the_transposed_conv()
 def test_upsample_conv_infers_with_the_transposed_conv() -> None:
     """Only training takes the matmul form: inference (and the generator MLflow exports) keeps the
     transposed conv, bit for bit."""
-    from pipeline.models import UpsampleConv
+    from pipeline.gan.layers import UpsampleConv
 
     torch.manual_seed(0)
     layer, x = UpsampleConv(5, 3).eval(), torch.randn(2, 5, 7, 7)
@@ -155,7 +155,7 @@ def test_upsample_conv_infers_with_the_transposed_conv() -> None:
 
 def test_upsample_conv_trains_by_matmul_only_in_bf16() -> None:
     """In fp32 the matmul form's extra multiply-adds made it slower: the transposed conv stays."""
-    from pipeline.models import UpsampleConv
+    from pipeline.gan.layers import UpsampleConv
 
     layer, x = UpsampleConv(5, 3), torch.randn(2, 5, 7, 7)
     assert layer(x).is_contiguous()  # fp32: the transposed conv's NCHW output
@@ -165,7 +165,7 @@ def test_upsample_conv_trains_by_matmul_only_in_bf16() -> None:
 
 @pytest.mark.parametrize("out_ch", [1, 3])
 def test_tap_conv_is_the_same_function_and_gradient(out_ch: int) -> None:
-    from pipeline.models import TapConv
+    from pipeline.gan.layers import TapConv
 
     torch.manual_seed(0)
     layer = TapConv(5, out_ch).double()
@@ -176,7 +176,7 @@ def test_tap_conv_is_the_same_function_and_gradient(out_ch: int) -> None:
 
 
 def test_tap_conv_sums_bf16_taps_in_fp32() -> None:
-    from pipeline.models import TapConv
+    from pipeline.gan.layers import TapConv
 
     torch.manual_seed(0)
     layer, x = TapConv(64, 1), torch.randn(4, 64, 28, 28)
@@ -192,7 +192,7 @@ def test_tap_conv_sums_bf16_taps_in_fp32() -> None:
 
 @pytest.mark.parametrize("p", [0.25, 0.3])  # a byte per element (256p whole), a float per element
 def test_dropout_keeps_the_distribution_of_nn_dropout(p: float) -> None:
-    from pipeline.models import Dropout
+    from pipeline.gan.layers import Dropout
 
     torch.manual_seed(0)
     layer, x = Dropout(p), torch.ones(200_003, requires_grad=True)  # not a multiple of the 4 bytes a draw gives

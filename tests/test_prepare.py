@@ -15,7 +15,7 @@ from pipeline import data
 from pipeline.data import load_prepared
 from pipeline.errors import UserError
 from pipeline.params import Params, PrepareParams
-from pipeline.prepare import prepare
+from pipeline.stages.prepare import prepare
 from tests.conftest import ROOT, run_cli, shared_mnist_dir
 
 UNREACHABLE = ["http://127.0.0.1:9/mnist/"]

@@ -12,11 +12,11 @@ import yaml
 
 from pipeline.data import save_prepared
 from pipeline.errors import UserError
-from pipeline.models import Classifier
+from pipeline.files import sha256_file
 from pipeline.params import EvaluateParams
-from pipeline.reference import build_reference
-from pipeline.runtime import sha256_file
-from pipeline.scoring import load_reference, save_classifier
+from pipeline.scoring.frozen_classifier import Classifier, save_classifier
+from pipeline.scoring.scorer import load_reference
+from pipeline.stages.reference import build_reference
 from tests.conftest import run_cli, synthetic_mnist
 
 CPU = torch.device("cpu")

@@ -10,7 +10,7 @@ import pytest
 
 pytestmark = pytest.mark.slow
 
-from pipeline import registry, tracking
+from pipeline.tracking import connection, registry
 
 EXPERIMENT = "reg-test"
 
@@ -21,7 +21,7 @@ def store(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> str:
 
     monkeypatch.setattr(utils, "_tracking_uri", utils._tracking_uri)  # connect() sets it: put it back after
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
-    return tracking.connect(tmp_path, uri, EXPERIMENT)
+    return connection.connect(tmp_path, uri, EXPERIMENT)
 
 
 class Constant:  # the registry does not look inside the model: the smallest pyfunc will do

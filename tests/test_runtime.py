@@ -6,17 +6,17 @@ from pathlib import Path
 import pytest
 import torch
 
-from pipeline import runtime
+from pipeline import files, machine
 from pipeline.errors import UserError
 
 
 def test_pick_device() -> None:
-    assert runtime.pick_device("cpu") == torch.device("cpu")
+    assert machine.pick_device("cpu") == torch.device("cpu")
     expected = "cuda" if torch.cuda.is_available() else "cpu"
     if not torch.cuda.is_available() and not torch.backends.mps.is_available():
-        assert runtime.pick_device("auto").type == expected
+        assert machine.pick_device("auto").type == expected
         with pytest.raises(UserError, match="no CUDA GPU is available"):
-            runtime.pick_device("cuda")
+            machine.pick_device("cuda")
 
 
 @pytest.mark.parametrize(("flags", "native"), [("fpu sse avx512f avx512_bf16 avx512vl", True),
@@ -27,23 +27,23 @@ def test_auto_precision_is_bf16_only_where_the_cpu_computes_it(
 ) -> None:
     cpuinfo = tmp_path / "cpuinfo"
     cpuinfo.write_text(f"processor\t: 0\nflags\t\t: {flags}\n")
-    real_path = runtime.Path
-    monkeypatch.setattr(runtime, "Path", lambda p: cpuinfo if p == "/proc/cpuinfo" else real_path(p))
-    runtime.cpu_has_native_bf16.cache_clear()
+    real_path = machine.Path
+    monkeypatch.setattr(machine, "Path", lambda p: cpuinfo if p == "/proc/cpuinfo" else real_path(p))
+    machine.cpu_has_native_bf16.cache_clear()
     try:
         cpu = torch.device("cpu")
-        assert runtime.resolve_precision("auto", cpu) == ("bf16" if native else "fp32")
-        assert runtime.resolve_precision("fp32", cpu) == "fp32" and runtime.resolve_precision("bf16", cpu) == "bf16"
-        assert runtime.resolve_precision("auto", torch.device("mps")) == "fp32"
+        assert machine.resolve_precision("auto", cpu) == ("bf16" if native else "fp32")
+        assert machine.resolve_precision("fp32", cpu) == "fp32" and machine.resolve_precision("bf16", cpu) == "bf16"
+        assert machine.resolve_precision("auto", torch.device("mps")) == "fp32"
     finally:
-        runtime.cpu_has_native_bf16.cache_clear()
+        machine.cpu_has_native_bf16.cache_clear()
 
 
 def test_atomic_write_leaves_old_file_on_error(tmp_path: Path) -> None:
     target = tmp_path / "out.txt"
     target.write_text("old")
     with pytest.raises(RuntimeError):
-        with runtime.atomic_open(target) as fh:
+        with files.atomic_open(target) as fh:
             fh.write("half")
             raise RuntimeError("crash")
     assert target.read_text() == "old"
@@ -52,15 +52,15 @@ def test_atomic_write_leaves_old_file_on_error(tmp_path: Path) -> None:
 
 def test_checkpoint_round_trip(tmp_path: Path) -> None:
     state = {"w": torch.arange(5.0), "step": 3, "name": "x", "nested": {"a": [1, 2]}}
-    runtime.save_checkpoint(state, tmp_path / "c.pt")
-    loaded = runtime.load_checkpoint(tmp_path / "c.pt")
+    files.save_checkpoint(state, tmp_path / "c.pt")
+    loaded = files.load_checkpoint(tmp_path / "c.pt")
     assert torch.equal(loaded["w"], state["w"]) and loaded["nested"] == {"a": [1, 2]}
 
 
 @pytest.mark.parametrize("damage", ["truncate", "flip", "empty"])
 def test_damaged_checkpoint_is_refused(tmp_path: Path, damage: str) -> None:
     path = tmp_path / "c.pt"
-    runtime.save_checkpoint({"w": torch.randn(100)}, path)
+    files.save_checkpoint({"w": torch.randn(100)}, path)
     blob = bytearray(path.read_bytes())
     if damage == "truncate":
         blob = blob[:-10]
@@ -70,7 +70,7 @@ def test_damaged_checkpoint_is_refused(tmp_path: Path, damage: str) -> None:
         blob = bytearray()
     path.write_bytes(bytes(blob))
     with pytest.raises(UserError, match=r"checkpoint .* (truncated|checksum)"):
-        runtime.load_checkpoint(path)
+        files.load_checkpoint(path)
 
 
 class Boom:
@@ -89,14 +89,14 @@ def test_pickled_payload_is_never_executed(tmp_path: Path, monkeypatch: pytest.M
     body = buffer.getvalue()
     (tmp_path / "c.pt").write_bytes(body + b"\nDCGAN-SHA256:" + hashlib.sha256(body).hexdigest().encode())
     with pytest.raises(UserError, match="holds something other than weights"):
-        runtime.load_checkpoint(tmp_path / "c.pt")
+        files.load_checkpoint(tmp_path / "c.pt")
     assert not (tmp_path / "PWNED").exists()
     assert zipfile.is_zipfile(io.BytesIO(body))  # a real torch file, not garbage
 
 
 def test_fingerprint_is_stable_and_sensitive() -> None:
-    assert runtime.fingerprint({"a": 1}, "x") == runtime.fingerprint({"a": 1}, "x")
-    assert runtime.fingerprint({"a": 1}, "x") != runtime.fingerprint({"a": 2}, "x")
+    assert files.fingerprint({"a": 1}, "x") == files.fingerprint({"a": 1}, "x")
+    assert files.fingerprint({"a": 1}, "x") != files.fingerprint({"a": 2}, "x")
 
 
 FAULTS_PER_STEP = """

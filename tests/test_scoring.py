@@ -1,4 +1,4 @@
-"""Tests for pipeline.scoring: safe weight loading, batch-independent features, the reference, score()."""
+"""Tests for pipeline.scoring (frozen_classifier, scorer): safe weight loading, batch-independent features, the reference, score()."""
 
 from __future__ import annotations
 
@@ -11,21 +11,12 @@ import numpy as np
 import pytest
 import torch
 
-from pipeline.data import MNIST, Dataset, fetch_dataset, from_model, load_prepared
+from pipeline.data import Dataset, MNIST, fetch_dataset, from_model, load_prepared
 from pipeline.errors import UserError
-from pipeline.models import Classifier
+from pipeline.files import sha256_file
 from pipeline.params import EvaluateParams
-from pipeline.runtime import sha256_file
-from pipeline.scoring import (
-    Reference,
-    classify,
-    compute_reference,
-    load_classifier,
-    load_reference,
-    save_classifier,
-    save_reference,
-    score,
-)
+from pipeline.scoring.frozen_classifier import Classifier, classify, load_classifier, save_classifier
+from pipeline.scoring.scorer import Reference, compute_reference, load_reference, save_reference, score
 from tests.conftest import ROOT, Payload, shared_mnist_dir, synthetic_mnist
 
 CPU = torch.device("cpu")

@@ -18,7 +18,8 @@ import yaml
 from hypothesis import assume, given, settings
 from hypothesis import strategies as st
 
-from pipeline import prepare, tracking
+from pipeline.stages import prepare
+from pipeline.tracking import connection
 from pipeline.errors import UserError
 from pipeline.params import load_params
 from tests.conftest import ROOT, assert_refused, make_eval_project, run_cli, stage_env
@@ -52,7 +53,7 @@ def test_no_password_survives_redact_in_any_url_form(password: str, user: str, f
                                                      encoded: bool) -> None:  # fmt: skip
     secret = quote(password, safe="") if encoded else password  # %40 for '@' and so on, or raw
     text = context.format(url=form.format(user=user, password=secret))
-    shown = tracking.redact(text)
+    shown = connection.redact(text)
     outside = context.format(url=form.format(user=user, password=""))  # a password that is a word of it proves nothing
     assume(secret not in outside and secret not in "***")
     assert secret not in shown, shown
@@ -62,19 +63,19 @@ def test_no_password_survives_redact_in_any_url_form(password: str, user: str, f
 def test_redact_keeps_what_is_no_password() -> None:
     for text in ("http://127.0.0.1:5000 denies ann@example.org the experiment", "sqlite:////work/mlflow.db",
                  "postgresql://ann@db/optuna", "see http://127.0.0.1:5000/#/experiments/1/runs?x=1"):  # fmt: skip
-        assert tracking.redact(text) == text
-    assert tracking.redact("postgresql://u:pa/ss@host/db") == "postgresql://u:***@host/db"
-    assert tracking.redact("http://u:p@ss@host:5000/x") == "http://u:***@host:5000/x"
+        assert connection.redact(text) == text
+    assert connection.redact("postgresql://u:pa/ss@host/db") == "postgresql://u:***@host/db"
+    assert connection.redact("http://u:p@ss@host:5000/x") == "http://u:***@host:5000/x"
 
 
 def test_an_http_login_leaves_the_uri_for_mlflows_variables() -> None:
     env = {"MLFLOW_TRACKING_USERNAME": "old", "MLFLOW_TRACKING_PASSWORD": "old"}
-    uri = tracking.without_login(f"http://ann%40lab:{quote('a/b@c:d%e', safe='')}@127.0.0.1:5000/", env)
+    uri = connection.without_login(f"http://ann%40lab:{quote('a/b@c:d%e', safe='')}@127.0.0.1:5000/", env)
     assert uri == "http://127.0.0.1:5000/"
     assert env == {"MLFLOW_TRACKING_USERNAME": "ann@lab", "MLFLOW_TRACKING_PASSWORD": "a/b@c:d%e"}
-    assert tracking.without_login("postgresql://u:p@h/db", env) == "postgresql://u:p@h/db"  # SQLAlchemy needs it
+    assert connection.without_login("postgresql://u:p@h/db", env) == "postgresql://u:p@h/db"  # SQLAlchemy needs it
     # the host part ends at the first '/', as requests reads the login
-    assert tracking.without_login("http://u:p@s@host:5000/pre/a@b", env) == "http://host:5000/pre/a@b"
+    assert connection.without_login("http://u:p@s@host:5000/pre/a@b", env) == "http://host:5000/pre/a@b"
     assert env["MLFLOW_TRACKING_PASSWORD"] == "p@s"
 
 

@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from pipeline import runtime
+from pipeline import machine
 from tests.conftest import make_project, run_cli, stage_env
 
 
@@ -17,7 +17,7 @@ from tests.conftest import make_project, run_cli, stage_env
     [(2, 2, 6.0, 1), (2, 2, 2.5, 1), (16, 16, 40.0, 5), (8, 8, 12.0, 3)],
 )
 def test_a_busy_machine_is_said_with_a_share_of_its_cores(threads: int, cores: int, load: float, share: int) -> None:
-    advice = runtime.busy_machine_advice(threads, cores, load)
+    advice = machine.busy_machine_advice(threads, cores, load)
     assert advice is not None
     assert f"load {load:.1f} on {cores} cores" in advice and f"adds {threads} thread(s)" in advice
     assert f"-S train.threads={share} " in advice and f"OMP_NUM_THREADS={share};" in advice
@@ -25,14 +25,14 @@ def test_a_busy_machine_is_said_with_a_share_of_its_cores(threads: int, cores: i
 
 @pytest.mark.parametrize(("cores", "load"), [(2, 0.3), (2, 2.0), (16, 15.9)])
 def test_a_machine_within_its_cores_gets_no_advice(cores: int, load: float) -> None:
-    assert runtime.busy_machine_advice(cores, cores, load) is None
+    assert machine.busy_machine_advice(cores, cores, load) is None
 
 
 def test_use_threads_sets_the_count_and_zero_keeps_torchs_choice() -> None:
     before = torch.get_num_threads()
     try:
-        assert runtime.use_threads(0) == before
-        assert runtime.use_threads(1) == 1 == torch.get_num_threads()
+        assert machine.use_threads(0) == before
+        assert machine.use_threads(1) == 1 == torch.get_num_threads()
     finally:
         torch.set_num_threads(before)
 

@@ -22,7 +22,7 @@ from typing import Any
 import pytest
 import torch
 
-from pipeline import runtime
+from pipeline import files, signals
 from tests.conftest import (
     ROOT,
     assert_outputs_complete,
@@ -98,7 +98,7 @@ def metric_record(project: Path, run_id: str) -> dict[str, list[tuple[int, float
 
 
 def generator(project: Path) -> dict[str, torch.Tensor]:
-    return runtime.load_checkpoint(project / "models/generator.pt")["generator"]
+    return files.load_checkpoint(project / "models/generator.pt")["generator"]
 
 
 def assert_same_training(project: Path, reference: Path) -> None:
@@ -142,7 +142,7 @@ def test_sigterm_stops_at_a_step_marks_the_run_killed_and_the_same_command_resum
     project = signal_project(tmp_path / "p", tracking_db)
     step = stop(project, tmp_path / "logs/term", signal.SIGTERM)
     assert 25 <= step < STEPS
-    ckpt = runtime.load_checkpoint(project / "checkpoints/train.pt")
+    ckpt = files.load_checkpoint(project / "checkpoints/train.pt")
     assert ckpt["step"] == step and len(ckpt["history"]) == step  # the stop step's own checkpoint, every row in it
     (run,) = runs(project)
     assert run.info.status == "KILLED"
@@ -186,7 +186,7 @@ def test_a_real_timeout_command_stops_training_with_the_sentence_and_a_resumable
     sentence = last_line(result.stderr)
     found = re.fullmatch(STOPPED.format(name="SIGTERM"), sentence)
     assert found, sentence
-    assert runtime.load_checkpoint(project / "checkpoints/train.pt")["step"] == int(found[1])
+    assert files.load_checkpoint(project / "checkpoints/train.pt")["step"] == int(found[1])
     (run,) = runs(project)
     assert run.info.status == "KILLED"
 
@@ -215,7 +215,7 @@ def test_a_job_of_two_processes_stops_at_one_step_on_sigterm_and_resumes_bit_ide
     assert "Traceback" not in error and error.count("stopped by SIGTERM") == 1, error[-3000:]
     found = re.fullmatch(STOPPED.format(name="SIGTERM"), last_line(error))
     assert found, error[-3000:]
-    ckpt = runtime.load_checkpoint(project / "checkpoints/train.pt")
+    ckpt = files.load_checkpoint(project / "checkpoints/train.pt")
     assert ckpt["step"] == int(found[1]) and ckpt["step"] % DDP_TRAIN["log_every"] == 0  # where the ranks sync
     assert ckpt["world_size"] == 2 and len(ckpt["history"]) == ckpt["step"]
     assert [r.info.status for r in runs(project)] == ["KILLED"]
@@ -264,7 +264,7 @@ def test_a_second_signal_stops_at_once_and_the_last_checkpoint_stays_whole(tmp_p
     assert time.monotonic() - started < 30  # at once, not after the write
     error = stderr_of(tmp_path / "logs/twice")
     assert "Traceback" not in error, error
-    ckpt = runtime.load_checkpoint(project / "checkpoints/train.pt")  # whole: the write cut short left it alone
+    ckpt = files.load_checkpoint(project / "checkpoints/train.pt")  # whole: the write cut short left it alone
     assert ckpt["step"] % 20 == 0
     sentence = last_line(error)
     assert sentence.startswith("stopped at once by a second SIGTERM after step "), sentence
@@ -315,18 +315,18 @@ def test_a_killed_training_does_not_lock_the_project(tmp_path: Path, tracking_db
 def test_the_lock_is_per_working_directory_and_released_on_the_way_out(tmp_path: Path) -> None:
     """DVC's queued experiments train side by side, each in a workspace of its own."""
     held = tmp_path / "a/checkpoints/train.lock"
-    with runtime.exclusive(held, "a training"):
+    with signals.exclusive(held, "a training"):
         assert held.read_text() == f"{os.getpid()}\n"
-        with runtime.exclusive(tmp_path / "b/checkpoints/train.lock", "a training"):
+        with signals.exclusive(tmp_path / "b/checkpoints/train.lock", "a training"):
             pass
         probe = subprocess.run(
-            [sys.executable, "-c", "import sys; from pathlib import Path; from pipeline import runtime\n"
-             "with runtime.exclusive(Path(sys.argv[1]), 'a training'): pass", str(held)],
+            [sys.executable, "-c", "import sys; from pathlib import Path; from pipeline import signals\n"
+             "with signals.exclusive(Path(sys.argv[1]), 'a training'): pass", str(held)],
             env={**os.environ, "PYTHONPATH": str(ROOT)}, capture_output=True, text=True, timeout=120,
         )  # fmt: skip
         assert f"a training is already running in this project (PID {os.getpid()} holds {held})" in probe.stderr
     assert not held.exists()
-    with runtime.exclusive(held, "a training"):  # free again
+    with signals.exclusive(held, "a training"):  # free again
         pass
 
 

@@ -18,7 +18,7 @@ import yaml
 from optuna.distributions import FloatDistribution
 from optuna.trial import TrialState, create_trial
 
-from pipeline import cli, sweep
+from pipeline import cli, optuna_study
 from pipeline.data import save_prepared
 from pipeline.params import Params, load_params
 from tests.conftest import ROOT, SMALL_MODEL, run_cli, synthetic_mnist, write_reference
@@ -90,7 +90,7 @@ def test_committed_sweep_section_is_valid_and_searches_real_params() -> None:
 
 def test_trial_params_take_the_budget_and_the_sampled_values() -> None:
     params = Params.model_validate({"sweep": {"steps": 300, "fid_every": 100, "fid_samples": 500, "eval_samples": 2000}})
-    p = sweep.trial_params(params, {"train.lr_g": 0.0005, "train.batch_size": 64})
+    p = optuna_study.trial_params(params, {"train.lr_g": 0.0005, "train.batch_size": 64})
     assert (p.train.steps, p.train.fid_every, p.train.fid_samples, p.evaluate.n_samples) == (300, 100, 500, 2000)
     assert (p.train.lr_g, p.train.batch_size, p.train.lr_d) == (0.0005, 64, params.train.lr_d)
 
@@ -101,10 +101,10 @@ def test_suggest_gives_integers_for_integer_params() -> None:
     params = Params.model_validate({"sweep": {"space": space}})
     study = optuna.create_study(sampler=optuna.samplers.RandomSampler(seed=0))
     for _ in range(5):
-        values = sweep.suggest(study.ask(), params)
+        values = optuna_study.suggest(study.ask(), params)
         assert type(values["train.batch_size"]) is int and values["train.batch_size"] in (16, 32, 48, 64)
         assert 1e-4 <= values["train.lr_g"] <= 1e-3 and type(values["train.fast_upsample"]) is bool
-        sweep.trial_params(params, values)  # every sampled point is valid params
+        optuna_study.trial_params(params, values)  # every sampled point is valid params
 
 
 def _trial(number: int, state: TrialState, value: float | None = None, user: dict[str, Any] | None = None,
@@ -122,23 +122,23 @@ def test_budget_skips_retried_and_given_back_trials() -> None:
     trials = [
         _trial(0, TrialState.COMPLETE, 10.0),
         _trial(1, TrialState.FAIL),  # its process died: run again as trial 3
-        _trial(2, TrialState.FAIL, user={sweep.OVER_BUDGET: True}),
+        _trial(2, TrialState.FAIL, user={optuna_study.OVER_BUDGET: True}),
         _trial(3, TrialState.WAITING, system={"failed_trial": 1, "retry_history": [1]}),
         _trial(4, TrialState.FAIL),  # diverged: a result, it counts
     ]
-    assert sweep.budget_used(trials) == 3
-    assert sweep.budget_used(trials, up_to=3) == 2
+    assert optuna_study.budget_used(trials) == 3
+    assert optuna_study.budget_used(trials, up_to=3) == 2
 
 
 def test_table_ranks_finished_then_pruned_and_command_reproduces_the_best() -> None:
     trials = [_trial(0, TrialState.PRUNED), _trial(1, TrialState.COMPLETE, 55.5), _trial(2, TrialState.COMPLETE, 42.25),
-              _trial(3, TrialState.FAIL, user={sweep.OVER_BUDGET: True})]  # fmt: skip
-    lines = sweep.table(trials, ["train.lr_g"]).splitlines()
+              _trial(3, TrialState.FAIL, user={optuna_study.OVER_BUDGET: True})]  # fmt: skip
+    lines = optuna_study.table(trials, ["train.lr_g"]).splitlines()
     assert lines[0].split() == ["rank", "trial", "state", "FID", "seconds", "train.lr_g"]
     assert [line.split()[1:3] for line in lines[1:]] == [["2", "COMPLETE"], ["1", "COMPLETE"], ["0", "PRUNED"]]
     assert "42.25" in lines[1] and "(900.0 @6)" in lines[3]
     params = Params.model_validate({"sweep": {"steps": 300}})
-    assert sweep.dvc_command(trials[2], params) == "dvc exp run -S train.steps=300 -S train.lr_g=0.00030000000000000003"
+    assert optuna_study.dvc_command(trials[2], params) == "dvc exp run -S train.steps=300 -S train.lr_g=0.00030000000000000003"
 
 
 # --- real studies, in subprocesses as users run them ------------------------------------------
@@ -234,7 +234,7 @@ def test_killed_sweep_resumes_without_redoing_finished_trials(project: tuple[Pat
                 trials = load(path).get_trials()
             except Exception:  # noqa: BLE001 - the study or its tables are being created
                 trials = []
-            if len(trials) >= 2 and trials[0].state.is_finished() and sweep.RUN_ID in trials[1].user_attrs:
+            if len(trials) >= 2 and trials[0].state.is_finished() and optuna_study.RUN_ID in trials[1].user_attrs:
                 first = trials[0]
                 break
         time.sleep(0.1)
@@ -251,7 +251,7 @@ def test_killed_sweep_resumes_without_redoing_finished_trials(project: tuple[Pat
     assert trials[1].state == TrialState.FAIL  # the killed one, run again with the same params
     retried = [t for t in trials if t.system_attrs.get("failed_trial") == 1]
     assert len(retried) == 1 and retried[0].params == trials[1].params and retried[0].state.is_finished()
-    assert len(counted(study)) == 3 and sweep.budget_used(trials) == 3
+    assert len(counted(study)) == 3 and optuna_study.budget_used(trials) == 3
     runs = {r.data.tags["sweep.trial"]: r for r in mlflow_runs(path) if "sweep.trial" in r.data.tags}
     assert runs["1"].info.status == "KILLED" and runs["1"].data.tags["sweep.state"] == "STALE"
     assert len([r for r in mlflow_runs(path) if r.data.tags.get("sweep.trial") == "0"]) == 1
@@ -270,8 +270,8 @@ def test_a_sqlite_study_outside_the_project_needs_consent(tmp_path: Path, capsys
         err = capsys.readouterr().err
         assert f"Optuna storage {outside} is outside the project" in err and "--allow-outside" in err
     assert not outside.parent.exists() and not (project / "mlflow.db").exists()
-    sweep.check_storage_location(f"sqlite:///{outside}", project, allow_outside=True)  # consent given
-    sweep.check_storage_location("postgresql://ann:pw@db/optuna", project, allow_outside=False)  # not a file
+    optuna_study.check_storage_location(f"sqlite:///{outside}", project, allow_outside=True)  # consent given
+    optuna_study.check_storage_location("postgresql://ann:pw@db/optuna", project, allow_outside=False)  # not a file
 
 
 def test_a_trial_whose_process_died_before_its_first_heartbeat_is_found() -> None:
@@ -282,11 +282,11 @@ def test_a_trial_whose_process_died_before_its_first_heartbeat_is_found() -> Non
     trials = []
     for number, (state, user, age_s) in enumerate([
         (TrialState.RUNNING, {}, 120),  # created, then the storage went away: an orphan
-        (TrialState.RUNNING, {sweep.STARTED_BY: "host:1"}, 120),  # its objective began: heartbeats decide
+        (TrialState.RUNNING, {optuna_study.STARTED_BY: "host:1"}, 120),  # its objective began: heartbeats decide
         (TrialState.RUNNING, {}, 5),  # just created: its objective is about to begin
         (TrialState.COMPLETE, {}, 120),
     ]):  # fmt: skip
         trial = _trial(number, state, 1.0 if state == TrialState.COMPLETE else None, user=user)
         trial.datetime_start = now - datetime.timedelta(seconds=age_s)
         trials.append(trial)
-    assert [t.number for t in sweep.orphans(trials, now, grace_s=60)] == [0]
+    assert [t.number for t in optuna_study.orphans(trials, now, grace_s=60)] == [0]

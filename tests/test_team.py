@@ -23,7 +23,7 @@ import pytest
 import yaml
 from optuna.trial import TrialState
 
-from pipeline import runtime
+from pipeline import files
 from tests.conftest import (
     ROOT,
     assert_refused,
@@ -87,7 +87,7 @@ def test_every_command_works_against_the_team_server(tmp_path: Path, team: Mlflo
     assert "holds everything; nothing re-sent" in result.stdout  # nothing was lost on the way
 
     client = team.client()
-    info = runtime.read_json(project / "models/train_run.json")
+    info = files.read_json(project / "models/train_run.json")
     run = client.get_run(info["run_id"])
     assert run.info.status == "FINISHED" and run.info.user_id == MEMBER
     assert run.data.params["train.steps"] == "6" and "eval_fid" in run.data.metrics
@@ -110,13 +110,13 @@ def test_every_command_works_against_the_team_server(tmp_path: Path, team: Mlflo
     (trained_on,) = run.inputs.dataset_inputs
     assert (trained_on.dataset.name, trained_on.dataset.source_type) == ("mnist", "local")
     assert trained_on.dataset.digest == run.data.tags["data.sha256"][:36]
-    assert trained_on.dataset.digest == runtime.sha256_file(project / "data/prepared/mnist.npz")[:36]
+    assert trained_on.dataset.digest == files.sha256_file(project / "data/prepared/mnist.npz")[:36]
     assert "data/prepared/mnist.npz" in trained_on.dataset.source
     assert {t.key: t.value for t in trained_on.tags} == {"mlflow.data.context": "training", "images": "128",
                                                          "classes": "10"}  # fmt: skip
     (scored_against,) = client.get_run(evaluation.info.run_id).inputs.dataset_inputs
     assert scored_against.dataset.name == "mnist-reference"
-    assert scored_against.dataset.digest == runtime.sha256_file(project / "data/reference/mnist.npz")[:36]
+    assert scored_against.dataset.digest == files.sha256_file(project / "data/reference/mnist.npz")[:36]
     assert {t.key: t.value for t in scored_against.tags}["mlflow.data.context"] == "evaluation"
     assert team.failed_requests() == []  # the sweep's runs on the server: the next two tests
 
@@ -141,7 +141,7 @@ def test_a_resume_replayed_from_an_earlier_checkpoint_logs_every_metric_once(tmp
     assert "resuming from checkpoints/train.pt at step 5" in result.stdout
 
     client = team.client()
-    run_id = runtime.read_json(project / "models/train_run.json")["run_id"]
+    run_id = files.read_json(project / "models/train_run.json")["run_id"]
     run = client.get_run(run_id)
     for key in run.data.metrics:
         steps = [m.step for m in client.get_metric_history(run_id, key)]

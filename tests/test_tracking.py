@@ -2,7 +2,8 @@
 
 from __future__ import annotations
 
-from pipeline.tracking import Lost, redact, summarise_lost
+from pipeline.tracking.connection import redact
+from pipeline.tracking.mlflow_run import Lost, summarise_lost
 
 
 def test_lost_items_sum_up_by_kind_and_step_span() -> None:

@@ -17,10 +17,11 @@ import numpy as np
 import pytest
 import yaml
 
-from pipeline import runtime, tracking
+from pipeline import files
 from pipeline.errors import UserError
 from pipeline.params import Params, flatten
-from pipeline.resend import backfill
+from pipeline.stages.resend import backfill
+from pipeline.tracking import connection, mlflow_run
 from tests.conftest import (
     MlflowServer,
     assert_outputs_complete,
@@ -93,13 +94,13 @@ def assert_run_complete(uri: str, run_id: str, project: Path, grid_steps: set[in
     assert run.info.status == "FINISHED"
     params = Params.model_validate(yaml.safe_load((project / "params.yaml").read_text()))
     assert run.data.params == flatten(params)
-    history = runtime.load_checkpoint(project / "checkpoints/train.pt")["history"].tolist()
+    history = files.load_checkpoint(project / "checkpoints/train.pt")["history"].tolist()
     counts = {}
     for i, name in enumerate(LOSSES, start=1):
         logged = sorted((m.step, m.value) for m in client.get_metric_history(run_id, name))
         assert logged == [(int(row[0]), row[i]) for row in history], name  # every step once, exact values
         counts[name] = len(logged)
-    final = runtime.read_json(project / "metrics/train.json")
+    final = files.read_json(project / "metrics/train.json")
     for key in ("d_loss_last100", "g_loss_last100", "images_per_second"):
         assert run.data.metrics[f"final_{key}"] == final[key]
     names = [Path(a.path).name for a in client.list_artifacts(run_id, "images")]
@@ -128,7 +129,7 @@ def test_server_killed_mid_training_then_resend_restores_the_run(tmp_path: Path,
     assert_outputs_complete(project, temps_allowed=False)
     assert len((project / "metrics/train_log.csv").read_text().splitlines()) == 1 + steps
     assert {int(p.stem[5:]) for p in (project / "samples").glob("step_*.png")} == grid_steps
-    assert runtime.read_json(project / "metrics/train.json")["step"] == steps
+    assert files.read_json(project / "metrics/train.json")["step"] == steps
     # The user is told, once at the failure and once at the end, what MLflow lacks and how to send it.
     stderr = (tmp_path / "logs/train.err").read_text()
     assert stderr.count("warning: MLflow logging failed at ") == 1, stderr[-3000:]
@@ -141,7 +142,7 @@ def test_server_killed_mid_training_then_resend_restores_the_run(tmp_path: Path,
         assert part in summary, summary
 
     mlflow_server.start()  # back, on the same port and store
-    run_id = runtime.read_json(project / "models/train_run.json")["run_id"]
+    run_id = files.read_json(project / "models/train_run.json")["run_id"]
     assert mlflow_client(mlflow_server.uri).get_run(run_id).info.status == "RUNNING"  # cut off mid-run
     result = run_cli(["resend"], cwd=project, env=env, timeout=120)
     assert result.returncode == 0, result.stderr
@@ -168,9 +169,9 @@ def test_an_image_a_kill_left_half_uploaded_is_dropped_so_each_step_is_shown_onc
     from mlflow.tracking._tracking_service import utils
 
     monkeypatch.setattr(utils, "_tracking_uri", utils._tracking_uri)  # connect() sets it: put it back after
-    experiment = tracking.connect(tmp_path, f"sqlite:///{tmp_path / 'mlflow.db'}", "dcgan-mnist")
+    experiment = connection.connect(tmp_path, f"sqlite:///{tmp_path / 'mlflow.db'}", "dcgan-mnist")
     client = mlflow.MlflowClient()
-    run = tracking.MlflowRun(client.create_run(experiment).info.run_id, experiment, client)
+    run = mlflow_run.MlflowRun(client.create_run(experiment).info.run_id, experiment, client)
     for step in (1, 2):
         run.log_image(np.full((28, 28), step, np.uint8), key="samples", step=step)
     root = tmp_path / "mlartifacts"
@@ -196,7 +197,7 @@ def test_backfill_makes_a_new_run_once_when_the_store_lost_the_old_one(
 
     monkeypatch.setattr(utils, "_tracking_uri", utils._tracking_uri)  # connect() sets it: put it back after
     uri = f"sqlite:///{tmp_path / 'fresh.db'}"
-    experiment = tracking.connect(tmp_path, uri, "dcgan-mnist")
+    experiment = connection.connect(tmp_path, uri, "dcgan-mnist")
     rows = [{"step": s, "d_loss": 0.5 + s, "g_loss": float(np.float32(0.1 * s))} for s in range(1, 5)]
     images = {2: np.full((152, 152), 7, np.uint8), 4: np.zeros((152, 152), np.uint8)}
     log = tmp_path / "train_log.csv"
@@ -238,7 +239,7 @@ def test_four_trainings_log_to_one_fresh_sqlite_store_at_once(tmp_path: Path) ->
     assert not any((w / "mlflow.db").exists() for w in workers)  # one store, at the repository root
 
     uri = f"sqlite:///{repo / 'mlflow.db'}"
-    runs = {runtime.read_json(w / "models/train_run.json")["run_id"]: w for w in workers}
+    runs = {files.read_json(w / "models/train_run.json")["run_id"]: w for w in workers}
     assert len(runs) == 4
     for run_id, workspace in runs.items():
         assert_run_complete(uri, run_id, workspace, grid_steps)

@@ -8,9 +8,9 @@ import pytest
 import torch
 import yaml
 
-from pipeline import runtime
+from pipeline import files
+from pipeline.gan.loop import Callbacks, Diverged, new_state, train
 from pipeline.params import ModelParams, Params, TrainParams, flatten
-from pipeline.train import Callbacks, Diverged, new_state, train
 from tests.conftest import (
     CPU,
     SMALL_MODEL,
@@ -56,11 +56,11 @@ def test_other_seed_differs() -> None:
 
 def test_resume_from_checkpoint_is_bit_identical(tmp_path: Path) -> None:
     saved = tmp_path / "ckpt.pt"
-    run(3, on_checkpoint=lambda s: runtime.save_checkpoint(s.to_checkpoint("fp"), saved))
+    run(3, on_checkpoint=lambda s: files.save_checkpoint(s.to_checkpoint("fp"), saved))
     model, params = ModelParams(**SMALL_MODEL), TrainParams(**TINY_TRAIN)
     resumed = new_state(model, params, CPU)
     torch.manual_seed(12345)  # a different RNG state must be overwritten by the checkpoint's
-    resumed.restore(runtime.load_checkpoint(saved))
+    resumed.restore(files.load_checkpoint(saved))
     assert resumed.step == 3
     assert_identical(run(6, state=resumed), run(6))
 
@@ -118,7 +118,7 @@ def test_stage_writes_outputs_and_logs_to_mlflow(tmp_path: Path) -> None:
     assert run.info.status == "FINISHED"
     params = Params.model_validate(yaml.safe_load((project / "params.yaml").read_text()))
     assert run.data.params == flatten(params)
-    assert run.data.tags["data.sha256"] == runtime.sha256_file(project / "data/prepared/mnist.npz")
+    assert run.data.tags["data.sha256"] == files.sha256_file(project / "data/prepared/mnist.npz")
     assert {"device", "torch", "cuda"} <= run.data.tags.keys()
     assert [m.step for m in client.get_metric_history(run.info.run_id, "g_loss")] == [1, 2, 3, 4, 5, 6]
     images_logged = [a.path for a in client.list_artifacts(run.info.run_id, "images")]

@@ -13,9 +13,9 @@ from pathlib import Path
 
 from pipeline import data
 from pipeline.data import Dataset, class_counts, save_prepared
+from pipeline.files import atomic_files, remove_stale_temps, write_json
 from pipeline.layout import Layout
 from pipeline.params import Params, load_params
-from pipeline.runtime import atomic_files, remove_stale_temps, write_json
 
 # Every class needs this many images in each split: the classifier learns it, and the class
 # histogram, per-class counts and the floors mean something.

@@ -15,20 +15,12 @@ import torch
 from pipeline import data
 from pipeline.data import Dataset, load_prepared
 from pipeline.errors import UserError
+from pipeline.files import atomic_files, remove_stale_temps, write_json
 from pipeline.layout import Layout
-from pipeline.models import Classifier
+from pipeline.machine import keep_freed_memory, pick_device
 from pipeline.params import EvaluateParams, load_params
-from pipeline.runtime import atomic_files, keep_freed_memory, pick_device, remove_stale_temps, write_json
-from pipeline.scoring import (
-    Reference,
-    classify,
-    compute_reference,
-    load_classifier,
-    save_reference,
-    score,
-    scoring_metadata,
-)
-
+from pipeline.scoring.frozen_classifier import Classifier, classify, load_classifier
+from pipeline.scoring.scorer import Reference, compute_reference, save_reference, score, scoring_metadata
 
 
 def build_reference(

@@ -17,11 +17,12 @@ from typing import Any
 import numpy as np
 import torch
 
-from pipeline import data, runtime, scoring
+from pipeline import data, files, machine
 from pipeline.errors import UserError
+from pipeline.gan.export import load_generator
 from pipeline.layout import Layout
-from pipeline.models import load_generator
 from pipeline.params import EvaluateParams, Params, load_params
+from pipeline.scoring import frozen_classifier, scorer
 
 SCALARS = ("fid", "kid_mean", "kid_std", "is_mean", "is_std", "class_kl", "classes_covered", "mean_confidence",
            "precision", "recall", "density", "coverage")  # fmt: skip
@@ -81,15 +82,15 @@ def load_samples(path: Path) -> np.ndarray:
 
 
 def evaluate(
-    images: np.ndarray, classifier: torch.nn.Module, reference: scoring.Reference, params: EvaluateParams,
+    images: np.ndarray, classifier: torch.nn.Module, reference: scorer.Reference, params: EvaluateParams,
     device: torch.device, asked: tuple[np.ndarray, np.ndarray] | None = None,
 ) -> dict[str, Any]:  # fmt: skip
     """Score uint8 samples against the reference; the pure core of the stage. `asked`: of a conditional
     generator, the labels each sample was asked for and the real labels of the reference images."""
-    features, probs = scoring.classify(classifier, images, params.batch_size, device)
-    scores = scoring.score(features, probs, reference, params)
+    features, probs = frozen_classifier.classify(classifier, images, params.batch_size, device)
+    scores = scorer.score(features, probs, reference, params)
     if asked is not None:
-        scores |= scoring.conditional_scores(features, probs, asked[0], reference, asked[1])
+        scores |= scorer.conditional_scores(features, probs, asked[0], reference, asked[1])
     return scores
 
 
@@ -121,7 +122,7 @@ def print_report(result: dict[str, Any]) -> None:
     print(f"n={result['n_samples']}, feature_dim={result['feature_dim']}, classifier sha256 {result['classifier_sha256'][:12]}…")
 
 
-def class_rows(scores: dict[str, Any], reference: scoring.Reference, names: tuple[str, ...]) -> str:
+def class_rows(scores: dict[str, Any], reference: scorer.Reference, names: tuple[str, ...]) -> str:
     """plots/eval_classes.csv: the share of samples the classifier puts in each class, beside the real share."""
     counts = np.asarray(scores["class_counts"], dtype=np.float64)
     lines = ["class,fraction,reference"]
@@ -134,16 +135,16 @@ def main(params_path: Path = Path("params.yaml"), samples: Path | None = None, o
     params = load_params(params_path)
     paths = Layout(dataset=params.data.dataset)
     p = params.evaluate
-    device = runtime.pick_device(params.train.device)
-    runtime.keep_freed_memory()  # the classifier's activations and PRDC's distance blocks, reused
-    classifier, sha = scoring.load_classifier(paths.classifier, params.classifier.feature_dim, device)
-    reference = scoring.load_reference(paths.reference, classifier_sha256=sha)
+    device = machine.pick_device(params.train.device)
+    machine.keep_freed_memory()  # the classifier's activations and PRDC's distance blocks, reused
+    classifier, sha = frozen_classifier.load_classifier(paths.classifier, params.classifier.feature_dim, device)
+    reference = scorer.load_reference(paths.reference, classifier_sha256=sha)
     if samples is None:  # a tracking server that is down is reported before any work
-        from pipeline import tracking
+        from pipeline.tracking import connection
 
-        uri, experiment_id, _ = tracking.open_experiment(params.tracking.experiment, Path.cwd(), dict(os.environ))
-        runtime.remove_stale_temps(*paths.outputs("evaluate"))
-    floors = runtime.read_json(paths.floors) if paths.floors.is_file() else {}
+        uri, experiment_id, _ = connection.open_experiment(params.tracking.experiment, Path.cwd(), dict(os.environ))
+        files.remove_stale_temps(*paths.outputs("evaluate"))
+    floors = files.read_json(paths.floors) if paths.floors.is_file() else {}
     if floors and floors.get("n_samples") not in (None, p.n_samples):
         floors = {}  # floors at another N are not comparable
 
@@ -159,12 +160,12 @@ def main(params_path: Path = Path("params.yaml"), samples: Path | None = None, o
     else:
         n_classes = len(data.class_names(params.data))
         generator = load_generator(paths.generator, params.model, device, n_classes)
-        pixels, labels = scoring.draw(generator, p.n_samples, p.seed, p.batch_size, device, reference)
+        pixels, labels = scorer.draw(generator, p.n_samples, p.seed, p.batch_size, device, reference)
         images, source = pixels.numpy(), str(paths.generator)
         asked = None if labels is None else (labels.numpy(), data.load_prepared(paths.prepared, n_classes).test_labels)
     scores = evaluate(images, classifier, reference, p, device, asked)
     context = {
-        **scoring.scoring_metadata(sha, int(reference.features.shape[1]), p),
+        **scorer.scoring_metadata(sha, int(reference.features.shape[1]), p),
         "n_samples": int(images.shape[0]),
         "samples": source,
         "seconds": round(time.perf_counter() - started, 2),
@@ -179,22 +180,22 @@ def main(params_path: Path = Path("params.yaml"), samples: Path | None = None, o
 
     if samples is not None:  # scoring outside samples: a report, not a pipeline output
         out = output or Path(f"{samples.stem}.eval.json")
-        runtime.write_json(out, result)
+        files.write_json(out, result)
         print(f"report -> {out}")
         return
 
     grid = data.make_grid(images[:25])
-    with runtime.atomic_files():  # the three outputs appear together, or (a full disk) the old ones stay
+    with files.atomic_files():  # the three outputs appear together, or (a full disk) the old ones stay
         data.save_png(grid, paths.eval_samples)
-        with runtime.atomic_open(paths.class_plot) as fh:
+        with files.atomic_open(paths.class_plot) as fh:
             fh.write(class_rows(scores, reference, data.class_names(params.data)))
-        runtime.write_json(paths.eval_metrics, result)
+        files.write_json(paths.eval_metrics, result)
     try:
         log_to_mlflow(params, paths, result, grid, uri, experiment_id, len(reference.features))
     except UserError as exc:
         # The outputs are complete and true: a tracking store out of room is a loss to report, as a
         # lost item is, not a failed stage (whose outputs DVC would then refuse to record).
-        if runtime.out_of_room(exc) is None:
+        if files.out_of_room(exc) is None:
             raise
         print(f"warning: {str(exc).rstrip('.')}; the outputs are complete, run the evaluate stage again once "
               "MLflow's store has room.", file=sys.stderr)  # fmt: skip
@@ -205,24 +206,24 @@ def log_to_mlflow(
     reference_images: int,
 ) -> None:  # fmt: skip
     """A nested run per evaluation under the training run; the latest scores on the training run."""
-    from pipeline import tracking
+    from pipeline.tracking import connection, mlflow_run
 
     env = dict(os.environ)
-    train_run_id = runtime.read_json(paths.run_info).get("run_id") if paths.run_info.is_file() else None
-    parent = tracking.MlflowRun.existing(train_run_id, experiment_id) if train_run_id else None
+    train_run_id = files.read_json(paths.run_info).get("run_id") if paths.run_info.is_file() else None
+    parent = mlflow_run.MlflowRun.existing(train_run_id, experiment_id) if train_run_id else None
     if train_run_id and parent is None:
         print(f"training run {train_run_id} is not in {uri}; recording this evaluation as a run of its own.")
-    tags = {**tracking.dvc_tags(env), "stage": "evaluate", "dataset": params.data.dataset,
-            "generator.sha256": runtime.sha256_file(paths.generator)}  # fmt: skip
+    tags = {**connection.dvc_tags(env), "stage": "evaluate", "dataset": params.data.dataset,
+            "generator.sha256": files.sha256_file(paths.generator)}  # fmt: skip
     name = f"evaluate n={result['n_samples']}"
-    run = parent.child(name, tags) if parent else tracking.MlflowRun.start(experiment_id, name, tags)
+    run = parent.child(name, tags) if parent else mlflow_run.MlflowRun.start(experiment_id, name, tags)
     # The scores are metrics (what a person compares); the real-data floors and what makes a score
     # comparable are the run's params, so the UI shows the scores, not a dozen flat floor lines.
     floors = {f"floor.{k}": str(result[f"{k}_floor"]) for k in SCALARS if f"{k}_floor" in result}
     run.log_params({f"evaluate.{k}": str(v) for k, v in params.evaluate.model_dump().items()} | floors
                    | {"classifier_sha256": result["classifier_sha256"], "feature_dim": str(result["feature_dim"]),
                       "n_samples": str(result["n_samples"])})  # fmt: skip
-    run.log_dataset(f"{params.data.dataset}-reference", runtime.sha256_file(paths.reference), paths.reference,
+    run.log_dataset(f"{params.data.dataset}-reference", files.sha256_file(paths.reference), paths.reference,
                     "evaluation", {"images": reference_images, "classes": len(data.class_names(params.data))})  # fmt: skip
     scores = {k: float(result[k]) for k in scalars(result)}
     run.log_metrics([{"step": 0, **scores}])
@@ -236,7 +237,7 @@ def log_to_mlflow(
                          "eval.classifier_sha256": result["classifier_sha256"]})  # fmt: skip
         register(params, parent, result, paths.generator)
     print(f"MLflow: evaluation run {run.run_id}" + (f" under training run {parent.run_id}" if parent else ""))
-    print(f"see the runs: {tracking.ui_hint(uri, experiment_id)}")
+    print(f"see the runs: {connection.ui_hint(uri, experiment_id)}")
     lost = "; ".join(filter(None, (run.lost_summary(), parent.lost_summary() if parent else "")))
     if lost:
         print(f"warning: {lost}; the outputs are complete, run the evaluate stage again once the server is back.",
@@ -249,27 +250,27 @@ def register(params: Params, parent: Any, result: dict[str, Any], generator: Pat
     The version is the run's logged model whose weights are `generator`'s, the ones just scored: an
     extended run logs a model per training, and only the newest holds what was evaluated.
     """
-    from pipeline import registry, tracking
+    from pipeline.tracking import connection, logged_model, registry
 
     if parent.failure is not None:
         return  # the server went away: evaluate again once it is back
     try:
-        tensors = tracking.tensors_sha256(runtime.load_checkpoint(generator)["generator"])
+        tensors = logged_model.tensors_sha256(files.load_checkpoint(generator)["generator"])
         models = sorted((m for m in parent.logged_models() if str(m.status) == "READY"),
                         key=lambda m: m.creation_timestamp)  # fmt: skip
-        scored = [m for m in models if m.tags.get(tracking.TENSORS_SHA_TAG) == tensors]
+        scored = [m for m in models if m.tags.get(logged_model.TENSORS_SHA_TAG) == tensors]
         if not scored:
             what = "no finished model" if not models else f"no logged model of {generator}'s weights"
             print(f"training run {parent.run_id} holds {what} to register (`python -m pipeline resend` logs it).")
             return
-        weights = {tracking.ARTIFACT_SHA_TAG: scored[-1].tags[tracking.ARTIFACT_SHA_TAG],
-                   tracking.TENSORS_SHA_TAG: tensors}  # fmt: skip
+        weights = {logged_model.ARTIFACT_SHA_TAG: scored[-1].tags[logged_model.ARTIFACT_SHA_TAG],
+                   logged_model.TENSORS_SHA_TAG: tensors}  # fmt: skip
         score = registry.Score(float(result["fid"]), result.get("fid_floor"), int(result["n_samples"]),
                                result["classifier_sha256"])  # fmt: skip
         name = registry.model_name(params.tracking.experiment, params.data.dataset)
         outcome = registry.register(name, parent.run_id, f"models:/{scored[-1].model_id}", score, weights)
     except Exception as exc:  # noqa: BLE001 - the registry is bookkeeping: the scores are written either way
-        print(f"warning: the model registry did not take this evaluation ({tracking.first_line(exc)}); "
+        print(f"warning: the model registry did not take this evaluation ({connection.first_line(exc)}); "
               "run evaluate again to register it.", file=sys.stderr)  # fmt: skip
         return
     said = "is now the champion" if outcome.promoted else f"champion stays version {outcome.champion}"

@@ -20,11 +20,14 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from pipeline import data, runtime, scoring
+from pipeline import data, files, machine
 from pipeline.errors import UserError
+from pipeline.gan.dcgan import Generator, LABEL_DIM, build_generator
+from pipeline.gan.export import load_generator
+from pipeline.gan.sampling import generate, requested_labels
 from pipeline.layout import Layout
-from pipeline.models import LABEL_DIM, Generator, build_generator, generate, load_generator, requested_labels
 from pipeline.params import DataParams, ModelParams, load_params
+from pipeline.scoring import scorer
 
 
 def from_weights(weights: dict[str, torch.Tensor], model: ModelParams, where: str) -> Generator:
@@ -60,16 +63,16 @@ class Logged:
 
 def by_run(run_id: str, experiment_id: str) -> Logged:
     """The generator that training run `run_id` logged last (its finished upload)."""
-    from pipeline import tracking
+    from pipeline.tracking import logged_model, mlflow_run
 
-    run = tracking.MlflowRun.existing(run_id, experiment_id)
+    run = mlflow_run.MlflowRun.existing(run_id, experiment_id)
     if run is None:
         raise UserError(f"MLflow run {run_id} is not in this experiment's tracking store.")
     ready = sorted((m for m in run.logged_models() if str(m.status) == "READY"), key=lambda m: m.creation_timestamp)
     if not ready:
         raise UserError(f"MLflow run {run_id} holds no finished model; train (or `resend`) it first.")
     repair = "run `python -m pipeline resend` in its project, or train it again"
-    return Logged(ready[-1].artifact_location, ready[-1].tags.get(tracking.ARTIFACT_SHA_TAG), f"MLflow run {run_id}",
+    return Logged(ready[-1].artifact_location, ready[-1].tags.get(logged_model.ARTIFACT_SHA_TAG), f"MLflow run {run_id}",
                   repair)  # fmt: skip
 
 
@@ -82,14 +85,14 @@ def by_uri(uri: str) -> Logged:
     from mlflow import MlflowClient
     from mlflow.exceptions import MlflowException
 
-    from pipeline import tracking
+    from pipeline.tracking import connection, logged_model
 
     client = MlflowClient()
     ref = uri.removeprefix("models:/")
     try:
         if uri.startswith("models:/m-") and "/" not in ref:
             model = client.get_logged_model(ref)
-            return Logged(model.artifact_location, model.tags.get(tracking.ARTIFACT_SHA_TAG), f"MLflow model {ref}",
+            return Logged(model.artifact_location, model.tags.get(logged_model.ARTIFACT_SHA_TAG), f"MLflow model {ref}",
                           "run `python -m pipeline resend` in its project, or train it again")  # fmt: skip
         if not uri.startswith("models:/") or not ("@" in ref or ref.rpartition("/")[2].isdigit()):
             raise UserError(f"--model {uri} is not models:/NAME@ALIAS, models:/NAME/VERSION or models:/<model id>.")
@@ -108,8 +111,8 @@ def by_uri(uri: str) -> Logged:
             return Logged("", None, who, repair)
         model = client.get_logged_model(model_id)
     except MlflowException as exc:
-        raise UserError(f"MLflow has no model {uri} ({tracking.first_line(exc).rstrip('.')}).") from None
-    return Logged(model.artifact_location, version.tags.get(tracking.ARTIFACT_SHA_TAG), who, repair)
+        raise UserError(f"MLflow has no model {uri} ({connection.first_line(exc).rstrip('.')}).") from None
+    return Logged(model.artifact_location, version.tags.get(logged_model.ARTIFACT_SHA_TAG), who, repair)
 
 
 def trusted_weights(logged: Logged) -> tuple[dict[str, torch.Tensor], dict[str, float]]:
@@ -119,7 +122,7 @@ def trusted_weights(logged: Logged) -> tuple[dict[str, torch.Tensor], dict[str, 
 
     import mlflow
 
-    from pipeline import tracking
+    from pipeline.tracking import connection, logged_model
 
     if not logged.recorded:
         raise UserError(f"{logged.who} was logged without a verifiable weights file (by an older version of this "
@@ -129,16 +132,16 @@ def trusted_weights(logged: Logged) -> tuple[dict[str, torch.Tensor], dict[str, 
     with tempfile.TemporaryDirectory() as folder:
         try:
             path = Path(mlflow.artifacts.download_artifacts(
-                artifact_uri=f"{logged.location.rstrip('/')}/{tracking.WEIGHTS_PATH}", dst_path=folder))  # fmt: skip
+                artifact_uri=f"{logged.location.rstrip('/')}/{logged_model.WEIGHTS_PATH}", dst_path=folder))  # fmt: skip
         except Exception as exc:  # noqa: BLE001 - a deleted file, an unreachable store: the same for the user
-            raise UserError(f"{logged.who}'s generator weights ({tracking.WEIGHTS_PATH}) cannot be fetched "
-                            f"({tracking.first_line(exc).rstrip('.')}); {logged.repair}.") from None  # fmt: skip
-        found = runtime.sha256_file(path)
+            raise UserError(f"{logged.who}'s generator weights ({logged_model.WEIGHTS_PATH}) cannot be fetched "
+                            f"({connection.first_line(exc).rstrip('.')}); {logged.repair}.") from None  # fmt: skip
+        found = files.sha256_file(path)
         if found != logged.recorded:
             raise UserError(f"{logged.who}'s generator weights fail their SHA-256 check (recorded "
                             f"{logged.recorded[:12]}, found {found[:12]}); refusing to load them.")  # fmt: skip
         try:
-            state = runtime.load_checkpoint(path)
+            state = files.load_checkpoint(path)
         except UserError as exc:
             raise UserError(f"{logged.who}'s generator weights cannot be loaded ({str(exc).rstrip('.')}).") from None
     weights, arch = state.get("generator"), state.get("architecture", {})
@@ -177,11 +180,11 @@ def main(
         raise UserError(f"-n must be at least 1, not {n}.")
     if raw and (run or model):
         raise UserError("--raw reads the train stage's models/generator.pt; MLflow holds only the generator a run gives.")
-    device = runtime.pick_device(params.train.device)
+    device = machine.pick_device(params.train.device)
     if run or model:
-        from pipeline import tracking
+        from pipeline.tracking import connection
 
-        uri, experiment_id, _ = tracking.open_experiment(params.tracking.experiment, Path.cwd(), dict(os.environ))
+        uri, experiment_id, _ = connection.open_experiment(params.tracking.experiment, Path.cwd(), dict(os.environ))
         logged = by_uri(model) if model else by_run(run or "", experiment_id)
         weights, arch = trusted_weights(logged)
         source = model or f"MLflow run {run}"
@@ -199,7 +202,7 @@ def main(
     if label is not None:
         labels = torch.full((n,), class_index(label, params.data))
     elif generator.n_classes:  # the classes evaluate asks for: the real test set's shares
-        labels = requested_labels(n, scoring.load_reference(paths.reference).label_distribution, seed)
+        labels = requested_labels(n, scorer.load_reference(paths.reference).label_distribution, seed)
     pixels = generate(generator, n, seed, params.evaluate.batch_size, device, labels).numpy()  # (n, 28, 28) uint8
     if grid is None and output is None and folder is None:
         grid = Path("generated.png")
@@ -210,7 +213,7 @@ def main(
     if output is not None:
         if output.suffix != ".npy":
             raise UserError(f"--output {output} must end in .npy (N x 28 x 28 uint8, as evaluate --samples reads).")
-        with runtime.atomic_path(output) as tmp, open(tmp, "wb") as fh:
+        with files.atomic_path(output) as tmp, open(tmp, "wb") as fh:
             np.save(fh, pixels)
         written.append(str(output))
     if folder is not None:

@@ -1,16 +1,13 @@
-"""Runtime helpers shared by the stages: device choice, seeding, atomic file writes."""
+"""Files: atomic writes, full-disk errors, JSON, checksummed weights-only checkpoints, fingerprints."""
 
 from __future__ import annotations
 
 import contextlib
 import contextvars
-import ctypes
 import errno
-import functools
 import hashlib
 import json
 import os
-import random
 import re
 import resource
 import shutil
@@ -19,112 +16,9 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import IO, Any
 
-import numpy as np
 import torch
 
 from pipeline.errors import UserError
-
-
-def pick_device(requested: str = "auto") -> torch.device:
-    """`auto` picks CUDA, then Apple MPS, then CPU; an explicit choice must be available."""
-    cuda = torch.cuda.is_available()
-    mps = getattr(torch.backends, "mps", None) is not None and torch.backends.mps.is_available()
-    if requested == "auto":
-        return torch.device("cuda" if cuda else "mps" if mps else "cpu")
-    if requested == "cuda" and not cuda:
-        raise UserError("device 'cuda' was requested but no CUDA GPU is available; use 'auto' or 'cpu'.")
-    if requested == "mps" and not mps:
-        raise UserError("device 'mps' was requested but Apple MPS is not available; use 'auto' or 'cpu'.")
-    return torch.device(requested)
-
-
-@functools.cache
-def cpu_has_native_bf16() -> bool:
-    """True on CPUs with bf16 dot-product instructions (x86 AVX512-BF16 or AMX-BF16; Linux flags)."""
-    try:
-        flags = Path("/proc/cpuinfo").read_text()
-    except OSError:
-        return False
-    return bool(re.search(r"\b(avx512_bf16|amx_bf16)\b", flags))
-
-
-def resolve_precision(precision: str, device: torch.device) -> str:
-    """`auto` means bf16 where the hardware computes it natively (CUDA with bf16, such CPUs), else fp32."""
-    if precision != "auto":
-        return precision
-    if device.type == "cuda":
-        return "bf16" if torch.cuda.is_bf16_supported(including_emulation=False) else "fp32"
-    if device.type == "cpu":
-        return "bf16" if cpu_has_native_bf16() else "fp32"
-    return "fp32"
-
-
-# glibc's mallopt parameters
-_M_TRIM_THRESHOLD, _M_MMAP_THRESHOLD = -1, -3
-
-
-@functools.cache
-def keep_freed_memory() -> bool:
-    """Have glibc's malloc keep freed memory for the next allocation instead of returning it to the OS.
-
-    PyTorch's CPU allocator caches nothing (its CUDA one does): each training step allocates its
-    large activations afresh, and glibc serves blocks over its mmap threshold from new pages,
-    faulted in on first write: 10,000-15,000 page faults per training step at batch 128. With
-    blocks up to 1 GiB served from the heap and the heap trimmed only beyond 1 GiB of free
-    space, the next step reuses the last one's pages (a step 4-5% faster on the AMX machine).
-    The process then holds its peak memory, as a caching allocator does. Training, evaluate and
-    reference (classifier batches, PRDC's distance blocks) call it. Once per process; False where
-    malloc is not glibc's.
-    """
-    try:
-        libc = ctypes.CDLL("libc.so.6")
-        return bool(libc.mallopt(_M_TRIM_THRESHOLD, 1 << 30) and libc.mallopt(_M_MMAP_THRESHOLD, 1 << 30))
-    except (OSError, AttributeError):
-        return False
-
-
-def use_threads(requested: int) -> int:
-    """Run torch's CPU work on `requested` threads (0: keep torch's own choice); the count in use."""
-    if requested:
-        torch.set_num_threads(requested)
-    return torch.get_num_threads()
-
-
-def cores() -> int:
-    """The cores this process may run on (its CPU affinity where the OS tells it)."""
-    try:
-        return len(os.sched_getaffinity(0))
-    except (AttributeError, OSError):
-        return os.cpu_count() or 1
-
-
-def busy_machine_advice(threads: int, cores: int, load: float) -> str | None:
-    """What to do when the machine is oversubscribed (its 1-minute load above its cores), else None.
-
-    Every process starts one thread per core by default: a few jobs on one machine then spin
-    against each other and each trains many times slower than alone. A share of the cores each,
-    in proportion to the work already there, avoids that.
-    """
-    if load <= cores:
-        return None
-    share = max(1, round(cores * cores / (load + cores)))
-    return (f"this machine is oversubscribed (load {load:.1f} on {cores} cores) and this run adds {threads} "
-            f"thread(s): processes that share cores can each train many times slower; give each job a share, "
-            f"e.g. -S train.threads={share} (or OMP_NUM_THREADS={share}; the weights depend on the thread count).")
-
-
-def seed_everything(seed: int) -> None:
-    """Seed Python, NumPy and torch (all devices) from one param."""
-    random.seed(seed)
-    np.random.seed(seed % 2**32)
-    torch.manual_seed(seed)
-
-
-def device_name(device: torch.device) -> str:
-    """A human-readable name for tags and logs ('cpu', 'NVIDIA H200', ...)."""
-    if device.type == "cuda":
-        return torch.cuda.get_device_name(device)
-    return device.type
 
 
 # The outputs that atomic_files() holds back: target -> its finished temp file, while one is open.
@@ -404,95 +298,3 @@ def fingerprint(*parts: Any) -> str:
     """A stable short hash of JSON-serialisable parts (params, data hashes)."""
     text = json.dumps(parts, sort_keys=True, default=str)
     return hashlib.sha256(text.encode()).hexdigest()[:16]
-
-
-# --- stop signals and the one-writer lock ------------------------------------------------------
-# (imports inside: this module is imported by every stage, most of which never need them)
-
-STOP_SIGNALS = ("SIGTERM", "SIGINT", "SIGHUP")  # timeout / docker stop / Slurm; Ctrl-C; a closed terminal
-
-
-class Stopped(KeyboardInterrupt):
-    """A stage stopped on a signal. A KeyboardInterrupt, so that its MLflow run is marked KILLED; the
-    CLI prints `message` (empty where another process says it) and exits 128 + the signal's number,
-    as a shell reports a death by that signal."""
-
-    def __init__(self, signum: int, message: str = "", *, at_once: bool = False) -> None:
-        super().__init__(message)
-        self.signum, self.message, self.at_once = signum, message, at_once
-        self.exit_code = 128 + signum
-
-    @property
-    def name(self) -> str:
-        import signal
-
-        return signal.Signals(self.signum).name
-
-
-class StopRequest:
-    """The first stop signal received while `stop_on_signals` is in force (`signum` 0: none yet)."""
-
-    def __init__(self) -> None:
-        self.signum = 0
-
-
-@contextlib.contextmanager
-def stop_on_signals(request: StopRequest, second_stops_at_once: bool = True) -> Iterator[StopRequest]:
-    """For the block: the first SIGTERM, SIGINT or SIGHUP is recorded in `request` (the work polls it
-    and stops where it can resume from); a second one raises Stopped at once, unless
-    `second_stops_at_once` is False. The old handlers come back afterwards. Python sets handlers only
-    in the main thread: elsewhere this does nothing."""
-    import signal
-    import threading
-
-    if threading.current_thread() is not threading.main_thread():
-        yield request
-        return
-
-    def handle(signum: int, frame: Any) -> None:
-        if request.signum and second_stops_at_once:
-            raise Stopped(signum, at_once=True)
-        request.signum = signum
-
-    old = {sig: signal.signal(sig, handle) for sig in (getattr(signal, name) for name in STOP_SIGNALS)}
-    try:
-        yield request
-    finally:
-        for sig, handler in old.items():
-            signal.signal(sig, signal.SIG_DFL if handler is None else handler)
-
-
-@contextlib.contextmanager
-def exclusive(path: Path, what: str) -> Iterator[None]:
-    """Hold an flock on `path` for the block; while another process holds it, refuse with one sentence
-    naming that process's PID (written into the file). The kernel drops the lock with its process,
-    so a killed holder leaves nothing stuck; the file is removed on the way out."""
-    import fcntl
-
-    path.parent.mkdir(parents=True, exist_ok=True)
-    while True:
-        fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o666)
-        try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            holder = os.pread(fd, 32, 0).decode(errors="replace").strip()
-            os.close(fd)
-            who = f"PID {holder}" if holder.isdigit() else "a process that is just starting"
-            raise UserError(f"{what} is already running in this project ({who} holds {path}); wait for it to "
-                            "end, or stop it, before starting another.") from None  # fmt: skip
-        # The holder before us removes the file on its way out: if it did so between our open and our
-        # lock, ours is a lock on a file nobody else opens. Then lock the file that is there instead.
-        try:
-            current = os.stat(path).st_ino == os.fstat(fd).st_ino
-        except FileNotFoundError:
-            current = False
-        if current:
-            break
-        os.close(fd)
-    try:
-        os.ftruncate(fd, 0)
-        os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
-        yield
-    finally:
-        path.unlink(missing_ok=True)  # while still holding the lock: see above
-        os.close(fd)

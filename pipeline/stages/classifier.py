@@ -22,11 +22,11 @@ from tqdm import tqdm
 from pipeline import data
 from pipeline.data import Dataset, load_prepared, to_model
 from pipeline.errors import UserError
+from pipeline.files import read_json, remove_stale_temps, sha256_file, write_json
 from pipeline.layout import Layout
-from pipeline.models import Classifier, build_classifier
+from pipeline.machine import pick_device, seed_everything
 from pipeline.params import ClassifierParams, load_params
-from pipeline.runtime import pick_device, read_json, remove_stale_temps, seed_everything, sha256_file, write_json
-from pipeline.scoring import classify, save_classifier
+from pipeline.scoring.frozen_classifier import Classifier, build_classifier, classify, save_classifier
 
 MAX_SHIFT = 2  # augmentation: random translations of up to +-2 px
 EVAL_BATCH = 1000

@@ -3,7 +3,7 @@
 `evaluate` registers the generator a training run logged as a version of the registered model
 `<experiment>-generator` with its FID, floor, N and classifier hash as version tags. A version
 holds exactly the weights its FID was measured on: versions are keyed by the SHA-256 of those
-weights (tracking.TENSORS_SHA_TAG), so a re-evaluation of the same weights updates its version's
+weights (logged_model.TENSORS_SHA_TAG), so a re-evaluation of the same weights updates its version's
 tags and an extended run, whose new weights were logged as a new model, gets a new version. The
 SHA-256 of the weights file recorded when the model was logged is copied onto the version:
 `generate --model` checks the file against it. The alias `champion` then moves to
@@ -13,7 +13,7 @@ lock that MLflow itself provides: creating a registered model whose name is take
 SQLite and on a tracking server alike, so of two concurrent evaluations one decides first and
 the other compares against its result.
 
-`python -m pipeline champion` prints the champion.
+`python -m pipeline champion` (stages/champion.py) prints the champion.
 """
 
 from __future__ import annotations
@@ -24,10 +24,10 @@ import socket
 import time
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any
 
 from pipeline.errors import UserError
+
 
 CHAMPION = "champion"
 LOCK_STALE_S = 300.0  # a lock older than this was left by a killed process
@@ -112,7 +112,7 @@ def decision_lock(client: Any, name: str, timeout_s: float = 120.0) -> Iterator[
 
 def version_of(client: Any, name: str, run_id: str, model_uri: str, weights: Mapping[str, str] | None) -> Any | None:
     """The version of `name` that holds these weights of run `run_id` (without `weights`: that holds `model_uri`)."""
-    from pipeline.tracking import TENSORS_SHA_TAG
+    from pipeline.tracking.logged_model import TENSORS_SHA_TAG
 
     found = client.search_model_versions(f"name = '{name}' and run_id = '{run_id}'")
     if weights:
@@ -130,7 +130,7 @@ def register(name: str, run_id: str, model_uri: str, score: Score, weights: Mapp
     """
     from mlflow.exceptions import MlflowException
 
-    from pipeline.tracking import ARTIFACT_SHA_TAG
+    from pipeline.tracking.logged_model import ARTIFACT_SHA_TAG
 
     client = _client()
     with contextlib.suppress(MlflowException):  # exists already: fine
@@ -185,19 +185,3 @@ def champion(name: str) -> dict[str, Any]:
         "model": name, "version": str(version.version), "uri": f"models:/{name}@{CHAMPION}",
         "run_id": version.run_id, "run_name": run.info.run_name if run else "", **dict(version.tags),
     }  # fmt: skip
-
-
-def main(params_path: Path = Path("params.yaml")) -> None:
-    """`python -m pipeline champion`: the best generator so far, with its scores and run."""
-    from pipeline import tracking
-    from pipeline.params import load_params
-
-    params = load_params(params_path)
-    uri, _, _ = tracking.open_experiment(params.tracking.experiment, Path.cwd(), dict(os.environ))
-    found = champion(model_name(params.tracking.experiment, params.data.dataset))
-    floor = f" (real-data floor {float(found['fid_floor']):.4g})" if found.get("fid_floor") else ""
-    print(f"champion: {found['model']} version {found['version']} -> {found['uri']}")
-    print(f"  FID {float(found['fid']):.4f}{floor} at N={found['n_samples']}, "
-          f"classifier {found['classifier_sha256'][:12]}")  # fmt: skip
-    print(f"  from training run {found['run_name'] or '?'} ({found['run_id']}) in {tracking.redact(uri)}")
-    print(f"  draw from it: python -m pipeline generate --model {found['uri']}")

@@ -15,11 +15,14 @@ from typing import Any
 
 import numpy as np
 
-from pipeline import data, runtime, tracking
+from pipeline import data, files
 from pipeline.errors import UserError
+from pipeline.gan.export import for_export
+from pipeline.gan.loop import LOG_COLUMNS, summary_row
+from pipeline.gan.sampling import GRID
 from pipeline.layout import Layout
 from pipeline.params import flatten, load_params
-from pipeline.train import GRID, LOG_COLUMNS, for_export, summary_row
+from pipeline.tracking import connection, logged_model, mlflow_run
 
 
 def backfill(
@@ -44,19 +47,19 @@ def backfill(
     """
     sent = {"params": 0, "metrics": 0, "images": 0, "artifacts": 0, "model": 0}
     try:
-        found = tracking.MlflowRun.existing(run_id, experiment_id) or tracking.MlflowRun.tagged(
+        found = mlflow_run.MlflowRun.existing(run_id, experiment_id) or mlflow_run.MlflowRun.tagged(
             experiment_id, "resent_from", run_id
         )
         # A param changed on the run (an extended run's train.steps) is recorded as a tag, since MLflow
         # params are immutable: its current value is the tag's.
-        have = tracking.current_params(found) if found else {}
+        have = mlflow_run.current_params(found) if found else {}
         clash = next((key for key, value in params.items() if have.get(key, value) != value), None)
         if found and clash:
             raise UserError(
                 f"run {found.run_id} has {clash}={have[clash]}, not {params[clash]}: these outputs are not its own."
             )
         # Reopens the run that was found; else a new run, tagged with the id it stands in for.
-        run = tracking.MlflowRun.start(
+        run = mlflow_run.MlflowRun.start(
             experiment_id, None, {**tags, "resent_from": run_id}, resume_run_id=found.run_id if found else None
         )
         new_params = {key: value for key, value in params.items() if key not in have}
@@ -86,14 +89,14 @@ def backfill(
             # The model of these weights, with its weights file: a run that holds only an older model
             # (an extended run's first, or one logged before models carried weights files) gets it.
             network, example = model()
-            if not run.has_model(tracking.tensors_sha256(network.state_dict())):
+            if not run.has_model(logged_model.tensors_sha256(network.state_dict())):
                 run.log_model(network, model_name, example)
                 sent["model"] = 1
         run.finish()
     except UserError:
         raise
     except Exception as exc:  # noqa: BLE001 - whatever the backend says, the user only needs to retry
-        raise _retry(tracking.network_failure(exc) or tracking.first_line(exc)) from None
+        raise _retry(connection.network_failure(exc) or connection.first_line(exc)) from None
     if run.lost:
         raise _retry(run.failure)
     sent["params"], sent["metrics"] = len(new_params), sum(len(row) - 1 for row in missing)
@@ -115,13 +118,13 @@ def resend(params_path: Path = Path("params.yaml")) -> None:
             f"no finished training run here ({paths.run_info}, {paths.train_metrics} or {paths.train_log} is "
             "missing); train first."
         )
-    info = runtime.read_json(paths.run_info)
+    info = files.read_json(paths.run_info)
     flat = flatten(params)
-    if info.get("params_sha256", runtime.fingerprint(flat)) != runtime.fingerprint(flat):
+    if info.get("params_sha256", files.fingerprint(flat)) != files.fingerprint(flat):
         raise UserError(
             f"{params_path} changed since run {info['run_id']} was trained; restore it to re-send that run."
         )
-    uri, experiment_id, _ = tracking.open_experiment(params.tracking.experiment, Path.cwd(), dict(os.environ))
+    uri, experiment_id, _ = connection.open_experiment(params.tracking.experiment, Path.cwd(), dict(os.environ))
 
     def table(path: Path) -> list[list[str]]:
         return [line.split(",") for line in path.read_text().splitlines()[1:] if line] if path.is_file() else []
@@ -132,7 +135,7 @@ def resend(params_path: Path = Path("params.yaml")) -> None:
         for step, *values in table(paths.train_log)
     ]
     rows += [{"step": int(step), "fid_quick": float(fid)} for step, fid in table(paths.fid_log)]
-    rows.append(summary_row(runtime.read_json(paths.train_metrics)))
+    rows.append(summary_row(files.read_json(paths.train_metrics)))
     grid_size = data.make_grid(np.zeros((1, data.IMAGE_SIZE, data.IMAGE_SIZE), np.uint8), GRID).shape[0]
     images = {}
     for path in sorted(paths.samples.glob("step_*.png")):
@@ -140,7 +143,7 @@ def resend(params_path: Path = Path("params.yaml")) -> None:
         images[int(path.stem.removeprefix("step_"))] = big[:: big.shape[0] // grid_size, :: big.shape[1] // grid_size]
 
     def model() -> tuple[Any, np.ndarray]:
-        weights = runtime.load_checkpoint(paths.generator)["generator"]
+        weights = files.load_checkpoint(paths.generator)["generator"]
         network, _, example = for_export(params.model, weights, len(data.class_names(params.data)))
         return network, example
 

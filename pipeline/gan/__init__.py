@@ -1,0 +1,1 @@
+"""The GAN core: architectures, losses, the training step and loop, sampling. No files, no MLflow."""

@@ -1,0 +1,203 @@
+"""Building blocks of the GAN's models: the Keras tutorial's batch norm, "same" padding and
+initialisation, and faster same-function forms of its layers on the CPU (`UpsampleConv`,
+`TapConv`, `Dropout`)."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+
+def keras_batch_norm(channels: int, keras_momentum: float, eps: float) -> nn.BatchNorm2d:
+    return nn.BatchNorm2d(channels, eps=eps, momentum=1.0 - keras_momentum)
+
+
+def conv_same(in_ch: int, out_ch: int, stride: int) -> nn.Sequential | nn.Conv2d:
+    """3x3 conv with Keras' "same" padding: (0, 1, 0, 1) for stride 2 on even inputs."""
+    if stride == 1:
+        return nn.Conv2d(in_ch, out_ch, 3, stride=1, padding=1)
+    return nn.Sequential(nn.ZeroPad2d((0, 1, 0, 1)), nn.Conv2d(in_ch, out_ch, 3, stride=stride))
+
+
+def keras_init_(module: nn.Module) -> None:
+    """Keras defaults: glorot-uniform kernels, zero biases (BN keeps gamma=1, beta=0)."""
+    for m in module.modules():
+        if isinstance(m, (nn.Conv2d, nn.Linear)):
+            nn.init.xavier_uniform_(m.weight)
+            if m.bias is not None:
+                nn.init.zeros_(m.bias)
+
+
+# Nearest x2 upsampling then a 3x3 conv: output row 2i reads input rows (i-1, i) with taps
+# (w0, w1 + w2), row 2i+1 reads (i, i+1) with (w0 + w1, w2). That is a stride-2 transposed
+# conv whose 4 taps per axis are these sums, in this order:
+_TAPS = torch.tensor([[0.0, 0.0, 1.0], [0.0, 1.0, 1.0], [1.0, 1.0, 0.0], [1.0, 0.0, 0.0]])  # (4, 3)
+
+
+# The same taps by output phase: output row 2i + a (a = 0, 1) is a two-tap conv over rows
+# (i + a, i + a + 1) of the input padded by one; phase 0 takes (w0, w1 + w2), phase 1 (w0 + w1, w2).
+_PHASE_TAPS = _TAPS[[3, 1, 2, 0]].view(2, 2, 3)  # (a, tap, 3x3 row)
+
+
+def _zero_border(t: torch.Tensor, top: int, left: int, height: int, width: int) -> None:
+    """Zeroes all of t (B, rows, columns, ...) but the block of `height` x `width` at (top, left),
+    which the caller fills: cheaper than zeroing all of a large fresh tensor first."""
+    t[:, :top] = 0
+    t[:, top + height :] = 0
+    t[:, top : top + height, :left] = 0
+    t[:, top : top + height, left + width :] = 0
+
+
+class _PhaseProduct(torch.autograd.Function):
+    """x (B, C, H, W) -> (B, out, 2H, 2W), channels-last in memory: every 2x2 window of the padded
+    input times `matrix` (4C, 4 out; rows: window tap dy, dx, channel; columns: phase a, b, channel)
+    gives the four output pixels (2i + a, 2j + b) it feeds, in one matrix product.
+
+    Windows are read from the padded input flattened to (pixels, C), where the window's four taps
+    are row offsets 0, 1, W + 2, W + 3. So the backward pass needs no scatter of 4x larger
+    tensors: the input gradient is four products accumulated at those offsets, the weight
+    gradient one product with the saved windows. Every product is a plain GEMM (oneDNN, bf16 on
+    AMX), where oneDNN's own transposed conv runs its backward at a fraction of that speed.
+    """
+
+    @staticmethod
+    def forward(ctx: Any, x: torch.Tensor, matrix: torch.Tensor, bias: torch.Tensor) -> torch.Tensor:
+        batch, channels, height, width = x.shape
+        out = matrix.shape[1] // 4
+        row = width + 2  # a padded image row, in flat pixels
+        padded = x.new_empty(batch, height + 2, row, channels)
+        _zero_border(padded, 1, 1, height, width)
+        padded[:, 1:-1, 1:-1] = x.permute(0, 2, 3, 1)
+        flat = padded.view(-1, channels)
+        n = flat.shape[0] - row - 1  # windows whose four taps lie inside the flat array
+        pairs = flat.as_strided((n + row, 2 * channels), (channels, 1))  # pixel p and p + 1: a window's top or bottom row
+        windows = x.new_empty(n, 2, 2 * channels)
+        windows[:, 0], windows[:, 1] = pairs[:n], pairs[row:]
+        windows = windows.view(n, 4 * channels)
+        phases = x.new_empty(flat.shape[0], 4 * out)  # the last row + 1 windows are never read
+        torch.mm(windows, matrix, out=phases[:n])
+        phases = phases.view(batch, height + 2, row, 2, 2, out)
+        y = x.new_empty(batch, 2 * height, 2 * width, out)
+        pixels = y.view(batch, height, 2, width, 2, out)
+        for a in range(2):
+            for b in range(2):  # output pixel (2i + a, 2j + b) is phase (a, b) of the window at (i + a, j + b)
+                torch.add(phases[:, a : a + height, b : b + width, a, b], bias, out=pixels[:, :, a, :, b])
+        ctx.save_for_backward(windows, matrix)
+        ctx.dims = batch, channels, height, width, out
+        ctx.channels_last = not x.is_contiguous()
+        return y.permute(0, 3, 1, 2)
+
+    @staticmethod
+    def backward(ctx: Any, grad: torch.Tensor) -> tuple[torch.Tensor | None, ...]:
+        windows, matrix = ctx.saved_tensors
+        batch, channels, height, width, out = ctx.dims
+        row, n = width + 2, windows.shape[0]
+        pixels = grad.permute(0, 2, 3, 1).reshape(batch, height, 2, width, 2, out)
+        phases = grad.new_empty(batch, height + 2, row, 2, 2, out)
+        for a in range(2):
+            for b in range(2):
+                _zero_border(phases[:, :, :, a, b], a, b, height, width)
+                phases[:, a : a + height, b : b + width, a, b] = pixels[:, :, a, :, b]
+        phases = phases.view(-1, 4 * out)[:n]
+        grad_x = grad_matrix = grad_bias = None
+        if ctx.needs_input_grad[0]:
+            flat = grad.new_zeros(phases.shape[0] + row + 1, channels)
+            for tap, offset in enumerate((0, 1, row, row + 1)):
+                flat[offset : offset + n].addmm_(phases, matrix[tap * channels : (tap + 1) * channels].t())
+            grad_x = flat.view(batch, height + 2, row, channels)[:, 1:-1, 1:-1].permute(0, 3, 1, 2)
+            grad_x = grad_x.contiguous(memory_format=torch.channels_last if ctx.channels_last else torch.contiguous_format)
+        if ctx.needs_input_grad[1]:
+            grad_matrix = windows.t() @ phases
+        if ctx.needs_input_grad[2]:
+            sums = phases.sum(0).to(torch.promote_types(phases.dtype, torch.float32))
+            grad_bias = sums.view(4, out).sum(0).to(phases.dtype)
+        return grad_x, grad_matrix, grad_bias
+
+
+class UpsampleConv(nn.Module):
+    """Nearest x2 upsampling followed by a 3x3 "same" conv, optionally by output phase.
+
+    `phased`: as one stride-2 transposed conv (4x4 kernel summed from the 3x3 one), the same
+    function with 16 instead of 36 multiply-adds per output pixel and channel pair, and no 4x
+    larger intermediate. With `by_matmul` too, in training on the CPU, the phases run as one
+    matrix product over the 2x2 windows of the padded input (`_PhaseProduct`): the same function
+    in another order of sums, with more multiply-adds (the border's windows: x1.3 at 14 -> 28,
+    x1.65 at 7 -> 14) but forward and backward together 1.2x (14 -> 28) and 1.4x (7 -> 14)
+    faster at batch 128 in bf16 on AMX, where oneDNN's transposed-conv backward runs far below
+    its matmul speed; the training step gained 11%. In fp32 the extra multiply-adds made it
+    1.2-1.8x slower, so it runs only in the dtypes of `matmul_dtypes`. Its output is
+    channels-last in memory. Inference keeps the transposed conv. The parameters are the 3x3
+    conv's in every form, so checkpoints do not depend on it.
+    """
+
+    matmul_dtypes: tuple[torch.dtype, ...] = (torch.bfloat16,)
+
+    def __init__(self, in_ch: int, out_ch: int, phased: bool = True, by_matmul: bool = True) -> None:
+        super().__init__()
+        self.conv = nn.Conv2d(in_ch, out_ch, 3, padding=1)
+        self.phased = phased
+        self.by_matmul = by_matmul
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if not self.phased:
+            return self.conv(F.interpolate(x, scale_factor=2, mode="nearest"))
+        dtype = torch.get_autocast_dtype("cpu") if torch.is_autocast_enabled("cpu") else x.dtype
+        if self.by_matmul and self.training and x.device.type == "cpu" and dtype in self.matmul_dtypes:
+            with torch.autocast("cpu", enabled=False):
+                weight = self.conv.weight
+                taps = _PHASE_TAPS.to(weight)
+                matrix = torch.einsum("aty,bsx,oiyx->tsiabo", taps, taps, weight).reshape(4 * weight.shape[1], -1)
+                return _PhaseProduct.apply(x.to(dtype), matrix.to(dtype), self.conv.bias.to(dtype))
+        taps = _TAPS.to(self.conv.weight)
+        kernel = torch.einsum("ty,sx,oiyx->iots", taps, taps, self.conv.weight)  # (in, out, 4, 4)
+        return F.conv_transpose2d(x, kernel, self.conv.bias, stride=2, padding=1)
+
+
+class TapConv(nn.Conv2d):
+    """A 3x3 "same" conv to a few channels, optionally as a 1x1 conv to its taps and a shifted sum.
+
+    With `by_taps`, the 1x1 conv gives the nine tap products (9 x out_channels maps), and
+    each output pixel sums its nine neighbours' taps, in fp32: the same function. oneDNN
+    runs a conv with one output channel slowly; this form is about twice as fast on the
+    CPU, forward and backward. The parameters are the plain conv's either way.
+    """
+
+    def __init__(self, in_ch: int, out_ch: int, by_taps: bool = True) -> None:
+        super().__init__(in_ch, out_ch, 3, padding=1)
+        self.by_taps = by_taps
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if not self.by_taps:
+            return super().forward(x)
+        out, height, width = self.out_channels, x.shape[-2], x.shape[-1]
+        kernel = self.weight.permute(2, 3, 0, 1).reshape(9 * out, self.in_channels, 1, 1)  # rows: (dy, dx, out)
+        taps = F.pad(F.conv2d(x, kernel), (1, 1, 1, 1)).unflatten(1, (9, out))
+        taps = taps.to(torch.promote_types(taps.dtype, torch.float32))  # sum bf16 taps in fp32
+        y = sum(taps[:, 3 * dy + dx, :, dy : dy + height, dx : dx + width] for dy in range(3) for dx in range(3))
+        return y + self.bias.view(1, -1, 1, 1)
+
+
+class Dropout(nn.Dropout):
+    """nn.Dropout with a cheaper mask on the CPU: the same distribution, another random stream.
+
+    The CPU's bernoulli_ and torch.rand draw a 32-bit number per element. Here one draw decides
+    four elements, a byte each, kept when the byte is >= 256p: exactly probability 1 - p where
+    256p is a whole number (the tutorial's 0.25 is); other rates draw one float per element.
+    The mask multiplies rather than selects (autograd's backward of torch.where is slow), and
+    the kept values are scaled by 1/(1-p) as in nn.Dropout. Other devices keep their fused kernel.
+    """
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if not self.training or self.p == 0 or x.device.type != "cpu":
+            return super().forward(x)
+        threshold = 256 * self.p
+        if threshold == int(threshold):
+            n = x.numel()
+            draws = torch.randint(-(2**31), 2**31, ((n + 3) // 4,), dtype=torch.int32, device=x.device)
+            keep = draws.view(torch.uint8)[:n].view(x.shape) >= int(threshold)
+        else:
+            keep = torch.rand(x.shape, device=x.device) >= self.p
+        return (x * keep).mul_(1.0 / (1.0 - self.p))

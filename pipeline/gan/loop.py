@@ -1,0 +1,395 @@
+"""The GAN core: the training state, one step, and the loop, written out once.
+
+Each step, as in the Keras tutorial: draw a random batch of real images and a batch of
+fakes from fresh noise; train D on the real batch (label 1), then on the fake batch
+(label 0), two optimiser steps as the tutorial's two `train_on_batch` calls; then train
+G through D with the label "real". The generator runs once per step: its output feeds
+D's fake update (detached) and then G's update.
+
+Beyond the tutorial, each off by default (see params.py): an EMA of G's weights, updated
+after every G step, is what the grids, the quick FID and the exported generator use; a
+conditional pair gets each real image's label, and the fakes the real batch's labels.
+
+`train()` does no file or MLflow I/O: it reports through `Callbacks`, which the train stage
+wires to DVC outputs and MLflow, and the sweep to its trial. Host-device synchronisation
+happens only at logging points (every `log_every` steps), where the per-step losses
+collected on the device are copied out in one go.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+import torch
+from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
+
+from pipeline import data, distributed, machine, signals
+from pipeline.distributed import World
+from pipeline.errors import UserError
+from pipeline.gan.dcgan import Discriminator, Generator, build_discriminator, build_generator
+from pipeline.gan.losses import GanLoss, LOSSES
+from pipeline.gan.sampling import fixed_noise, sample_grid
+from pipeline.params import ModelParams, TrainParams
+
+
+LOG_COLUMNS = ("d_loss", "d_acc", "g_loss")
+Row = tuple[int, float, float, float]  # (step, d_loss, d_acc, g_loss)
+
+
+def metric_rows(rows: list[Row]) -> list[dict[str, float]]:
+    """History rows as the per-step metric dicts the tracker gets."""
+    return [dict(zip(("step", *LOG_COLUMNS), row, strict=True)) for row in rows]
+
+
+# What the tracker gets of metrics/train.json, as `final_*` metrics at the last step: the means a
+# person compares across runs (the last step's own losses are already on their curves).
+FINAL = ("d_loss_last100", "d_acc_last100", "g_loss_last100", "images_per_second")
+
+
+def summary_row(summary: dict[str, Any]) -> dict[str, float]:
+    """metrics/train.json as the tracker's `final_*` metrics, at the last step."""
+    return {"step": summary["step"], **{f"final_{k}": summary[k] for k in FINAL}}
+
+
+class Diverged(UserError):
+    """A non-finite loss or weight: training stops, the last good checkpoint is kept."""
+
+
+ADVICE = "lower the learning rates (train.lr_d / train.lr_g); the last good checkpoint is kept."
+
+
+@dataclass
+class TrainState:
+    """Everything a run needs to continue bit-identically after a restart."""
+
+    generator: Generator
+    discriminator: Discriminator
+    opt_g: torch.optim.Optimizer
+    opt_d: torch.optim.Optimizer
+    step: int = 0
+    history: list[Row] = field(default_factory=list)
+    fid_history: list[tuple[int, float]] = field(default_factory=list)  # (step, quick FID)
+    run_id: str | None = None
+    # The random states of every rank of a distributed job at the last checkpoint, gathered by
+    # train(); a single process has only its own, read when the checkpoint is written.
+    rank_rngs: list[dict[str, Any]] = field(default_factory=list)
+    ema: AveragedModel | None = None  # with train.ema_decay: the moving average of G (batch norm included)
+    # Every sample grid so far (uint8, H x W), by step: a resumed run writes again those whose files are
+    # gone, as samples/ is a DVC output that a finished run must be able to give back.
+    grids: dict[int, np.ndarray] = field(default_factory=dict)
+
+    @property
+    def output(self) -> Generator:
+        """The generator the run gives: the EMA of G when there is one, else G."""
+        return self.ema.module if self.ema is not None else self.generator
+
+    def to_checkpoint(self, fingerprint: str) -> dict[str, Any]:
+        rngs = self.rank_rngs or [rng_state()]
+        return {
+            "format": 1,
+            "fingerprint": fingerprint,
+            "step": self.step,
+            "world_size": len(rngs),
+            "generator": self.generator.state_dict(),
+            "discriminator": self.discriminator.state_dict(),
+            "opt_g": self.opt_g.state_dict(),
+            "opt_d": self.opt_d.state_dict(),
+            "rng_cpu": rngs[0]["cpu"],  # rank 0's (the only one of a plain run)
+            "rng_cuda": rngs[0]["cuda"],
+            "rng_ranks": rngs[1:],  # ranks 1.. of a distributed job
+            "history": torch.tensor(self.history, dtype=torch.float64).reshape(-1, 1 + len(LOG_COLUMNS)),
+            "fid_history": torch.tensor(self.fid_history, dtype=torch.float64).reshape(-1, 2),
+            "run_id": self.run_id or "",
+            **({"ema": self.ema.state_dict()} if self.ema is not None else {}),
+            "grid_steps": torch.tensor(sorted(self.grids), dtype=torch.int64),
+            "grids": torch.from_numpy(np.stack([self.grids[s] for s in sorted(self.grids)]))
+            if self.grids else torch.zeros((0, 0, 0), dtype=torch.uint8),
+        }
+
+    def restore(self, ckpt: dict[str, Any], rank: int = 0) -> None:
+        """Continue from `ckpt` as process `rank` of the job that wrote it."""
+        self.generator.load_state_dict(ckpt["generator"])
+        self.discriminator.load_state_dict(ckpt["discriminator"])
+        self.opt_g.load_state_dict(ckpt["opt_g"])
+        self.opt_d.load_state_dict(ckpt["opt_d"])
+        if self.ema is not None:
+            self.ema.load_state_dict(ckpt["ema"])
+        set_rng_state({"cpu": ckpt["rng_cpu"], "cuda": ckpt["rng_cuda"]} if rank == 0 else ckpt["rng_ranks"][rank - 1])
+        self.step = int(ckpt["step"])
+        self.history = [(int(r[0]), *map(float, r[1:])) for r in ckpt["history"].tolist()]
+        self.fid_history = [(int(step), float(fid)) for step, fid in ckpt["fid_history"].tolist()]
+        self.run_id = ckpt["run_id"] or None
+        if "grids" in ckpt:  # (checkpoints written before grids were kept have none)
+            self.grids = {int(s): g.numpy() for s, g in zip(ckpt["grid_steps"].tolist(), ckpt["grids"], strict=True)}
+
+
+def rng_state() -> dict[str, Any]:
+    """This process's random state: what its batches, noise and dropout masks are drawn from."""
+    return {"cpu": torch.get_rng_state(), "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else []}
+
+
+def set_rng_state(state: dict[str, Any]) -> None:
+    torch.set_rng_state(state["cpu"])
+    if state["cuda"] and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+def new_state(model: ModelParams, params: TrainParams, device: torch.device, n_classes: int = 10) -> TrainState:
+    """Seeded models and the tutorial's Adam optimisers, with the speed levers of `params` (and the
+    EMA of G with train.ema_decay; conditional on `n_classes` with model.conditional)."""
+    machine.seed_everything(params.seed)
+    memory_format = torch.channels_last if params.channels_last else torch.contiguous_format
+    generator = build_generator(
+        model, n_classes=n_classes, fast_upsample=params.fast_upsample, fast_output=params.fast_output
+    )
+    discriminator = build_discriminator(model, n_classes=n_classes)
+    generator.to(device, memory_format=memory_format)
+    discriminator.to(device, memory_format=memory_format)
+    adam = {"betas": (params.beta1, params.beta2), "fused": params.fused_adam or None}
+    return TrainState(
+        generator,
+        discriminator,
+        torch.optim.Adam(generator.parameters(), lr=params.lr_g, **adam),
+        torch.optim.Adam(discriminator.parameters(), lr=params.lr_d, **adam),
+        ema=ema(generator, params.ema_decay) if params.ema_decay else None,
+    )
+
+
+def ema(generator: Generator, decay: float) -> AveragedModel:
+    """torch's EMA of `generator`: weights and batch-norm statistics; the first update copies G."""
+    return AveragedModel(generator, multi_avg_fn=get_ema_multi_avg_fn(decay), use_buffers=True)
+
+
+@dataclass(frozen=True)
+class Nets:
+    """The modules a step calls. In a distributed job G and D are DDP-wrapped, so their gradients are
+    averaged over the ranks; G's update goes through D's own module, frozen, where nothing of D is
+    reduced (a DDP forward there would wait for gradients that never come)."""
+
+    generator: torch.nn.Module
+    discriminator: torch.nn.Module
+    frozen_discriminator: torch.nn.Module
+
+    @classmethod
+    def of(cls, state: TrainState) -> Nets:
+        return cls(state.generator, state.discriminator, state.discriminator)
+
+
+def train_step(
+    state: TrainState,
+    real: torch.Tensor,
+    z: torch.Tensor,
+    autocast: contextlib.AbstractContextManager[Any],
+    loss: GanLoss,
+    nets: Nets | None = None,
+    labels: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """One tutorial iteration; returns (d_loss, d_acc, g_loss) as a device tensor, no sync.
+
+    A conditional pair gets `labels`, the real batch's: D sees each real image with its class,
+    and G draws its fakes of those classes.
+
+    D runs once per backward pass, the known DDP pitfall for GANs being a second forward (which
+    re-broadcasts rank 0's batch-norm buffers in place) before the first one's backward.
+    """
+    nets = nets or Nets.of(state)
+    G, D = nets.generator, nets.discriminator
+    with autocast:
+        fake = G(z, labels)  # (B, 1, 28, 28), reused by both updates below
+
+    # D on the real batch (label 1), then on the fake batch (label 0): two Adam steps.
+    state.opt_d.zero_grad(set_to_none=True)
+    with autocast:
+        logits_real = D(real, labels).float()  # (B,)
+        loss_real = loss.d_real(logits_real)
+    loss_real.backward()
+    state.opt_d.step()
+
+    state.opt_d.zero_grad(set_to_none=True)
+    with autocast:
+        logits_fake = D(fake.detach(), labels).float()
+        loss_fake = loss.d_fake(logits_fake)
+    loss_fake.backward()
+    state.opt_d.step()
+
+    # G through the frozen D, with the label "real".
+    state.opt_g.zero_grad(set_to_none=True)
+    frozen = nets.frozen_discriminator
+    frozen.requires_grad_(False)
+    with autocast:
+        g_loss = loss.g(frozen(fake, labels).float())
+    g_loss.backward()
+    frozen.requires_grad_(True)
+    state.opt_g.step()
+    if state.ema is not None:
+        state.ema.update_parameters(state.generator)
+
+    d_acc = ((logits_real > 0).float().mean() + (logits_fake < 0).float().mean()) / 2
+    return torch.stack([(loss_real + loss_fake).detach() / 2, d_acc, g_loss.detach()])
+
+
+def first_non_finite(state: TrainState) -> str | None:
+    """The first weight or buffer of G or D that holds NaN or inf, by name; None when all are finite."""
+    named = [
+        (f"{prefix}.{name}", tensor)
+        for prefix, network in (("generator", state.generator), ("discriminator", state.discriminator))
+        for name, tensor in network.state_dict().items()
+        if tensor.is_floating_point()
+    ]
+    finite = torch.stack([torch.isfinite(t).all() for _, t in named]).cpu()  # one sync, not one per tensor
+    return next((name for (name, _), ok in zip(named, finite.tolist(), strict=True) if not ok), None)
+
+
+@dataclass
+class Callbacks:
+    """Where train() reports; every field is optional."""
+
+    on_log: Callable[[list[Row], float], None] | None = None  # rows, images/s
+    on_sample: Callable[[int, np.ndarray], None] | None = None  # step, grid
+    on_checkpoint: Callable[[TrainState], None] | None = None
+    on_eval: Callable[[TrainState], None] | None = None  # every fid_every steps (quick FID)
+
+
+def _autocast(device: torch.device, precision: str) -> contextlib.AbstractContextManager[Any]:
+    if machine.resolve_precision(precision, device) == "bf16":
+        return torch.autocast(device.type, dtype=torch.bfloat16)
+    return contextlib.nullcontext()
+
+
+def distribute(state: TrainState, world: World, sync_batchnorm: bool) -> Nets:
+    """The step's modules for `world`: G and D wrapped in DistributedDataParallel in a job."""
+    if not world.distributed:
+        return Nets.of(state)
+    from torch.nn.parallel import DistributedDataParallel as DDP
+
+    if sync_batchnorm and world.backend == "nccl":  # batch statistics over the global batch (CUDA only)
+        state.generator = torch.nn.SyncBatchNorm.convert_sync_batchnorm(state.generator)
+        state.discriminator = torch.nn.SyncBatchNorm.convert_sync_batchnorm(state.discriminator)
+    ids = [world.local_rank] if world.backend == "nccl" else None
+    return Nets(DDP(state.generator, device_ids=ids), DDP(state.discriminator, device_ids=ids), state.discriminator)
+
+
+def train(
+    state: TrainState,
+    images: torch.Tensor,
+    params: TrainParams,
+    latent_dim: int,
+    callbacks: Callbacks = Callbacks(),
+    world: World = World(),
+    labels: torch.Tensor | None = None,
+    stop: signals.StopRequest | None = None,
+) -> TrainState:
+    """Train from `state.step` to `params.steps`. `images`: uint8 (N, 28, 28) on the device; `labels`
+    (N,) int64 beside them, which a conditional generator needs.
+
+    In a distributed job every rank calls this with its own random stream; `params.batch_size`
+    is the global batch, split evenly, and only the writing rank is given callbacks.
+
+    Once `stop` holds a signal, training stops at a step boundary: the checkpoint of that step is
+    written (a resume from it is bit-identical) and signals.Stopped raised. One process looks at
+    the flag every step; a job's ranks agree on it where they sync anyway (every `log_every`
+    steps), so that all stop at the same step.
+    """
+    device = images.device
+    if device.type == "cpu":
+        machine.keep_freed_memory()
+    if state.generator.n_classes and labels is None:
+        raise ValueError("a conditional generator trains on labelled images: pass their labels")
+    conditional = labels if state.generator.n_classes else None
+    batch = params.batch_size // world.size
+    nets = distribute(state, world, params.sync_batchnorm)
+    autocast = _autocast(device, params.precision)
+    loss = LOSSES[params.loss]
+    noise = fixed_noise(latent_dim, params.seed, device)
+    pending: list[tuple[int, torch.Tensor]] = []  # per-step stats still on the device
+    if params.compile:  # in place: parameter names (and so checkpoints) stay the same
+        state.generator.compile()
+        state.discriminator.compile()
+    state.generator.train()
+    state.discriminator.train()
+    tick, tick_step = time.perf_counter(), state.step
+
+    def flush() -> None:
+        nonlocal tick, tick_step
+        if not pending:
+            return
+        stacked = torch.stack([t for _, t in pending])
+        if world.distributed:  # the figures of the global batch: the mean over the ranks
+            torch.distributed.all_reduce(stacked)
+            stacked /= world.size
+        values = stacked.cpu().tolist()  # the one sync
+        rows = [(step, *map(float, v)) for (step, _), v in zip(pending, values, strict=True)]
+        pending.clear()
+        for step, d_loss, _, g_loss in rows:
+            if not (np.isfinite(d_loss) and np.isfinite(g_loss)):
+                raise Diverged(f"training diverged at step {step}: D loss {d_loss}, G loss {g_loss}; {ADVICE}")
+        # Finite losses, yet the update after them can have left NaN or inf weights: such a
+        # state must never be saved as the "last good" checkpoint.
+        broken = next(filter(None, distributed.all_gather(world, first_non_finite(state))), None)
+        if broken is not None:
+            step, d_loss, _, g_loss = rows[-1]
+            raise Diverged(
+                f"training diverged at step {step}: {broken} is no longer finite after D loss {d_loss}, "
+                f"G loss {g_loss}; {ADVICE}"
+            )
+        state.history.extend(rows)
+        now = time.perf_counter()
+        rate = (state.step - tick_step) * params.batch_size / max(now - tick, 1e-9)
+        tick, tick_step = now, state.step
+        if callbacks.on_log:
+            callbacks.on_log(rows, rate)
+
+    while state.step < params.steps:
+        idx = torch.randint(0, images.shape[0], (batch,), device=device)
+        real = data.to_model(images[idx])  # the one pixel transform, on the device
+        z = torch.randn(batch, latent_dim, device=device)
+        stats = train_step(state, real, z, autocast, loss, nets, None if conditional is None else conditional[idx])
+        state.step += 1
+        pending.append((state.step, stats))
+
+        step = state.step
+        last = step == params.steps
+        boundary = step % params.log_every == 0 or step % params.checkpoint_every == 0 or last
+        if boundary:
+            flush()
+        if callbacks.on_sample and (step % params.sample_every == 0 or last):
+            grid = sample_grid(state.output, noise)
+            state.grids[step] = grid
+            callbacks.on_sample(step, grid)
+        if callbacks.on_eval and params.fid_every and (step % params.fid_every == 0 or last):
+            callbacks.on_eval(state)
+        signum = 0  # the stop signal this step stops on
+        if stop is not None and (boundary or not world.distributed):
+            signum = distributed.agreed_stop(world, stop.signum, device)
+        if step % params.checkpoint_every == 0 or last or signum:
+            flush()  # (off a boundary, only when stopping: the rows since the last flush, into the history)
+            if world.distributed:  # every rank's random state, for the checkpoint
+                state.rank_rngs = distributed.all_gather(world, rng_state())
+            if callbacks.on_checkpoint:
+                callbacks.on_checkpoint(state)
+        if signum:
+            raise signals.Stopped(signum)
+    flush()
+    return state
+
+
+def summarise(state: TrainState, seconds: float, first_step: int, batch_size: int) -> dict[str, Any]:
+    """metrics/train.json: the last step's figures, the means of the last 100, this session's speed."""
+    step, d_loss, d_acc, g_loss = state.history[-1]
+    tail = np.array([r[1:] for r in state.history[-min(len(state.history), 100) :]])
+    return {
+        "step": step,
+        "d_loss": d_loss,
+        "d_acc": d_acc,
+        "g_loss": g_loss,
+        "d_loss_last100": float(tail[:, 0].mean()),
+        "d_acc_last100": float(tail[:, 1].mean()),
+        "g_loss_last100": float(tail[:, 2].mean()),
+        "seconds": round(seconds, 2),
+        "images_per_second": round((step - first_step) * batch_size / max(seconds, 1e-9), 1),
+    }

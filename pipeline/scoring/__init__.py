@@ -1,0 +1,1 @@
+"""Scoring: the frozen classifier, the real-data reference and every metric of a sample set."""

@@ -1,0 +1,390 @@
+"""Stage `train`: resume or start, run the GAN core's loop (gan/loop.py), write its files and MLflow run.
+
+A SIGTERM, SIGINT or SIGHUP while training (a scheduler's time limit, Ctrl-C, `docker stop`)
+stops it at the next step (a job: the next logging step) with that step's checkpoint, from
+which the same command resumes bit-identically (see run()); one training at a time runs in a
+working directory (see main()). The `Writer` is what the loop's callbacks do here: the
+writing process's files (DVC outputs) and MLflow run.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import sys
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+import torch
+
+from pipeline import data, distributed, files, machine, signals
+from pipeline.distributed import World
+from pipeline.errors import UserError
+from pipeline.gan.export import for_export
+from pipeline.gan.loop import (
+    Callbacks,
+    FINAL,
+    LOG_COLUMNS,
+    Row,
+    TrainState,
+    metric_rows,
+    summarise,
+    summary_row,
+    train,
+)
+from pipeline.gan.resume import checkpoint_fingerprint, resume_or_fresh
+from pipeline.gan.sampling import fixed_noise, sample_grid
+from pipeline.layout import Layout
+from pipeline.params import Params, flatten, load_params
+
+if TYPE_CHECKING:
+    from pipeline.tracking.mlflow_run import MlflowRun
+
+
+# --- the stage: resume, the writing process's files and MLflow run -------------------------
+
+
+def trained_speed(summary: Path, step: int) -> dict[str, float]:
+    """`seconds` and `images_per_second` of metrics/train.json when it is of `step`; else nothing."""
+    try:
+        old = files.read_json(summary) if summary.exists() else {}
+    except UserError:
+        return {}
+    return {k: old[k] for k in ("seconds", "images_per_second") if k in old} if old.get("step") == step else {}
+
+
+def write_log(history: list[Row], path: Path) -> None:
+    with files.atomic_open(path) as fh:
+        fh.write("step," + ",".join(LOG_COLUMNS) + "\n")
+        for step, *values in history:
+            # 9 digits give back each float32 loss exactly, so `resend` can rebuild MLflow's record.
+            fh.write(f"{step}," + ",".join(f"{v:.9g}" for v in values) + "\n")
+
+
+def write_fid_log(fid_history: list[tuple[int, float]], path: Path) -> None:
+    with files.atomic_open(path) as fh:
+        fh.write("step,fid_quick\n" + "".join(f"{step},{float(fid)!r}\n" for step, fid in fid_history))
+
+
+def start_tracking(
+    params: Params, run_id: str | None, device: torch.device, precision: str, data_hash: str, world: World
+) -> tuple[MlflowRun, dict[str, str]]:
+    """The training run in MLflow (the checkpoint's run when resuming), its params logged; and run_info."""
+    from pipeline.tracking import connection, mlflow_run
+
+    env = dict(os.environ)
+    uri, experiment_id, root = connection.open_experiment(params.tracking.experiment, Path.cwd(), env)
+    tags = {
+        **connection.git_info(root),
+        **connection.dvc_tags(env),
+        "device": machine.device_name(device),
+        "precision": precision,
+        "torch": torch.__version__,
+        "cuda": torch.version.cuda or "none",
+        "data.sha256": data_hash,
+        "dataset": params.data.dataset,
+        "stage": "train",
+        # the job: one process, or data-parallel over world_size ranks of per_rank_batch images each
+        "dist.world_size": str(world.size),
+        "dist.backend": world.backend or "none",
+        "dist.per_rank_batch": str(params.train.batch_size // world.size),
+        "threads": str(torch.get_num_threads()),  # per process; train.threads, or torch's choice for 0
+    }
+    run = mlflow_run.MlflowRun.start(experiment_id, connection.run_name(env), tags, resume_run_id=run_id)
+    run.log_params(flatten(params))
+    print(f"MLflow run {run.run_id} in experiment '{params.tracking.experiment}' at {connection.redact(uri)}")
+    run_info = {"run_id": run.run_id, "experiment_id": experiment_id, "tracking_uri": connection.redact(uri),
+                "params_sha256": files.fingerprint(flatten(params))}  # fmt: skip
+    return run, run_info
+
+
+def sample_file(paths: Layout, step: int) -> Path:
+    return paths.samples / f"step_{step:06d}.png"
+
+
+class Recorded:
+    """A finished MLflow run, reopened while its deleted outputs are written again: its metrics, images
+    and model are there already, so logging them does nothing; its status is set as for any run."""
+
+    def __init__(self, run: MlflowRun) -> None:
+        self.recorded = run
+
+    def log_metrics(self, rows: list[dict[str, float]]) -> None:
+        pass
+
+    def log_image(self, image: np.ndarray, key: str, step: int) -> None:
+        pass
+
+    def log_artifact(self, path: Path, folder: str | None = None) -> None:
+        pass
+
+    def log_model(self, model: Any, name: str, input_example: np.ndarray) -> None:
+        pass
+
+    def drop_unfinished_models(self) -> int:
+        return 0
+
+    def __getattr__(self, name: str) -> Any:  # run_id, lost, finish, ...: the run's own
+        return getattr(self.recorded, name)
+
+
+class Writer:
+    """Every side effect of the stage: DVC outputs, the MLflow run, the progress bar.
+
+    Only the writing process has one (see main); train() reports to it through Callbacks.
+    """
+
+    def __init__(self, params: Params, paths: Layout, fingerprint: str, run: MlflowRun, run_info: dict[str, str],
+                 state: TrainState, desc: str) -> None:  # fmt: skip
+        from tqdm import tqdm
+
+        self.params, self.paths, self.fingerprint = params, paths, fingerprint
+        self.run_info = run_info
+        # A resumed run already holds the steps between its last checkpoint and the kill: each
+        # step goes to MLflow once (their values are the same again, bit for bit, on the CPU).
+        self.logged_until, self.logged_grids, self.fid_logged_until = 0, set(), 0
+        self.ends_logged: set[int] = set()  # the steps whose `final_*` figures the run holds
+        recorded = False
+        if state.step:
+            try:
+                # The grids a kill left half-uploaded are deleted here: those steps are uploaded again, whole.
+                self.logged_until, self.logged_grids = run.logged_steps("g_loss", "samples")
+                self.fid_logged_until = max(run.metric_steps("fid_quick"), default=0)
+                self.ends_logged = run.metric_steps(f"final_{FINAL[-1]}")
+                if state.step == params.train.steps:  # a finished run again: did its end reach MLflow?
+                    recorded = state.step in self.ends_logged and run.has_model()
+            except Exception:  # noqa: BLE001 - a server that fails here fails the logging below, where it is said
+                pass
+        # A finished run run again (its outputs deleted, or `dvc repro -f`) writes its outputs again;
+        # MLflow holds its end already, which is not logged twice.
+        self.run: MlflowRun | Recorded = Recorded(run) if recorded else run
+        self.bar = tqdm(total=params.train.steps, initial=state.step, desc=desc, unit="step", dynamic_ncols=True)
+
+    @classmethod
+    def open(
+        cls, params: Params, paths: Layout, state: TrainState, resumed: str | None, fingerprint: str,
+        device: torch.device, precision: str, data_hash: str, world: World = World(),
+    ) -> Writer:  # fmt: skip
+        """Clear what a killed or earlier run left, then open the MLflow run (state.run_id when resuming)."""
+        files.remove_stale_temps(*paths.outputs("train"), paths.checkpoint)
+        if resumed:
+            print(resumed)
+        run, run_info = start_tracking(params, state.run_id, device, precision, data_hash, world)
+        state.run_id = run.run_id  # into every checkpoint, so that a resumed run logs to the same run
+        if state.step == 0:  # a fresh run: nothing from an earlier run may survive in persisted outputs
+            for old in paths.samples.glob("*.png"):
+                old.unlink()
+            paths.fid_log.unlink(missing_ok=True)
+        for step, grid in state.grids.items():  # the grids of a resumed run whose files are gone
+            if not sample_file(paths, step).exists():
+                data.save_png(grid, sample_file(paths, step))
+        where = f"{device.type} x{world.size}" if world.distributed else device.type
+        return cls(params, paths, fingerprint, run, run_info, state, f"train [{where}, {precision}]")
+
+    def callbacks(self, device: torch.device) -> Callbacks:
+        return Callbacks(self.on_log, self.on_sample, self.on_checkpoint, self.quick_fid(device))
+
+    def on_log(self, rows: list[Row], rate: float) -> None:
+        step, d_loss, d_acc, g_loss = rows[-1]
+        self.bar.update(step - self.bar.n)
+        self.bar.set_postfix_str(f"D loss {d_loss:.3f}, acc {100 * d_acc:.1f}% | G loss {g_loss:.3f} | {rate:,.0f} img/s")
+        self.run.log_metrics(metric_rows([row for row in rows if row[0] > self.logged_until]))
+
+    def on_sample(self, step: int, grid: np.ndarray) -> None:
+        data.save_png(grid, sample_file(self.paths, step))
+        if step not in self.logged_grids:
+            self.run.log_image(grid, key="samples", step=step)
+
+    def on_checkpoint(self, state: TrainState) -> None:
+        files.save_checkpoint(state.to_checkpoint(self.fingerprint), self.paths.checkpoint)
+        write_log(state.history, self.paths.train_log)
+
+    def quick_fid(self, device: torch.device) -> Callable[[TrainState], None] | None:
+        """With train.fid_every: the in-training FID, on the frozen classifier's features."""
+        p = self.params.train
+        if not p.fid_every:
+            return None
+        from pipeline.scoring import frozen_classifier, scorer
+
+        classifier, sha = frozen_classifier.load_classifier(self.paths.classifier, self.params.classifier.feature_dim, device)
+        reference = scorer.load_reference(self.paths.reference, classifier_sha256=sha)
+
+        def on_eval(state: TrainState) -> None:
+            # Same noise at every evaluation (own RNG: training is untouched), so the curve shows
+            # the generator changing, not the draw.
+            fid = scorer.generator_fid(state.output, classifier, reference, p.fid_samples, p.seed,
+                                        self.params.evaluate.batch_size, device)  # fmt: skip
+            state.fid_history.append((state.step, fid))
+            self.bar.write(f"step {state.step}: quick FID ({p.fid_samples} samples) {fid:.3f}")
+            if state.step > self.fid_logged_until:
+                self.run.log_metrics([{"step": state.step, "fid_quick": fid}])
+            write_fid_log(state.fid_history, self.paths.fid_log)
+
+        return on_eval
+
+    def holds_model(self, weights: dict[str, torch.Tensor]) -> bool:
+        """Whether the run holds a finished model of exactly these weights (False when MLflow cannot say)."""
+        from pipeline.tracking import logged_model
+
+        try:
+            return self.run.has_model(logged_model.tensors_sha256(weights))
+        except Exception:  # noqa: BLE001 - the upload that follows says what failed
+            return False
+
+    def fail(self, exc: BaseException) -> None:
+        """End the MLflow run as the stage ends: KILLED, FAILED, or, when this session added nothing
+        to it (a resume at its last step), the status it had before; a status MLflow could not
+        take is said in the error's sentence."""
+        self.bar.close()
+        status = "KILLED" if isinstance(exc, KeyboardInterrupt) else "FAILED"
+        if self.bar.n == self.bar.initial and self.run.previous_status == "FINISHED":
+            status = "FINISHED"  # its record is what it was when it finished: a failed no-op must not undo that
+        self.run.finish(status)
+        if isinstance(exc, UserError) and any(item.kind == "run status" for item in self.run.lost):
+            exc.args = (
+                f"{str(exc).rstrip('.')}; MLflow could not mark run {self.run.run_id} {status} either "
+                f"({self.run.failure}), so it shows RUNNING until the next stage start marks it KILLED.",
+            )
+
+    def finish(self, state: TrainState, summary: dict[str, Any], last_grid: np.ndarray) -> None:
+        """The DVC outputs, then what MLflow gets at the end; says what it did not get."""
+        self.bar.close()
+        paths = self.paths
+        try:
+            with files.atomic_files():  # all of them, or (a full disk) none: never new beside old
+                # The generator the run gives (the EMA of G with train.ema_decay), and the trained G beside it.
+                raw = {"generator_raw": state.generator.state_dict()} if state.ema is not None else {}
+                files.save_checkpoint({"generator": state.output.state_dict(), **raw}, paths.generator)
+                write_log(state.history, paths.train_log)
+                write_fid_log(state.fid_history, paths.fid_log)  # header only when train.fid_every is 0
+                data.save_png(last_grid, paths.last_samples)
+                files.write_json(paths.run_info, self.run_info)
+                files.write_json(paths.train_metrics, summary)
+        except BaseException as exc:
+            self.fail(exc)  # main's handler covers train() only: the run must not stay RUNNING
+            raise
+
+        # A resume replayed from an earlier checkpoint ends where the run has ended before: its end, and
+        # its model of the same weights (bit for bit again on the CPU), are in MLflow once already.
+        if summary["step"] not in self.ends_logged:
+            self.run.log_metrics([summary_row(summary)])
+        self.run.log_artifact(paths.train_log)
+        if dropped := self.run.drop_unfinished_models():  # a kill during an earlier upload
+            print(f"removed {dropped} unfinished logged model(s) of MLflow run {self.run.run_id}, left by an "
+                  "interrupted upload.")  # fmt: skip
+        weights = state.output.state_dict()
+        if not (self.ends_logged and self.holds_model(weights)):
+            self.run.log_model(*for_export(self.params.model, weights, state.generator.n_classes))
+        self.run.finish()
+        print(
+            f"step {summary['step']}: D loss {summary['d_loss']:.4f}, D acc {100 * summary['d_acc']:.1f}%, "
+            f"G loss {summary['g_loss']:.4f} ({summary['seconds']:.0f} s, {summary['images_per_second']:,.0f} img/s) "
+            f"-> {paths.generator}"
+        )
+        if self.run.lost:
+            print(f"warning: {self.run.lost_summary()}; the outputs are complete, and `python -m pipeline resend` "
+                  "sends them once the server is back.", file=sys.stderr)  # fmt: skip
+
+
+def main(params_path: Path = Path("params.yaml")) -> None:
+    params = load_params(params_path)
+    p, paths, env = params.train, Layout(dataset=params.data.dataset), dict(os.environ)
+    if p.nproc > 1 and not distributed.under_torchrun(env):
+        with one_training(paths):
+            os.environ[LOCK_HOLDER] = str(os.getpid())  # its ranks: this process holds the lock for them
+            distributed.launch(p.nproc, params_path)  # the same command, as p.nproc processes of one job
+        return
+    device = machine.pick_device(p.device)
+    machine.use_threads(p.threads)
+    world = World()
+    if distributed.under_torchrun(env):
+        size = int(env["WORLD_SIZE"])
+        if p.batch_size % size:
+            raise UserError(f"train.batch_size={p.batch_size} does not split evenly over {size} processes; "
+                            f"make it a multiple of {size}.")  # fmt: skip
+        world, device = distributed.join(device, env, timeout_s=p.dist_timeout_s)
+    try:
+        # Rank 0 of a job holds the lock, unless the process that launched it (train.nproc) does already.
+        held = not world.writer or (world.distributed and env.get(LOCK_HOLDER) == str(os.getppid()))
+        with contextlib.nullcontext() if held else one_training(paths):
+            run(params, paths, device, world)
+    finally:
+        distributed.leave(world)
+
+
+LOCK_HOLDER = "PIPELINE_TRAIN_LOCK_PID"  # set by a launching process for the ranks it starts
+
+
+def one_training(paths: Layout) -> contextlib.AbstractContextManager[None]:
+    """One training at a time in this working directory: a second one would log every step twice and
+    remove the first one's model upload."""
+    return signals.exclusive(paths.train_lock, "a training")
+
+
+def stopped_sentence(stop: signals.Stopped, step: int, checkpoint: Path) -> str:
+    """What a stop signal did, in one sentence."""
+    if not stop.at_once:
+        return f"stopped by {stop.name} at step {step}: checkpoint written to {checkpoint}; run the same command to resume."
+    try:
+        kept: int | None = int(files.load_checkpoint(checkpoint)["step"]) if checkpoint.exists() else None
+    except (UserError, KeyError, TypeError, ValueError):
+        kept = None
+    at_once = f"stopped at once by a second {stop.name} after step {step}"
+    if kept is None:
+        return f"{at_once}, before any checkpoint; run the same command to start again."
+    return f"{at_once}: {checkpoint} of step {kept} is kept; run the same command to resume from it."
+
+
+def run(params: Params, paths: Layout, device: torch.device, world: World) -> None:
+    """The stage in one process (of a job, or the only one): resume or start, train, write."""
+    p = params.train
+    precision = machine.resolve_precision(p.precision, device)
+    if world.writer and device.type == "cpu" and hasattr(os, "getloadavg"):
+        if advice := machine.busy_machine_advice(torch.get_num_threads(), machine.cores(), os.getloadavg()[0]):
+            print(f"warning: {advice}", file=sys.stderr)
+    n_classes = len(data.class_names(params.data))
+    dataset = data.load_prepared(paths.prepared, n_classes)
+    data_hash = files.sha256_file(paths.prepared)
+    fingerprint = checkpoint_fingerprint(params, data_hash, precision)
+    # Rank 0 reads the checkpoint for everyone: other machines of a job need not share its disk.
+    ckpt = files.load_checkpoint(paths.checkpoint) if world.writer and paths.checkpoint.exists() else None
+    ckpt = distributed.broadcast(world, ckpt)
+    state, how = resume_or_fresh(params, ckpt, paths.checkpoint, fingerprint, device, world, n_classes)
+
+    # The one gate: only the writing process touches files, MLflow and the terminal.
+    writer = Writer.open(params, paths, state, how, fingerprint, device, precision, data_hash, world) if world.writer else None
+    if writer:
+        writer.run.log_dataset(params.data.dataset, data_hash, paths.prepared, "training",
+                               {"images": len(dataset.train_labels), "classes": n_classes})  # fmt: skip
+
+    images = torch.from_numpy(dataset.train_images).to(device)
+    labels = torch.from_numpy(dataset.train_labels).to(device) if params.model.conditional else None
+    started, first_step = time.perf_counter(), state.step
+    stop = signals.StopRequest()
+    try:
+        # Until training ends, a SIGTERM, SIGINT or SIGHUP stops it at a step it can resume from. A
+        # rank of a job may get each signal twice (from its launcher, and from systemd or Slurm, which
+        # signal every process): its launcher, not a second signal, stops it at once (torch's kills
+        # the ranks that outlast its grace period).
+        with signals.stop_on_signals(stop, second_stops_at_once=not world.distributed):
+            train(state, images, p, params.model.latent_dim, writer.callbacks(device) if writer else Callbacks(),
+                  world, labels, stop)  # fmt: skip
+            if stop.signum and not world.distributed:  # after the last step's look (its checkpoint is written)
+                raise signals.Stopped(stop.signum)
+    except signals.Stopped as exc:
+        if writer:
+            writer.fail(exc)
+            exc.message = stopped_sentence(exc, state.step, paths.checkpoint)
+        raise
+    except BaseException as exc:
+        if writer:
+            writer.fail(exc)
+        raise
+    if writer:
+        summary = summarise(state, time.perf_counter() - started, first_step, p.batch_size)
+        if first_step == p.steps:  # nothing trained now: the speed stays that of the session that trained
+            summary.update(trained_speed(paths.train_metrics, first_step))
+        writer.finish(state, summary, sample_grid(state.output, fixed_noise(params.model.latent_dim, p.seed, device)))

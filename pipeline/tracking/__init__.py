@@ -1,0 +1,1 @@
+"""The boundary to MLflow: connection, runs, logged models and the registry."""
