@@ -82,7 +82,7 @@ def test_fid_identical_features_is_zero() -> None:
 # kernel rounds differently, so the check runs in fresh processes under each setting.
 RANK_DEFICIENT_SELF_FID = """
 import numpy as np
-from pipeline.metrics import feature_stats, frechet_distance
+from pipeline.scoring.metrics import feature_stats, frechet_distance
 rng = np.random.default_rng(0)
 hidden = np.maximum(rng.standard_normal((10000, 64)) @ rng.standard_normal((64, 96)), 0.0)
 features = hidden @ np.abs(rng.standard_normal((96, 128)))  # rank 96 in 128 dimensions
@@ -378,7 +378,7 @@ def test_prdc_screens_a_collapsed_generator_far_from_the_origin(monkeypatch: pyt
 
 # OpenBLAS picks its float32 kernels by CPU type too: the screening bound must hold for each.
 PRDC_NEAR_TIES = """
-from pipeline.metrics import prdc
+from pipeline.scoring.metrics import prdc
 from tests.test_metrics import _near_tie_sets, _prdc_naive
 real, fake = _near_tie_sets()
 print(prdc(real, fake, k=5, chunk=128) == _prdc_naive(real, fake, 5))
