@@ -101,8 +101,8 @@ def test_fingerprint_is_stable_and_sensitive() -> None:
 
 FAULTS_PER_STEP = """
 import resource, sys, torch
-from pipeline import runtime
-kept = runtime.keep_freed_memory() if sys.argv[1] == "keep" else None
+from pipeline import machine
+kept = machine.keep_freed_memory() if sys.argv[1] == "keep" else None
 def faults() -> int:
     return resource.getrusage(resource.RUSAGE_SELF).ru_minflt
 def step() -> None:  # as a training step at batch 128: large tensors alive together, then freed
