@@ -56,7 +56,7 @@ def worker(config: dict[str, Any]) -> None:
                          checkpoint_every=10**9, sample_every=10**9, device=device.type)  # fmt: skip
     # log_every = the window: one flush (and one rate) at the end of the warm-up, one at the end.
     full = Params(train=params, model=ModelParams())
-    state, _ = resume_or_fresh(full, None, Path("none"), "", device, world)
+    state, _ = resume_or_fresh(full, None, Path("none"), "", device, 10, world)
     rates: list[float] = []
     log = Callbacks(on_log=lambda rows, rate: rates.append(rate)) if world.writer else Callbacks()
     train(state, images(device), params, full.model.latent_dim, log, world)

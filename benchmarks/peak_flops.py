@@ -42,7 +42,8 @@ import torch
 from torch.utils.flop_counter import FlopCounterMode
 
 from pipeline import machine
-from pipeline.gan.dcgan import IMAGE_SIZE, build_generator
+from pipeline.data import IMAGE_SIZE
+from pipeline.gan.architectures import build_generator
 from pipeline.gan.loop import new_state, train
 from pipeline.params import ModelParams, TrainParams
 
@@ -121,7 +122,7 @@ def train_step_flops(model: ModelParams, params: TrainParams, device: torch.devi
             "sample_every": 10**9,
         }
     )
-    state = new_state(model, params, device)
+    state = new_state(model, params, device, 10)
     images = torch.randint(
         0, 256, (2 * params.batch_size, IMAGE_SIZE, IMAGE_SIZE), dtype=torch.uint8, device=device
     )
@@ -130,7 +131,7 @@ def train_step_flops(model: ModelParams, params: TrainParams, device: torch.devi
 
 def tutorial_generator_flops(model: ModelParams, batch_size: int, device: torch.device) -> int:
     """FLOPs of one forward pass of the tutorial's generator (upsample then conv, plain output conv)."""
-    generator = build_generator(model, fast_upsample=False, fast_output=False).to(device)
+    generator = build_generator(model, n_classes=0, fast_upsample=False, fast_output=False).to(device)
     z = torch.randn(batch_size, model.latent_dim, device=device)
     with torch.no_grad():
         return count_flops(lambda: generator(z))

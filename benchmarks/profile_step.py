@@ -105,7 +105,7 @@ def profile_device(device: torch.device, params: Params, steps: int, warmup: int
     """Profile `steps` train steps on `device` after `warmup` ones; the per-step figures."""
     p, latent_dim = params.train, params.model.latent_dim
     images = load_images(device)
-    state = new_state(params.model, p, device)
+    state = new_state(params.model, p, device, 10)
     if device.type == "cpu":  # as train() does
         machine.keep_freed_memory()
     if p.compile:  # as train() does

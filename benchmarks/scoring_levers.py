@@ -36,7 +36,7 @@ import torch
 import train_throughput  # benchmarks/train_throughput.py: this script's folder is first on sys.path
 
 from pipeline import machine
-from pipeline.gan.dcgan import Generator
+from pipeline.gan.architectures.dcgan import Generator
 from pipeline.gan.sampling import generate
 from pipeline.params import EvaluateParams
 from pipeline.scoring import frozen_classifier, metrics

@@ -63,7 +63,7 @@ import torch
 import torch.nn.functional as F
 
 from pipeline import data, machine
-from pipeline.gan.dcgan import build_discriminator, build_generator
+from pipeline.gan.architectures import build_discriminator, build_generator
 from pipeline.gan.loop import new_state, train
 from pipeline.layout import Layout
 from pipeline.params import ModelParams, TrainParams
@@ -92,8 +92,8 @@ class Baseline:
         model = ModelParams()
         self.device, self.latent = device, model.latent_dim
         # The tutorial's layers as they read: upsample then conv, plain conv, nn.Dropout, NCHW activations.
-        self.G = build_generator(model, fast_upsample=False, fast_output=False, fast_layout=False).to(device)
-        self.D = build_discriminator(model, fast_dropout=False).to(device)
+        self.G = build_generator(model, n_classes=0, fast_upsample=False, fast_output=False, fast_layout=False).to(device)
+        self.D = build_discriminator(model, n_classes=0, fast_dropout=False).to(device)
         self.opt_g = torch.optim.Adam(self.G.parameters(), lr=2e-4, betas=(0.5, 0.999))
         self.opt_d = torch.optim.Adam(self.D.parameters(), lr=2e-4, betas=(0.5, 0.999))
         dataset = torch.utils.data.TensorDataset(data.to_model(images.cpu()))
@@ -133,7 +133,7 @@ class Pipeline:
     def __init__(self, images: torch.Tensor, params: TrainParams, device: torch.device) -> None:
         self.images, self.model = images, ModelParams()
         self.params = params.model_copy(update={"log_every": 50, "checkpoint_every": 10**9, "sample_every": 10**9})
-        self.state = new_state(self.model, self.params, device)
+        self.state = new_state(self.model, self.params, device, 10)
 
     def run(self, steps: int) -> None:
         params = self.params.model_copy(update={"steps": self.state.step + steps})
@@ -403,7 +403,7 @@ def scoring_inputs(device: torch.device) -> tuple[torch.nn.Module, Any]:
 
 def _scoring_child(device_type: str, n: int, queue: Any) -> None:
     """Samples/s of evaluation, in a fresh process: generation, classifier features, every metric."""
-    from pipeline.gan.dcgan import Generator
+    from pipeline.gan.architectures.dcgan import Generator
     from pipeline.gan.sampling import generate
     from pipeline.params import EvaluateParams
     from pipeline.stages import evaluate

@@ -96,7 +96,8 @@ def run(args: argparse.Namespace) -> None:
         import torch
 
         from pipeline.data import class_names
-        from pipeline.gan.dcgan import build_discriminator, build_generator, summary
+        from pipeline.gan.architectures import build_discriminator, build_generator
+        from pipeline.gan.summary import summary
         from pipeline.params import load_params
 
         params = load_params(args.params)

@@ -16,13 +16,16 @@ import zipfile
 import zlib
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
 
 from pipeline.errors import UserError
 from pipeline.files import atomic_path
-from pipeline.params import DataParams
+
+if TYPE_CHECKING:
+    from pipeline.params import DataParams
 
 IMAGE_SIZE = 28
 N_CLASSES = 10  # MNIST's and Fashion-MNIST's; your own data has as many as its class names
@@ -81,7 +84,8 @@ FASHION_MNIST = DatasetSpec(
     min_accuracy=0.93,
     classifier_epochs=12,  # clothes are harder than digits: 4 epochs reach 92.3% on its test set
 )
-DATASETS: dict[str, DatasetSpec] = {"mnist": MNIST, "fashion-mnist": FASHION_MNIST}
+DATASETS: dict[str, DatasetSpec] = {"mnist": MNIST, "fashion-mnist": FASHION_MNIST}  # data.dataset's names
+OWN = "own"  # data.dataset's name for your own .npz (data.path)
 OWN_MIN_ACCURACY = 0.9  # your own data's classifier floor, unless classifier.min_accuracy says otherwise
 OWN_CLASSIFIER_EPOCHS = 10
 
@@ -285,17 +289,17 @@ def _own_split(path: Path, prefix: str, images: np.ndarray, labels: np.ndarray,
 
 def class_names(data: DataParams) -> tuple[str, ...]:
     """The dataset's classes, label k being the k-th."""
-    return tuple(data.classes or ()) if data.dataset == "own" else DATASETS[data.dataset].class_names
+    return tuple(data.classes or ()) if data.dataset == OWN else DATASETS[data.dataset].class_names
 
 
 def min_accuracy(data: DataParams) -> float:
     """The frozen classifier's floor unless classifier.min_accuracy says otherwise."""
-    return OWN_MIN_ACCURACY if data.dataset == "own" else DATASETS[data.dataset].min_accuracy
+    return OWN_MIN_ACCURACY if data.dataset == OWN else DATASETS[data.dataset].min_accuracy
 
 
 def classifier_epochs(data: DataParams) -> int:
     """How long the dataset's classifier trains unless classifier.epochs says otherwise."""
-    return OWN_CLASSIFIER_EPOCHS if data.dataset == "own" else DATASETS[data.dataset].classifier_epochs
+    return OWN_CLASSIFIER_EPOCHS if data.dataset == OWN else DATASETS[data.dataset].classifier_epochs
 
 
 def fingerprint(dataset: Dataset) -> str:

@@ -16,7 +16,8 @@ from optuna.trial import FrozenTrial, TrialState
 from pipeline import files
 from pipeline.errors import UserError
 from pipeline.layout import Layout
-from pipeline.params import BOOKKEEPING, DEVICE, Params, SET_BY_SWEEP, validate_params, values_without
+from pipeline.params import BOOKKEEPING, DEVICE, Params, validate_params, values_without
+from pipeline.search_space import SET_BY_SWEEP, assign, lookup
 from pipeline.tracking import connection
 
 
@@ -41,8 +42,7 @@ def trial_params(params: Params, values: dict[str, Any]) -> Params:
     fixed = {key: getattr(sweep, source.split(".")[1]) for key, source in SET_BY_SWEEP.items()}
     raw = params.model_dump(mode="json")
     for key, value in {**fixed, "evaluate.n_samples": sweep.eval_samples, **values}.items():
-        section, name = key.split(".", 1)
-        raw[section][name] = value
+        assign(raw, key, value)
     return validate_params(raw, source="a sweep trial's params")
 
 
@@ -50,10 +50,9 @@ def suggest(trial: optuna.Trial, params: Params) -> dict[str, Any]:
     """Sample `sweep.space`; an integer param gets integers, as params.yaml would hold."""
     values: dict[str, Any] = {}
     for key, dim in params.sweep.space.items():
-        section, name = key.split(".", 1)
         if dim.choices is not None:
             values[key] = trial.suggest_categorical(key, dim.choices)
-        elif isinstance(getattr(getattr(params, section), name), int):
+        elif isinstance(lookup(params, key), int):
             step = int(dim.step or 1)
             values[key] = trial.suggest_int(key, int(dim.low), int(dim.high), step=step, log=dim.log)  # type: ignore[arg-type]
         else:

@@ -7,51 +7,32 @@ before it does anything and then receives only its own section.
 from __future__ import annotations
 
 import json
-from dataclasses import dataclass
 from pathlib import Path, PurePath
 from typing import Annotated, Any, Literal, get_args, get_origin
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import BaseModel, Field, ValidationError, create_model, model_validator
 
+from pipeline.data import DATASETS, OWN
 from pipeline.errors import UserError
-
-PositiveInt = Annotated[int, Field(gt=0, le=10**9)]
-NonNegativeInt = Annotated[int, Field(ge=0, le=10**9)]
-BatchSize = Annotated[int, Field(gt=0, le=65536)]  # beyond this no device holds the activations
-Seed = Annotated[int, Field(ge=0, le=2**32 - 1)]
-Probability = Annotated[float, Field(ge=0.0, lt=1.0)]
-LearningRate = Annotated[float, Field(gt=0.0, le=1.0)]
-Beta = Annotated[float, Field(ge=0.0, lt=1.0)]
-Device = Literal["auto", "cpu", "cuda", "mps"]
+from pipeline.gan.architectures import ARCHITECTURES
+from pipeline.gan.losses import LOSSES
+from pipeline.search_space import SweepParams, check_space
+from pipeline.sections import (
+    BOOKKEEPING, BUDGET, CADENCE, DEVICE, LEVERS, OPTIMISER, RECIPE, BatchSize, Beta, Device, Group,
+    LearningRate, NonNegativeInt, PositiveInt, Probability, Section, Seed, values_without,
+)
 
 
-@dataclass(frozen=True)
-class Group:
-    """What a param is for. Fingerprints take or leave whole groups, never hand-kept lists of names."""
-
-    name: str
-
-
-BUDGET = Group("budget")  # how long a run trains: a finished run may be extended
-RECIPE = Group("recipe")  # what is trained: batch, objective, seed
-OPTIMISER = Group("optimiser")
-LEVERS = Group("speed levers")  # the same function computed faster; the last bits may differ
-CADENCE = Group("cadence")  # when to log, sample, checkpoint and measure: never the numbers
-DEVICE = Group("device")  # where it runs
-BOOKKEEPING = Group("bookkeeping")  # names and storage: never what a run computes
-
-
-class Section(BaseModel):
-    """Base for every section: unknown keys are errors, values are immutable."""
-
-    model_config = ConfigDict(extra="forbid", frozen=True, strict=False)
+def _names(registry: dict[str, Any], *more: str) -> Any:
+    """A Literal of a registry's names: the schema's, the CLI's and the error messages' list of choices."""
+    return Literal[(*registry, *more)]
 
 
 class DataParams(Section):
     """Which images the pipeline learns: a published dataset, or your own."""
 
-    dataset: Literal["mnist", "fashion-mnist", "own"] = "mnist"
+    dataset: _names(DATASETS, OWN) = "mnist"  # type: ignore[valid-type]
     # own: an .npz of `images` (N, 28, 28) uint8 and `labels` (N,) in 0..K-1, or of train_*/test_* arrays
     path: str | None = None
     classes: Annotated[list[Annotated[str, Field(min_length=1, max_length=60)]], Field(min_length=2, max_length=100)] | None = None
@@ -66,26 +47,51 @@ class PrepareParams(Section):
     timeout_s: Annotated[float, Field(gt=0, le=600)] = 30.0
 
 
-class ModelParams(Section):
-    """Architecture of the tutorial's DCGAN; the defaults are the tutorial's model."""
+class _ModelSection(Section):
+    """The generator and discriminator: `arch` names one of pipeline/gan/architectures/, whose own sizes
+    are the sub-section of the same name (`model.dcgan`); the defaults are the tutorial's DCGAN."""
 
+    arch: str = "dcgan"  # narrowed below to the names in ARCHITECTURES
     latent_dim: PositiveInt = 100
-    g_dense_channels: PositiveInt = 128  # Dense(latent -> C*7*7), reshaped to C x 7 x 7
-    g_channels: Annotated[list[PositiveInt], Field(min_length=2, max_length=2)] = [128, 64]
-    d_channels: Annotated[list[PositiveInt], Field(min_length=4, max_length=4)] = [
-        32,
-        64,
-        128,
-        256,
-    ]
-    dropout: Probability = 0.25
-    leaky_slope: Annotated[float, Field(ge=0.0, lt=1.0)] = 0.2
-    bn_momentum: Annotated[float, Field(gt=0.0, lt=1.0)] = 0.8  # Keras convention
-    bn_eps: Annotated[float, Field(gt=0.0, le=0.1)] = 1e-3  # Keras default
     # Beyond the tutorial (off by default): the class label enters G (an embedding joined to z)
     # and D (a projection on its features); and spectral normalisation of D's conv and dense layers.
     conditional: bool = False
     spectral_norm: bool = False
+
+    @model_validator(mode="before")
+    @classmethod
+    def _moved_keys(cls, raw: Any) -> Any:
+        """Keys written directly under `model` that moved into an architecture's section still work."""
+        if not isinstance(raw, dict):
+            return raw
+        raw = dict(raw)
+        for name, arch in ARCHITECTURES.items():
+            moved = {key: raw.pop(key) for key in arch.flat_keys if key in raw}
+            if not moved:
+                continue
+            section = raw.get(name, {})
+            if not isinstance(section, dict):
+                return raw  # the section's own type error says what is wrong
+            if twice := sorted(set(moved) & set(section)):
+                raise ValueError(f"model.{twice[0]} and model.{name}.{twice[0]} are both given: keep one "
+                                 f"(model.{name}.{twice[0]} is where it lives now)")
+            raw[name] = {**section, **moved}
+        return raw
+
+    @property
+    def arch_params(self) -> Section:
+        """The chosen architecture's own section."""
+        return getattr(self, self.arch)  # type: ignore[no-any-return]
+
+
+ModelParams = create_model(
+    "ModelParams",
+    __base__=_ModelSection,
+    __doc__=_ModelSection.__doc__,
+    __module__=__name__,
+    arch=(_names(ARCHITECTURES), "dcgan"),
+    **{name: (arch.params, arch.params()) for name, arch in ARCHITECTURES.items()},
+)
 
 
 class ClassifierParams(Section):
@@ -111,7 +117,7 @@ class TrainParams(Section):
 
     steps: Annotated[PositiveInt, BUDGET] = 4000
     batch_size: Annotated[BatchSize, RECIPE] = 32
-    loss: Annotated[Literal["bce", "hinge"], RECIPE] = "bce"  # a name in pipeline/gan/losses.py: bce = the tutorial's
+    loss: Annotated[_names(LOSSES), RECIPE] = "bce"  # type: ignore[valid-type]  # bce: the tutorial's
     seed: Annotated[Seed, RECIPE] = 0
     lr_d: Annotated[LearningRate, OPTIMISER] = 2e-4
     lr_g: Annotated[LearningRate, OPTIMISER] = 2e-4
@@ -161,100 +167,6 @@ class TrackingParams(Section):
     experiment: Annotated[str, Field(min_length=1, max_length=200), BOOKKEEPING] = "dcgan-mnist"
 
 
-# A sweep varies the model and the training; the scoring stays fixed so that trials compare.
-SWEEP_SECTIONS = ("model", "train")
-# Params every trial takes from the sweep section rather than from the search space.
-# Where a trial runs (DEVICE) and when it logs (CADENCE) are not searched either.
-NOT_SEARCHED = (BUDGET, CADENCE, DEVICE)
-SET_BY_SWEEP = {"train.steps": "sweep.steps", "train.fid_every": "sweep.fid_every",
-                "train.fid_samples": "sweep.fid_samples"}  # fmt: skip
-
-
-class SearchDimension(Section):
-    """One searched param: a range `low`..`high` (on a `log` scale, or in multiples of `step`) or `choices`."""
-
-    low: float | None = None
-    high: float | None = None
-    log: bool = False
-    step: Annotated[float, Field(gt=0)] | None = None
-    choices: Annotated[list[bool | int | float | str], Field(min_length=1)] | None = None
-
-
-class SweepParams(Section):
-    """`python -m pipeline sweep`: an Optuna study over `space`, every trial an MLflow child run."""
-
-    study: Annotated[str, Field(min_length=1, max_length=200), BOOKKEEPING] = "dcgan-sweep"
-    # an Optuna storage URL; None: sqlite:///optuna.db at the repository root
-    storage: Annotated[str | None, BOOKKEEPING] = None
-    trials: Annotated[PositiveInt, BOOKKEEPING] = 20  # in the whole study, however many processes share it
-    steps: PositiveInt = 1000  # training steps per trial: the trial budget
-    fid_every: PositiveInt = 250  # quick FID every N steps, what pruning looks at
-    fid_samples: PositiveInt = 1000
-    eval_samples: Annotated[int, Field(ge=2, le=1_000_000)] = 5000  # N of the final FID, the objective
-    sampler: Literal["tpe", "random"] = "tpe"
-    startup_trials: NonNegativeInt = 5  # random trials before TPE models the space
-    seed: Seed = 0
-    pruner: Literal["median", "none"] = "median"
-    prune_after_trials: NonNegativeInt = 3  # no pruning before this many trials have finished
-    prune_after_steps: NonNegativeInt = 250  # nor before this step of a trial
-    heartbeat_s: Annotated[int, Field(ge=1, le=3600), BOOKKEEPING] = 30  # a trial silent for 2x this is retried
-    space: dict[str, SearchDimension] = Field(
-        default_factory=lambda: {
-            "train.lr_g": SearchDimension(low=5e-5, high=1e-3, log=True),
-            "train.lr_d": SearchDimension(low=5e-5, high=1e-3, log=True),
-            "train.beta1": SearchDimension(low=0.3, high=0.9),
-        }
-    )
-
-
-def _check_sweep(params: Params) -> None:
-    """Each searched key names a real param of model/train, and its range or choices are valid for it."""
-    sweep, need = params.sweep, 2 * params.classifier.feature_dim
-    for key in ("fid_samples", "eval_samples"):
-        if getattr(sweep, key) < need:
-            raise ValueError(f"sweep.{key} must be at least {need} (2 x classifier.feature_dim) for FID")
-    searchable = [
-        f"{name}.{key}" for name in SWEEP_SECTIONS
-        for key, value in values_without(getattr(params, name), *NOT_SEARCHED).items() if not isinstance(value, list)
-    ]  # fmt: skip
-    if not sweep.space:
-        raise ValueError(f"sweep.space is empty: name at least one param to search ({', '.join(searchable)})")
-    for key, dim in sweep.space.items():
-        where = f"sweep.space.{key}"
-        if key in SET_BY_SWEEP:
-            raise ValueError(f"{where} cannot be searched: every trial takes it from {SET_BY_SWEEP[key]}")
-        if key not in searchable:
-            raise ValueError(f"{where} is not a searchable param (searchable: {', '.join(searchable)})")
-        name, field = key.split(".", 1)
-        section = getattr(params, name)
-        current = getattr(section, field)
-        numeric = isinstance(current, (int, float)) and not isinstance(current, bool)
-        if dim.choices is not None:
-            if dim.low is not None or dim.high is not None or dim.step is not None or dim.log:
-                raise ValueError(f"{where} gives choices and a range: give one of them")
-            values: list[Any] = list(dim.choices)
-        elif not numeric:
-            raise ValueError(f"{where}: {key} is not a number, so it needs choices, e.g. [{json.dumps(current)}]")
-        elif dim.low is None or dim.high is None:
-            raise ValueError(f"{where} needs low and high (or choices)")
-        elif dim.low >= dim.high:
-            raise ValueError(f"{where} is an empty range: low {dim.low:g} must be below high {dim.high:g}")
-        elif dim.log and dim.low <= 0:
-            raise ValueError(f"{where} is on a log scale, so low must be above 0, not {dim.low:g}")
-        elif dim.log and dim.step is not None:
-            raise ValueError(f"{where} gives both log and step: a log range has no step")
-        elif isinstance(current, int) and not all(float(v).is_integer() for v in (dim.low, dim.high, dim.step or 1)):
-            raise ValueError(f"{where}: {key} is an integer, so low, high and step must be whole numbers")
-        else:
-            values = [dim.low, dim.high]
-        for value in values:
-            try:
-                type(section).model_validate({**section.model_dump(), field: value})
-            except ValidationError as exc:
-                msg = exc.errors()[0]["msg"]
-                raise ValueError(f"{where}: {json.dumps(value)} is not a valid {key} ({msg[0].lower()}{msg[1:]})") from None
-
-
 class Params(Section):
     """The whole params.yaml: one section per stage plus shared ones."""
 
@@ -278,7 +190,7 @@ class Params(Section):
 
     @model_validator(mode="after")
     def _own_data_is_named(self) -> Params:
-        own, data = self.data.dataset == "own", self.data
+        own, data = self.data.dataset == OWN, self.data
         if own and (data.path is None or data.classes is None):
             raise ValueError("data.dataset: own needs data.path (the .npz) and data.classes (the class names)")
         if not own and (data.path is not None or data.classes is not None):
@@ -301,7 +213,7 @@ class Params(Section):
 
     @model_validator(mode="after")
     def _sweep_searches_real_params(self) -> Params:
-        _check_sweep(self)
+        check_space(self)
         return self
 
 
@@ -323,16 +235,6 @@ def own_path_problem(path: str) -> str | None:
     if len(parts) == len(OWN_DATA.parts):
         return f"names the folder {OWN_DATA.as_posix()}/ itself, not an .npz file in it"
     return None
-
-
-def values_without(section: Section, *groups: Group) -> dict[str, Any]:
-    """The section's values (JSON types), leaving out the fields of `groups`."""
-    fields = type(section).model_fields
-    return {
-        name: value
-        for name, value in section.model_dump(mode="json").items()
-        if not any(group in fields[name].metadata for group in groups)
-    }
 
 
 def _key(part: Any) -> str:

@@ -24,7 +24,7 @@ from PIL import Image
 
 from pipeline import data, files
 from pipeline.data import Dataset, IdxFile, load_prepared, save_prepared
-from pipeline.gan.dcgan import build_generator
+from pipeline.gan.architectures import build_generator
 from pipeline.params import ModelParams
 from pipeline.scoring.frozen_classifier import Classifier, classify, load_classifier, save_classifier
 from pipeline.scoring.scorer import compute_reference, load_reference, save_reference
@@ -175,7 +175,7 @@ def make_eval_project(path: Path) -> Path:
     torch.manual_seed(0)
     save_classifier(Classifier(16), path / "models/classifier-mnist.pt")
     write_reference(path, synthetic_mnist(n_train=128), feature_dim=16)
-    generator = build_generator(ModelParams(**SMALL_MODEL))
+    generator = build_generator(ModelParams(**SMALL_MODEL), n_classes=10)
     files.save_checkpoint({"generator": generator.state_dict()}, path / "models/generator.pt")
     return path
 

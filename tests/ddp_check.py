@@ -16,7 +16,7 @@ import torch.distributed as dist
 
 from pipeline import data, distributed
 from pipeline.gan.loop import distribute, new_state, train_step
-from pipeline.gan.losses import BCE
+from pipeline.gan.losses import LOSSES
 from pipeline.params import ModelParams, TrainParams
 from tests.conftest import SMALL_MODEL, synthetic_mnist
 
@@ -34,7 +34,7 @@ def main() -> None:
     device = torch.device("cuda" if os.environ.get("DDP_CHECK_DEVICE") == "cuda" else "cpu")
     world, device = distributed.join(device, os.environ, timeout_s=120)
     model, params = ModelParams(**SMALL_MODEL), TrainParams(batch_size=16, device=device.type, precision="fp32")
-    state = new_state(model, params, device)
+    state = new_state(model, params, device, 10)
     torch.manual_seed(distributed.rank_seed(params.seed, world.rank))
     nets = distribute(state, world, params.sync_batchnorm)
     images = torch.from_numpy(synthetic_mnist(n_train=64).train_images).to(device)
@@ -44,7 +44,7 @@ def main() -> None:
         idx = torch.randint(0, images.shape[0], (batch,), device=device)
         batches.append(idx.tolist())
         real, z = data.to_model(images[idx]), torch.randn(batch, model.latent_dim, device=device)
-        train_step(state, real, z, contextlib.nullcontext(), BCE, nets)
+        train_step(state, real, z, contextlib.nullcontext(), LOSSES["bce"], nets)
         differences.append(max(max_difference(state.generator, world), max_difference(state.discriminator, world)))
     ranks_drew_other_batches = distributed.all_gather(world, batches)
     distinct = ranks_drew_other_batches[0] != ranks_drew_other_batches[1]

@@ -59,7 +59,7 @@ def good_checkpoint(project: Path) -> tuple[Path, str]:
     precision = machine.resolve_precision(params.train.precision, machine.pick_device(params.train.device))
     fingerprint = checkpoint_fingerprint(params, data_hash, precision)
     path = project / "checkpoints/train.pt"
-    files.save_checkpoint(new_state(params.model, params.train, CPU).to_checkpoint(fingerprint), path)
+    files.save_checkpoint(new_state(params.model, params.train, CPU, 10).to_checkpoint(fingerprint), path)
     return path, fingerprint
 
 

@@ -230,7 +230,7 @@ def test_the_step_calls_d_once_per_backward_and_g_through_the_frozen_module() ->
     """A second DDP forward of D before the first one's backward re-broadcasts batch-norm buffers in
     place (the known DDP pitfall for GANs): each D forward through the wrapper has its own backward."""
     from pipeline.gan.loop import Nets, new_state, train_step
-    from pipeline.gan.losses import BCE
+    from pipeline.gan.losses import LOSSES
     from pipeline.params import ModelParams, TrainParams
 
     events: list[str] = []
@@ -246,7 +246,7 @@ def test_the_step_calls_d_once_per_backward_and_g_through_the_frozen_module() ->
             out.register_hook(lambda grad: events.append("backward"))
             return out
 
-    state = new_state(ModelParams(**SMALL_MODEL), TrainParams(batch_size=4, device="cpu"), torch.device("cpu"))
+    state = new_state(ModelParams(**SMALL_MODEL), TrainParams(batch_size=4, device="cpu"), torch.device("cpu"), 10)
     nets = Nets(state.generator, Wrapped(state.discriminator), state.discriminator)
-    train_step(state, torch.rand(4, 1, 28, 28) * 2 - 1, torch.randn(4, 100), contextlib.nullcontext(), BCE, nets)
+    train_step(state, torch.rand(4, 1, 28, 28) * 2 - 1, torch.randn(4, 100), contextlib.nullcontext(), LOSSES["bce"], nets)
     assert events == ["forward", "backward", "forward", "backward"]  # G's update never goes through the wrapper

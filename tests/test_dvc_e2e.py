@@ -108,7 +108,7 @@ def test_whole_pipeline_with_tiny_params_then_a_second_clone_pulls_it(project: t
     reports = []
     for clone in (repo, other):
         params = load_params(clone / "params.yaml")
-        generator = load_generator(clone / "models/generator.pt", params.model, torch.device("cpu"))
+        generator = load_generator(clone / "models/generator.pt", params.model, torch.device("cpu"), 10)
         np.save(clone / "samples.npy", generate(generator, 300, 7, 100, torch.device("cpu")).numpy())
         scored = run_cli(["evaluate", "--samples", "samples.npy", "--output", "samples.eval.json"], cwd=clone, env=env)
         assert scored.returncode == 0, scored.stderr

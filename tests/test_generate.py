@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 
 from pipeline import files
-from pipeline.gan.dcgan import build_discriminator
+from pipeline.gan.architectures import build_discriminator
 from pipeline.params import ModelParams
 from tests.conftest import SMALL_MODEL, assert_refused, make_eval_project, run_cli, stage_env
 
@@ -58,7 +58,7 @@ def test_a_missing_or_foreign_model_is_one_sentence(tmp_path: Path) -> None:
     assert_refused(run_cli(["champion"], cwd=project, env=env), "has no champion yet")
     assert_refused(run_cli(["generate", "--model", "models:/nothing@champion"], cwd=project, env=env),
                    "MLflow has no model models:/nothing@champion")  # fmt: skip
-    discriminator = build_discriminator(ModelParams(**SMALL_MODEL)).state_dict()
+    discriminator = build_discriminator(ModelParams(**SMALL_MODEL), n_classes=10).state_dict()
     files.save_checkpoint({"generator": discriminator}, project / "models/generator.pt")
     assert_refused(run_cli(["generate"], cwd=project, env=env), "models/generator.pt does not match the model section")
     assert_refused(run_cli(["generate", "-n", "0"], cwd=project, env=env), "-n must be at least 1")

@@ -194,7 +194,7 @@ def uninterrupted(project: Path) -> tuple[list[tuple[int, float, float, float]],
     """The same training in this process, never interrupted: history, generator weights, grids."""
     params = Params.model_validate(yaml.safe_load((project / "params.yaml").read_text()))
     grids: dict[int, np.ndarray] = {}
-    state = new_state(params.model, params.train, CPU)
+    state = new_state(params.model, params.train, CPU, 10)
     images = torch.from_numpy(load_prepared(project / "data/prepared/mnist.npz").train_images)
     train(state, images, params.train, params.model.latent_dim, Callbacks(on_sample=grids.__setitem__))
     return state.history, state.generator.state_dict(), grids

@@ -13,9 +13,10 @@ import yaml
 
 from pipeline import files
 from pipeline.errors import UserError
-from pipeline.gan.dcgan import build_discriminator, build_generator, count_parameters
+from pipeline.gan.architectures import build_discriminator, build_generator
+from pipeline.gan.summary import count_parameters
 from pipeline.gan.loop import new_state, train
-from pipeline.gan.losses import HINGE
+from pipeline.gan.losses import LOSSES
 from pipeline.gan.sampling import generate, requested_labels
 from pipeline.params import ModelParams, TrainParams, load_params
 from pipeline.scoring import scorer
@@ -28,7 +29,7 @@ IMAGES, LABELS = torch.from_numpy(MNIST.train_images), torch.from_numpy(MNIST.tr
 def run(steps: int, model: dict | None = None, state=None, **train_params):  # type: ignore[no-untyped-def]
     m = ModelParams(**{**SMALL_MODEL, **(model or {})})
     p = TrainParams(**{**TINY_TRAIN, **train_params, "steps": steps})
-    state = state or new_state(m, p, CPU)
+    state = state or new_state(m, p, CPU, 10)
     return train(state, IMAGES, p, m.latent_dim, labels=LABELS)
 
 
@@ -60,8 +61,8 @@ def test_ema_follows_the_hand_computed_average_over_two_steps() -> None:
 
 
 def test_levers_off_leave_the_tutorials_models_and_checkpoint() -> None:
-    assert count_parameters(build_generator(ModelParams())) == (855_809, 856_193)
-    assert count_parameters(build_discriminator(ModelParams())) == (392_833, 393_729)
+    assert count_parameters(build_generator(ModelParams(), n_classes=10)) == (855_809, 856_193)
+    assert count_parameters(build_discriminator(ModelParams(), n_classes=10)) == (392_833, 393_729)
     state = run(3)
     assert state.ema is None and state.output is state.generator
     assert "ema" not in state.to_checkpoint("fp")
@@ -77,10 +78,10 @@ def test_lever_runs_resume_bit_identically(tmp_path: Path, model: dict, train_pa
     saved = tmp_path / "ckpt.pt"
     m = ModelParams(**{**SMALL_MODEL, **model})
     p = TrainParams(**{**TINY_TRAIN, **train_params, "steps": 3})
-    first = new_state(m, p, CPU)
+    first = new_state(m, p, CPU, 10)
     train(first, IMAGES, p, m.latent_dim, labels=LABELS)
     files.save_checkpoint(first.to_checkpoint("fp"), saved)
-    resumed = new_state(m, p, CPU)
+    resumed = new_state(m, p, CPU, 10)
     torch.manual_seed(12345)  # a different RNG state must be overwritten by the checkpoint's
     resumed.restore(files.load_checkpoint(saved))
     a, b = run(6, model, resumed, **train_params), run(6, model, **train_params)
@@ -106,7 +107,7 @@ def test_the_conditional_generator_draws_the_class_it_is_asked_for() -> None:
     assert pixels.shape == (4, 28, 28) and pixels.dtype == torch.uint8
     with pytest.raises(ValueError, match="trains on labelled images"):
         m, p = ModelParams(**SMALL_MODEL, conditional=True), TrainParams(**TINY_TRAIN)
-        train(new_state(m, p, CPU), IMAGES, p, m.latent_dim)
+        train(new_state(m, p, CPU, 10), IMAGES, p, m.latent_dim)
 
 
 def test_requested_labels_follow_the_distribution_and_the_seed() -> None:
@@ -118,7 +119,7 @@ def test_requested_labels_follow_the_distribution_and_the_seed() -> None:
 
 def test_the_conditional_discriminator_sees_the_labels_of_real_and_fake_batches() -> None:
     seen = []
-    state = new_state(ModelParams(**SMALL_MODEL, conditional=True), TrainParams(**TINY_TRAIN), CPU)
+    state = new_state(ModelParams(**SMALL_MODEL, conditional=True), TrainParams(**TINY_TRAIN), CPU, 10)
     state.discriminator.embed.register_forward_hook(lambda _m, args, _out: seen.append(args[0].clone()))
     run(1, {"conditional": True}, state)
     real, fake, through = seen  # D on the real batch, on the fakes, and G's update through D
@@ -127,9 +128,9 @@ def test_the_conditional_discriminator_sees_the_labels_of_real_and_fake_batches(
 
 def test_hinge_and_spectral_norm_train_with_finite_losses() -> None:
     logits = torch.tensor([-2.0, -0.5, 0.5, 2.0])
-    assert HINGE.d_real(logits) == pytest.approx((3.0 + 1.5 + 0.5 + 0.0) / 4)
-    assert HINGE.d_fake(logits) == pytest.approx((0.0 + 0.5 + 1.5 + 3.0) / 4)
-    assert HINGE.g(logits) == pytest.approx(0.0)
+    assert LOSSES["hinge"].d_real(logits) == pytest.approx((3.0 + 1.5 + 0.5 + 0.0) / 4)
+    assert LOSSES["hinge"].d_fake(logits) == pytest.approx((0.0 + 0.5 + 1.5 + 3.0) / 4)
+    assert LOSSES["hinge"].g(logits) == pytest.approx(0.0)
     state = run(6, {"spectral_norm": True}, loss="hinge")
     assert all(np.isfinite(row[1:]).all() for row in state.history)
     convs = [m for m in state.discriminator.modules() if isinstance(m, (torch.nn.Conv2d, torch.nn.Linear))]

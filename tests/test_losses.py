@@ -10,17 +10,17 @@ import pytest
 import torch
 
 from pipeline.errors import UserError
-from pipeline.gan.losses import BCE, LOSSES
+from pipeline.gan.losses import LOSSES
 from pipeline.params import TrainParams, load_params
 
 
 def test_bce_terms_are_the_tutorials_binary_cross_entropy() -> None:
     logits = torch.tensor([-3.0, -0.5, 0.0, 0.7, 4.0])
     p = torch.sigmoid(logits)
-    assert torch.allclose(BCE.d_real(logits), -torch.log(p).mean())  # label 1
-    assert torch.allclose(BCE.d_fake(logits), -torch.log(1 - p).mean())  # label 0
-    assert torch.allclose(BCE.g(logits), -torch.log(p).mean())  # G wants "real"
-    assert BCE.d_real(logits).dtype == torch.float32 and BCE.d_real(logits).shape == ()
+    assert torch.allclose(LOSSES["bce"].d_real(logits), -torch.log(p).mean())  # label 1
+    assert torch.allclose(LOSSES["bce"].d_fake(logits), -torch.log(1 - p).mean())  # label 0
+    assert torch.allclose(LOSSES["bce"].g(logits), -torch.log(p).mean())  # G wants "real"
+    assert LOSSES["bce"].d_real(logits).dtype == torch.float32 and LOSSES["bce"].d_real(logits).shape == ()
 
 
 def test_params_name_exactly_the_losses_that_exist() -> None:

@@ -19,7 +19,7 @@ import torch
 import yaml
 
 from pipeline import files
-from pipeline.gan.dcgan import build_generator
+from pipeline.gan.architectures import build_generator
 from pipeline.params import ModelParams, flatten, load_params
 from pipeline.tracking import logged_model
 from tests.conftest import (

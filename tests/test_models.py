@@ -7,22 +7,17 @@ import torch
 
 from pipeline import files
 from pipeline.errors import UserError
-from pipeline.gan.dcgan import (
-    Discriminator,
-    Generator,
-    build_discriminator,
-    build_generator,
-    count_parameters,
-    summary,
-)
+from pipeline.gan.architectures import build_discriminator, build_generator
+from pipeline.gan.architectures.dcgan import Discriminator, Generator
+from pipeline.gan.summary import count_parameters, summary
 from pipeline.gan.export import load_generator
 from pipeline.params import ModelParams
 from pipeline.scoring.frozen_classifier import Classifier
 
 
 def test_parameter_counts_equal_the_keras_tutorial() -> None:
-    assert count_parameters(build_generator(ModelParams())) == (855_809, 856_193)
-    assert count_parameters(build_discriminator(ModelParams())) == (392_833, 393_729)
+    assert count_parameters(build_generator(ModelParams(), n_classes=10)) == (855_809, 856_193)
+    assert count_parameters(build_discriminator(ModelParams(), n_classes=10)) == (392_833, 393_729)
 
 
 def test_shapes_and_ranges() -> None:
@@ -38,8 +33,8 @@ def test_shapes_and_ranges() -> None:
 
 
 def test_every_size_is_a_constructor_argument() -> None:
-    g = build_generator(ModelParams(latent_dim=8, g_dense_channels=16, g_channels=[8, 4]))
-    d = build_discriminator(ModelParams(d_channels=[4, 8, 8, 16], dropout=0.0))
+    g = build_generator(ModelParams(latent_dim=8, g_dense_channels=16, g_channels=[8, 4]), n_classes=10)
+    d = build_discriminator(ModelParams(d_channels=[4, 8, 8, 16], dropout=0.0), n_classes=10)
     out = g(torch.randn(3, 8))
     assert out.shape == (3, 1, 28, 28) and d(out).shape == (3,)
 
@@ -66,11 +61,11 @@ def test_summary_lists_layers_and_totals() -> None:
 def test_load_generator_round_trip_and_mismatch(tmp_path: Path) -> None:
     g = Generator()
     files.save_checkpoint({"generator": g.state_dict()}, tmp_path / "g.pt")
-    loaded = load_generator(tmp_path / "g.pt", ModelParams(), torch.device("cpu"))
+    loaded = load_generator(tmp_path / "g.pt", ModelParams(), torch.device("cpu"), 10)
     z = torch.randn(2, 100)
     assert torch.equal(loaded(z), g.eval()(z))
     with pytest.raises(UserError, match="does not match the model section"):
-        load_generator(tmp_path / "g.pt", ModelParams(latent_dim=64), torch.device("cpu"))
+        load_generator(tmp_path / "g.pt", ModelParams(latent_dim=64), torch.device("cpu"), 10)
 
 
 def fast_and_plain(layer: torch.nn.Module, switch: str, x: torch.Tensor, params: list[torch.Tensor]) -> torch.Tensor:

@@ -38,8 +38,9 @@ def test_unknown_section(tmp_path: Path) -> None:
         ("train:\n  batch_size: many\n", r"'train\.batch_size' = \"many\" is invalid: input should be a valid integer"),
         ("train:\n  lr_d: -0.1\n", r"'train\.lr_d' = -0\.1 is invalid: input should be greater than 0"),
         ("train:\n  precision: fp8\n", r"'train\.precision' = \"fp8\" is invalid: input should be 'auto', 'fp32' or 'bf16'"),
-        ("model:\n  d_channels: [1, 2]\n", r"'model\.d_channels' = \[1, 2\] is invalid: list should have at least 4"),
-        ("model:\n  dropout: 1.5\n", r"'model\.dropout' = 1\.5 is invalid: input should be less than 1"),
+        ("model:\n  dcgan:\n    d_channels: [1, 2]\n", r"'model\.dcgan\.d_channels' = \[1, 2\] is invalid: list should have at least 4"),
+        ("model:\n  dropout: 1.5\n", r"'model\.dcgan\.dropout' = 1\.5 is invalid: input should be less than 1"),  # a moved key
+        ("model:\n  arch: gpt\n", r"'model\.arch' = \"gpt\" is invalid: input should be 'dcgan'"),
         ("train: 5\n", r"'train' = 5 is invalid"),
         ("- a\n- b\n", r"must be a mapping of sections, got list"),
     ],
@@ -78,7 +79,7 @@ def test_cli_reports_one_sentence_exit_2_and_writes_nothing(tmp_path: Path) -> N
 def test_flatten_uses_dvc_dotted_keys() -> None:
     flat = flatten(Params())
     assert flat["train.lr_g"] == "0.0002"
-    assert flat["model.d_channels"] == "[32, 64, 128, 256]"
+    assert flat["model.dcgan.d_channels"] == "[32, 64, 128, 256]"
     assert flat["tracking.experiment"] == "dcgan-mnist"
 
 

@@ -28,7 +28,7 @@ def images() -> torch.Tensor:
 
 def run(steps: int, state=None, **callbacks):  # type: ignore[no-untyped-def]
     model, params = ModelParams(**SMALL_MODEL), TrainParams(**{**TINY_TRAIN, "steps": steps})
-    state = state or new_state(model, params, CPU)
+    state = state or new_state(model, params, CPU, 10)
     return train(state, images(), params, model.latent_dim, Callbacks(**callbacks))
 
 
@@ -50,7 +50,7 @@ def test_same_seed_gives_bit_identical_runs() -> None:
 
 def test_other_seed_differs() -> None:
     model, params = ModelParams(**SMALL_MODEL), TrainParams(**{**TINY_TRAIN, "seed": 1})
-    other = train(new_state(model, params, CPU), images(), params, model.latent_dim)
+    other = train(new_state(model, params, CPU, 10), images(), params, model.latent_dim)
     assert other.history != run(6).history
 
 
@@ -58,7 +58,7 @@ def test_resume_from_checkpoint_is_bit_identical(tmp_path: Path) -> None:
     saved = tmp_path / "ckpt.pt"
     run(3, on_checkpoint=lambda s: files.save_checkpoint(s.to_checkpoint("fp"), saved))
     model, params = ModelParams(**SMALL_MODEL), TrainParams(**TINY_TRAIN)
-    resumed = new_state(model, params, CPU)
+    resumed = new_state(model, params, CPU, 10)
     torch.manual_seed(12345)  # a different RNG state must be overwritten by the checkpoint's
     resumed.restore(files.load_checkpoint(saved))
     assert resumed.step == 3
@@ -77,7 +77,7 @@ def test_history_and_callbacks() -> None:
 
 def test_nan_loss_stops_with_step_and_loss() -> None:
     model, params = ModelParams(**SMALL_MODEL), TrainParams(**TINY_TRAIN)
-    state = new_state(model, params, CPU)
+    state = new_state(model, params, CPU, 10)
     with torch.no_grad():
         state.generator.dense.weight.fill_(float("nan"))
     saved = []
@@ -91,7 +91,7 @@ def test_nan_loss_stops_with_step_and_loss() -> None:
 def test_cuda_bf16_step_runs() -> None:
     model, params = ModelParams(**SMALL_MODEL), TrainParams(**{**TINY_TRAIN, "precision": "bf16", "device": "cuda"})
     device = torch.device("cuda")
-    state = train(new_state(model, params, device), images().to(device), params, model.latent_dim)
+    state = train(new_state(model, params, device, 10), images().to(device), params, model.latent_dim)
     assert len(state.history) == 6 and all(np.isfinite(r[1]) for r in state.history)
 
 

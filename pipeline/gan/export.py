@@ -9,11 +9,12 @@ import torch
 
 from pipeline import files
 from pipeline.errors import UserError
-from pipeline.gan.dcgan import Generator, build_generator
+from pipeline.gan.architectures import build_generator
+from pipeline.gan.architectures.dcgan import Generator
 from pipeline.params import ModelParams
 
 
-def load_generator(path: Path, params: ModelParams, device: torch.device, n_classes: int = 10, raw: bool = False) -> Generator:
+def load_generator(path: Path, params: ModelParams, device: torch.device, n_classes: int, raw: bool = False) -> Generator:
     """The trained generator saved by the train stage (weights only, checksum verified): the one the
     stage exports (the EMA of G with train.ema_decay), or with `raw` the trained G itself."""
     state = files.load_checkpoint(path, map_location=device)
@@ -29,7 +30,7 @@ def load_generator(path: Path, params: ModelParams, device: torch.device, n_clas
 
 
 def for_export(
-    model: ModelParams, weights: dict[str, torch.Tensor], n_classes: int = 10
+    model: ModelParams, weights: dict[str, torch.Tensor], n_classes: int
 ) -> tuple[Generator, str, np.ndarray]:
     """The generator as MLflow gets it: on the CPU, in inference mode, with its name and an input example.
 

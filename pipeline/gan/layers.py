@@ -124,11 +124,10 @@ class UpsampleConv(nn.Module):
     function with 16 instead of 36 multiply-adds per output pixel and channel pair, and no 4x
     larger intermediate. With `by_matmul` too, in training on the CPU, the phases run as one
     matrix product over the 2x2 windows of the padded input (`_PhaseProduct`): the same function
-    in another order of sums, with more multiply-adds (the border's windows: x1.3 at 14 -> 28,
-    x1.65 at 7 -> 14) but forward and backward together 1.2x (14 -> 28) and 1.4x (7 -> 14)
-    faster at batch 128 in bf16 on AMX, where oneDNN's transposed-conv backward runs far below
-    its matmul speed; the training step gained 11%. In fp32 the extra multiply-adds made it
-    1.2-1.8x slower, so it runs only in the dtypes of `matmul_dtypes`. Its output is
+    in another order of sums, with more multiply-adds (the border's windows) but a faster forward
+    and backward in bf16, where oneDNN's transposed-conv backward runs far below its matmul
+    speed. In fp32 the extra multiply-adds cost more than they save, so it runs only in the
+    dtypes of `matmul_dtypes` (docs/speed.md has the measurements). Its output is
     channels-last in memory. Inference keeps the transposed conv. The parameters are the 3x3
     conv's in every form, so checkpoints do not depend on it.
     """

@@ -31,7 +31,8 @@ from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
 from pipeline import data, distributed, machine, signals
 from pipeline.distributed import World
 from pipeline.errors import UserError
-from pipeline.gan.dcgan import Discriminator, Generator, build_discriminator, build_generator
+from pipeline.gan.architectures import build_discriminator, build_generator
+from pipeline.gan.architectures.dcgan import Discriminator, Generator
 from pipeline.gan.losses import GanLoss, LOSSES
 from pipeline.gan.sampling import fixed_noise, sample_grid
 from pipeline.params import ModelParams, TrainParams
@@ -139,7 +140,7 @@ def set_rng_state(state: dict[str, Any]) -> None:
         torch.cuda.set_rng_state_all(state["cuda"])
 
 
-def new_state(model: ModelParams, params: TrainParams, device: torch.device, n_classes: int = 10) -> TrainState:
+def new_state(model: ModelParams, params: TrainParams, device: torch.device, n_classes: int) -> TrainState:
     """Seeded models and the tutorial's Adam optimisers, with the speed levers of `params` (and the
     EMA of G with train.ema_decay; conditional on `n_classes` with model.conditional)."""
     machine.seed_everything(params.seed)

@@ -27,7 +27,7 @@ def checkpoint_fingerprint(params: Params, data_hash: str, precision: str) -> st
 
 def resume_or_fresh(
     params: Params, ckpt: dict[str, Any] | None, checkpoint: Path, fingerprint: str, device: torch.device,
-    world: World = World(), n_classes: int = 10,
+    n_classes: int, world: World = World(),
 ) -> tuple[TrainState, str | None]:  # fmt: skip
     """The state to train from: that of `ckpt` (read from `checkpoint`) when it matches, else a fresh
     one; and what was found, to say. Each rank of a job continues with its own random stream."""

@@ -7,7 +7,7 @@ import torch
 
 from pipeline import data
 from pipeline.data import from_model
-from pipeline.gan.dcgan import Generator
+from pipeline.gan.architectures.dcgan import Generator
 
 
 def requested_labels(n: int, distribution: np.ndarray | list[float], seed: int) -> torch.Tensor:

@@ -22,7 +22,8 @@ import torch
 
 from pipeline import data, files, machine
 from pipeline.errors import UserError
-from pipeline.gan.dcgan import Generator, LABEL_DIM, build_generator
+from pipeline.gan.architectures import build_generator, model_for_weights
+from pipeline.gan.architectures.dcgan import Generator
 from pipeline.gan.export import load_generator
 from pipeline.gan.sampling import generate, requested_labels
 from pipeline.layout import Layout
@@ -31,17 +32,9 @@ from pipeline.scoring import scorer
 
 
 def from_weights(weights: dict[str, torch.Tensor], model: ModelParams, where: str) -> Generator:
-    """A Generator holding `weights`, its sizes read off them (batch-norm settings from `model`)."""
+    """A generator of `model`'s architecture holding `weights`, its sizes read off them."""
     try:
-        dense = weights["dense.weight"]  # (C * 7 * 7, latent [+ label embedding])
-        n_classes = int(weights["embed.weight"].shape[0]) if "embed.weight" in weights else 0
-        blocks = sorted(key for key in weights if key.endswith(".conv.weight"))  # the two upsampling convs
-        sizes = model.model_copy(update={
-            "latent_dim": int(dense.shape[1]) - (LABEL_DIM if n_classes else 0),
-            "g_dense_channels": int(dense.shape[0]) // 49,
-            "g_channels": [int(weights[key].shape[0]) for key in blocks],
-            "conditional": bool(n_classes),
-        })  # fmt: skip
+        sizes, n_classes = model_for_weights(weights, model)
         generator = build_generator(sizes, n_classes=n_classes)
         generator.load_state_dict(weights)
     except (KeyError, RuntimeError, ValueError, IndexError) as exc:
@@ -188,7 +181,8 @@ def main(
         logged = by_uri(model) if model else by_run(run or "", experiment_id)
         weights, arch = trusted_weights(logged)
         source = model or f"MLflow run {run}"
-        generator = from_weights(weights, params.model.model_copy(update=arch), source).to(device)
+        settings = params.model.arch_params.model_copy(update=arch)  # as the weights file records them
+        generator = from_weights(weights, params.model.model_copy(update={params.model.arch: settings}), source).to(device)
     else:
         source = str(paths.generator)
         if not paths.generator.is_file():

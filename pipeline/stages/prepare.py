@@ -24,7 +24,7 @@ MIN_PER_CLASS = 10
 
 def prepare(params: Params, raw_dir: Path, env: Mapping[str, str]) -> tuple[Dataset, dict[str, object]]:
     """Fetch and verify the dataset; return it and its images per class."""
-    if params.data.dataset == "own":
+    if params.data.dataset == data.OWN:
         own = params.data
         data.check_own_path(Path(own.path or ""), Layout().own)
         dataset = data.load_own(Path(own.path or ""), list(own.classes or ()), own.test_fraction, own.split_seed,

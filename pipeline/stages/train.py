@@ -352,7 +352,7 @@ def run(params: Params, paths: Layout, device: torch.device, world: World) -> No
     # Rank 0 reads the checkpoint for everyone: other machines of a job need not share its disk.
     ckpt = files.load_checkpoint(paths.checkpoint) if world.writer and paths.checkpoint.exists() else None
     ckpt = distributed.broadcast(world, ckpt)
-    state, how = resume_or_fresh(params, ckpt, paths.checkpoint, fingerprint, device, world, n_classes)
+    state, how = resume_or_fresh(params, ckpt, paths.checkpoint, fingerprint, device, n_classes, world)
 
     # The one gate: only the writing process touches files, MLflow and the terminal.
     writer = Writer.open(params, paths, state, how, fingerprint, device, precision, data_hash, world) if world.writer else None

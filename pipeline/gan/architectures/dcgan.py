@@ -1,4 +1,4 @@
-"""The tutorial's DCGAN: Generator, Discriminator, building them from params, the layer summary.
+"""The tutorial's DCGAN (`model.arch: dcgan`): its params section, Generator, Discriminator, their builders.
 
 Every size is a constructor argument; nothing is read from module globals. Layer for
 layer these are the Keras tutorial's models: Keras' BatchNormalization(momentum=0.8) is
@@ -13,18 +13,34 @@ its features on a label embedding, Miyato & Koyama 2018) and spectral normalisat
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from typing import TYPE_CHECKING, Annotated
 
 import torch
+from pydantic import Field
 from torch import nn
 
+from pipeline.data import IMAGE_SIZE
+from pipeline.gan.architectures.base import Architecture
 from pipeline.gan.layers import Dropout, TapConv, UpsampleConv, conv_same, keras_batch_norm, keras_init_
-from pipeline.params import ModelParams
+from pipeline.sections import PositiveInt, Probability, Section
 
+if TYPE_CHECKING:
+    from pipeline.params import ModelParams
 
-IMAGE_SIZE = 28
 BASE_SIZE = IMAGE_SIZE // 4  # the generator upsamples twice: 7 -> 14 -> 28
 LABEL_DIM = 50  # a conditional generator's label embedding, joined to z
+
+
+class DcganParams(Section):
+    """`model.dcgan`: the tutorial's sizes and Keras settings; the defaults are the tutorial's model."""
+
+    g_dense_channels: PositiveInt = 128  # Dense(latent -> C*7*7), reshaped to C x 7 x 7
+    g_channels: Annotated[list[PositiveInt], Field(min_length=2, max_length=2)] = [128, 64]
+    d_channels: Annotated[list[PositiveInt], Field(min_length=4, max_length=4)] = [32, 64, 128, 256]
+    dropout: Probability = 0.25
+    leaky_slope: Annotated[float, Field(ge=0.0, lt=1.0)] = 0.2
+    bn_momentum: Annotated[float, Field(gt=0.0, lt=1.0)] = 0.8  # Keras convention
+    bn_eps: Annotated[float, Field(gt=0.0, le=0.1)] = 1e-3  # Keras default
 
 
 class Generator(nn.Module):
@@ -76,9 +92,9 @@ class Generator(nn.Module):
         x = torch.relu(self.dense(z)).view(-1, self.dense_channels, BASE_SIZE, BASE_SIZE)
         if self.nhwc and not self.training and x.device.type == "cpu":
             # Inference (sampling, scoring): oneDNN runs G's transposed and 1x1 convs faster on
-            # channels-last activations, to the same output (generation about 1.2x faster over all:
-            # benchmarks/scoring_levers.py). Training takes UpsampleConv's matmul form
-            # in bf16 instead (channels-last too), and NCHW with the transposed conv in fp32.
+            # channels-last activations, to the same output (benchmarks/scoring_levers.py measures
+            # it). Training takes UpsampleConv's matmul form in bf16 instead (channels-last too),
+            # and NCHW with the transposed conv in fp32.
             x = x.contiguous(memory_format=torch.channels_last)
         return self.body(x)
 
@@ -136,82 +152,60 @@ class Discriminator(nn.Module):
 
 
 def build_generator(
-    params: ModelParams, *, n_classes: int = 10, fast_upsample: bool = True, fast_output: bool = True,
-    fast_layout: bool = True,
-) -> Generator:  # fmt: skip
-    """The generator of `params` (conditional on `n_classes` with model.conditional); the flags choose
+    model: ModelParams, *, n_classes: int, fast_upsample: bool = True, fast_output: bool = True,
+    fast_layout: bool = True, **_levers: bool,
+) -> Generator:
+    """The generator of `model` (conditional on `n_classes` with model.conditional); the flags choose
     faster forms of the same function and, for inference on the CPU, channels-last activations."""
+    sizes: DcganParams = model.dcgan
     return Generator(
-        latent_dim=params.latent_dim,
-        dense_channels=params.g_dense_channels,
-        channels=tuple(params.g_channels),
-        bn_momentum=params.bn_momentum,
-        bn_eps=params.bn_eps,
+        latent_dim=model.latent_dim,
+        dense_channels=sizes.g_dense_channels,
+        channels=tuple(sizes.g_channels),
+        bn_momentum=sizes.bn_momentum,
+        bn_eps=sizes.bn_eps,
         phased=fast_upsample,
         by_matmul=fast_upsample,
         by_taps=fast_output,
-        n_classes=n_classes if params.conditional else 0,
+        n_classes=n_classes if model.conditional else 0,
         nhwc=fast_layout,
     )
 
 
-def build_discriminator(params: ModelParams, *, n_classes: int = 10, fast_dropout: bool = True) -> Discriminator:
+def build_discriminator(model: ModelParams, *, n_classes: int, fast_dropout: bool = True, **_levers: bool) -> Discriminator:
+    sizes: DcganParams = model.dcgan
     return Discriminator(
-        channels=tuple(params.d_channels),
-        dropout=params.dropout,
-        leaky_slope=params.leaky_slope,
-        bn_momentum=params.bn_momentum,
-        bn_eps=params.bn_eps,
+        channels=tuple(sizes.d_channels),
+        dropout=sizes.dropout,
+        leaky_slope=sizes.leaky_slope,
+        bn_momentum=sizes.bn_momentum,
+        bn_eps=sizes.bn_eps,
         fast_dropout=fast_dropout,
-        n_classes=n_classes if params.conditional else 0,
-        spectral_norm=params.spectral_norm,
+        n_classes=n_classes if model.conditional else 0,
+        spectral_norm=model.spectral_norm,
     )
 
 
-def count_parameters(model: nn.Module) -> tuple[int, int]:
-    """(trainable, total as Keras counts it: trainable + BN moving mean and variance)."""
-    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
-    moving = sum(
-        m.running_mean.numel() + m.running_var.numel()
-        for m in model.modules()
-        if isinstance(m, nn.modules.batchnorm._BatchNorm) and m.running_mean is not None
-    )
-    return trainable, trainable + moving
+def from_weights(weights: dict[str, torch.Tensor], model: ModelParams) -> tuple[ModelParams, int]:
+    """`model` with the sizes a trained generator's weights show (batch-norm settings stay `model`'s),
+    and the number of classes it is conditioned on (0: none)."""
+    dense = weights["dense.weight"]  # (C * 7 * 7, latent [+ label embedding])
+    n_classes = int(weights["embed.weight"].shape[0]) if "embed.weight" in weights else 0
+    blocks = sorted(key for key in weights if key.endswith(".conv.weight"))  # the two upsampling convs
+    sizes = model.dcgan.model_copy(update={
+        "g_dense_channels": int(dense.shape[0]) // (BASE_SIZE * BASE_SIZE),
+        "g_channels": [int(weights[key].shape[0]) for key in blocks],
+    })
+    shared = {"latent_dim": int(dense.shape[1]) - (LABEL_DIM if n_classes else 0), "conditional": bool(n_classes)}
+    return model.model_copy(update={**shared, "arch": "dcgan", "dcgan": sizes}), n_classes
 
 
-def _layers(model: nn.Module) -> Iterator[tuple[str, nn.Module]]:
-    """Leaf modules, an UpsampleConv counting as one layer."""
-    grouped: list[str] = []
-    for name, module in model.named_modules():
-        if any(name.startswith(prefix + ".") for prefix in grouped):
-            continue
-        if isinstance(module, UpsampleConv):
-            grouped.append(name)
-            yield name, module
-        elif not list(module.children()):
-            yield name, module
-
-
-def summary(model: nn.Module, input_shape: tuple[int, ...], labels: torch.Tensor | None = None) -> str:
-    """A Keras-style table: each leaf layer's output shape and parameter count."""
-    rows: list[tuple[str, str, int]] = []
-    hooks = []
-    for name, module in _layers(model):
-        def hook(mod: nn.Module, _inp: object, out: torch.Tensor, name: str = name) -> None:
-            count = sum(p.numel() for p in mod.parameters())
-            rows.append((f"{name} ({type(mod).__name__})", str(tuple(out.shape[1:])), count))
-
-        hooks.append(module.register_forward_hook(hook))
-    was_training = model.training
-    model.eval()
-    with torch.no_grad():
-        model(torch.zeros(2, *input_shape), labels)
-    model.train(was_training)
-    for h in hooks:
-        h.remove()
-    trainable, total = count_parameters(model)
-    width = max(len(r[0]) for r in rows) + 2
-    lines = [f"{type(model).__name__}", f"{'layer':<{width}}{'output shape':<20}{'params':>10}"]
-    lines += [f"{n:<{width}}{s:<20}{c:>10,}" for n, s, c in rows]
-    lines.append(f"trainable params: {trainable:,}   total (with BN moving statistics): {total:,}")
-    return "\n".join(lines)
+ARCHITECTURE = Architecture(
+    name="dcgan",
+    params=DcganParams,
+    generator=build_generator,
+    discriminator=build_discriminator,
+    from_weights=from_weights,
+    # These keys sat directly under `model` before architectures had their own sections.
+    flat_keys=tuple(DcganParams.model_fields),
+)
