@@ -61,7 +61,7 @@ def keep_freed_memory() -> bool:
     large activations afresh, and glibc serves blocks over its mmap threshold from new pages,
     faulted in on first write: 10,000-15,000 page faults per training step at batch 128. With
     blocks up to 1 GiB served from the heap and the heap trimmed only beyond 1 GiB of free
-    space, the next step reuses the last one's pages (a step 4-5% faster on the AMX machine).
+    space, the next step reuses the last one's pages (docs/speed.md has what that saves).
     The process then holds its peak memory, as a caching allocator does. Training, evaluate and
     reference (classifier batches, PRDC's distance blocks) call it. Once per process; False where
     malloc is not glibc's.

@@ -109,8 +109,8 @@ def load_classifier(path: Path, feature_dim: int, device: torch.device) -> tuple
             f"(changed params or a damaged file); {RETRAIN}."
         ) from None
     # On the CPU, channels-last weights make oneDNN run every conv and max-pool on channels-last
-    # activations: the same features to float32 round-off (another summation order), about 1.8x
-    # faster (benchmarks/scoring_levers.py).
+    # activations: the same features to float32 round-off (another summation order), faster
+    # (benchmarks/scoring_levers.py measures it).
     layout = torch.channels_last if torch.device(device).type == "cpu" else torch.preserve_format
     model.to(device, memory_format=layout).eval().requires_grad_(False)
     return model, hashlib.sha256(blob).hexdigest()  # == files.sha256_file(path)

@@ -18,7 +18,7 @@ import torch
 
 from pipeline.errors import UserError
 from pipeline.files import atomic_path
-from pipeline.gan.dcgan import Generator
+from pipeline.gan.architectures.dcgan import Generator
 from pipeline.gan.sampling import generate, requested_labels
 from pipeline.params import EvaluateParams
 from pipeline.scoring import metrics
