@@ -137,7 +137,7 @@ class MemoryTracker:
     # --- the writes (tracker.Tracker) ------------------------------------------------------
 
     def log_params(self, params: dict[str, str]) -> None:
-        logged = self.data.params if self.store.down is None and self.failure is None else {}
+        logged = self.data.params if self.store.down is None else {}  # MlflowRun reads none from a dead store
         params = {key: redact(value) for key, value in params.items()}
         changed = {f"param_changed.{k}": v for k, v in params.items() if k in logged and logged[k] != v}
         if changed:
