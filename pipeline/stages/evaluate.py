@@ -206,17 +206,17 @@ def log_to_mlflow(
     reference_images: int,
 ) -> None:  # fmt: skip
     """A nested run per evaluation under the training run; the latest scores on the training run."""
-    from pipeline.tracking import connection, mlflow_run
+    from pipeline.tracking import connection, runs
 
     env = dict(os.environ)
     train_run_id = files.read_json(paths.run_info).get("run_id") if paths.run_info.is_file() else None
-    parent = mlflow_run.MlflowRun.existing(train_run_id, experiment_id) if train_run_id else None
+    parent = runs.existing_run(train_run_id, experiment_id) if train_run_id else None
     if train_run_id and parent is None:
         print(f"training run {train_run_id} is not in {uri}; recording this evaluation as a run of its own.")
     tags = {**connection.dvc_tags(env), "stage": "evaluate", "dataset": params.data.dataset,
             "generator.sha256": files.sha256_file(paths.generator)}  # fmt: skip
     name = f"evaluate n={result['n_samples']}"
-    run = parent.child(name, tags) if parent else mlflow_run.MlflowRun.start(experiment_id, name, tags)
+    run = parent.child(name, tags) if parent else runs.open_run(experiment_id, name, tags)
     # The scores are metrics (what a person compares); the real-data floors and what makes a score
     # comparable are the run's params, so the UI shows the scores, not a dozen flat floor lines.
     floors = {f"floor.{k}": str(result[f"{k}_floor"]) for k in SCALARS if f"{k}_floor" in result}

@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import math
 import os
-from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -29,6 +28,7 @@ from pipeline.gan.sampling import generate, requested_labels
 from pipeline.layout import Layout
 from pipeline.params import DataParams, ModelParams, load_params
 from pipeline.scoring import scorer
+from pipeline.tracking.logged_model import Logged, by_run, by_uri, download_weights
 
 
 def from_weights(weights: dict[str, torch.Tensor], model: ModelParams, where: str) -> Generator:
@@ -43,92 +43,16 @@ def from_weights(weights: dict[str, torch.Tensor], model: ModelParams, where: st
     return generator
 
 
-@dataclass(frozen=True)
-class Logged:
-    """A generator MLflow holds: its logged model's artifact location, the SHA-256 recorded for its
-    weights file when it was logged (None: logged by older code, without one), and who it is."""
-
-    location: str
-    recorded: str | None
-    who: str  # "MLflow run <id>", "registered model <name> version <n>", ...
-    repair: str  # how to give it a weights file
-
-
-def by_run(run_id: str, experiment_id: str) -> Logged:
-    """The generator that training run `run_id` logged last (its finished upload)."""
-    from pipeline.tracking import logged_model, mlflow_run
-
-    run = mlflow_run.MlflowRun.existing(run_id, experiment_id)
-    if run is None:
-        raise UserError(f"MLflow run {run_id} is not in this experiment's tracking store.")
-    ready = sorted((m for m in run.logged_models() if str(m.status) == "READY"), key=lambda m: m.creation_timestamp)
-    if not ready:
-        raise UserError(f"MLflow run {run_id} holds no finished model; train (or `resend`) it first.")
-    repair = "run `python -m pipeline resend` in its project, or train it again"
-    return Logged(ready[-1].artifact_location, ready[-1].tags.get(logged_model.ARTIFACT_SHA_TAG), f"MLflow run {run_id}",
-                  repair)  # fmt: skip
-
-
-def by_uri(uri: str) -> Logged:
-    """The generator of `models:/NAME@ALIAS`, `models:/NAME/VERSION` or `models:/<model id>`.
-
-    A registered version is trusted through the SHA-256 copied onto it when it was registered, so a
-    logged model whose file and tags were both rewritten afterwards is still caught.
-    """
-    from mlflow import MlflowClient
-    from mlflow.exceptions import MlflowException
-
-    from pipeline.tracking import connection, logged_model
-
-    client = MlflowClient()
-    ref = uri.removeprefix("models:/")
-    try:
-        if uri.startswith("models:/m-") and "/" not in ref:
-            model = client.get_logged_model(ref)
-            return Logged(model.artifact_location, model.tags.get(logged_model.ARTIFACT_SHA_TAG), f"MLflow model {ref}",
-                          "run `python -m pipeline resend` in its project, or train it again")  # fmt: skip
-        if not uri.startswith("models:/") or not ("@" in ref or ref.rpartition("/")[2].isdigit()):
-            raise UserError(f"--model {uri} is not models:/NAME@ALIAS, models:/NAME/VERSION or models:/<model id>.")
-        if "@" in ref:
-            name, _, alias = ref.partition("@")
-            version = client.get_model_version_by_alias(name, alias)
-        else:
-            name, _, number = ref.rpartition("/")
-            version = client.get_model_version(name, number)
-        who = f"registered model {name} version {version.version}"
-        repair = (f"run `python -m pipeline resend` for its training run {version.run_id} and evaluate again, "
-                  "or train it again")  # fmt: skip
-        source = str(version.source or "")
-        model_id = version.model_id or (source.removeprefix("models:/") if source.startswith("models:/m-") else "")
-        if not model_id:  # registered from a run's artifacts, as MLflow 2 did: no weights file
-            return Logged("", None, who, repair)
-        model = client.get_logged_model(model_id)
-    except MlflowException as exc:
-        raise UserError(f"MLflow has no model {uri} ({connection.first_line(exc).rstrip('.')}).") from None
-    return Logged(model.artifact_location, version.tags.get(logged_model.ARTIFACT_SHA_TAG), who, repair)
-
-
 def trusted_weights(logged: Logged) -> tuple[dict[str, torch.Tensor], dict[str, float]]:
     """The weights (and batch-norm settings) in `logged`'s weights file, read weights-only once its
     SHA-256 matches the recorded one. Never the MLflow model itself: loading that unpickles."""
     import tempfile
 
-    import mlflow
-
-    from pipeline.tracking import connection, logged_model
-
     if not logged.recorded:
         raise UserError(f"{logged.who} was logged without a verifiable weights file (by an older version of this "
                         f"pipeline), so it is not loaded; {logged.repair}.")  # fmt: skip
-    # A progress bar for one small file would be the only thing on stderr; the user's setting wins.
-    os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
     with tempfile.TemporaryDirectory() as folder:
-        try:
-            path = Path(mlflow.artifacts.download_artifacts(
-                artifact_uri=f"{logged.location.rstrip('/')}/{logged_model.WEIGHTS_PATH}", dst_path=folder))  # fmt: skip
-        except Exception as exc:  # noqa: BLE001 - a deleted file, an unreachable store: the same for the user
-            raise UserError(f"{logged.who}'s generator weights ({logged_model.WEIGHTS_PATH}) cannot be fetched "
-                            f"({connection.first_line(exc).rstrip('.')}); {logged.repair}.") from None  # fmt: skip
+        path = download_weights(logged, Path(folder))
         found = files.sha256_file(path)
         if found != logged.recorded:
             raise UserError(f"{logged.who}'s generator weights fail their SHA-256 check (recorded "

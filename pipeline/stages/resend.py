@@ -22,7 +22,7 @@ from pipeline.gan.loop import LOG_COLUMNS, summary_row
 from pipeline.gan.sampling import GRID
 from pipeline.layout import Layout
 from pipeline.params import flatten, load_params
-from pipeline.tracking import connection, logged_model, mlflow_run
+from pipeline.tracking import connection, logged_model, runs
 
 
 def backfill(
@@ -47,19 +47,17 @@ def backfill(
     """
     sent = {"params": 0, "metrics": 0, "images": 0, "artifacts": 0, "model": 0}
     try:
-        found = mlflow_run.MlflowRun.existing(run_id, experiment_id) or mlflow_run.MlflowRun.tagged(
-            experiment_id, "resent_from", run_id
-        )
+        found = runs.existing_run(run_id, experiment_id) or runs.tagged_run(experiment_id, "resent_from", run_id)
         # A param changed on the run (an extended run's train.steps) is recorded as a tag, since MLflow
         # params are immutable: its current value is the tag's.
-        have = mlflow_run.current_params(found) if found else {}
+        have = found.current_params() if found else {}
         clash = next((key for key, value in params.items() if have.get(key, value) != value), None)
         if found and clash:
             raise UserError(
                 f"run {found.run_id} has {clash}={have[clash]}, not {params[clash]}: these outputs are not its own."
             )
         # Reopens the run that was found; else a new run, tagged with the id it stands in for.
-        run = mlflow_run.MlflowRun.start(
+        run = runs.open_run(
             experiment_id, None, {**tags, "resent_from": run_id}, resume_run_id=found.run_id if found else None
         )
         new_params = {key: value for key, value in params.items() if key not in have}

@@ -65,7 +65,8 @@ from pipeline.optuna_study import (
 )
 from pipeline.params import Params, flatten, load_params, validate_params
 from pipeline.scoring import frozen_classifier, scorer
-from pipeline.tracking import connection, mlflow_run
+from pipeline.tracking import connection, runs
+from pipeline.tracking.tracker import Run, Tracker
 
 
 # --- one trial: the pipeline's own training, scored as the evaluate stage scores ------------
@@ -91,12 +92,12 @@ def run_trial(
 
 
 def parent_run(study: optuna.Study, created: bool, experiment_id: str, tags: dict[str, str], mark: str,
-               where: str) -> mlflow_run.MlflowRun:  # fmt: skip
+               where: str) -> Run:  # fmt: skip
     """The sweep's MLflow parent run: made by the process that created the study, found by the others."""
     name = study.study_name
     if created:
         study.set_user_attr(FINGERPRINT, mark)
-        parent = mlflow_run.MlflowRun.create(experiment_id, name, tags)
+        parent = runs.shared_run(experiment_id, name, tags)
         study.set_user_attr(PARENT_RUN, parent.run_id)
         return parent
     run_id = wait_for_attr(study, PARENT_RUN)
@@ -107,7 +108,7 @@ def parent_run(study: optuna.Study, created: bool, experiment_id: str, tags: dic
             f"study '{name}' in {where} was started with other params, data or classifier; "
             "run it with those, or name a new study with --study."
         )
-    found = mlflow_run.MlflowRun.existing(run_id, experiment_id)
+    found = runs.existing_run(run_id, experiment_id)
     if found is None:
         raise UserError(f"the MLflow parent run {run_id} of study '{name}' is not in this tracking store; "
                         "name a new study with --study.")  # fmt: skip
@@ -125,7 +126,7 @@ class Objective:
     labels: torch.Tensor
     classifier: torch.nn.Module
     reference: scorer.Reference
-    parent: mlflow_run.MlflowRun
+    parent: Run
     tags: dict[str, str]
     running: list[int] = field(default_factory=list)  # the trial in progress, for the interrupt handler
 
@@ -215,7 +216,7 @@ def main(
     def on_stale(st: optuna.Study, trial: FrozenTrial) -> None:
         """A trial whose process died: its child run ends KILLED and the trial is queued again."""
         run_id = trial.user_attrs.get(RUN_ID)
-        if run_id and (run := mlflow_run.MlflowRun.existing(run_id, experiment_id)) is not None:
+        if run_id and (run := runs.existing_run(run_id, experiment_id)) is not None:
             run.set_tags({"sweep.state": "STALE"})
             run.finish("KILLED")
         retry(st, trial)
@@ -257,7 +258,7 @@ def main(
     parent.finish()  # the report is on disk either way
 
 
-def report(study: optuna.Study, params: Params, paths: Layout, parent: mlflow_run.Tracker) -> None:
+def report(study: optuna.Study, params: Params, paths: Layout, parent: Tracker) -> None:
     """Ranked table, figures, best params as a `dvc exp run` command; on disk and on `parent`."""
     trials = study.get_trials(deepcopy=False)
     keys = list(params.sweep.space)

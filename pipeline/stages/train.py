@@ -41,7 +41,7 @@ from pipeline.layout import Layout
 from pipeline.params import Params, flatten, load_params
 
 if TYPE_CHECKING:
-    from pipeline.tracking.mlflow_run import MlflowRun
+    from pipeline.tracking.tracker import Run
 
 
 # --- the stage: resume, the writing process's files and MLflow run -------------------------
@@ -71,9 +71,9 @@ def write_fid_log(fid_history: list[tuple[int, float]], path: Path) -> None:
 
 def start_tracking(
     params: Params, run_id: str | None, device: torch.device, precision: str, data_hash: str, world: World
-) -> tuple[MlflowRun, dict[str, str]]:
+) -> tuple[Run, dict[str, str]]:
     """The training run in MLflow (the checkpoint's run when resuming), its params logged; and run_info."""
-    from pipeline.tracking import connection, mlflow_run
+    from pipeline.tracking import connection, runs
 
     env = dict(os.environ)
     uri, experiment_id, root = connection.open_experiment(params.tracking.experiment, Path.cwd(), env)
@@ -93,7 +93,7 @@ def start_tracking(
         "dist.per_rank_batch": str(params.train.batch_size // world.size),
         "threads": str(torch.get_num_threads()),  # per process; train.threads, or torch's choice for 0
     }
-    run = mlflow_run.MlflowRun.start(experiment_id, connection.run_name(env), tags, resume_run_id=run_id)
+    run = runs.open_run(experiment_id, connection.run_name(env), tags, resume_run_id=run_id)
     run.log_params(flatten(params))
     print(f"MLflow run {run.run_id} in experiment '{params.tracking.experiment}' at {connection.redact(uri)}")
     run_info = {"run_id": run.run_id, "experiment_id": experiment_id, "tracking_uri": connection.redact(uri),
@@ -109,7 +109,7 @@ class Recorded:
     """A finished MLflow run, reopened while its deleted outputs are written again: its metrics, images
     and model are there already, so logging them does nothing; its status is set as for any run."""
 
-    def __init__(self, run: MlflowRun) -> None:
+    def __init__(self, run: Run) -> None:
         self.recorded = run
 
     def log_metrics(self, rows: list[dict[str, float]]) -> None:
@@ -137,7 +137,7 @@ class Writer:
     Only the writing process has one (see main); train() reports to it through Callbacks.
     """
 
-    def __init__(self, params: Params, paths: Layout, fingerprint: str, run: MlflowRun, run_info: dict[str, str],
+    def __init__(self, params: Params, paths: Layout, fingerprint: str, run: Run, run_info: dict[str, str],
                  state: TrainState, desc: str) -> None:  # fmt: skip
         from tqdm import tqdm
 
@@ -160,7 +160,7 @@ class Writer:
                 pass
         # A finished run run again (its outputs deleted, or `dvc repro -f`) writes its outputs again;
         # MLflow holds its end already, which is not logged twice.
-        self.run: MlflowRun | Recorded = Recorded(run) if recorded else run
+        self.run: Run | Recorded = Recorded(run) if recorded else run
         self.bar = tqdm(total=params.train.steps, initial=state.step, desc=desc, unit="step", dynamic_ncols=True)
 
     @classmethod

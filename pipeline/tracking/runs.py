@@ -1,0 +1,33 @@
+"""Where a stage gets its run: the one factory behind the tracker.Run interface.
+
+The runs come from `BACKEND`: MLflow's store (MlflowRun) when a stage runs; a test puts a
+memory.MemoryStore there (monkeypatch) to see what a stage logs without an MLflow store.
+"""
+
+from __future__ import annotations
+
+from pipeline.tracking.mlflow_run import MlflowRun
+from pipeline.tracking.tracker import Backend, Run
+
+BACKEND: Backend = MlflowRun
+
+
+def open_run(experiment_id: str, name: str | None, tags: dict[str, str], *, resume_run_id: str | None = None,
+             parent_run_id: str | None = None) -> Run:  # fmt: skip
+    """Start a run (this process's, until its finish()); reopen `resume_run_id` if the store has it."""
+    return BACKEND.start(experiment_id, name, tags, resume_run_id=resume_run_id, parent_run_id=parent_run_id)
+
+
+def shared_run(experiment_id: str, name: str, tags: dict[str, str]) -> Run:
+    """A RUNNING run that no process owns (a sweep's parent, which many processes share)."""
+    return BACKEND.create(experiment_id, name, tags)
+
+
+def existing_run(run_id: str, experiment_id: str) -> Run | None:
+    """A handle on a run made earlier (not started again), or None if the store lacks it."""
+    return BACKEND.existing(run_id, experiment_id)
+
+
+def tagged_run(experiment_id: str, key: str, value: str) -> Run | None:
+    """The first run of the experiment whose tag `key` is `value`, or None."""
+    return BACKEND.tagged(experiment_id, key, value)
