@@ -17,7 +17,7 @@ import torch
 import yaml
 
 from pipeline import files
-from pipeline.gan.dcgan import build_generator
+from pipeline.gan.architectures import build_generator
 from pipeline.gan.export import for_export
 from pipeline.params import ModelParams, Params, flatten
 from pipeline.tracking import connection, runs
@@ -127,7 +127,7 @@ def test_images_artifacts_and_datasets_are_listed_as_the_store_holds_them(backen
 
 def test_a_logged_model_is_found_by_its_weights_and_carries_their_hashes(backend: Backend) -> None:
     torch.manual_seed(0)
-    weights = build_generator(ModelParams(**SMALL_MODEL)).state_dict()
+    weights = build_generator(ModelParams(**SMALL_MODEL), n_classes=0).state_dict()
     run = runs.open_run(backend.experiment_id, "train", {})
     assert not run.has_model() and run.logged_models() == []
     run.log_model(*for_export(ModelParams(**SMALL_MODEL), weights, 0))
@@ -147,7 +147,7 @@ def expected_artifact_sha(weights: dict[str, torch.Tensor]) -> str:
     from pipeline.tracking.logged_model import architecture
 
     with tempfile.TemporaryDirectory() as where:
-        tags = save_weights(weights, architecture(build_generator(ModelParams(**SMALL_MODEL))), Path(where) / WEIGHTS_FILE)
+        tags = save_weights(weights, architecture(build_generator(ModelParams(**SMALL_MODEL), n_classes=0)), Path(where) / WEIGHTS_FILE)
     return tags[ARTIFACT_SHA_TAG]
 
 
