@@ -17,6 +17,15 @@ class Layout:
     root: Path = Path(".")
     dataset: str = "mnist"
 
+    # check-params: its stamp (a constant text) says params.yaml was valid when DVC last ran
+    @property
+    def params_file(self) -> Path:
+        return self.root / "params.yaml"
+
+    @property
+    def params_checked(self) -> Path:
+        return self.root / "data" / "params.checked"
+
     # prepare
     @property
     def own(self) -> Path:
@@ -132,7 +141,8 @@ class Layout:
     def inputs(self, stage: str) -> tuple[Path, ...]:
         """The files a DVC stage reads (its deps besides code)."""
         return {
-            "prepare": (self.own,),
+            "check-params": (self.params_file,),
+            "prepare": (self.own, self.params_checked),
             "classifier": (self.prepared,),
             "reference": (self.prepared, self.classifier),
             "train": (self.prepared, self.classifier, self.reference),  # the last two for the quick FID
@@ -143,6 +153,7 @@ class Layout:
     def outputs(self, stage: str) -> tuple[Path, ...]:
         """The files a DVC stage writes (its outs, metrics and plots)."""
         return {
+            "check-params": (self.params_checked,),
             "prepare": (self.prepared, self.data_metrics),
             "classifier": (self.classifier, self.classifier_record, self.classifier_metrics),
             "reference": (self.reference, self.floors),

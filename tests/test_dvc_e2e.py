@@ -114,3 +114,17 @@ def test_whole_pipeline_with_tiny_params_then_a_second_clone_pulls_it(project: t
         assert scored.returncode == 0, scored.stderr
         reports.append({k: v for k, v in json.loads((clone / "samples.eval.json").read_text()).items() if k != "seconds"})
     assert reports[0] == reports[1]
+
+    # A bad value, or a typo'd key, stops DVC at check-params: no stage's outputs are deleted.
+    trained, text = (repo / "models/generator.pt").read_bytes(), (repo / "params.yaml").read_text()
+    bad = run_dvc(["exp", "run", "-S", "train.lr_g=-0.001"], repo, env)
+    assert bad.returncode != 0 and "'train.lr_g' = -0.001 is invalid" in bad.stdout + bad.stderr, bad.stdout
+    (repo / "params.yaml").write_text(text.replace("train:\n", "train:\n  lr_gg: 0.1\n", 1))
+    typo = run_dvc(["repro"], repo, env)
+    assert typo.returncode != 0 and "unknown key 'train.lr_gg'" in typo.stdout + typo.stderr, typo.stdout
+    for failed in (bad, typo):
+        assert "Running stage 'check-params'" in failed.stdout and "Running stage 'prepare'" not in failed.stdout
+    assert (repo / "models/generator.pt").read_bytes() == trained
+    assert all((repo / path).is_file() for path in ("data/reference/mnist.npz", "metrics/eval.json"))
+    (repo / "params.yaml").write_text(text)
+    assert "Running stage" not in run_dvc(["repro"], repo, env).stdout  # the last good state, as it was
