@@ -45,7 +45,7 @@ from pipeline.gan.loop import new_state, train
 from pipeline.gan.sampling import fixed_noise, sample_grid
 from pipeline.layout import Layout
 from pipeline.params import Params, load_params, validate_params
-from pipeline.scoring import frozen_classifier, scorer
+from pipeline.scoring import scorer
 
 # The quality preset (docs/training.md): the class-conditional pair with an EMA of G, at the
 # tutorial's loss and learning rates. Each key is a `dvc exp run -S` override. Hinge loss with spectral
@@ -95,14 +95,16 @@ def train_arm(params_path: str, arm: dict[str, Any], steps: int, seed: int, fid_
                                                        "train.device": device_type})  # fmt: skip
     paths = Layout(dataset=params.data.dataset)
     images, labels = training_data(params, paths, device)
-    classifier, sha = frozen_classifier.load_classifier(paths.classifier, params.classifier.feature_dim, device)
-    reference = scorer.load_reference(paths.reference, classifier_sha256=sha)
+    frozen = scorer.Scorer.load(paths, params, device)
     p = params.train
-    state = new_state(params.model, p, device, len(reference.label_distribution))
+    state = new_state(params.model, p, device, len(frozen.reference.label_distribution))
     start = time.perf_counter()
     train(state, images, p, params.model.latent_dim, labels=labels)
     seconds = time.perf_counter() - start
-    fid = scorer.generator_fid(state.output, classifier, reference, fid_samples, 1234, params.evaluate.batch_size, device)
+    # Not frozen.quick_fid (seeded by train.seed, which differs between the seeds here): the same noise for all.
+    fid = scorer.generator_fid(
+        state.output, frozen.classifier, frozen.reference, fid_samples, 1234, params.evaluate.batch_size, device
+    )
     grid = sample_grid(state.output, fixed_noise(params.model.latent_dim, seed, device))
     return {"seed": seed, "fid": round(fid, 3), "seconds": round(seconds, 1), "img_s": round(steps * p.batch_size / seconds, 1),
             "threads": torch.get_num_threads(), "grid": grid}  # fmt: skip

@@ -307,43 +307,12 @@ def train(
     autocast = _autocast(device, params.precision)
     loss = LOSSES[params.loss]
     noise = fixed_noise(latent_dim, params.seed, device)
-    pending: list[tuple[int, torch.Tensor]] = []  # per-step stats still on the device
     if params.compile:  # in place: parameter names (and so checkpoints) stay the same
         state.generator.compile()
         state.discriminator.compile()
     state.generator.train()
     state.discriminator.train()
-    tick, tick_step = time.perf_counter(), state.step
-
-    def flush() -> None:
-        nonlocal tick, tick_step
-        if not pending:
-            return
-        stacked = torch.stack([t for _, t in pending])
-        if world.distributed:  # the figures of the global batch: the mean over the ranks
-            torch.distributed.all_reduce(stacked)
-            stacked /= world.size
-        values = stacked.cpu().tolist()  # the one sync
-        rows = [(step, *map(float, v)) for (step, _), v in zip(pending, values, strict=True)]
-        pending.clear()
-        for step, d_loss, _, g_loss in rows:
-            if not (np.isfinite(d_loss) and np.isfinite(g_loss)):
-                raise Diverged(f"training diverged at step {step}: D loss {d_loss}, G loss {g_loss}; {ADVICE}")
-        # Finite losses, yet the update after them can have left NaN or inf weights: such a
-        # state must never be saved as the "last good" checkpoint.
-        broken = next(filter(None, distributed.all_gather(world, first_non_finite(state))), None)
-        if broken is not None:
-            step, d_loss, _, g_loss = rows[-1]
-            raise Diverged(
-                f"training diverged at step {step}: {broken} is no longer finite after D loss {d_loss}, "
-                f"G loss {g_loss}; {ADVICE}"
-            )
-        state.history.extend(rows)
-        now = time.perf_counter()
-        rate = (state.step - tick_step) * params.batch_size / max(now - tick, 1e-9)
-        tick, tick_step = now, state.step
-        if callbacks.on_log:
-            callbacks.on_log(rows, rate)
+    loop = _Loop(state, params, callbacks, world, stop, noise)
 
     while state.step < params.steps:
         idx = torch.randint(0, images.shape[0], (batch,), device=device)
@@ -351,32 +320,96 @@ def train(
         z = torch.randn(batch, latent_dim, device=device)
         stats = train_step(state, real, z, autocast, loss, nets, None if conditional is None else conditional[idx])
         state.step += 1
-        pending.append((state.step, stats))
+        loop.pending.append((state.step, stats))
+        loop.after_step()
+    loop.flush()
+    return state
 
+
+@dataclass
+class _Loop:
+    """What train() keeps beside the state between steps: the per-step figures still on the device
+    and the cadence of logging, grids, quick FIDs, checkpoints and stop signals."""
+
+    state: TrainState
+    params: TrainParams
+    callbacks: Callbacks
+    world: World
+    stop: signals.StopRequest | None
+    noise: torch.Tensor  # the fixed latent vectors of every sample grid
+    pending: list[tuple[int, torch.Tensor]] = field(default_factory=list)  # per-step stats still on the device
+    tick: float = field(init=False)  # when the speed was last measured, and at which step
+    tick_step: int = field(init=False)
+
+    def __post_init__(self) -> None:
+        self.tick, self.tick_step = time.perf_counter(), self.state.step
+
+    def after_step(self) -> None:
+        """Whatever is due at the step just taken, in this order: log, grid, quick FID, checkpoint, stop."""
+        state, params, callbacks = self.state, self.params, self.callbacks
         step = state.step
         last = step == params.steps
         boundary = step % params.log_every == 0 or step % params.checkpoint_every == 0 or last
         if boundary:
-            flush()
+            self.flush()
         if callbacks.on_sample and (step % params.sample_every == 0 or last):
-            grid = sample_grid(state.output, noise)
+            grid = sample_grid(state.output, self.noise)
             state.grids[step] = grid
             callbacks.on_sample(step, grid)
         if callbacks.on_eval and params.fid_every and (step % params.fid_every == 0 or last):
             callbacks.on_eval(state)
         signum = 0  # the stop signal this step stops on
-        if stop is not None and (boundary or not world.distributed):
-            signum = distributed.agreed_stop(world, stop.signum, device)
+        if self.stop is not None and (boundary or not self.world.distributed):
+            device = self.noise.device  # the training device, where the ranks agree
+            signum = distributed.agreed_stop(self.world, self.stop.signum, device)
         if step % params.checkpoint_every == 0 or last or signum:
-            flush()  # (off a boundary, only when stopping: the rows since the last flush, into the history)
-            if world.distributed:  # every rank's random state, for the checkpoint
-                state.rank_rngs = distributed.all_gather(world, rng_state())
+            self.flush()  # (off a boundary, only when stopping: the rows since the last flush, into the history)
+            if self.world.distributed:  # every rank's random state, for the checkpoint
+                state.rank_rngs = distributed.all_gather(self.world, rng_state())
             if callbacks.on_checkpoint:
                 callbacks.on_checkpoint(state)
         if signum:
             raise signals.Stopped(signum)
-    flush()
-    return state
+
+    def flush(self) -> None:
+        """The pending figures into the history (after checking them) and to on_log, with the speed."""
+        if not self.pending:
+            return
+        rows = self.copy_out()
+        check_finite(self.state, self.world, rows)
+        self.state.history.extend(rows)
+        now = time.perf_counter()
+        rate = (self.state.step - self.tick_step) * self.params.batch_size / max(now - self.tick, 1e-9)
+        self.tick, self.tick_step = now, self.state.step
+        if self.callbacks.on_log:
+            self.callbacks.on_log(rows, rate)
+
+    def copy_out(self) -> list[Row]:
+        """The pending per-step stats as history rows, in one host-device sync."""
+        stacked = torch.stack([t for _, t in self.pending])
+        if self.world.distributed:  # the figures of the global batch: the mean over the ranks
+            torch.distributed.all_reduce(stacked)
+            stacked /= self.world.size
+        values = stacked.cpu().tolist()  # the one sync
+        rows = [(step, *map(float, v)) for (step, _), v in zip(self.pending, values, strict=True)]
+        self.pending.clear()
+        return rows
+
+
+def check_finite(state: TrainState, world: World, rows: list[Row]) -> None:
+    """Diverged when a loss of `rows`, or (after them) a weight of any rank, is NaN or inf."""
+    for step, d_loss, _, g_loss in rows:
+        if not (np.isfinite(d_loss) and np.isfinite(g_loss)):
+            raise Diverged(f"training diverged at step {step}: D loss {d_loss}, G loss {g_loss}; {ADVICE}")
+    # Finite losses, yet the update after them can have left NaN or inf weights: such a
+    # state must never be saved as the "last good" checkpoint.
+    broken = next(filter(None, distributed.all_gather(world, first_non_finite(state))), None)
+    if broken is not None:
+        step, d_loss, _, g_loss = rows[-1]
+        raise Diverged(
+            f"training diverged at step {step}: {broken} is no longer finite after D loss {d_loss}, "
+            f"G loss {g_loss}; {ADVICE}"
+        )
 
 
 def summarise(state: TrainState, seconds: float, first_step: int, batch_size: int) -> dict[str, Any]:

@@ -20,9 +20,10 @@ from pipeline.errors import UserError
 from pipeline.files import atomic_path
 from pipeline.gan.architectures.dcgan import Generator
 from pipeline.gan.sampling import generate, requested_labels
-from pipeline.params import EvaluateParams
+from pipeline.layout import Layout
+from pipeline.params import EvaluateParams, Params
 from pipeline.scoring import metrics
-from pipeline.scoring.frozen_classifier import Classifier, classify
+from pipeline.scoring.frozen_classifier import Classifier, classify, load_classifier
 
 
 RECOMPUTE = "run `dvc repro reference` (or `python -m pipeline reference`) to compute it again"
@@ -56,9 +57,13 @@ def save_reference(ref: Reference, path: Path) -> None:
     """Uncompressed .npz of plain arrays (no pickle), written atomically."""
     with atomic_path(path) as tmp, open(tmp, "wb") as fh:
         np.savez(
-            fh, features=ref.features, mean=ref.mean, cov=ref.cov,
-            label_distribution=ref.label_distribution, classifier_sha256=np.array(ref.classifier_sha256),
-        )  # fmt: skip
+            fh,
+            features=ref.features,
+            mean=ref.mean,
+            cov=ref.cov,
+            label_distribution=ref.label_distribution,
+            classifier_sha256=np.array(ref.classifier_sha256),
+        )
 
 
 def load_reference(path: Path, classifier_sha256: str | None = None) -> Reference:
@@ -96,6 +101,48 @@ def load_reference(path: Path, classifier_sha256: str | None = None) -> Referenc
     return ref
 
 
+# --- the frozen classifier with its reference ---------------------------------------------
+
+
+@dataclass(frozen=True, eq=False)
+class Scorer:
+    """The frozen classifier, its file's SHA-256 and the reference computed with it: what the stages
+    that score generated samples (train's quick FID, evaluate, sweep) load, in this one place."""
+
+    classifier: Classifier
+    sha256: str
+    reference: Reference
+    device: torch.device
+
+    @classmethod
+    def load(cls, paths: Layout, params: Params, device: torch.device) -> Scorer:
+        """Load the classifier and the reference; a reference of other weights is a UserError."""
+        classifier, sha256 = load_classifier(paths.classifier, params.classifier.feature_dim, device)
+        return cls(classifier, sha256, load_reference(paths.reference, classifier_sha256=sha256), device)
+
+    @property
+    def feature_dim(self) -> int:
+        return int(self.reference.features.shape[1])
+
+    def quick_fid(self, generator: Generator, params: Params) -> float:
+        """The in-training FID of `params`' run: train.fid_samples fresh samples, the same noise at every
+        call (their own RNG: training's is untouched), so the curve shows the generator changing."""
+        train = params.train
+        # Seeded by train.seed, not evaluate.seed: the curve is a training output (metrics/train_fid.csv,
+        # the checkpoint's fid_history), and the train stage's DVC params and resume fingerprint cover
+        # train.*, not evaluate.*. Sweep trials share train.seed unless it is searched, and then their
+        # weights and batches differ by seed as well: one rule for the train stage and the sweep.
+        return generator_fid(
+            generator,
+            self.classifier,
+            self.reference,
+            train.fid_samples,
+            train.seed,
+            params.evaluate.batch_size,
+            self.device,
+        )
+
+
 # --- the scores ---------------------------------------------------------------------------
 
 
@@ -109,9 +156,14 @@ def draw(
 
 
 def generator_fid(
-    generator: Generator, classifier: Classifier, reference: Reference, n: int, seed: int, batch_size: int,
+    generator: Generator,
+    classifier: Classifier,
+    reference: Reference,
+    n: int,
+    seed: int,
+    batch_size: int,
     device: torch.device,
-) -> float:  # fmt: skip
+) -> float:
     """FID of n fresh samples (seeded, inference mode) against the reference: the quick estimate."""
     images, _ = draw(generator, n, seed, batch_size, device, reference)
     features, _ = classify(classifier, images, batch_size, device)
@@ -165,8 +217,10 @@ def conditional_scores(
     `fid_class_mean`: their mean, given only when every class was scored.
     """
     if len(real_labels) != len(reference.features):
-        raise UserError(f"the reference holds {len(reference.features)} images, the test split {len(real_labels)}: "
-                        f"{RECOMPUTE}.")  # fmt: skip
+        raise UserError(
+            f"the reference holds {len(reference.features)} images, the test split {len(real_labels)}: "
+            f"{RECOMPUTE}."
+        )
     need = 2 * reference.features.shape[1]
     per_class: list[float | None] = []
     for c in range(len(reference.label_distribution)):

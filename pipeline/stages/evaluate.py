@@ -12,7 +12,7 @@ import os
 import sys
 import time
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import torch
@@ -23,9 +23,25 @@ from pipeline.gan.export import load_generator
 from pipeline.layout import Layout
 from pipeline.params import EvaluateParams, Params, load_params
 from pipeline.scoring import frozen_classifier, scorer
+from pipeline.scoring.scorer import Scorer
 
-SCALARS = ("fid", "kid_mean", "kid_std", "is_mean", "is_std", "class_kl", "classes_covered", "mean_confidence",
-           "precision", "recall", "density", "coverage")  # fmt: skip
+if TYPE_CHECKING:
+    from pipeline.tracking.tracker import Run
+
+SCALARS = (
+    "fid",
+    "kid_mean",
+    "kid_std",
+    "is_mean",
+    "is_std",
+    "class_kl",
+    "classes_covered",
+    "mean_confidence",
+    "precision",
+    "recall",
+    "density",
+    "coverage",
+)
 CONDITIONAL = ("label_accuracy", "fid_class_mean")  # and fid_per_class: a conditional generator's scores
 
 
@@ -82,9 +98,13 @@ def load_samples(path: Path) -> np.ndarray:
 
 
 def evaluate(
-    images: np.ndarray, classifier: torch.nn.Module, reference: scorer.Reference, params: EvaluateParams,
-    device: torch.device, asked: tuple[np.ndarray, np.ndarray] | None = None,
-) -> dict[str, Any]:  # fmt: skip
+    images: np.ndarray,
+    classifier: torch.nn.Module,
+    reference: scorer.Reference,
+    params: EvaluateParams,
+    device: torch.device,
+    asked: tuple[np.ndarray, np.ndarray] | None = None,
+) -> dict[str, Any]:
     """Score uint8 samples against the reference; the pure core of the stage. `asked`: of a conditional
     generator, the labels each sample was asked for and the real labels of the reference images."""
     features, probs = frozen_classifier.classify(classifier, images, params.batch_size, device)
@@ -126,122 +146,208 @@ def class_rows(scores: dict[str, Any], reference: scorer.Reference, names: tuple
     """plots/eval_classes.csv: the share of samples the classifier puts in each class, beside the real share."""
     counts = np.asarray(scores["class_counts"], dtype=np.float64)
     lines = ["class,fraction,reference"]
-    lines += [f"{name.replace(',', ' ')},{c / counts.sum():.5f},{r:.5f}"
-              for name, c, r in zip(names, counts, reference.label_distribution, strict=True)]  # fmt: skip
+    lines += [
+        f"{name.replace(',', ' ')},{c / counts.sum():.5f},{r:.5f}"
+        for name, c, r in zip(names, counts, reference.label_distribution, strict=True)
+    ]
     return "\n".join(lines) + "\n"
 
 
 def main(params_path: Path = Path("params.yaml"), samples: Path | None = None, output: Path | None = None) -> None:
     params = load_params(params_path)
     paths = Layout(dataset=params.data.dataset)
-    p = params.evaluate
     device = machine.pick_device(params.train.device)
     machine.keep_freed_memory()  # the classifier's activations and PRDC's distance blocks, reused
-    classifier, sha = frozen_classifier.load_classifier(paths.classifier, params.classifier.feature_dim, device)
-    reference = scorer.load_reference(paths.reference, classifier_sha256=sha)
-    if samples is None:  # a tracking server that is down is reported before any work
-        from pipeline.tracking import connection
-
-        uri, experiment_id, _ = connection.open_experiment(params.tracking.experiment, Path.cwd(), dict(os.environ))
-        files.remove_stale_temps(*paths.outputs("evaluate"))
-    floors = files.read_json(paths.floors) if paths.floors.is_file() else {}
-    if floors and floors.get("n_samples") not in (None, p.n_samples):
-        floors = {}  # floors at another N are not comparable
-
-    started = time.perf_counter()
-    if samples is not None:
-        images = load_samples(samples)
-        source = str(samples)
-        need = 2 * int(reference.features.shape[1])  # see metrics.feature_stats
-        if images.shape[0] < need:
-            raise UserError(f"{samples} holds {images.shape[0]} samples; scoring needs at least {need} "
-                            "(2 x classifier.feature_dim) for a meaningful FID.")  # fmt: skip
-        asked = None
-    else:
-        n_classes = len(data.class_names(params.data))
-        generator = load_generator(paths.generator, params.model, device, n_classes)
-        pixels, labels = scorer.draw(generator, p.n_samples, p.seed, p.batch_size, device, reference)
-        images, source = pixels.numpy(), str(paths.generator)
-        asked = None if labels is None else (labels.numpy(), data.load_prepared(paths.prepared, n_classes).test_labels)
-    scores = evaluate(images, classifier, reference, p, device, asked)
-    context = {
-        **scorer.scoring_metadata(sha, int(reference.features.shape[1]), p),
-        "n_samples": int(images.shape[0]),
-        "samples": source,
-        "seconds": round(time.perf_counter() - started, 2),
-    }
-    result = report(scores, {k: v for k, v in floors.items() if k in SCALARS}, context)
-    if "fid_per_class" in result:
-        names = data.class_names(params.data)
-        print("per-class FID (the samples asked for each class against its real images):")
-        for name, value in zip(names, result["fid_per_class"], strict=True):
-            print(f"  {name:<16}{'too few samples' if value is None else f'{value:>10.3f}'}")
-    print_report(result)
-
+    frozen = Scorer.load(paths, params, device)
     if samples is not None:  # scoring outside samples: a report, not a pipeline output
+        started = time.perf_counter()
+        images = outside_samples(samples, frozen.feature_dim)
+        result, _ = score_and_report(images, None, str(samples), params, paths, frozen, started)
         out = output or Path(f"{samples.stem}.eval.json")
         files.write_json(out, result)
         print(f"report -> {out}")
         return
 
+    from pipeline.tracking import connection
+
+    # A tracking server that is down is reported before any work.
+    tracking = connection.open_experiment(params.tracking.experiment, Path.cwd(), dict(os.environ))
+    files.remove_stale_temps(*paths.outputs("evaluate"))
+    started = time.perf_counter()
+    images, asked = generator_samples(params, paths, frozen)
+    result, scores = score_and_report(images, asked, str(paths.generator), params, paths, frozen, started)
+    grid = write_outputs(paths, images, class_rows(scores, frozen.reference, data.class_names(params.data)), result)
+    log_or_warn(params, paths, result, grid, tracking, frozen)
+
+
+def score_and_report(
+    images: np.ndarray,
+    asked: tuple[np.ndarray, np.ndarray] | None,
+    source: str,
+    params: Params,
+    paths: Layout,
+    frozen: Scorer,
+    started: float,
+) -> tuple[dict[str, Any], dict[str, Any]]:
+    """Score `images` (see evaluate), print them; (metrics/eval.json's report, the scores)."""
+    scores = evaluate(images, frozen.classifier, frozen.reference, params.evaluate, frozen.device, asked)
+    context = {
+        **scorer.scoring_metadata(frozen.sha256, frozen.feature_dim, params.evaluate),
+        "n_samples": int(images.shape[0]),
+        "samples": source,
+        "seconds": round(time.perf_counter() - started, 2),
+    }
+    result = report(scores, comparable_floors(paths, params.evaluate), context)
+    print_per_class(result, data.class_names(params.data))
+    print_report(result)
+    return result, scores
+
+
+def comparable_floors(paths: Layout, p: EvaluateParams) -> dict[str, Any]:
+    """The real-data floors of metrics/reference.json, when they were scored at this N."""
+    floors = files.read_json(paths.floors) if paths.floors.is_file() else {}
+    if floors.get("n_samples") not in (None, p.n_samples):
+        return {}  # floors at another N are not comparable
+    return {key: value for key, value in floors.items() if key in SCALARS}
+
+
+def outside_samples(samples: Path, feature_dim: int) -> np.ndarray:
+    """Samples made elsewhere (see load_samples), enough of them for a meaningful FID."""
+    images = load_samples(samples)
+    need = 2 * feature_dim  # see metrics.feature_stats
+    if images.shape[0] < need:
+        raise UserError(
+            f"{samples} holds {images.shape[0]} samples; scoring needs at least {need} "
+            "(2 x classifier.feature_dim) for a meaningful FID."
+        )
+    return images
+
+
+def generator_samples(
+    params: Params, paths: Layout, frozen: Scorer
+) -> tuple[np.ndarray, tuple[np.ndarray, np.ndarray] | None]:
+    """evaluate.n_samples seeded samples of the trained generator; of a conditional one, also the labels
+    they were asked for and the real labels of the reference images (see evaluate)."""
+    p, n_classes = params.evaluate, len(data.class_names(params.data))
+    generator = load_generator(paths.generator, params.model, frozen.device, n_classes)
+    pixels, labels = scorer.draw(generator, p.n_samples, p.seed, p.batch_size, frozen.device, frozen.reference)
+    if labels is None:
+        return pixels.numpy(), None
+    return pixels.numpy(), (labels.numpy(), data.load_prepared(paths.prepared, n_classes).test_labels)
+
+
+def print_per_class(result: dict[str, Any], names: tuple[str, ...]) -> None:
+    if "fid_per_class" not in result:
+        return
+    print("per-class FID (the samples asked for each class against its real images):")
+    for name, value in zip(names, result["fid_per_class"], strict=True):
+        print(f"  {name:<16}{'too few samples' if value is None else f'{value:>10.3f}'}")
+
+
+def write_outputs(paths: Layout, images: np.ndarray, classes_csv: str, result: dict[str, Any]) -> np.ndarray:
+    """The stage's outputs (sample grid, class shares, metrics/eval.json); returns the grid."""
     grid = data.make_grid(images[:25])
     with files.atomic_files():  # the three outputs appear together, or (a full disk) the old ones stay
         data.save_png(grid, paths.eval_samples)
         with files.atomic_open(paths.class_plot) as fh:
-            fh.write(class_rows(scores, reference, data.class_names(params.data)))
+            fh.write(classes_csv)
         files.write_json(paths.eval_metrics, result)
+    return grid
+
+
+def log_or_warn(
+    params: Params,
+    paths: Layout,
+    result: dict[str, Any],
+    grid: np.ndarray,
+    tracking: tuple[str, str, Path],
+    frozen: Scorer,
+) -> None:
+    """log_to_mlflow, where a tracking store out of room is a warning: the outputs are written."""
     try:
-        log_to_mlflow(params, paths, result, grid, uri, experiment_id, len(reference.features))
+        log_to_mlflow(params, paths, result, grid, tracking, frozen)
     except UserError as exc:
         # The outputs are complete and true: a tracking store out of room is a loss to report, as a
         # lost item is, not a failed stage (whose outputs DVC would then refuse to record).
         if files.out_of_room(exc) is None:
             raise
-        print(f"warning: {str(exc).rstrip('.')}; the outputs are complete, run the evaluate stage again once "
-              "MLflow's store has room.", file=sys.stderr)  # fmt: skip
+        print(
+            f"warning: {str(exc).rstrip('.')}; the outputs are complete, run the evaluate stage again once "
+            "MLflow's store has room.",
+            file=sys.stderr,
+        )
 
 
 def log_to_mlflow(
-    params: Params, paths: Layout, result: dict[str, Any], grid: np.ndarray, uri: str, experiment_id: str,
-    reference_images: int,
-) -> None:  # fmt: skip
-    """A nested run per evaluation under the training run; the latest scores on the training run."""
+    params: Params,
+    paths: Layout,
+    result: dict[str, Any],
+    grid: np.ndarray,
+    tracking: tuple[str, str, Path],
+    frozen: Scorer,
+) -> None:
+    """A nested run per evaluation under the training run; the latest scores on the training run.
+    `tracking`: connection.open_experiment's (URI, experiment id, repository root)."""
     from pipeline.tracking import connection, runs
 
-    env = dict(os.environ)
+    uri, experiment_id, root = tracking
     train_run_id = files.read_json(paths.run_info).get("run_id") if paths.run_info.is_file() else None
     parent = runs.existing_run(train_run_id, experiment_id) if train_run_id else None
     if train_run_id and parent is None:
         print(f"training run {train_run_id} is not in {uri}; recording this evaluation as a run of its own.")
-    tags = {**connection.dvc_tags(env), "stage": "evaluate", "dataset": params.data.dataset,
-            "generator.sha256": files.sha256_file(paths.generator)}  # fmt: skip
+    tags = {
+        **connection.run_tags("evaluate", params, dict(os.environ), root, frozen.device),
+        "generator.sha256": files.sha256_file(paths.generator),
+    }
     name = f"evaluate n={result['n_samples']}"
     run = parent.child(name, tags) if parent else runs.open_run(experiment_id, name, tags)
-    # The scores are metrics (what a person compares); the real-data floors and what makes a score
-    # comparable are the run's params, so the UI shows the scores, not a dozen flat floor lines.
-    floors = {f"floor.{k}": str(result[f"{k}_floor"]) for k in SCALARS if f"{k}_floor" in result}
-    run.log_params({f"evaluate.{k}": str(v) for k, v in params.evaluate.model_dump().items()} | floors
-                   | {"classifier_sha256": result["classifier_sha256"], "feature_dim": str(result["feature_dim"]),
-                      "n_samples": str(result["n_samples"])})  # fmt: skip
-    run.log_dataset(f"{params.data.dataset}-reference", files.sha256_file(paths.reference), paths.reference,
-                    "evaluation", {"images": reference_images, "classes": len(data.class_names(params.data))})  # fmt: skip
-    scores = {k: float(result[k]) for k in scalars(result)}
-    run.log_metrics([{"step": 0, **scores}])
-    for path in paths.outputs("evaluate"):
-        run.log_artifact(path, "evaluation")
-    run.log_image(grid, key="eval_samples", step=0)
-    run.finish()
+    log_evaluation(run, params, paths, result, grid, len(frozen.reference.features))
     if parent is not None:
-        parent.log_metrics([{"step": 0, **{f"eval_{k}": v for k, v in scores.items()}}])
-        parent.set_tags({"eval.latest_run": run.run_id, "eval.n_samples": str(result["n_samples"]),
-                         "eval.classifier_sha256": result["classifier_sha256"]})  # fmt: skip
+        scores = {f"eval_{k}": float(result[k]) for k in scalars(result)}
+        parent.log_metrics([{"step": 0, **scores}])
+        parent.set_tags(
+            {
+                "eval.latest_run": run.run_id,
+                "eval.n_samples": str(result["n_samples"]),
+                "eval.classifier_sha256": result["classifier_sha256"],
+            }
+        )
         register(params, parent, result, paths.generator)
     print(f"MLflow: evaluation run {run.run_id}" + (f" under training run {parent.run_id}" if parent else ""))
     print(f"see the runs: {connection.ui_hint(uri, experiment_id)}")
     lost = "; ".join(filter(None, (run.lost_summary(), parent.lost_summary() if parent else "")))
     if lost:
-        print(f"warning: {lost}; the outputs are complete, run the evaluate stage again once the server is back.",
-              file=sys.stderr)  # fmt: skip
+        print(
+            f"warning: {lost}; the outputs are complete, run the evaluate stage again once the server is back.",
+            file=sys.stderr,
+        )
+
+
+def log_evaluation(
+    run: Run, params: Params, paths: Layout, result: dict[str, Any], grid: np.ndarray, reference_images: int
+) -> None:
+    """The evaluation's own run: its params, the reference as a dataset, the scores, outputs and grid."""
+    # The scores are metrics (what a person compares); the real-data floors and what makes a score
+    # comparable are the run's params, so the UI shows the scores, not a dozen flat floor lines.
+    floors = {f"floor.{k}": str(result[f"{k}_floor"]) for k in SCALARS if f"{k}_floor" in result}
+    comparable = {
+        "classifier_sha256": result["classifier_sha256"],
+        "feature_dim": str(result["feature_dim"]),
+        "n_samples": str(result["n_samples"]),
+    }
+    run.log_params({f"evaluate.{k}": str(v) for k, v in params.evaluate.model_dump().items()} | floors | comparable)
+    run.log_dataset(
+        f"{params.data.dataset}-reference",
+        files.sha256_file(paths.reference),
+        paths.reference,
+        "evaluation",
+        {"images": reference_images, "classes": len(data.class_names(params.data))},
+    )
+    run.log_metrics([{"step": 0, **{k: float(result[k]) for k in scalars(result)}}])
+    for path in paths.outputs("evaluate"):
+        run.log_artifact(path, "evaluation")
+    run.log_image(grid, key="eval_samples", step=0)
+    run.finish()
 
 
 def register(params: Params, parent: Any, result: dict[str, Any], generator: Path) -> None:
@@ -256,22 +362,29 @@ def register(params: Params, parent: Any, result: dict[str, Any], generator: Pat
         return  # the server went away: evaluate again once it is back
     try:
         tensors = logged_model.tensors_sha256(files.load_checkpoint(generator)["generator"])
-        models = sorted((m for m in parent.logged_models() if str(m.status) == "READY"),
-                        key=lambda m: m.creation_timestamp)  # fmt: skip
+        models = sorted(
+            (m for m in parent.logged_models() if str(m.status) == "READY"), key=lambda m: m.creation_timestamp
+        )
         scored = [m for m in models if m.tags.get(logged_model.TENSORS_SHA_TAG) == tensors]
         if not scored:
             what = "no finished model" if not models else f"no logged model of {generator}'s weights"
             print(f"training run {parent.run_id} holds {what} to register (`python -m pipeline resend` logs it).")
             return
-        weights = {logged_model.ARTIFACT_SHA_TAG: scored[-1].tags[logged_model.ARTIFACT_SHA_TAG],
-                   logged_model.TENSORS_SHA_TAG: tensors}  # fmt: skip
-        score = registry.Score(float(result["fid"]), result.get("fid_floor"), int(result["n_samples"]),
-                               result["classifier_sha256"])  # fmt: skip
+        weights = {
+            logged_model.ARTIFACT_SHA_TAG: scored[-1].tags[logged_model.ARTIFACT_SHA_TAG],
+            logged_model.TENSORS_SHA_TAG: tensors,
+        }
+        score = registry.Score(
+            float(result["fid"]), result.get("fid_floor"), int(result["n_samples"]), result["classifier_sha256"]
+        )
         name = registry.model_name(params.tracking.experiment, params.data.dataset)
         outcome = registry.register(name, parent.run_id, f"models:/{scored[-1].model_id}", score, weights)
     except Exception as exc:  # noqa: BLE001 - the registry is bookkeeping: the scores are written either way
-        print(f"warning: the model registry did not take this evaluation ({connection.first_line(exc)}); "
-              "run evaluate again to register it.", file=sys.stderr)  # fmt: skip
+        print(
+            f"warning: the model registry did not take this evaluation ({connection.first_line(exc)}); "
+            "run evaluate again to register it.",
+            file=sys.stderr,
+        )
         return
     said = "is now the champion" if outcome.promoted else f"champion stays version {outcome.champion}"
     print(f"registered {name} version {outcome.version}: {said} ({outcome.reason}).")

@@ -23,6 +23,7 @@ from pipeline.gan.sampling import GRID
 from pipeline.layout import Layout
 from pipeline.params import flatten, load_params
 from pipeline.tracking import connection, logged_model, runs
+from pipeline.tracking.tracker import Run
 
 
 def backfill(
@@ -45,51 +46,16 @@ def backfill(
     `tags` (found again by the next call). Whatever the run already holds is skipped, so a
     second call sends nothing twice. The run ends FINISHED. Returns its id and the counts sent.
     """
-    sent = {"params": 0, "metrics": 0, "images": 0, "artifacts": 0, "model": 0}
     try:
-        found = runs.existing_run(run_id, experiment_id) or runs.tagged_run(experiment_id, "resent_from", run_id)
-        # A param changed on the run (an extended run's train.steps) is recorded as a tag, since MLflow
-        # params are immutable: its current value is the tag's.
-        have = found.current_params() if found else {}
-        clash = next((key for key, value in params.items() if have.get(key, value) != value), None)
-        if found and clash:
-            raise UserError(
-                f"run {found.run_id} has {clash}={have[clash]}, not {params[clash]}: these outputs are not its own."
-            )
-        # Reopens the run that was found; else a new run, tagged with the id it stands in for.
-        run = runs.open_run(
-            experiment_id, None, {**tags, "resent_from": run_id}, resume_run_id=found.run_id if found else None
-        )
+        run, have = open_run(experiment_id, run_id, tags, params)
         new_params = {key: value for key, value in params.items() if key not in have}
         run.log_params(new_params)
-        logged: dict[str, set[int]] = {}
-        missing = []  # metric rows holding only what the run lacks
-        for row in rows:
-            values = {name: value for name, value in row.items() if name != "step" and np.isfinite(value)}
-            for name in values.keys() - logged.keys():
-                logged[name] = run.metric_steps(name)
-            new = {name: value for name, value in values.items() if int(row["step"]) not in logged[name]}
-            if new:
-                missing.append({"step": row["step"], **new})
+        missing = missing_metrics(run, rows)
         run.log_metrics(missing)
-        shown = run.image_steps(image_key, drop_incomplete=True)  # a kill mid-upload: the step is sent again
-        for step, image in sorted(images.items()):
-            if step not in shown:
-                run.log_image(image, key=image_key, step=step)
-                sent["images"] += 1
-        present = run.artifact_names()
-        for path in artifacts:
-            if path.name not in present:
-                run.log_artifact(path)
-                sent["artifacts"] += 1
+        sent_images = send_images(run, images, image_key)
+        sent_artifacts = send_artifacts(run, artifacts)
         run.drop_unfinished_models()  # uploads a kill interrupted; the model is sent again below
-        if model is not None:
-            # The model of these weights, with its weights file: a run that holds only an older model
-            # (an extended run's first, or one logged before models carried weights files) gets it.
-            network, example = model()
-            if not run.has_model(logged_model.tensors_sha256(network.state_dict())):
-                run.log_model(network, model_name, example)
-                sent["model"] = 1
+        sent_model = send_model(run, model, model_name) if model is not None else 0
         run.finish()
     except UserError:
         raise
@@ -97,8 +63,75 @@ def backfill(
         raise _retry(connection.network_failure(exc) or connection.first_line(exc)) from None
     if run.lost:
         raise _retry(run.failure)
-    sent["params"], sent["metrics"] = len(new_params), sum(len(row) - 1 for row in missing)
-    return run.run_id, sent
+    metrics = sum(len(row) - 1 for row in missing)
+    sent = {"params": len(new_params), "metrics": metrics, "images": sent_images, "artifacts": sent_artifacts}
+    return run.run_id, sent | {"model": sent_model}
+
+
+def open_run(
+    experiment_id: str, run_id: str, tags: dict[str, str], params: dict[str, str]
+) -> tuple[Run, dict[str, str]]:
+    """The run `run_id` reopened (or its stand-in, or a new one: see backfill) and the params it holds;
+    a UserError when it holds other values of `params`."""
+    found = runs.existing_run(run_id, experiment_id) or runs.tagged_run(experiment_id, "resent_from", run_id)
+    # A param changed on the run (an extended run's train.steps) is recorded as a tag, since MLflow
+    # params are immutable: its current value is the tag's.
+    have = found.current_params() if found else {}
+    clash = next((key for key, value in params.items() if have.get(key, value) != value), None)
+    if found and clash:
+        raise UserError(
+            f"run {found.run_id} has {clash}={have[clash]}, not {params[clash]}: these outputs are not its own."
+        )
+    # Reopens the run that was found; else a new run, tagged with the id it stands in for.
+    run = runs.open_run(
+        experiment_id, None, {**tags, "resent_from": run_id}, resume_run_id=found.run_id if found else None
+    )
+    return run, have
+
+
+def missing_metrics(run: Run, rows: list[dict[str, float]]) -> list[dict[str, float]]:
+    """The metric rows holding only what the run lacks (finite values at steps it has not logged)."""
+    logged: dict[str, set[int]] = {}
+    missing = []
+    for row in rows:
+        values = {name: value for name, value in row.items() if name != "step" and np.isfinite(value)}
+        for name in values.keys() - logged.keys():
+            logged[name] = run.metric_steps(name)
+        new = {name: value for name, value in values.items() if int(row["step"]) not in logged[name]}
+        if new:
+            missing.append({"step": row["step"], **new})
+    return missing
+
+
+def send_images(run: Run, images: dict[int, np.ndarray], key: str) -> int:
+    """The images of the steps the run does not show; how many were sent."""
+    shown = run.image_steps(key, drop_incomplete=True)  # a kill mid-upload: the step is sent again
+    sent = 0
+    for step, image in sorted(images.items()):
+        if step not in shown:
+            run.log_image(image, key=key, step=step)
+            sent += 1
+    return sent
+
+
+def send_artifacts(run: Run, artifacts: list[Path]) -> int:
+    """The files the run lacks (by name); how many were sent."""
+    present = run.artifact_names()
+    missing = [path for path in artifacts if path.name not in present]
+    for path in missing:
+        run.log_artifact(path)
+    return len(missing)
+
+
+def send_model(run: Run, model: Callable[[], tuple[Any, np.ndarray]], name: str) -> int:
+    """The model of `model()`'s weights, with its weights file, unless the run holds it: a run that holds
+    only an older model (an extended run's first, or one logged before models carried weights files)
+    gets it. 1 when it was sent."""
+    network, example = model()
+    if run.has_model(logged_model.tensors_sha256(network.state_dict())):
+        return 0
+    run.log_model(network, name, example)
+    return 1
 
 
 def _retry(reason: str | None) -> UserError:

@@ -63,8 +63,9 @@ from pipeline.optuna_study import (
     wait_for_attr,
     work,
 )
-from pipeline.params import Params, flatten, load_params, validate_params
+from pipeline.params import Params, SweepParams, flatten, load_params, validate_params
 from pipeline.scoring import frozen_classifier, scorer
+from pipeline.scoring.scorer import Scorer
 from pipeline.tracking import connection, runs
 from pipeline.tracking.tracker import Run, Tracker
 
@@ -73,26 +74,26 @@ from pipeline.tracking.tracker import Run, Tracker
 
 
 def run_trial(
-    params: Params, images: torch.Tensor, labels: torch.Tensor, classifier: torch.nn.Module,
-    reference: scorer.Reference, callbacks: Callbacks,
-) -> tuple[dict[str, Any], np.ndarray]:  # fmt: skip
+    params: Params, images: torch.Tensor, labels: torch.Tensor, frozen: Scorer, callbacks: Callbacks
+) -> tuple[dict[str, Any], np.ndarray]:
     """Train with `params` (on `images`' device; `labels` beside them) and score `evaluate.n_samples`
     samples: (scores, 5x5 grid)."""
-    device = images.device
+    device, reference = images.device, frozen.reference
     state = new_state(params.model, params.train, device, len(reference.label_distribution))
     train(state, images, params.train, params.model.latent_dim, callbacks, labels=labels)
     p = params.evaluate
     pixels, _ = scorer.draw(state.output, p.n_samples, p.seed, p.batch_size, device, reference)
     samples = pixels.numpy()
-    features, probs = frozen_classifier.classify(classifier, samples, p.batch_size, device)
+    features, probs = frozen_classifier.classify(frozen.classifier, samples, p.batch_size, device)
     return scorer.score(features, probs, reference, p), data.make_grid(samples[:25])
 
 
 # --- the command ---------------------------------------------------------------------------
 
 
-def parent_run(study: optuna.Study, created: bool, experiment_id: str, tags: dict[str, str], mark: str,
-               where: str) -> Run:  # fmt: skip
+def parent_run(
+    study: optuna.Study, created: bool, experiment_id: str, tags: dict[str, str], mark: str, where: str
+) -> Run:
     """The sweep's MLflow parent run: made by the process that created the study, found by the others."""
     name = study.study_name
     if created:
@@ -110,8 +111,10 @@ def parent_run(study: optuna.Study, created: bool, experiment_id: str, tags: dic
         )
     found = runs.existing_run(run_id, experiment_id)
     if found is None:
-        raise UserError(f"the MLflow parent run {run_id} of study '{name}' is not in this tracking store; "
-                        "name a new study with --study.")  # fmt: skip
+        raise UserError(
+            f"the MLflow parent run {run_id} of study '{name}' is not in this tracking store; "
+            "name a new study with --study."
+        )
     found.reopen()  # a resumed sweep is running again
     return found
 
@@ -124,8 +127,7 @@ class Objective:
     params: Params
     images: torch.Tensor
     labels: torch.Tensor
-    classifier: torch.nn.Module
-    reference: scorer.Reference
+    frozen: Scorer
     parent: Run
     tags: dict[str, str]
     running: list[int] = field(default_factory=list)  # the trial in progress, for the interrupt handler
@@ -149,8 +151,7 @@ class Objective:
             run.log_metrics(metric_rows(rows))
 
         def on_eval(state: TrainState) -> None:
-            fid = scorer.generator_fid(state.output, self.classifier, self.reference, p.train.fid_samples,
-                                        p.evaluate.seed, p.evaluate.batch_size, self.images.device)  # fmt: skip
+            fid = self.frozen.quick_fid(state.output, p)
             run.log_metrics([{"step": state.step, "fid_quick": fid}])
             print(f"trial {trial.number}: step {state.step}, quick FID {fid:.1f} ({p.train.fid_samples} samples)")
             trial.report(fid, state.step)
@@ -159,7 +160,8 @@ class Objective:
 
         started, outcome = time.perf_counter(), "FAIL"
         try:
-            scores, grid = run_trial(p, self.images, self.labels, self.classifier, self.reference, Callbacks(on_log=on_log, on_eval=on_eval))
+            callbacks = Callbacks(on_log=on_log, on_eval=on_eval)
+            scores, grid = run_trial(p, self.images, self.labels, self.frozen, callbacks)
             outcome = "COMPLETE"
         except optuna.TrialPruned as exc:
             outcome = "PRUNED"
@@ -180,8 +182,8 @@ class Objective:
             run.log_metrics([{"step": p.train.steps, "seconds": seconds}])
             if outcome != "COMPLETE":  # pruned and interrupted trials end KILLED, failures FAILED
                 run.finish("FAILED" if outcome == "FAIL" else "KILLED")
-        run.log_metrics([{"step": p.train.steps, **{f"eval_{k}": float(v) for k, v in scores.items()
-                                                    if isinstance(v, (int, float))}}])  # fmt: skip
+        numbers = {f"eval_{k}": float(v) for k, v in scores.items() if isinstance(v, (int, float))}
+        run.log_metrics([{"step": p.train.steps, **numbers}])
         run.log_image(grid, key="samples", step=p.train.steps)
         run.finish()
         print(f"trial {trial.number}: FID {scores['fid']:.2f} at N={p.evaluate.n_samples} ({seconds:.0f} s)")
@@ -191,27 +193,56 @@ class Objective:
 
 
 def main(
-    params_path: Path = Path("params.yaml"), study: str | None = None, storage: str | None = None,
-    trials: int | None = None, allow_outside: bool = False,
-) -> None:  # fmt: skip
-    params = load_params(params_path)
-    paths = Layout(dataset=params.data.dataset)
-    options = {k: v for k, v in {"study": study, "storage": storage, "trials": trials}.items() if v is not None}
-    if options:  # command-line values are checked exactly as params.yaml's
-        raw = params.model_dump(mode="json")
-        raw["sweep"].update(options)
-        params = validate_params(raw, source=f"{params_path} with {', '.join('--' + k for k in options)}")
-    sweep, env = params.sweep, dict(os.environ)
+    params_path: Path = Path("params.yaml"),
+    study: str | None = None,
+    storage: str | None = None,
+    trials: int | None = None,
+    allow_outside: bool = False,
+) -> None:
+    params = with_options(load_params(params_path), params_path, study=study, storage=storage, trials=trials)
+    paths, env = Layout(dataset=params.data.dataset), dict(os.environ)
     url = storage_url(params, connection.project_root(Path.cwd(), env))
     check_storage_location(url, connection.project_root(Path.cwd(), env), allow_outside)  # before anything is written
     where = connection.redact(url)
     device = machine.pick_device(params.train.device)
-    classifier, classifier_sha = frozen_classifier.load_classifier(paths.classifier, params.classifier.feature_dim, device)
-    reference = scorer.load_reference(paths.reference, classifier_sha256=classifier_sha)
+    frozen = Scorer.load(paths, params, device)
     dataset = data.load_prepared(paths.prepared, len(data.class_names(params.data)))
-    images, labels = torch.from_numpy(dataset.train_images).to(device), torch.from_numpy(dataset.train_labels).to(device)
+    images = torch.from_numpy(dataset.train_images).to(device)
+    labels = torch.from_numpy(dataset.train_labels).to(device)
     data_sha = files.sha256_file(paths.prepared)
     uri, experiment_id, root = connection.open_experiment(params.tracking.experiment, Path.cwd(), env)
+    study_, created = shared_study(params, url, experiment_id)
+    tags = {
+        **connection.run_tags("sweep", params, env, root, device),
+        "sweep": params.sweep.study,  # over DCGAN_SWEEP's: this study is the sweep
+        "data.sha256": data_sha,
+    }
+    mark = fingerprint(params, data_sha, frozen.sha256)
+    parent = parent_run(study_, created, experiment_id, {**tags, "sweep.storage": where}, mark, where)
+    if created:  # once: MLflow refuses to change a logged param, and --trials may grow
+        parent.log_params(flatten(params))
+    print(
+        f"sweep '{params.sweep.study}': {params.sweep.trials} trials of {params.sweep.steps} steps in {where} "
+        f"({'new' if created else 'joined'}); MLflow parent run {parent.run_id} at {uri}"
+    )
+    objective = Objective(study_, params, images, labels, frozen, parent, tags)
+    run_study(study_, objective, params.sweep, where)
+    report(study_, params, Layout(root), parent)
+    parent.finish()  # the report is on disk either way
+
+
+def with_options(params: Params, params_path: Path, **given: str | int | None) -> Params:
+    """`params` with the command line's sweep options, checked exactly as params.yaml's."""
+    options = {key: value for key, value in given.items() if value is not None}
+    if not options:
+        return params
+    raw = params.model_dump(mode="json")
+    raw["sweep"].update(options)
+    return validate_params(raw, source=f"{params_path} with {', '.join('--' + k for k in options)}")
+
+
+def shared_study(params: Params, url: str, experiment_id: str) -> tuple[optuna.Study, bool]:
+    """The study in its storage at `url`, and whether this process created it."""
 
     def on_stale(st: optuna.Study, trial: FrozenTrial) -> None:
         """A trial whose process died: its child run ends KILLED and the trial is queued again."""
@@ -224,27 +255,18 @@ def main(
     optuna.logging.set_verbosity(optuna.logging.ERROR)  # this command prints its own line per trial
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
-        study_, created = open_study(params, open_storage(url, sweep.heartbeat_s, on_stale))
-    tags = {
-        **connection.git_info(root), **connection.dvc_tags(env), "sweep": sweep.study, "stage": "sweep",
-        "device": machine.device_name(device), "torch": torch.__version__, "data.sha256": data_sha,
-        "dataset": params.data.dataset,
-    }  # fmt: skip
-    mark = fingerprint(params, data_sha, classifier_sha)
-    parent = parent_run(study_, created, experiment_id, {**tags, "sweep.storage": where}, mark, where)
-    if created:  # once: MLflow refuses to change a logged param, and --trials may grow
-        parent.log_params(flatten(params))
-    print(f"sweep '{sweep.study}': {sweep.trials} trials of {sweep.steps} steps in {where} "
-          f"({'new' if created else 'joined'}); MLflow parent run {parent.run_id} at {uri}")  # fmt: skip
+        return open_study(params, open_storage(url, params.sweep.heartbeat_s, on_stale))
 
-    objective = Objective(study_, params, images, labels, classifier, reference, parent, tags)
+
+def run_study(study: optuna.Study, objective: Objective, sweep: SweepParams, where: str) -> None:
+    """Run trials until the study holds `sweep.trials`; an interrupted trial is queued again."""
     try:
-        work(study_, objective, sweep.trials, float(sweep.heartbeat_s), catch=(Diverged, OverBudget))
+        work(study, objective, sweep.trials, float(sweep.heartbeat_s), catch=(Diverged, OverBudget))
     except KeyboardInterrupt:
         # Optuna marked the trial FAIL: queue it again, so that running the sweep again redoes it.
-        for t in study_.get_trials(deepcopy=False):
+        for t in study.get_trials(deepcopy=False):
             if t.number in objective.running and t.state == TrialState.FAIL:
-                retry(study_, t)
+                retry(study, t)
         print(f"sweep interrupted; run the same command again to resume study '{sweep.study}'.")
         raise
     except Exception as exc:
@@ -254,8 +276,6 @@ def main(
             f"Optuna storage {where} went away ({connection.redact(reason).rstrip('.')}); the finished trials are "
             "kept there: run the same command again once it is back."
         ) from None
-    report(study_, params, Layout(root), parent)
-    parent.finish()  # the report is on disk either way
 
 
 def report(study: optuna.Study, params: Params, paths: Layout, parent: Tracker) -> None:

@@ -78,15 +78,10 @@ def start_tracking(
     env = dict(os.environ)
     uri, experiment_id, root = connection.open_experiment(params.tracking.experiment, Path.cwd(), env)
     tags = {
-        **connection.git_info(root),
-        **connection.dvc_tags(env),
-        "device": machine.device_name(device),
+        **connection.run_tags("train", params, env, root, device),
         "precision": precision,
-        "torch": torch.__version__,
         "cuda": torch.version.cuda or "none",
         "data.sha256": data_hash,
-        "dataset": params.data.dataset,
-        "stage": "train",
         # the job: one process, or data-parallel over world_size ranks of per_rank_batch images each
         "dist.world_size": str(world.size),
         "dist.backend": world.backend or "none",
@@ -96,8 +91,12 @@ def start_tracking(
     run = runs.open_run(experiment_id, connection.run_name(env), tags, resume_run_id=run_id)
     run.log_params(flatten(params))
     print(f"MLflow run {run.run_id} in experiment '{params.tracking.experiment}' at {connection.redact(uri)}")
-    run_info = {"run_id": run.run_id, "experiment_id": experiment_id, "tracking_uri": connection.redact(uri),
-                "params_sha256": files.fingerprint(flatten(params))}  # fmt: skip
+    run_info = {
+        "run_id": run.run_id,
+        "experiment_id": experiment_id,
+        "tracking_uri": connection.redact(uri),
+        "params_sha256": files.fingerprint(flatten(params)),
+    }
     return run, run_info
 
 
@@ -207,16 +206,12 @@ class Writer:
         p = self.params.train
         if not p.fid_every:
             return None
-        from pipeline.scoring import frozen_classifier, scorer
+        from pipeline.scoring.scorer import Scorer
 
-        classifier, sha = frozen_classifier.load_classifier(self.paths.classifier, self.params.classifier.feature_dim, device)
-        reference = scorer.load_reference(self.paths.reference, classifier_sha256=sha)
+        scorer = Scorer.load(self.paths, self.params, device)
 
         def on_eval(state: TrainState) -> None:
-            # Same noise at every evaluation (own RNG: training is untouched), so the curve shows
-            # the generator changing, not the draw.
-            fid = scorer.generator_fid(state.output, classifier, reference, p.fid_samples, p.seed,
-                                        self.params.evaluate.batch_size, device)  # fmt: skip
+            fid = scorer.quick_fid(state.output, self.params)
             state.fid_history.append((state.step, fid))
             self.bar.write(f"step {state.step}: quick FID ({p.fid_samples} samples) {fid:.3f}")
             if state.step > self.fid_logged_until:

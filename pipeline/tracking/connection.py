@@ -1,5 +1,5 @@
 """Where runs go: the tracking URI (passwords redacted), connecting and creating the experiment,
-telling outages from mistakes, and a run's name and git/DVC tags.
+telling outages from mistakes, and a run's name and the tags every stage's run carries.
 
 Only the stages call into tracking/; the training and scoring cores never see MLflow."""
 
@@ -11,10 +11,16 @@ import subprocess
 from collections.abc import Iterator, Mapping, MutableMapping
 from contextlib import contextmanager
 from pathlib import Path
+from typing import TYPE_CHECKING
 from urllib.parse import unquote, urlsplit, urlunsplit
 
 from pipeline.errors import UserError
 from pipeline.layout import Layout
+
+if TYPE_CHECKING:
+    import torch
+
+    from pipeline.params import Params
 
 
 DIGEST_LENGTH = 36  # the longest dataset digest MLflow stores
@@ -278,6 +284,23 @@ def dvc_tags(env: Mapping[str, str]) -> dict[str, str]:
         "sweep": env.get("DCGAN_SWEEP", ""),
     }
     return {k: v for k, v in tags.items() if v}
+
+
+def run_tags(stage: str, params: Params, env: Mapping[str, str], root: Path, device: torch.device) -> dict[str, str]:
+    """The tags of every stage's run: the code (git), the DVC experiment, the stage, the dataset and
+    where it ran; a stage adds its own after these (the sweep's `sweep` replaces DCGAN_SWEEP's)."""
+    import torch
+
+    from pipeline import machine
+
+    return {
+        **git_info(root),
+        **dvc_tags(env),
+        "stage": stage,
+        "dataset": params.data.dataset,
+        "device": machine.device_name(device),
+        "torch": torch.__version__,
+    }
 
 
 def run_name(env: Mapping[str, str]) -> str | None:
