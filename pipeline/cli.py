@@ -22,6 +22,7 @@ STAGES: dict[str, tuple[str, str]] = {
     "evaluate": ("pipeline.stages.evaluate", "score the generator (or --samples FILE) with the frozen classifier"),
     "sweep": ("pipeline.stages.sweep", "Optuna search over params.yaml's sweep.space; each trial an MLflow child run"),
     "generate": ("pipeline.stages.generate", "draw samples from a trained generator (DVC output, an MLflow run or the registry)"),
+    "serve": ("pipeline.stages.serve", "answer HTTP requests for samples of the registry's champion (or any generator)"),
     "champion": ("pipeline.stages.champion", "print the registry's champion generator: version, FID, training run"),
 }
 
@@ -52,6 +53,11 @@ def build_parser() -> argparse.ArgumentParser:
     generate.add_argument("--folder", type=Path, help="all samples as 28x28 PNGs in this folder")
     generate.add_argument("--label", help="a conditional generator: draw only this class (its number or name)")
     generate.add_argument("--raw", action="store_true", help="an EMA run: the trained G, not its moving average")
+    serve = sub.choices["serve"]
+    serve.add_argument("--run", help="serve the generator an MLflow training run logged (its run id)")
+    serve.add_argument("--model", help="serve a registered model (default: models:/<experiment>-generator@champion)")
+    serve.add_argument("--host", default="127.0.0.1", help="the interface to listen on (default: %(default)s)")
+    serve.add_argument("--port", type=int, default=8000, help="the port (default: %(default)s; 0: any free one)")
     sweep = sub.choices["sweep"]
     sweep.add_argument("--study", help="Optuna study name (default: sweep.study); a study that exists is resumed")
     sweep.add_argument("--storage", help="Optuna storage URL shared by all workers (default: sweep.storage)")

@@ -134,7 +134,7 @@ def by_uri(uri: str) -> Logged:
 
 
 def download_weights(logged: Logged, folder: Path) -> Path:
-    """`logged`'s weights file, downloaded into `folder` (not yet checked: see generate.trusted_weights)."""
+    """`logged`'s weights file, downloaded into `folder` (not yet checked: see stages/drawing.trusted_weights)."""
     import mlflow
 
     from pipeline.tracking import connection
