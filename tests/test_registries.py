@@ -1,9 +1,9 @@
-"""Registries are the only lists of names: a new loss or architecture is one new module.
+"""Registries are the only lists of names: a new loss, architecture or metric is one new module.
 
-Each test adds one, as a user would, to a fresh copy of the project, and then trains with it
-through the stages: nothing else in the copy changes (git sees one new file), yet params.yaml
-accepts the name, the JSON schema lists it, and the train stage (and, for an architecture,
-generate) runs it.
+Each test adds one, as a user would, to a fresh copy of the project, and then runs the stages
+with it: nothing else in the copy changes (git sees one new file), yet params.yaml accepts the
+name, the JSON schema lists it, and the train stage (and, for an architecture, generate) runs
+it; a new metric lands in eval.json and the printed report.
 """
 
 from __future__ import annotations
@@ -24,7 +24,8 @@ from pipeline.gan.architectures import ARCHITECTURES
 from pipeline.gan.losses import LOSSES
 from pipeline.params import DataParams, ModelParams, Params, TrainParams, flatten
 from pipeline.registry import discover
-from tests.conftest import copy_project, make_project, stage_env
+from pipeline.scoring.scores import METRICS, SCALARS
+from tests.conftest import copy_project, make_eval_project, make_project, stage_env
 
 LEAST_SQUARES = '''"""Least-squares GAN (Mao et al. 2017): D regresses real to 1 and fake to 0; G pulls its fakes to 1."""
 
@@ -86,6 +87,21 @@ ARCHITECTURE = Architecture(
 '''
 
 
+FEATURE_NORM = '''"""The mean length of the samples' feature vectors, beside the real images' (a toy score)."""
+
+import numpy as np
+
+from pipeline.scoring.scores.base import Metric
+
+
+def feature_norm(features, probs, reference, params):
+    return {"feature_norm": float(np.linalg.norm(features, axis=1).mean() / np.linalg.norm(reference.features, axis=1).mean())}
+
+
+METRIC = Metric(name="feature_norm", scalars=("feature_norm",), compute=feature_norm, order=60)
+'''
+
+
 def python(args: list[str], cwd: Path, code: Path) -> subprocess.CompletedProcess[str]:
     """`python -m pipeline ...` importing the package from `code` (the copy), not from this checkout."""
     env = {**stage_env(cwd), "PYTHONPATH": str(code)}
@@ -115,6 +131,11 @@ def test_params_name_exactly_what_the_registries_hold() -> None:
     # each architecture's own section sits under model, with its defaults
     for name, arch in ARCHITECTURES.items():
         assert getattr(ModelParams(), name) == arch.params()
+
+
+def test_eval_json_lists_exactly_the_registered_scores() -> None:
+    assert SCALARS == tuple(key for metric in METRICS.values() for key in metric.scalars)
+    assert SCALARS[:3] == ("fid", "kid_mean", "kid_std")  # the registry's order is eval.json's
 
 
 def test_keys_that_moved_into_the_dcgan_section_keep_working(tmp_path: Path) -> None:
@@ -164,3 +185,14 @@ def test_a_new_architecture_is_one_module(tmp_path: Path) -> None:
     assert os.path.getsize(project / "models/generator.pt") < 200_000  # the MLP's, not a DCGAN's
     unknown = python(["-m", "pipeline", "check-params"], project, Path(__file__).resolve().parents[1])
     assert unknown.returncode == 2 and "tiny_mlp" in unknown.stderr  # this checkout has no such architecture
+
+
+@pytest.mark.slow
+def test_a_new_metric_is_one_module(tmp_path: Path) -> None:
+    code = add_module(tmp_path, "pipeline/scoring/scores/feature_norm.py", FEATURE_NORM)
+    project = make_eval_project(tmp_path / "project")
+    out = python(["-m", "pipeline", "evaluate"], project, code)
+    assert out.returncode == 0, out.stderr
+    scores = json.loads((project / "metrics/eval.json").read_text())
+    assert scores["feature_norm"] > 0 and list(scores)[list(scores).index("coverage") + 1] == "feature_norm"
+    assert "feature_norm" in out.stdout  # the printed report

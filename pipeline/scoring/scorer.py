@@ -24,6 +24,7 @@ from pipeline.layout import Layout
 from pipeline.params import EvaluateParams, Params
 from pipeline.scoring import metrics
 from pipeline.scoring.frozen_classifier import Classifier, classify, load_classifier
+from pipeline.scoring.scores import score as score  # every registered score of a sample set (scores/)
 
 
 RECOMPUTE = "run `dvc repro reference` (or `python -m pipeline reference`) to compute it again"
@@ -169,41 +170,6 @@ def generator_fid(
     features, _ = classify(classifier, images, batch_size, device)
     mean, cov = metrics.feature_stats(features)
     return metrics.frechet_distance(mean, cov, reference.mean, reference.cov)
-
-
-def kid_feature_scale(reference: Reference) -> float:
-    """The factor that gives the reference features a mean square of 1 per dimension."""
-    features = reference.features.astype(np.float64)
-    return float(1.0 / np.sqrt(np.mean(features**2)))
-
-
-def score(
-    fake_features: np.ndarray, fake_probs: np.ndarray, reference: Reference, params: EvaluateParams
-) -> dict[str, float | int | list[int]]:
-    """Every sample-quality score of one sample set against the reference, as flat JSON-ready keys."""
-    mean, cov = metrics.feature_stats(fake_features)
-    # KID's cubic kernel (x.y/d + 1)^3 assumes features of order 1 per dimension, as Inception's
-    # are; raw classifier features are ~10x larger and the estimate drowns in its own variance.
-    # One fixed scale from the reference (unit mean square per dimension) fixes that and keeps
-    # every score under one reference comparable.
-    scale = kid_feature_scale(reference)
-    kid_mean, kid_std = metrics.kid(
-        fake_features * scale, reference.features * scale, params.kid_subsets, params.kid_subset_size, params.seed
-    )
-    is_mean, is_std = metrics.inception_score(fake_probs, params.is_splits)
-    classes = metrics.class_report(fake_probs, reference.label_distribution)
-    return {
-        "fid": metrics.frechet_distance(mean, cov, reference.mean, reference.cov),
-        "kid_mean": kid_mean,
-        "kid_std": kid_std,
-        "is_mean": is_mean,
-        "is_std": is_std,
-        "class_kl": classes["kl_divergence"],
-        "classes_covered": classes["classes_covered"],
-        "mean_confidence": classes["mean_confidence"],
-        **metrics.prdc(reference.features, fake_features, params.prdc_k),
-        "class_counts": classes["counts"],
-    }
 
 
 def conditional_scores(

@@ -24,24 +24,11 @@ from pipeline.layout import Layout
 from pipeline.params import EvaluateParams, Params, load_params
 from pipeline.scoring import frozen_classifier, scorer
 from pipeline.scoring.scorer import Scorer
+from pipeline.scoring.scores import SCALARS  # the single-number scores: eval.json, the report, MLflow
 
 if TYPE_CHECKING:
     from pipeline.tracking.tracker import Run
 
-SCALARS = (
-    "fid",
-    "kid_mean",
-    "kid_std",
-    "is_mean",
-    "is_std",
-    "class_kl",
-    "classes_covered",
-    "mean_confidence",
-    "precision",
-    "recall",
-    "density",
-    "coverage",
-)
 CONDITIONAL = ("label_accuracy", "fid_class_mean")  # and fid_per_class: a conditional generator's scores
 
 
