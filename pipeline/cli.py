@@ -14,20 +14,43 @@ from pipeline.errors import UserError
 
 # subcommand -> (module whose main() runs it, one-line help)
 STAGES: dict[str, tuple[str, str]] = {
-    "check-params": ("pipeline.stages.check_params", "validate params.yaml (DVC's first stage: a mistake stops it before any output goes)"),
+    "check-params": (
+        "pipeline.stages.check_params",
+        "validate params.yaml (DVC's first stage: a mistake stops it before any output goes)",
+    ),
     "prepare": ("pipeline.stages.prepare", "fetch, verify and decode MNIST into data/prepared/"),
     "classifier": ("pipeline.stages.classifier", "train the frozen MNIST classifier used for every score"),
-    "reference": ("pipeline.stages.reference", "cache the real-data features and the real-vs-real score floors"),
+    "reference": (
+        "pipeline.stages.reference",
+        "cache the real-data features and the real-vs-real score floors",
+    ),
     "train": ("pipeline.stages.train", "train the DCGAN; resumes from checkpoints/train.pt; logs to MLflow"),
-    "evaluate": ("pipeline.stages.evaluate", "score the generator (or --samples FILE) with the frozen classifier"),
-    "sweep": ("pipeline.stages.sweep", "Optuna search over params.yaml's sweep.space; each trial an MLflow child run"),
-    "generate": ("pipeline.stages.generate", "draw samples from a trained generator (DVC output, an MLflow run or the registry)"),
-    "serve": ("pipeline.stages.serve", "answer HTTP requests for samples of the registry's champion (or any generator)"),
-    "champion": ("pipeline.stages.champion", "print the registry's champion generator: version, FID, training run"),
+    "evaluate": (
+        "pipeline.stages.evaluate",
+        "score the generator (or --samples FILE) with the frozen classifier",
+    ),
+    "sweep": (
+        "pipeline.stages.sweep",
+        "Optuna search over params.yaml's sweep.space; each trial an MLflow child run",
+    ),
+    "generate": (
+        "pipeline.stages.generate",
+        "draw samples from a trained generator (DVC output, an MLflow run or the registry)",
+    ),
+    "serve": (
+        "pipeline.stages.serve",
+        "answer HTTP requests for samples of the registry's champion (or any generator)",
+    ),
+    "champion": (
+        "pipeline.stages.champion",
+        "print the registry's champion generator: version, FID, training run",
+    ),
 }
 
 
-RESEND_HELP = "after a tracking outage, send MLflow the finished training run's params, metrics, images and model"
+RESEND_HELP = (
+    "after a tracking outage, send MLflow the finished training run's params, metrics, images and model"
+)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -37,42 +60,79 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     for name, (_, help_text) in STAGES.items():
         stage = sub.add_parser(name, help=help_text, description=help_text)
-        stage.add_argument("--params", type=Path, default=Path("params.yaml"), help="params file (default: %(default)s)")
+        stage.add_argument(
+            "--params", type=Path, default=Path("params.yaml"), help="params file (default: %(default)s)"
+        )
     evaluate = sub.choices["evaluate"]
     evaluate.add_argument(
-        "--samples", type=Path, help="score these samples instead: .npy/.npz (N x 28 x 28, uint8 or [-1, 1]) or a PNG folder"
+        "--samples",
+        type=Path,
+        help="score these samples instead: .npy/.npz (N x 28 x 28, uint8 or [-1, 1]) or a PNG folder",
     )
     evaluate.add_argument("--output", type=Path, help="with --samples: where to write the JSON report")
     generate = sub.choices["generate"]
     generate.add_argument("-n", type=int, default=25, help="how many samples (default: %(default)s)")
-    generate.add_argument("--seed", type=int, help="noise seed (default: evaluate.seed, the evaluate stage's draw)")
+    generate.add_argument(
+        "--seed", type=int, help="noise seed (default: evaluate.seed, the evaluate stage's draw)"
+    )
     generate.add_argument("--run", help="the generator an MLflow training run logged (its run id)")
     generate.add_argument("--model", help="a registered model: models:/NAME@champion or models:/NAME/VERSION")
-    generate.add_argument("--grid", type=Path, help="a PNG grid of the first samples (the default: generated.png)")
-    generate.add_argument("--output", type=Path, help="all samples as .npy (N x 28 x 28 uint8, for evaluate --samples)")
+    generate.add_argument(
+        "--grid", type=Path, help="a PNG grid of the first samples (the default: generated.png)"
+    )
+    generate.add_argument(
+        "--output", type=Path, help="all samples as .npy (N x 28 x 28 uint8, for evaluate --samples)"
+    )
     generate.add_argument("--folder", type=Path, help="all samples as 28x28 PNGs in this folder")
-    generate.add_argument("--label", help="a conditional generator: draw only this class (its number or name)")
-    generate.add_argument("--raw", action="store_true", help="an EMA run: the trained G, not its moving average")
+    generate.add_argument(
+        "--label", help="a conditional generator: draw only this class (its number or name)"
+    )
+    generate.add_argument(
+        "--raw", action="store_true", help="an EMA run: the trained G, not its moving average"
+    )
     serve = sub.choices["serve"]
     serve.add_argument("--run", help="serve the generator an MLflow training run logged (its run id)")
-    serve.add_argument("--model", help="serve a registered model (default: models:/<experiment>-generator@champion)")
-    serve.add_argument("--host", default="127.0.0.1", help="the interface to listen on (default: %(default)s)")
-    serve.add_argument("--port", type=int, default=8000, help="the port (default: %(default)s; 0: any free one)")
+    serve.add_argument(
+        "--model", help="serve a registered model (default: models:/<experiment>-generator@champion)"
+    )
+    serve.add_argument(
+        "--host", default="127.0.0.1", help="the interface to listen on (default: %(default)s)"
+    )
+    serve.add_argument(
+        "--port", type=int, default=8000, help="the port (default: %(default)s; 0: any free one)"
+    )
     sweep = sub.choices["sweep"]
-    sweep.add_argument("--study", help="Optuna study name (default: sweep.study); a study that exists is resumed")
+    sweep.add_argument(
+        "--study", help="Optuna study name (default: sweep.study); a study that exists is resumed"
+    )
     sweep.add_argument("--storage", help="Optuna storage URL shared by all workers (default: sweep.storage)")
     sweep.add_argument("--trials", type=int, help="trials in the whole study (default: sweep.trials)")
     schema = sub.add_parser("schema", help="print the JSON schema of params.yaml (for editors)")
     schema.add_argument("--output", type=Path, help="write it to this file instead of stdout")
-    for writer in (evaluate, schema, generate):  # outputs stay inside the project unless the user says otherwise
-        writer.add_argument("--allow-outside", action="store_true", help="let --output name a path outside this directory")
-    sweep.add_argument("--allow-outside", action="store_true",
-                       help="let a SQLite study (--storage or sweep.storage) live outside this directory")  # fmt: skip
-    resend = sub.add_parser(
-        "resend", help=RESEND_HELP, description=RESEND_HELP + ". Reads the train stage's outputs; safe to run twice."
+    for writer in (
+        evaluate,
+        schema,
+        generate,
+    ):  # outputs stay inside the project unless the user says otherwise
+        writer.add_argument(
+            "--allow-outside", action="store_true", help="let --output name a path outside this directory"
+        )
+    sweep.add_argument(
+        "--allow-outside",
+        action="store_true",
+        help="let a SQLite study (--storage or sweep.storage) live outside this directory",
     )
-    resend.add_argument("--params", type=Path, default=Path("params.yaml"), help="params file (default: %(default)s)")
-    show = sub.add_parser("summary", help="print the Generator and Discriminator layer tables, as the tutorial does")
+    resend = sub.add_parser(
+        "resend",
+        help=RESEND_HELP,
+        description=RESEND_HELP + ". Reads the train stage's outputs; safe to run twice.",
+    )
+    resend.add_argument(
+        "--params", type=Path, default=Path("params.yaml"), help="params file (default: %(default)s)"
+    )
+    show = sub.add_parser(
+        "summary", help="print the Generator and Discriminator layer tables, as the tutorial does"
+    )
     show.add_argument("--params", type=Path, default=Path("params.yaml"))
     return parser
 
@@ -127,7 +187,9 @@ def main(argv: list[str] | None = None) -> int:
     except UserError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
-    except KeyboardInterrupt as exc:  # Ctrl-C; or a stop signal, whose signals.Stopped brings its sentence and code
+    except (
+        KeyboardInterrupt
+    ) as exc:  # Ctrl-C; or a stop signal, whose signals.Stopped brings its sentence and code
         if message := getattr(exc, "message", "interrupted"):
             print(message, file=sys.stderr)
         return int(getattr(exc, "exit_code", 130))

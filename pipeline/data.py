@@ -45,40 +45,76 @@ class DatasetSpec:
     name: str
     files: dict[str, IdxFile]  # train_images, train_labels, test_images, test_labels
     class_names: tuple[str, ...]
-    mirrors: tuple[str, ...]  # official download bases, tried in order (unless prepare.mirrors says otherwise)
+    mirrors: tuple[
+        str, ...
+    ]  # official download bases, tried in order (unless prepare.mirrors says otherwise)
     mirror_env: str  # the variable naming an offline copy (a directory or URL base)
     min_accuracy: float  # the frozen classifier's test accuracy must reach this
     classifier_epochs: int  # what its classifier trains for unless classifier.epochs says otherwise
 
     def how_to_supply(self, raw_dir: Path | str) -> str:
-        return (f"put the four official {self.name} .gz files in {raw_dir}/ or set {self.mirror_env} "
-                "to a directory or URL that holds them")  # fmt: skip
+        return (
+            f"put the four official {self.name} .gz files in {raw_dir}/ or set {self.mirror_env} "
+            "to a directory or URL that holds them"
+        )
 
 
 def _idx_files(md5s: tuple[str, str, str, str]) -> dict[str, IdxFile]:
-    names = ("train-images-idx3-ubyte.gz", "train-labels-idx1-ubyte.gz", "t10k-images-idx3-ubyte.gz",
-             "t10k-labels-idx1-ubyte.gz")  # fmt: skip
+    names = (
+        "train-images-idx3-ubyte.gz",
+        "train-labels-idx1-ubyte.gz",
+        "t10k-images-idx3-ubyte.gz",
+        "t10k-labels-idx1-ubyte.gz",
+    )
     shapes = ((60000, 28, 28), (60000,), (10000, 28, 28), (10000,))
     keys = ("train_images", "train_labels", "test_images", "test_labels")
-    return {key: IdxFile(name, md5, shape) for key, name, md5, shape in zip(keys, names, md5s, shapes, strict=True)}
+    return {
+        key: IdxFile(name, md5, shape)
+        for key, name, md5, shape in zip(keys, names, md5s, shapes, strict=True)
+    }
 
 
 MNIST = DatasetSpec(
     name="MNIST",
-    files=_idx_files(("6bbc9ace898e44ae57da46a324031adb", "a25bea736e30d166cdddb491f175f624",
-                      "2646ac647ad5339dbf082846283269ea", "27ae3e4e09519cfbb04c329615203637")),  # fmt: skip
+    files=_idx_files(
+        (
+            "6bbc9ace898e44ae57da46a324031adb",
+            "a25bea736e30d166cdddb491f175f624",
+            "2646ac647ad5339dbf082846283269ea",
+            "27ae3e4e09519cfbb04c329615203637",
+        )
+    ),
     class_names=tuple(str(digit) for digit in range(10)),
-    mirrors=("https://ossci-datasets.s3.amazonaws.com/mnist/", "https://storage.googleapis.com/cvdf-datasets/mnist/"),
+    mirrors=(
+        "https://ossci-datasets.s3.amazonaws.com/mnist/",
+        "https://storage.googleapis.com/cvdf-datasets/mnist/",
+    ),
     mirror_env="MNIST_MIRROR",
     min_accuracy=0.993,
     classifier_epochs=4,
 )
 FASHION_MNIST = DatasetSpec(
     name="Fashion-MNIST",
-    files=_idx_files(("f4a8712d7a061bf5bd6d2ca38dc4d50a", "9018921c3c673c538a1fc5bad174d6f9",
-                      "8181f5470baa50b63fa0f6fddb340f0a", "15d484375f8d13e6eb1aabb0c3f46965")),  # fmt: skip
-    class_names=("T-shirt/top", "Trouser", "Pullover", "Dress", "Coat", "Sandal", "Shirt", "Sneaker", "Bag",
-                 "Ankle boot"),  # fmt: skip
+    files=_idx_files(
+        (
+            "f4a8712d7a061bf5bd6d2ca38dc4d50a",
+            "9018921c3c673c538a1fc5bad174d6f9",
+            "8181f5470baa50b63fa0f6fddb340f0a",
+            "15d484375f8d13e6eb1aabb0c3f46965",
+        )
+    ),
+    class_names=(
+        "T-shirt/top",
+        "Trouser",
+        "Pullover",
+        "Dress",
+        "Coat",
+        "Sandal",
+        "Shirt",
+        "Sneaker",
+        "Bag",
+        "Ankle boot",
+    ),
     mirrors=("http://fashion-mnist.s3-website.eu-central-1.amazonaws.com/",),
     mirror_env="FASHION_MNIST_MIRROR",
     min_accuracy=0.93,
@@ -105,7 +141,10 @@ class Dataset:
 
 def decode_idx(raw: bytes, spec: IdxFile, source: str = "", how: str = "") -> np.ndarray:
     """Verify one decompressed IDX file (md5, magic number, shape) and decode it; `how` says how to fix it."""
-    where, how = f"{spec.name}{f' from {source}' if source else ''}", how or MNIST.how_to_supply("data/raw/mnist")
+    where, how = (
+        f"{spec.name}{f' from {source}' if source else ''}",
+        how or MNIST.how_to_supply("data/raw/mnist"),
+    )
     if len(raw) < 4 or raw[0] != 0 or raw[1] != 0 or raw[2] != 0x08:
         raise UserError(f"{where} is not an unsigned-byte IDX file (bad magic number); {how}.")
     ndim = raw[3]
@@ -152,9 +191,13 @@ def _download(url: str, timeout_s: float) -> bytes:
 
 
 def fetch_file(
-    spec: IdxFile, raw_dir: Path, mirror: str | None, mirrors: list[str], timeout_s: float,
+    spec: IdxFile,
+    raw_dir: Path,
+    mirror: str | None,
+    mirrors: list[str],
+    timeout_s: float,
     dataset: DatasetSpec = MNIST,
-) -> np.ndarray:  # fmt: skip
+) -> np.ndarray:
     """Get one file of `dataset`, verified and decoded: raw_dir, then `mirror`, then `mirrors`.
 
     Downloaded files are verified before they are cached in raw_dir, so a bad download
@@ -198,7 +241,10 @@ def fetch_dataset(
 ) -> Dataset:
     """All four files of a published dataset, verified and decoded (`mirrors` None: its official ones)."""
     bases = list(dataset.mirrors) if mirrors is None else mirrors
-    arrays = {key: fetch_file(spec, raw_dir, mirror, bases, timeout_s, dataset) for key, spec in dataset.files.items()}
+    arrays = {
+        key: fetch_file(spec, raw_dir, mirror, bases, timeout_s, dataset)
+        for key, spec in dataset.files.items()
+    }
     return Dataset(
         train_images=arrays["train_images"],
         train_labels=arrays["train_labels"].astype(np.int64),
@@ -215,14 +261,21 @@ def check_own_path(path: Path, folder: Path) -> None:
     except (OSError, RuntimeError) as exc:  # a symlink loop: RuntimeError up to Python 3.12
         raise UserError(f"data.path {path} cannot be followed ({exc}).") from None
     if not real.is_relative_to(home):
-        raise UserError(f"data.path {path} leads out of {folder}/ through a symlink (to {real}); your own data is "
-                        f"read only from {folder}/, so that DVC sees it change: copy the file there.")  # fmt: skip
+        raise UserError(
+            f"data.path {path} leads out of {folder}/ through a symlink (to {real}); your own data is "
+            f"read only from {folder}/, so that DVC sees it change: copy the file there."
+        )
 
 
-NPZ_MAGIC = (b"PK\x03\x04", b"PK\x05\x06")  # what numpy.savez writes: a zip archive (the second: an empty one)
+NPZ_MAGIC = (
+    b"PK\x03\x04",
+    b"PK\x05\x06",
+)  # what numpy.savez writes: a zip archive (the second: an empty one)
 
 
-def load_own(path: Path, class_names: list[str], test_fraction: float, seed: int, min_per_class: int) -> Dataset:
+def load_own(
+    path: Path, class_names: list[str], test_fraction: float, seed: int, min_per_class: int
+) -> Dataset:
     """Your own data: an .npz of `images` (N, 28, 28) uint8 and `labels` (N,) integers 0..K-1 (split here,
     seeded, `test_fraction` held out), or of train_images/train_labels/test_images/test_labels."""
     if path.is_dir():
@@ -239,8 +292,9 @@ def load_own(path: Path, class_names: list[str], test_fraction: float, seed: int
     except (ValueError, OSError, EOFError, zipfile.BadZipFile, zlib.error) as exc:
         reason = str(exc).splitlines()[0] if str(exc).strip() else type(exc).__name__
         if "pickle" in reason:  # an object array: never unpickled, whatever numpy suggests
-            raise UserError(f"data.path {path} holds Python objects, which are never unpickled; save numeric "
-                            "arrays.") from None  # fmt: skip
+            raise UserError(
+                f"data.path {path} holds Python objects, which are never unpickled; save numeric arrays."
+            ) from None
         raise UserError(f"{not_npz}: {reason}.") from None
     if {"images", "labels"} <= arrays.keys():
         images, labels = _own_split(path, "", arrays["images"], arrays["labels"], class_names)
@@ -255,19 +309,24 @@ def load_own(path: Path, class_names: list[str], test_fraction: float, seed: int
         test_split = _own_split(path, "test_", arrays["test_images"], arrays["test_labels"], class_names)
         dataset = Dataset(*train, *test_split)
     else:
-        raise UserError(f"data.path {path} holds {sorted(arrays)}; it needs images and labels "
-                        "(or train_images, train_labels, test_images and test_labels).")  # fmt: skip
+        raise UserError(
+            f"data.path {path} holds {sorted(arrays)}; it needs images and labels "
+            "(or train_images, train_labels, test_images and test_labels)."
+        )
     for split, labels in (("train", dataset.train_labels), ("test", dataset.test_labels)):
         counts = np.bincount(labels, minlength=len(class_names))
         if counts.min() < min_per_class:
             k = int(counts.argmin())
-            raise UserError(f"data.path {path}: the {split} split has {counts[k]} image(s) of class "
-                            f"'{class_names[k]}'; every class needs at least {min_per_class} there.")  # fmt: skip
+            raise UserError(
+                f"data.path {path}: the {split} split has {counts[k]} image(s) of class "
+                f"'{class_names[k]}'; every class needs at least {min_per_class} there."
+            )
     return dataset
 
 
-def _own_split(path: Path, prefix: str, images: np.ndarray, labels: np.ndarray,
-               class_names: list[str]) -> tuple[np.ndarray, np.ndarray]:  # fmt: skip
+def _own_split(
+    path: Path, prefix: str, images: np.ndarray, labels: np.ndarray, class_names: list[str]
+) -> tuple[np.ndarray, np.ndarray]:
     """Validated uint8 (N, 28, 28) images and int64 labels in 0..K-1: one sentence for anything else."""
     where = f"data.path {path}: {prefix}images"
     if images.ndim == 4 and images.shape[-1] == 1:
@@ -276,14 +335,20 @@ def _own_split(path: Path, prefix: str, images: np.ndarray, labels: np.ndarray,
         raise UserError(f"{where} has shape {images.shape}; expected N x 28 x 28 grayscale.")
     if images.dtype != np.uint8:
         if not np.issubdtype(images.dtype, np.number) or not np.isfinite(images).all():
-            raise UserError(f"{where} has dtype {images.dtype} or NaN/infinite values; expected uint8 pixels.")
+            raise UserError(
+                f"{where} has dtype {images.dtype} or NaN/infinite values; expected uint8 pixels."
+            )
         raise UserError(f"{where} has dtype {images.dtype}; expected uint8 pixels 0-255.")
     if labels.shape != images.shape[:1] or not np.issubdtype(labels.dtype, np.integer):
-        raise UserError(f"data.path {path}: {prefix}labels must be {images.shape[0]} integers, "
-                        f"got shape {labels.shape} of {labels.dtype}.")  # fmt: skip
+        raise UserError(
+            f"data.path {path}: {prefix}labels must be {images.shape[0]} integers, "
+            f"got shape {labels.shape} of {labels.dtype}."
+        )
     if labels.size and (labels.min() < 0 or labels.max() >= len(class_names)):
-        raise UserError(f"data.path {path}: {prefix}labels run from {labels.min()} to {labels.max()}, outside "
-                        f"0-{len(class_names) - 1} (data.classes names {len(class_names)} classes).")  # fmt: skip
+        raise UserError(
+            f"data.path {path}: {prefix}labels run from {labels.min()} to {labels.max()}, outside "
+            f"0-{len(class_names) - 1} (data.classes names {len(class_names)} classes)."
+        )
     return images, labels.astype(np.int64)
 
 
@@ -333,7 +398,9 @@ def load_prepared(path: Path | str, n_classes: int = N_CLASSES) -> Dataset:
         with np.load(path, allow_pickle=False) as npz:
             arrays = {key: npz[key] for key in PREPARED_KEYS}
     except (KeyError, ValueError, OSError, EOFError, zipfile.BadZipFile, zlib.error) as exc:
-        raise UserError(f"prepared dataset {path} is damaged ({exc}); run `dvc repro prepare` again.") from None
+        raise UserError(
+            f"prepared dataset {path} is damaged ({exc}); run `dvc repro prepare` again."
+        ) from None
     for split in ("train", "test"):
         images, labels = arrays[f"{split}_images"], arrays[f"{split}_labels"]
         if (
@@ -345,11 +412,15 @@ def load_prepared(path: Path | str, n_classes: int = N_CLASSES) -> Dataset:
             or labels.min() < 0
             or labels.max() >= n_classes
         ):
-            raise UserError(f"prepared dataset {path} has a malformed {split} split; run `dvc repro prepare` again.")
+            raise UserError(
+                f"prepared dataset {path} has a malformed {split} split; run `dvc repro prepare` again."
+            )
     return Dataset(**arrays)
 
 
-def class_counts(labels: np.ndarray, class_names: list[str] | tuple[str, ...] = MNIST.class_names) -> dict[str, int]:
+def class_counts(
+    labels: np.ndarray, class_names: list[str] | tuple[str, ...] = MNIST.class_names
+) -> dict[str, int]:
     """Images per class, keyed by class name."""
     counts = np.bincount(labels, minlength=len(class_names))
     return {name: int(n) for name, n in zip(class_names, counts, strict=True)}
@@ -364,7 +435,9 @@ def make_grid(pixels: np.ndarray, rows: int = 5, pad: int = 2) -> np.ndarray:
     grid = np.zeros((rows * size + pad, rows * size + pad), dtype=np.uint8)
     for i, image in enumerate(pixels[: rows * rows]):
         r, c = divmod(i, rows)
-        grid[pad + r * size : pad + r * size + IMAGE_SIZE, pad + c * size : pad + c * size + IMAGE_SIZE] = image
+        grid[pad + r * size : pad + r * size + IMAGE_SIZE, pad + c * size : pad + c * size + IMAGE_SIZE] = (
+            image
+        )
     return grid
 
 
@@ -388,4 +461,3 @@ def to_model(images: torch.Tensor | np.ndarray) -> torch.Tensor:
 def from_model(images: torch.Tensor) -> torch.Tensor:
     """Model outputs in [-1, 1] (N, 1, 28, 28) -> uint8 pixels (N, 28, 28), rounded."""
     return ((images.detach().float().squeeze(1) + 1.0) * 127.5).round().clamp(0, 255).to(torch.uint8)
-

@@ -58,7 +58,9 @@ def rank_seed(seed: int, rank: int) -> int:
     so a one-process job draws exactly what the plain run draws."""
     if rank == 0:
         return seed
-    return int(torch.randint(0, 2**32 - 1, (1,), generator=torch.Generator().manual_seed(seed * 1_000_003 + rank)))
+    return int(
+        torch.randint(0, 2**32 - 1, (1,), generator=torch.Generator().manual_seed(seed * 1_000_003 + rank))
+    )
 
 
 def join(device: torch.device, env: Mapping[str, str], timeout_s: float) -> tuple[World, torch.device]:
@@ -85,10 +87,14 @@ def join(device: torch.device, env: Mapping[str, str], timeout_s: float) -> tupl
         raise UserError(f"distributed training runs on CUDA (NCCL) or the CPU (gloo), not on {device.type}.")
     where = f"{env['MASTER_ADDR']}:{env['MASTER_PORT']}"
     try:
-        dist.init_process_group(backend, rank=rank, world_size=size, timeout=datetime.timedelta(seconds=timeout_s))
+        dist.init_process_group(
+            backend, rank=rank, world_size=size, timeout=datetime.timedelta(seconds=timeout_s)
+        )
     except Exception as exc:  # noqa: BLE001 - store timeouts and refused connections arrive as many types
         first = (str(exc).strip().splitlines() or [type(exc).__name__])[0][:200]
-        raise UserError(f"rank {rank} could not join the job at {where} within {timeout_s:.0f} s ({first}).") from None
+        raise UserError(
+            f"rank {rank} could not join the job at {where} within {timeout_s:.0f} s ({first})."
+        ) from None
     return World(rank=rank, size=size, local_rank=local_rank, backend=backend), device
 
 
@@ -129,14 +135,18 @@ def launch(nproc: int, params_path: Path) -> None:
     )
     os.environ.setdefault("OMP_NUM_THREADS", str(max(1, (os.cpu_count() or 1) // nproc)))
     try:
-        elastic_launch(config, entrypoint=sys.executable)("-m", "pipeline", "train", "--params", str(params_path))
+        elastic_launch(config, entrypoint=sys.executable)(
+            "-m", "pipeline", "train", "--params", str(params_path)
+        )
     except SignalException as exc:
         # Ours to stop (Ctrl-C, timeout, a scheduler): torch's launcher sent it on to the processes, which
         # stop together at one step, and rank 0 says where; this process only exits as they do.
         raise Stopped(int(exc.sigval)) from None
     except ChildFailedError as exc:
         stop_codes = {128 + int(getattr(signal, name)) for name in STOP_SIGNALS}
-        if {failure.exitcode for failure in exc.failures.values()} <= stop_codes:  # signalled directly: the same
+        if {
+            failure.exitcode for failure in exc.failures.values()
+        } <= stop_codes:  # signalled directly: the same
             raise Stopped(min(failure.exitcode for failure in exc.failures.values()) - 128) from None
         rank, failure = min(exc.failures.items())
         raise UserError(

@@ -20,7 +20,6 @@ import torch
 
 from pipeline.errors import UserError
 
-
 # The outputs that atomic_files() holds back: target -> its finished temp file, while one is open.
 _STAGED: contextvars.ContextVar[dict[Path, Path] | None] = contextvars.ContextVar("staged", default=None)
 
@@ -107,8 +106,11 @@ def atomic_files() -> Iterator[None]:
 # Writes that fail for want of room: no space, a file over `ulimit -f` (Python ignores SIGXFSZ,
 # so the write fails with EFBIG), a quota. SQLite reports them as SQLITE_FULL, or under a
 # file-size limit as SQLITE_IOERR_WRITE.
-NO_ROOM = {errno.ENOSPC: "no space left on the device", errno.EFBIG: "the file-size limit was reached",
-           errno.EDQUOT: "the disk quota is exceeded"}  # fmt: skip
+NO_ROOM = {
+    errno.ENOSPC: "no space left on the device",
+    errno.EFBIG: "the file-size limit was reached",
+    errno.EDQUOT: "the disk quota is exceeded",
+}
 _SQLITE_FULL, _SQLITE_IOERR_WRITE = 13, 778
 
 
@@ -158,7 +160,11 @@ def _file_size_limit() -> int | None:
 def _likely_cause(path: Path) -> int:
     """SQLite says only "disk I/O error" or "full": a file-size limit with the disk not nearly full is it."""
     free = _free_bytes(path)
-    return errno.EFBIG if _file_size_limit() is not None and free is not None and free >= 1 << 20 else errno.ENOSPC
+    return (
+        errno.EFBIG
+        if _file_size_limit() is not None and free is not None and free >= 1 << 20
+        else errno.ENOSPC
+    )
 
 
 def _size(n: float) -> str:
@@ -205,7 +211,9 @@ def read_json(path: Path | str) -> Any:
     try:
         return json.loads(Path(path).read_text(encoding="utf-8"))
     except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
-        raise UserError(f"{path} cannot be read as JSON ({exc}); run the stage that writes it again.") from None
+        raise UserError(
+            f"{path} cannot be read as JSON ({exc}); run the stage that writes it again."
+        ) from None
 
 
 def remove_stale_temps(*outputs: Path | str) -> list[Path]:
@@ -230,7 +238,9 @@ def inside_project(path: Path, allow_outside: bool = False, root: Path | None = 
     """
     root = (root or Path.cwd()).resolve()
     if not allow_outside and not (root / path).resolve().is_relative_to(root):
-        raise UserError(f"{path} is outside the project ({root}); pass --allow-outside to write there anyway.")
+        raise UserError(
+            f"{path} is outside the project ({root}); pass --allow-outside to write there anyway."
+        )
     return path
 
 
@@ -281,8 +291,18 @@ def load_checkpoint(path: Path | str, map_location: str | torch.device = "cpu") 
         raise UserError(f"checkpoint {path} fails its checksum (corrupted); delete it to start fresh.")
     try:
         state = torch.load(io.BytesIO(body), map_location=map_location, weights_only=True)
-    except (pickle.UnpicklingError, RuntimeError, ValueError, EOFError, OSError, KeyError, TypeError,
-            AttributeError, IndexError, UnicodeDecodeError) as exc:  # fmt: skip
+    except (
+        pickle.UnpicklingError,
+        RuntimeError,
+        ValueError,
+        EOFError,
+        OSError,
+        KeyError,
+        TypeError,
+        AttributeError,
+        IndexError,
+        UnicodeDecodeError,
+    ) as exc:
         # Not torch's text: it advises weights_only=False, the wrong advice for a file that carries code.
         found = re.search(r"(?:Unsupported global: |unsupported )GLOBAL (\S+)", str(exc))
         what = f"a pickled {found[1]}" if found else type(exc).__name__

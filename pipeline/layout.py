@@ -147,7 +147,14 @@ class Layout:
             "reference": (self.prepared, self.classifier),
             "train": (self.prepared, self.classifier, self.reference),  # the last two for the quick FID
             # the prepared data for its test labels (a conditional generator's per-class FID)
-            "evaluate": (self.generator, self.run_info, self.classifier, self.reference, self.prepared, self.floors),
+            "evaluate": (
+                self.generator,
+                self.run_info,
+                self.classifier,
+                self.reference,
+                self.prepared,
+                self.floors,
+            ),
         }[stage]
 
     def outputs(self, stage: str) -> tuple[Path, ...]:
@@ -159,8 +166,13 @@ class Layout:
             "reference": (self.reference, self.floors),
             # (not the resume checkpoint: it is this machine's state, never shared or pulled)
             "train": (
-                self.generator, self.run_info, self.train_metrics, self.train_log, self.fid_log, self.samples,
+                self.generator,
+                self.run_info,
+                self.train_metrics,
+                self.train_log,
+                self.fid_log,
+                self.samples,
                 self.last_samples,
             ),
             "evaluate": (self.eval_metrics, self.class_plot, self.eval_samples),
-        }[stage]  # fmt: skip
+        }[stage]

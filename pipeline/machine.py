@@ -98,9 +98,11 @@ def busy_machine_advice(threads: int, cores: int, load: float) -> str | None:
     if load <= cores:
         return None
     share = max(1, round(cores * cores / (load + cores)))
-    return (f"this machine is oversubscribed (load {load:.1f} on {cores} cores) and this run adds {threads} "
-            f"thread(s): processes that share cores can each train many times slower; give each job a share, "
-            f"e.g. -S train.threads={share} (or OMP_NUM_THREADS={share}; the weights depend on the thread count).")
+    return (
+        f"this machine is oversubscribed (load {load:.1f} on {cores} cores) and this run adds {threads} "
+        f"thread(s): processes that share cores can each train many times slower; give each job a share, "
+        f"e.g. -S train.threads={share} (or OMP_NUM_THREADS={share}; the weights depend on the thread count)."
+    )
 
 
 def seed_everything(seed: int) -> None:

@@ -16,10 +16,10 @@ from optuna.trial import FrozenTrial, TrialState
 from pipeline import files
 from pipeline.errors import UserError
 from pipeline.layout import Layout
-from pipeline.params import BOOKKEEPING, DEVICE, Params, validate_params, values_without
+from pipeline.params import Params, validate_params
 from pipeline.search_space import SET_BY_SWEEP, assign, lookup
+from pipeline.sections import BOOKKEEPING, DEVICE, values_without
 from pipeline.tracking import connection
-
 
 PARENT_RUN = "mlflow_parent_run_id"  # study user attribute: the sweep's MLflow parent run
 FINGERPRINT = "fingerprint"  # study user attribute: what every process of one study must share
@@ -109,10 +109,16 @@ def table(trials: list[FrozenTrial], keys: list[str]) -> str:
             fid_text = "" if fid is None else f"{fid:.2f}"
         seconds = trial_seconds(t)
         state = t.state.name + (f" (rerun #{rerun[t.number]})" if t.number in rerun else "")
-        rows.append([
-            str(rank), str(t.number), state, fid_text, "" if seconds is None else f"{seconds:.0f}",
-            *(format_value(t.params[k]) if k in t.params else "" for k in keys),
-        ])  # fmt: skip
+        rows.append(
+            [
+                str(rank),
+                str(t.number),
+                state,
+                fid_text,
+                "" if seconds is None else f"{seconds:.0f}",
+                *(format_value(t.params[k]) if k in t.params else "" for k in keys),
+            ]
+        )
     widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]))]
     return "\n".join("  ".join(cell.rjust(w) for cell, w in zip(row, widths)).rstrip() for row in rows)
 
@@ -151,14 +157,19 @@ def open_storage(url: str, heartbeat_s: int, on_stale: Callable[[optuna.Study, F
         time.sleep(attempt)  # before a retry only
         try:
             return RDBStorage(
-                url, engine_kwargs=engine, heartbeat_interval=heartbeat_s, grace_period=2 * heartbeat_s,
+                url,
+                engine_kwargs=engine,
+                heartbeat_interval=heartbeat_s,
+                grace_period=2 * heartbeat_s,
                 heartbeat_stale_trial_callback=on_stale,
-            )  # fmt: skip
+            )
         except Exception as exc:  # noqa: BLE001 - bad URL, missing driver, unreachable server
             # Processes started together on a fresh database race to create its tables: the losers
             # fail once, then find the tables made.
             error = str(exc).strip().splitlines()[0][:300] if str(exc).strip() else type(exc).__name__
-    raise UserError(f"Optuna storage {connection.redact(url)} cannot be opened: {connection.redact(error).rstrip('.')}.")
+    raise UserError(
+        f"Optuna storage {connection.redact(url)} cannot be opened: {connection.redact(error).rstrip('.')}."
+    )
 
 
 def storage_failure(exc: BaseException) -> str | None:
@@ -186,15 +197,19 @@ def check_storage_location(url: str, root: Path, allow_outside: bool) -> None:
         try:
             files.inside_project(path, allow_outside, root)
         except UserError:
-            raise UserError(f"Optuna storage {path} is outside the project ({root}); pass --allow-outside to "
-                            "keep the study there anyway.") from None  # fmt: skip
+            raise UserError(
+                f"Optuna storage {path} is outside the project ({root}); pass --allow-outside to "
+                "keep the study there anyway."
+            ) from None
 
 
 def open_study(params: Params, storage: Any) -> tuple[optuna.Study, bool]:
     """Create the study, or load it when it exists; True when this process created it."""
     sweep = params.sweep
     pruner = (
-        optuna.pruners.MedianPruner(n_startup_trials=sweep.prune_after_trials, n_warmup_steps=sweep.prune_after_steps)
+        optuna.pruners.MedianPruner(
+            n_startup_trials=sweep.prune_after_trials, n_warmup_steps=sweep.prune_after_steps
+        )
         if sweep.pruner == "median"
         else optuna.pruners.NopPruner()
     )
@@ -206,19 +221,27 @@ def open_study(params: Params, storage: Any) -> tuple[optuna.Study, bool]:
 
     try:
         study = optuna.create_study(
-            storage=storage, study_name=sweep.study, direction="minimize", sampler=sampler(sweep.seed), pruner=pruner
+            storage=storage,
+            study_name=sweep.study,
+            direction="minimize",
+            sampler=sampler(sweep.seed),
+            pruner=pruner,
         )
         return study, True
     except optuna.exceptions.DuplicatedStudyError:
         # A process joining (or resuming) a study must not replay the seeded draws of the first:
         # its first trials would repeat trials that already exist.
-        return optuna.load_study(study_name=sweep.study, storage=storage, sampler=sampler(None), pruner=pruner), False
+        return optuna.load_study(
+            study_name=sweep.study, storage=storage, sampler=sampler(None), pruner=pruner
+        ), False
 
 
 def fingerprint(params: Params, data_sha256: str, classifier_sha256: str) -> str:
     """What every process and every resumption of one study must share for its trials to compare:
     every param but the bookkeeping of the study (its name, storage, size) and the device."""
-    sections = {name: values_without(getattr(params, name), BOOKKEEPING, DEVICE) for name in type(params).model_fields}
+    sections = {
+        name: values_without(getattr(params, name), BOOKKEEPING, DEVICE) for name in type(params).model_fields
+    }
     return files.fingerprint(sections, data_sha256, classifier_sha256)
 
 
@@ -235,10 +258,13 @@ def orphans(trials: list[FrozenTrial], now: datetime.datetime, grace_s: float) -
     between creating the trial and its first heartbeat): Optuna never finds them stale, as they have
     no heartbeat, and every process would wait for them forever."""
     return [
-        t for t in trials
-        if t.state == TrialState.RUNNING and STARTED_BY not in t.user_attrs and t.datetime_start is not None
+        t
+        for t in trials
+        if t.state == TrialState.RUNNING
+        and STARTED_BY not in t.user_attrs
+        and t.datetime_start is not None
         and (now - t.datetime_start).total_seconds() > grace_s
-    ]  # fmt: skip
+    ]
 
 
 def fail_orphans(study: optuna.Study, grace_s: float) -> None:
@@ -250,8 +276,13 @@ def fail_orphans(study: optuna.Study, grace_s: float) -> None:
         retry(study, study._storage.get_trial(trial._trial_id))
 
 
-def work(study: optuna.Study, objective: Callable[[optuna.Trial], float], budget: int, poll_s: float,
-         catch: tuple[type[Exception], ...]) -> None:  # fmt: skip
+def work(
+    study: optuna.Study,
+    objective: Callable[[optuna.Trial], float],
+    budget: int,
+    poll_s: float,
+    catch: tuple[type[Exception], ...],
+) -> None:
     """Run trials until the study holds `budget` of them, then wait for those running elsewhere."""
     waiting_said = False
     while True:
@@ -268,7 +299,9 @@ def work(study: optuna.Study, objective: Callable[[optuna.Trial], float], budget
         elif TrialState.RUNNING in states:
             if not waiting_said:
                 running = sorted(t.number for t in trials if t.state == TrialState.RUNNING)
-                print(f"waiting for trial(s) {running}, running in other processes (or stale within {poll_s * 2:.0f} s)")
+                print(
+                    f"waiting for trial(s) {running}, running in other processes (or stale within {poll_s * 2:.0f} s)"
+                )
                 waiting_said = True
             time.sleep(poll_s)
         else:

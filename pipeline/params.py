@@ -19,8 +19,21 @@ from pipeline.gan.architectures import ARCHITECTURES
 from pipeline.gan.losses import LOSSES
 from pipeline.search_space import SweepParams, check_space
 from pipeline.sections import (
-    BOOKKEEPING, BUDGET, CADENCE, DEVICE, LEVERS, OPTIMISER, RECIPE, BatchSize, Beta, Device, Group,
-    LearningRate, NonNegativeInt, PositiveInt, Probability, Section, Seed, values_without,
+    BOOKKEEPING,
+    BUDGET,
+    CADENCE,
+    DEVICE,
+    LEVERS,
+    OPTIMISER,
+    RECIPE,
+    BatchSize,
+    Beta,
+    Device,
+    LearningRate,
+    NonNegativeInt,
+    PositiveInt,
+    Section,
+    Seed,
 )
 
 
@@ -35,7 +48,12 @@ class DataParams(Section):
     dataset: _names(DATASETS, OWN) = "mnist"  # type: ignore[valid-type]
     # own: an .npz of `images` (N, 28, 28) uint8 and `labels` (N,) in 0..K-1, or of train_*/test_* arrays
     path: str | None = None
-    classes: Annotated[list[Annotated[str, Field(min_length=1, max_length=60)]], Field(min_length=2, max_length=100)] | None = None
+    classes: (
+        Annotated[
+            list[Annotated[str, Field(min_length=1, max_length=60)]], Field(min_length=2, max_length=100)
+        ]
+        | None
+    ) = None
     test_fraction: Annotated[float, Field(gt=0.0, lt=1.0)] = 0.2  # own, given only images/labels: held out
     split_seed: Seed = 0
 
@@ -73,8 +91,10 @@ class _ModelSection(Section):
             if not isinstance(section, dict):
                 return raw  # the section's own type error says what is wrong
             if twice := sorted(set(moved) & set(section)):
-                raise ValueError(f"model.{twice[0]} and model.{name}.{twice[0]} are both given: keep one "
-                                 f"(model.{name}.{twice[0]} is where it lives now)")
+                raise ValueError(
+                    f"model.{twice[0]} and model.{name}.{twice[0]} are both given: keep one "
+                    f"(model.{name}.{twice[0]} is where it lives now)"
+                )
             raw[name] = {**section, **moved}
         return raw
 
@@ -134,10 +154,14 @@ class TrainParams(Section):
     # The weights depend on it (another order of float sums): jobs sharing a machine each take a share.
     threads: Annotated[int, Field(ge=0, le=1024), DEVICE] = 0
     sync_batchnorm: Annotated[bool, RECIPE] = True  # in a job on CUDA: batch norm over the global batch
-    dist_timeout_s: Annotated[int, Field(ge=10, le=86_400), DEVICE] = 1800  # a rank waits this long for the others
+    dist_timeout_s: Annotated[int, Field(ge=10, le=86_400), DEVICE] = (
+        1800  # a rank waits this long for the others
+    )
     # auto: bf16 autocast where native (CUDA, CPUs with BF16)
     precision: Annotated[Literal["auto", "fp32", "bf16"], LEVERS] = "auto"
-    fast_upsample: Annotated[bool, LEVERS] = True  # upsample+conv computed by phases: same function, 2.25x fewer FLOPs
+    fast_upsample: Annotated[bool, LEVERS] = (
+        True  # upsample+conv computed by phases: same function, 2.25x fewer FLOPs
+    )
     fast_output: Annotated[bool, LEVERS] = True  # G's last conv (to one channel) as a 1x1 conv to its taps
     channels_last: Annotated[bool, LEVERS] = False  # NHWC memory format for the conv nets
     fused_adam: Annotated[bool, LEVERS] = True  # one fused kernel for each Adam update (CUDA and CPU)
@@ -183,16 +207,22 @@ class Params(Section):
     def _enough_samples_for_fid(self) -> Params:
         need = 2 * self.classifier.feature_dim  # see metrics.feature_stats
         if self.train.fid_every and self.train.fid_samples < need:
-            raise ValueError(f"train.fid_samples must be at least {need} (2 x classifier.feature_dim) for FID")
+            raise ValueError(
+                f"train.fid_samples must be at least {need} (2 x classifier.feature_dim) for FID"
+            )
         if self.evaluate.n_samples < need:
-            raise ValueError(f"evaluate.n_samples must be at least {need} (2 x classifier.feature_dim) for FID")
+            raise ValueError(
+                f"evaluate.n_samples must be at least {need} (2 x classifier.feature_dim) for FID"
+            )
         return self
 
     @model_validator(mode="after")
     def _own_data_is_named(self) -> Params:
         own, data = self.data.dataset == OWN, self.data
         if own and (data.path is None or data.classes is None):
-            raise ValueError("data.dataset: own needs data.path (the .npz) and data.classes (the class names)")
+            raise ValueError(
+                "data.dataset: own needs data.path (the .npz) and data.classes (the class names)"
+            )
         if not own and (data.path is not None or data.classes is not None):
             raise ValueError(f"data.path and data.classes are for data.dataset: own, not {data.dataset}")
         return self
@@ -207,8 +237,10 @@ class Params(Section):
     @model_validator(mode="after")
     def _batch_splits_over_processes(self) -> Params:
         if self.train.batch_size % self.train.nproc:
-            raise ValueError(f"train.batch_size={self.train.batch_size} does not split evenly over "
-                             f"train.nproc={self.train.nproc} processes; make it a multiple of {self.train.nproc}")  # fmt: skip
+            raise ValueError(
+                f"train.batch_size={self.train.batch_size} does not split evenly over "
+                f"train.nproc={self.train.nproc} processes; make it a multiple of {self.train.nproc}"
+            )
         return self
 
     @model_validator(mode="after")
@@ -229,9 +261,11 @@ def own_path_problem(path: str) -> str | None:
     """
     parts = PurePath(path).parts
     if PurePath(path).is_absolute() or ".." in parts or parts[: len(OWN_DATA.parts)] != OWN_DATA.parts:
-        return (f"is outside {OWN_DATA.as_posix()}/: your own data is read only from there (the prepare "
-                f"stage's DVC dependency, so DVC sees it change); put the .npz there and name it relative "
-                f"to the project root, e.g. {OWN_DATA.as_posix()}/mine.npz")  # fmt: skip
+        return (
+            f"is outside {OWN_DATA.as_posix()}/: your own data is read only from there (the prepare "
+            f"stage's DVC dependency, so DVC sees it change); put the .npz there and name it relative "
+            f"to the project root, e.g. {OWN_DATA.as_posix()}/mine.npz"
+        )
     if len(parts) == len(OWN_DATA.parts):
         return f"names the folder {OWN_DATA.as_posix()}/ itself, not an .npz file in it"
     return None
@@ -331,8 +365,10 @@ def load_params(path: Path | str = "params.yaml") -> Params:
     try:
         raw = yaml.load(text, Loader=_StrictLoader)  # noqa: S506 - a SafeLoader
         if raw is None:  # an emptied file (a crash mid-write) must not silently mean the defaults
-            raise UserError(f"{path} holds no params (it is empty or only comments); an emptied file is not "
-                            "taken to mean the defaults: restore it, or write `{}` to mean them.")  # fmt: skip
+            raise UserError(
+                f"{path} holds no params (it is empty or only comments); an emptied file is not "
+                "taken to mean the defaults: restore it, or write `{}` to mean them."
+            )
         return validate_params(raw, source=str(path))
     except yaml.YAMLError as exc:
         mark = getattr(exc, "problem_mark", None)
@@ -352,8 +388,10 @@ def _refuse_cut_short(path: Path, text: str) -> None:
     `dvc exp run -S` end the file with one. (read_text has made every line end a "\n".)
     """
     if text.strip() and not text.rstrip(" \t").endswith("\n"):
-        raise UserError(f"{path} ends inside line {len(text.splitlines())} (no newline after it), as a file cut "
-                        "short does; if that line is complete, end the file with a newline.")  # fmt: skip
+        raise UserError(
+            f"{path} ends inside line {len(text.splitlines())} (no newline after it), as a file cut "
+            "short does; if that line is complete, end the file with a newline."
+        )
 
 
 def flatten(params: Params) -> dict[str, str]:

@@ -23,6 +23,8 @@ def discover(package: str, attribute: str) -> dict[str, Any]:
         if entry is None:
             continue
         if entry.name in found:  # a programming error, found at import: two modules claim one name
-            raise RuntimeError(f"{package}: {where[entry.name]} and {module.__name__} both define {entry.name!r}")
+            raise RuntimeError(
+                f"{package}: {where[entry.name]} and {module.__name__} both define {entry.name!r}"
+            )
         found[entry.name], where[entry.name] = entry, module.__name__
     return found

@@ -14,7 +14,17 @@ from typing import TYPE_CHECKING, Annotated, Any, Literal
 from pydantic import Field, ValidationError, field_validator
 
 from pipeline.gan.architectures import ARCHITECTURES
-from pipeline.sections import BOOKKEEPING, BUDGET, CADENCE, DEVICE, NonNegativeInt, PositiveInt, Section, Seed, values_without
+from pipeline.sections import (
+    BOOKKEEPING,
+    BUDGET,
+    CADENCE,
+    DEVICE,
+    NonNegativeInt,
+    PositiveInt,
+    Section,
+    Seed,
+    values_without,
+)
 
 if TYPE_CHECKING:
     from pipeline.params import Params
@@ -24,7 +34,11 @@ SWEEP_SECTIONS = ("model", "train")
 # Params every trial takes from the sweep section rather than from the search space.
 # Where a trial runs (DEVICE) and when it logs (CADENCE) are not searched either.
 NOT_SEARCHED = (BUDGET, CADENCE, DEVICE)
-SET_BY_SWEEP = {"train.steps": "sweep.steps", "train.fid_every": "sweep.fid_every", "train.fid_samples": "sweep.fid_samples"}
+SET_BY_SWEEP = {
+    "train.steps": "sweep.steps",
+    "train.fid_every": "sweep.fid_every",
+    "train.fid_samples": "sweep.fid_samples",
+}
 
 
 class SearchDimension(Section):
@@ -54,7 +68,9 @@ class SweepParams(Section):
     pruner: Literal["median", "none"] = "median"
     prune_after_trials: NonNegativeInt = 3  # no pruning before this many trials have finished
     prune_after_steps: NonNegativeInt = 250  # nor before this step of a trial
-    heartbeat_s: Annotated[int, Field(ge=1, le=3600), BOOKKEEPING] = 30  # a trial silent for 2x this is retried
+    heartbeat_s: Annotated[int, Field(ge=1, le=3600), BOOKKEEPING] = (
+        30  # a trial silent for 2x this is retried
+    )
     space: dict[str, SearchDimension] = Field(
         default_factory=lambda: {
             "train.lr_g": SearchDimension(low=5e-5, high=1e-3, log=True),
@@ -149,7 +165,9 @@ def _values_to_try(where: str, key: str, dim: SearchDimension, current: Any) -> 
         raise ValueError(f"{where} is on a log scale, so low must be above 0, not {dim.low:g}")
     if dim.log and dim.step is not None:
         raise ValueError(f"{where} gives both log and step: a log range has no step")
-    if isinstance(current, int) and not all(float(v).is_integer() for v in (dim.low, dim.high, dim.step or 1)):
+    if isinstance(current, int) and not all(
+        float(v).is_integer() for v in (dim.low, dim.high, dim.step or 1)
+    ):
         raise ValueError(f"{where}: {key} is an integer, so low, high and step must be whole numbers")
     return [dim.low, dim.high]
 
@@ -162,4 +180,6 @@ def _check_value(params: Params, where: str, key: str, value: Any) -> None:
         type(section).model_validate({**section.model_dump(), field: value})
     except ValidationError as exc:
         msg = exc.errors()[0]["msg"]
-        raise ValueError(f"{where}: {json.dumps(value)} is not a valid {key} ({msg[0].lower()}{msg[1:]})") from None
+        raise ValueError(
+            f"{where}: {json.dumps(value)} is not a valid {key} ({msg[0].lower()}{msg[1:]})"
+        ) from None

@@ -10,7 +10,6 @@ from typing import Any
 
 from pipeline.errors import UserError
 
-
 # --- stop signals and the one-writer lock ------------------------------------------------------
 # (imports inside: this module is imported by every stage, most of which never need them)
 
@@ -83,8 +82,10 @@ def exclusive(path: Path, what: str) -> Iterator[None]:
             holder = os.pread(fd, 32, 0).decode(errors="replace").strip()
             os.close(fd)
             who = f"PID {holder}" if holder.isdigit() else "a process that is just starting"
-            raise UserError(f"{what} is already running in this project ({who} holds {path}); wait for it to "
-                            "end, or stop it, before starting another.") from None  # fmt: skip
+            raise UserError(
+                f"{what} is already running in this project ({who} holds {path}); wait for it to "
+                "end, or stop it, before starting another."
+            ) from None
         # The holder before us removes the file on its way out: if it did so between our open and our
         # lock, ours is a lock on a file nobody else opens. Then lock the file that is there instead.
         try:

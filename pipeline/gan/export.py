@@ -14,7 +14,9 @@ from pipeline.gan.architectures.dcgan import Generator
 from pipeline.params import ModelParams
 
 
-def load_generator(path: Path, params: ModelParams, device: torch.device, n_classes: int, raw: bool = False) -> Generator:
+def load_generator(
+    path: Path, params: ModelParams, device: torch.device, n_classes: int, raw: bool = False
+) -> Generator:
     """The trained generator saved by the train stage (weights only, checksum verified): the one the
     stage exports (the EMA of G with train.ema_decay), or with `raw` the trained G itself."""
     state = files.load_checkpoint(path, map_location=device)

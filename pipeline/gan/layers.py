@@ -73,7 +73,9 @@ class _PhaseProduct(torch.autograd.Function):
         padded[:, 1:-1, 1:-1] = x.permute(0, 2, 3, 1)
         flat = padded.view(-1, channels)
         n = flat.shape[0] - row - 1  # windows whose four taps lie inside the flat array
-        pairs = flat.as_strided((n + row, 2 * channels), (channels, 1))  # pixel p and p + 1: a window's top or bottom row
+        pairs = flat.as_strided(
+            (n + row, 2 * channels), (channels, 1)
+        )  # pixel p and p + 1: a window's top or bottom row
         windows = x.new_empty(n, 2, 2 * channels)
         windows[:, 0], windows[:, 1] = pairs[:n], pairs[row:]
         windows = windows.view(n, 4 * channels)
@@ -83,7 +85,9 @@ class _PhaseProduct(torch.autograd.Function):
         y = x.new_empty(batch, 2 * height, 2 * width, out)
         pixels = y.view(batch, height, 2, width, 2, out)
         for a in range(2):
-            for b in range(2):  # output pixel (2i + a, 2j + b) is phase (a, b) of the window at (i + a, j + b)
+            for b in range(
+                2
+            ):  # output pixel (2i + a, 2j + b) is phase (a, b) of the window at (i + a, j + b)
                 torch.add(phases[:, a : a + height, b : b + width, a, b], bias, out=pixels[:, :, a, :, b])
         ctx.save_for_backward(windows, matrix)
         ctx.dims = batch, channels, height, width, out
@@ -108,7 +112,9 @@ class _PhaseProduct(torch.autograd.Function):
             for tap, offset in enumerate((0, 1, row, row + 1)):
                 flat[offset : offset + n].addmm_(phases, matrix[tap * channels : (tap + 1) * channels].t())
             grad_x = flat.view(batch, height + 2, row, channels)[:, 1:-1, 1:-1].permute(0, 3, 1, 2)
-            grad_x = grad_x.contiguous(memory_format=torch.channels_last if ctx.channels_last else torch.contiguous_format)
+            grad_x = grad_x.contiguous(
+                memory_format=torch.channels_last if ctx.channels_last else torch.contiguous_format
+            )
         if ctx.needs_input_grad[1]:
             grad_matrix = windows.t() @ phases
         if ctx.needs_input_grad[2]:
@@ -148,7 +154,9 @@ class UpsampleConv(nn.Module):
             with torch.autocast("cpu", enabled=False):
                 weight = self.conv.weight
                 taps = _PHASE_TAPS.to(weight)
-                matrix = torch.einsum("aty,bsx,oiyx->tsiabo", taps, taps, weight).reshape(4 * weight.shape[1], -1)
+                matrix = torch.einsum("aty,bsx,oiyx->tsiabo", taps, taps, weight).reshape(
+                    4 * weight.shape[1], -1
+                )
                 return _PhaseProduct.apply(x.to(dtype), matrix.to(dtype), self.conv.bias.to(dtype))
         taps = _TAPS.to(self.conv.weight)
         kernel = torch.einsum("ty,sx,oiyx->iots", taps, taps, self.conv.weight)  # (in, out, 4, 4)
@@ -172,10 +180,14 @@ class TapConv(nn.Conv2d):
         if not self.by_taps:
             return super().forward(x)
         out, height, width = self.out_channels, x.shape[-2], x.shape[-1]
-        kernel = self.weight.permute(2, 3, 0, 1).reshape(9 * out, self.in_channels, 1, 1)  # rows: (dy, dx, out)
+        kernel = self.weight.permute(2, 3, 0, 1).reshape(
+            9 * out, self.in_channels, 1, 1
+        )  # rows: (dy, dx, out)
         taps = F.pad(F.conv2d(x, kernel), (1, 1, 1, 1)).unflatten(1, (9, out))
         taps = taps.to(torch.promote_types(taps.dtype, torch.float32))  # sum bf16 taps in fp32
-        y = sum(taps[:, 3 * dy + dx, :, dy : dy + height, dx : dx + width] for dy in range(3) for dx in range(3))
+        y = sum(
+            taps[:, 3 * dy + dx, :, dy : dy + height, dx : dx + width] for dy in range(3) for dx in range(3)
+        )
         return y + self.bias.view(1, -1, 1, 1)
 
 

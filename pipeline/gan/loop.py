@@ -33,10 +33,9 @@ from pipeline.distributed import World
 from pipeline.errors import UserError
 from pipeline.gan.architectures import build_discriminator, build_generator
 from pipeline.gan.architectures.dcgan import Discriminator, Generator
-from pipeline.gan.losses import GanLoss, LOSSES
+from pipeline.gan.losses import LOSSES, GanLoss
 from pipeline.gan.sampling import fixed_noise, sample_grid
 from pipeline.params import ModelParams, TrainParams
-
 
 LOG_COLUMNS = ("d_loss", "d_acc", "g_loss")
 Row = tuple[int, float, float, float]  # (step, d_loss, d_acc, g_loss)
@@ -109,7 +108,8 @@ class TrainState:
             **({"ema": self.ema.state_dict()} if self.ema is not None else {}),
             "grid_steps": torch.tensor(sorted(self.grids), dtype=torch.int64),
             "grids": torch.from_numpy(np.stack([self.grids[s] for s in sorted(self.grids)]))
-            if self.grids else torch.zeros((0, 0, 0), dtype=torch.uint8),
+            if self.grids
+            else torch.zeros((0, 0, 0), dtype=torch.uint8),
         }
 
     def restore(self, ckpt: dict[str, Any], rank: int = 0) -> None:
@@ -120,18 +120,25 @@ class TrainState:
         self.opt_d.load_state_dict(ckpt["opt_d"])
         if self.ema is not None:
             self.ema.load_state_dict(ckpt["ema"])
-        set_rng_state({"cpu": ckpt["rng_cpu"], "cuda": ckpt["rng_cuda"]} if rank == 0 else ckpt["rng_ranks"][rank - 1])
+        set_rng_state(
+            {"cpu": ckpt["rng_cpu"], "cuda": ckpt["rng_cuda"]} if rank == 0 else ckpt["rng_ranks"][rank - 1]
+        )
         self.step = int(ckpt["step"])
         self.history = [(int(r[0]), *map(float, r[1:])) for r in ckpt["history"].tolist()]
         self.fid_history = [(int(step), float(fid)) for step, fid in ckpt["fid_history"].tolist()]
         self.run_id = ckpt["run_id"] or None
         if "grids" in ckpt:  # (checkpoints written before grids were kept have none)
-            self.grids = {int(s): g.numpy() for s, g in zip(ckpt["grid_steps"].tolist(), ckpt["grids"], strict=True)}
+            self.grids = {
+                int(s): g.numpy() for s, g in zip(ckpt["grid_steps"].tolist(), ckpt["grids"], strict=True)
+            }
 
 
 def rng_state() -> dict[str, Any]:
     """This process's random state: what its batches, noise and dropout masks are drawn from."""
-    return {"cpu": torch.get_rng_state(), "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else []}
+    return {
+        "cpu": torch.get_rng_state(),
+        "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
+    }
 
 
 def set_rng_state(state: dict[str, Any]) -> None:
@@ -272,7 +279,9 @@ def distribute(state: TrainState, world: World, sync_batchnorm: bool) -> Nets:
         state.generator = torch.nn.SyncBatchNorm.convert_sync_batchnorm(state.generator)
         state.discriminator = torch.nn.SyncBatchNorm.convert_sync_batchnorm(state.discriminator)
     ids = [world.local_rank] if world.backend == "nccl" else None
-    return Nets(DDP(state.generator, device_ids=ids), DDP(state.discriminator, device_ids=ids), state.discriminator)
+    return Nets(
+        DDP(state.generator, device_ids=ids), DDP(state.discriminator, device_ids=ids), state.discriminator
+    )
 
 
 def train(
@@ -318,7 +327,9 @@ def train(
         idx = torch.randint(0, images.shape[0], (batch,), device=device)
         real = data.to_model(images[idx])  # the one pixel transform, on the device
         z = torch.randn(batch, latent_dim, device=device)
-        stats = train_step(state, real, z, autocast, loss, nets, None if conditional is None else conditional[idx])
+        stats = train_step(
+            state, real, z, autocast, loss, nets, None if conditional is None else conditional[idx]
+        )
         state.step += 1
         loop.pending.append((state.step, stats))
         loop.after_step()
@@ -337,7 +348,9 @@ class _Loop:
     world: World
     stop: signals.StopRequest | None
     noise: torch.Tensor  # the fixed latent vectors of every sample grid
-    pending: list[tuple[int, torch.Tensor]] = field(default_factory=list)  # per-step stats still on the device
+    pending: list[tuple[int, torch.Tensor]] = field(
+        default_factory=list
+    )  # per-step stats still on the device
     tick: float = field(init=False)  # when the speed was last measured, and at which step
     tick_step: int = field(init=False)
 

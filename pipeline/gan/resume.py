@@ -11,7 +11,8 @@ from pipeline import distributed, files
 from pipeline.distributed import World
 from pipeline.errors import UserError
 from pipeline.gan.loop import TrainState, new_state
-from pipeline.params import BUDGET, CADENCE, DEVICE, Params, values_without
+from pipeline.params import Params
+from pipeline.sections import BUDGET, CADENCE, DEVICE, values_without
 
 
 def checkpoint_fingerprint(params: Params, data_hash: str, precision: str) -> str:
@@ -26,9 +27,14 @@ def checkpoint_fingerprint(params: Params, data_hash: str, precision: str) -> st
 
 
 def resume_or_fresh(
-    params: Params, ckpt: dict[str, Any] | None, checkpoint: Path, fingerprint: str, device: torch.device,
-    n_classes: int, world: World = World(),
-) -> tuple[TrainState, str | None]:  # fmt: skip
+    params: Params,
+    ckpt: dict[str, Any] | None,
+    checkpoint: Path,
+    fingerprint: str,
+    device: torch.device,
+    n_classes: int,
+    world: World = World(),
+) -> tuple[TrainState, str | None]:
     """The state to train from: that of `ckpt` (read from `checkpoint`) when it matches, else a fresh
     one; and what was found, to say. Each rank of a job continues with its own random stream."""
     state = new_state(params.model, params.train, device, n_classes)
@@ -40,7 +46,10 @@ def resume_or_fresh(
         return state, f"{checkpoint} was made with other params or data; starting fresh."
     try:
         if int(ckpt["step"]) > params.train.steps:
-            return state, f"{checkpoint} is at step {ckpt['step']}, beyond train.steps={params.train.steps}; starting fresh."
+            return (
+                state,
+                f"{checkpoint} is at step {ckpt['step']}, beyond train.steps={params.train.steps}; starting fresh.",
+            )
         if (size := int(ckpt.get("world_size", 1))) != world.size:
             raise UserError(
                 f"{checkpoint} was written by a job of {size} process(es), this one has {world.size}: resume it "
@@ -50,5 +59,7 @@ def resume_or_fresh(
     except (KeyError, RuntimeError, ValueError, TypeError, AttributeError, IndexError) as exc:
         # Our fingerprint on a body that does not fit: hand-made or from another version.
         first = (str(exc).strip().splitlines() or [type(exc).__name__])[0][:200]
-        raise UserError(f"{checkpoint} does not fit this model ({first}); delete it to start fresh.") from None
+        raise UserError(
+            f"{checkpoint} does not fit this model ({first}); delete it to start fresh."
+        ) from None
     return state, f"resuming from {checkpoint} at step {state.step}"

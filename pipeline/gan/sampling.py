@@ -14,12 +14,19 @@ def requested_labels(n: int, distribution: np.ndarray | list[float], seed: int) 
     """n class labels (int64, CPU) drawn from `distribution` with their own seeded RNG: what a conditional
     generator is asked for when it is scored (the real data's class shares)."""
     rng = torch.Generator().manual_seed(seed)
-    return torch.multinomial(torch.as_tensor(distribution, dtype=torch.float64), n, replacement=True, generator=rng)
+    return torch.multinomial(
+        torch.as_tensor(distribution, dtype=torch.float64), n, replacement=True, generator=rng
+    )
 
 
 @torch.no_grad()
 def generate(
-    generator: Generator, n: int, seed: int, batch_size: int, device: torch.device, labels: torch.Tensor | None = None
+    generator: Generator,
+    n: int,
+    seed: int,
+    batch_size: int,
+    device: torch.device,
+    labels: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """n samples as uint8 pixels (n, 28, 28) on the CPU, in inference mode, from seeded noise.
 
@@ -35,10 +42,16 @@ def generate(
     chunks = []
     for start in range(0, n, batch_size):
         z = torch.randn(min(batch_size, n - start), generator.latent_dim, generator=rng)
-        y = labels[start : start + z.shape[0]].to(device) if generator.n_classes and labels is not None else None
+        y = (
+            labels[start : start + z.shape[0]].to(device)
+            if generator.n_classes and labels is not None
+            else None
+        )
         chunks.append(from_model(generator(z.to(device), y)).cpu())
     generator.train(was_training)
     return torch.cat(chunks)
+
+
 GRID = 5  # the tutorial's 5x5 sample grid
 
 
@@ -58,6 +71,8 @@ def sample_grid(generator: Generator, noise: torch.Tensor) -> np.ndarray:
     """A 5x5 grid (uint8, H x W) of samples in inference mode, as the tutorial's save_imgs."""
     was_training = generator.training
     generator.eval()
-    pixels = data.from_model(generator(noise, grid_labels(generator, noise.device))).cpu().numpy()  # (25, 28, 28)
+    pixels = (
+        data.from_model(generator(noise, grid_labels(generator, noise.device))).cpu().numpy()
+    )  # (25, 28, 28)
     generator.train(was_training)
     return data.make_grid(pixels, GRID)

@@ -39,6 +39,7 @@ def summary(model: nn.Module, input_shape: tuple[int, ...], labels: torch.Tensor
     rows: list[tuple[str, str, int]] = []
     hooks = []
     for name, module in _layers(model):
+
         def hook(mod: nn.Module, _inp: object, out: torch.Tensor, name: str = name) -> None:
             count = sum(p.numel() for p in mod.parameters())
             rows.append((f"{name} ({type(mod).__name__})", str(tuple(out.shape[1:])), count))

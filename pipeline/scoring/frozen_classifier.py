@@ -27,14 +27,23 @@ class Classifier(nn.Module):
         super().__init__()
 
         def block(in_ch: int, out_ch: int) -> list[nn.Module]:
-            return [nn.Conv2d(in_ch, out_ch, 3, padding=1, bias=False), nn.BatchNorm2d(out_ch), nn.ReLU(inplace=True)]
+            return [
+                nn.Conv2d(in_ch, out_ch, 3, padding=1, bias=False),
+                nn.BatchNorm2d(out_ch),
+                nn.ReLU(inplace=True),
+            ]
 
         self.body = nn.Sequential(
-            *block(1, 32), *block(32, 32), nn.MaxPool2d(2),  # 28 -> 14
-            *block(32, 64), *block(64, 64), nn.MaxPool2d(2),  # 14 -> 7
+            *block(1, 32),
+            *block(32, 32),
+            nn.MaxPool2d(2),  # 28 -> 14
+            *block(32, 64),
+            *block(64, 64),
+            nn.MaxPool2d(2),  # 14 -> 7
             nn.Flatten(),
-            nn.Linear(64 * 7 * 7, feature_dim), nn.ReLU(inplace=True),
-        )  # fmt: skip
+            nn.Linear(64 * 7 * 7, feature_dim),
+            nn.ReLU(inplace=True),
+        )
         self.dropout = nn.Dropout(dropout)
         self.head = nn.Linear(feature_dim, n_classes)
         self.feature_dim = feature_dim
@@ -51,14 +60,24 @@ class Classifier(nn.Module):
 def build_classifier(params: ClassifierParams, n_classes: int = 10) -> Classifier:
     return Classifier(feature_dim=params.feature_dim, n_classes=n_classes)
 
+
 RETRAIN = "run `dvc repro classifier` (or `python -m pipeline classifier`) to train it again"
 
 # What torch.load raises on a truncated, garbage or non-weights file (weights_only refuses
 # unknown globals with UnpicklingError before anything in the file is executed).
 _LOAD_ERRORS = (
-    pickle.UnpicklingError, RuntimeError, EOFError, ValueError, OSError, KeyError, TypeError,
-    AttributeError, IndexError, zipfile.BadZipFile, UnicodeDecodeError,
-)  # fmt: skip
+    pickle.UnpicklingError,
+    RuntimeError,
+    EOFError,
+    ValueError,
+    OSError,
+    KeyError,
+    TypeError,
+    AttributeError,
+    IndexError,
+    zipfile.BadZipFile,
+    UnicodeDecodeError,
+)
 
 
 # --- the classifier file ---------------------------------------------------------------

@@ -99,7 +99,9 @@ def fid(features_a: np.ndarray, features_b: np.ndarray) -> float:
     return frechet_distance(*feature_stats(a), *feature_stats(b))
 
 
-def _poly_kernel_sums(x: torch.Tensor, y: torch.Tensor, g: torch.Tensor, k: torch.Tensor) -> tuple[float, float]:
+def _poly_kernel_sums(
+    x: torch.Tensor, y: torch.Tensor, g: torch.Tensor, k: torch.Tensor
+) -> tuple[float, float]:
     """Sum and trace of k(x, y) = (x.y / d + 1)^3 over all pairs (float64), computed in the buffers g and k.
 
     One BLAS call gives g = x.y / d + 1, one pass squares it into k, and the sum of the cubes is
@@ -135,10 +137,15 @@ def kid(
     if m < 2 or subsets < 1:
         raise MetricInputError(f"KID needs subset_size >= 2 and subsets >= 1; got m={m}, subsets={subsets}.")
     rng = np.random.default_rng(seed)
-    g, k = torch.empty(m, m, dtype=torch.float64), torch.empty(m, m, dtype=torch.float64)  # reused by every subset
+    g, k = (
+        torch.empty(m, m, dtype=torch.float64),
+        torch.empty(m, m, dtype=torch.float64),
+    )  # reused by every subset
 
     def subset(x: np.ndarray) -> torch.Tensor:
-        return torch.from_numpy(np.ascontiguousarray(x[rng.choice(x.shape[0], m, replace=False)], dtype=np.float64))
+        return torch.from_numpy(
+            np.ascontiguousarray(x[rng.choice(x.shape[0], m, replace=False)], dtype=np.float64)
+        )
 
     scores = np.array([_poly_mmd2(subset(a), subset(b), g, k) for _ in range(subsets)])  # draws a's, then b's
     return float(scores.mean()), float(scores.std())

@@ -26,7 +26,6 @@ from pipeline.scoring import metrics
 from pipeline.scoring.frozen_classifier import Classifier, classify, load_classifier
 from pipeline.scoring.scores import score as score  # every registered score of a sample set (scores/)
 
-
 RECOMPUTE = "run `dvc repro reference` (or `python -m pipeline reference`) to compute it again"
 
 
@@ -44,12 +43,16 @@ class Reference:
     classifier_sha256: str  # the weights the features came from; scores are only comparable under one
 
 
-def compute_reference(features: np.ndarray, labels: np.ndarray, classifier_sha256: str, n_classes: int = 10) -> Reference:
+def compute_reference(
+    features: np.ndarray, labels: np.ndarray, classifier_sha256: str, n_classes: int = 10
+) -> Reference:
     """Statistics of real features (N >= 2 * D, see metrics.feature_stats) and their label distribution."""
     mean, cov = metrics.feature_stats(features)
     labels = np.asarray(labels)
     if labels.shape != (features.shape[0],) or labels.min() < 0 or labels.max() >= n_classes:
-        raise UserError(f"reference labels must be N={features.shape[0]} classes 0-{n_classes - 1}; got {labels.shape}.")
+        raise UserError(
+            f"reference labels must be N={features.shape[0]} classes 0-{n_classes - 1}; got {labels.shape}."
+        )
     counts = np.bincount(labels, minlength=n_classes).astype(np.float64)
     return Reference(np.asarray(features, np.float32), mean, cov, counts / counts.sum(), classifier_sha256)
 
@@ -173,7 +176,11 @@ def generator_fid(
 
 
 def conditional_scores(
-    fake_features: np.ndarray, fake_probs: np.ndarray, asked: np.ndarray, reference: Reference, real_labels: np.ndarray
+    fake_features: np.ndarray,
+    fake_probs: np.ndarray,
+    asked: np.ndarray,
+    reference: Reference,
+    real_labels: np.ndarray,
 ) -> dict[str, float | list[float | None]]:
     """Of a conditional generator: does it draw the class asked for, and how well, class by class.
 
@@ -195,7 +202,9 @@ def conditional_scores(
             per_class.append(None)
             continue
         per_class.append(metrics.fid(fake, real))
-    out: dict[str, float | list[float | None]] = {"label_accuracy": float(np.mean(fake_probs.argmax(axis=1) == asked))}
+    out: dict[str, float | list[float | None]] = {
+        "label_accuracy": float(np.mean(fake_probs.argmax(axis=1) == asked))
+    }
     if all(f is not None for f in per_class):
         out["fid_class_mean"] = float(np.mean(per_class))
     return out | {"fid_per_class": per_class}

@@ -101,8 +101,11 @@ def train_classifier(
 
 def record_of(params: ClassifierParams, dataset: Dataset, classes: tuple[str, ...]) -> dict[str, object]:
     """What a classifier is kept for: the params that shape its training, the data, the classes."""
-    return {"params": params.model_dump(exclude={"min_accuracy"}), "data_sha256": data.fingerprint(dataset),
-            "classes": list(classes)}  # fmt: skip
+    return {
+        "params": params.model_dump(exclude={"min_accuracy"}),
+        "data_sha256": data.fingerprint(dataset),
+        "classes": list(classes),
+    }
 
 
 def kept(paths: Layout, wanted: dict[str, object]) -> dict[str, object] | None:
@@ -117,29 +120,45 @@ def kept(paths: Layout, wanted: dict[str, object]) -> dict[str, object] | None:
 def main(params_path: Path = Path("params.yaml")) -> None:
     full = load_params(params_path)
     paths = Layout(dataset=full.data.dataset)
-    params = full.classifier.model_copy(update={"epochs": full.classifier.epochs or data.classifier_epochs(full.data)})
+    params = full.classifier.model_copy(
+        update={"epochs": full.classifier.epochs or data.classifier_epochs(full.data)}
+    )
     remove_stale_temps(*paths.outputs("classifier"))  # what a killed earlier run's atomic writes left
     classes = data.class_names(full.data)
     dataset = load_prepared(paths.prepared, len(classes))
     wanted = record_of(params, dataset, classes)
     if (record := kept(paths, wanted)) is not None:
-        write_json(paths.classifier_metrics, {k: v for k, v in record.items() if k not in ("params", "classes")})
-        print(f"kept {paths.classifier}: made with these params from this data (test accuracy "
-              f"{record['test_accuracy']:.4f}); delete it, or change classifier.*, to train another.")  # fmt: skip
+        write_json(
+            paths.classifier_metrics, {k: v for k, v in record.items() if k not in ("params", "classes")}
+        )
+        print(
+            f"kept {paths.classifier}: made with these params from this data (test accuracy "
+            f"{record['test_accuracy']:.4f}); delete it, or change classifier.*, to train another."
+        )
         return
     floor = params.min_accuracy if params.min_accuracy is not None else data.min_accuracy(full.data)
     device = pick_device("auto")
     model, report = train_classifier(params, dataset, device, len(classes))
     accuracy = report["test_accuracy"]
     if accuracy < floor:
-        which = "classifier.min_accuracy" if params.min_accuracy is not None else f"the floor of {full.data.dataset}"
+        which = (
+            "classifier.min_accuracy"
+            if params.min_accuracy is not None
+            else f"the floor of {full.data.dataset}"
+        )
         raise UserError(
             f"the classifier reached test accuracy {accuracy:.4f}, below {which} {floor}; nothing was written "
             "(train longer or adjust the classifier params)."
         )
     save_classifier(model, paths.classifier)
-    provenance = {"sha256": sha256_file(paths.classifier), "feature_dim": params.feature_dim, "device": device.type}
+    provenance = {
+        "sha256": sha256_file(paths.classifier),
+        "feature_dim": params.feature_dim,
+        "device": device.type,
+    }
     metrics = {**report, **provenance, "torch": torch.__version__, "dataset": full.data.dataset}
     write_json(paths.classifier_record, {**metrics, **wanted})
     write_json(paths.classifier_metrics, metrics)
-    print(f"test accuracy {accuracy:.4f} (loss {report['test_loss']:.4f}), {report['seconds']} s -> {paths.classifier}")
+    print(
+        f"test accuracy {accuracy:.4f} (loss {report['test_loss']:.4f}), {report['seconds']} s -> {paths.classifier}"
+    )

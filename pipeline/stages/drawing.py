@@ -46,18 +46,24 @@ def trusted_weights(logged: Logged) -> tuple[dict[str, torch.Tensor], dict[str, 
     import tempfile
 
     if not logged.recorded:
-        raise UserError(f"{logged.who} was logged without a verifiable weights file (by an older version of this "
-                        f"pipeline), so it is not loaded; {logged.repair}.")  # fmt: skip
+        raise UserError(
+            f"{logged.who} was logged without a verifiable weights file (by an older version of this "
+            f"pipeline), so it is not loaded; {logged.repair}."
+        )
     with tempfile.TemporaryDirectory() as folder:
         path = download_weights(logged, Path(folder))
         found = files.sha256_file(path)
         if found != logged.recorded:
-            raise UserError(f"{logged.who}'s generator weights fail their SHA-256 check (recorded "
-                            f"{logged.recorded[:12]}, found {found[:12]}); refusing to load them.")  # fmt: skip
+            raise UserError(
+                f"{logged.who}'s generator weights fail their SHA-256 check (recorded "
+                f"{logged.recorded[:12]}, found {found[:12]}); refusing to load them."
+            )
         try:
             state = files.load_checkpoint(path)
         except UserError as exc:
-            raise UserError(f"{logged.who}'s generator weights cannot be loaded ({str(exc).rstrip('.')}).") from None
+            raise UserError(
+                f"{logged.who}'s generator weights cannot be loaded ({str(exc).rstrip('.')})."
+            ) from None
     weights, arch = state.get("generator"), state.get("architecture", {})
     if not isinstance(weights, dict) or not isinstance(arch, dict):
         raise UserError(f"{logged.who}'s weights file holds no generator; {logged.repair}.")
@@ -71,8 +77,10 @@ def class_index(label: str, data_params: DataParams) -> int:
         return int(label)
     if label in names:
         return names.index(label)
-    raise UserError(f"label {label!r} is not a class of {data_params.dataset}: give 0-{len(names) - 1} or one of "
-                    f"{', '.join(names)}.")  # fmt: skip
+    raise UserError(
+        f"label {label!r} is not a class of {data_params.dataset}: give 0-{len(names) - 1} or one of "
+        f"{', '.join(names)}."
+    )
 
 
 def chosen_generator(
@@ -82,26 +90,40 @@ def chosen_generator(
     if run and model:
         raise UserError("give --run or --model, not both.")
     if raw and (run or model):
-        raise UserError("--raw reads the train stage's models/generator.pt; MLflow holds only the generator a run gives.")
+        raise UserError(
+            "--raw reads the train stage's models/generator.pt; MLflow holds only the generator a run gives."
+        )
     if run or model:
         from pipeline.tracking import connection
 
-        _, experiment_id, _ = connection.open_experiment(params.tracking.experiment, Path.cwd(), dict(os.environ))
+        _, experiment_id, _ = connection.open_experiment(
+            params.tracking.experiment, Path.cwd(), dict(os.environ)
+        )
         logged = by_uri(model) if model else by_run(run or "", experiment_id)
         weights, arch = trusted_weights(logged)
         source = model or f"MLflow run {run}"
         settings = params.model.arch_params.model_copy(update=arch)  # as the weights file records them
-        generator = from_weights(weights, params.model.model_copy(update={params.model.arch: settings}), source)
+        generator = from_weights(
+            weights, params.model.model_copy(update={params.model.arch: settings}), source
+        )
         return generator.to(device), source
     paths = Layout(dataset=params.data.dataset)
     if not paths.generator.is_file():
-        raise UserError(f"{paths.generator} is missing; train first (`dvc repro train`) or give --run or --model.")
+        raise UserError(
+            f"{paths.generator} is missing; train first (`dvc repro train`) or give --run or --model."
+        )
     n_classes = len(data.class_names(params.data))
     return load_generator(paths.generator, params.model, device, n_classes, raw), str(paths.generator)
 
 
 def draw(
-    generator: Generator, source: str, params: Params, n: int, seed: int | None, label: str | None, device: torch.device
+    generator: Generator,
+    source: str,
+    params: Params,
+    n: int,
+    seed: int | None,
+    label: str | None,
+    device: torch.device,
 ) -> tuple[np.ndarray, int]:
     """n samples (uint8, (n, 28, 28)) and the seed they were drawn with: by default the evaluate
     stage's seed and batch size, so the same noise and the same samples. A conditional generator
@@ -111,7 +133,9 @@ def draw(
     seed = params.evaluate.seed if seed is None else seed
     labels = None
     if label is not None and not generator.n_classes:
-        raise UserError(f"{source} is not a conditional generator (model.conditional): it cannot be asked for a class.")
+        raise UserError(
+            f"{source} is not a conditional generator (model.conditional): it cannot be asked for a class."
+        )
     if label is not None:
         labels = torch.full((n,), class_index(label, params.data))
     elif generator.n_classes:

@@ -126,7 +126,9 @@ def print_report(result: dict[str, Any]) -> None:
         floor = result.get(f"{key}_floor")
         floor_text = f"{floor:>14.4f}" if isinstance(floor, (int, float)) else f"{'':>14}"
         print(f"{key:<18}{result[key]:>12.4f}{floor_text}")
-    print(f"n={result['n_samples']}, feature_dim={result['feature_dim']}, classifier sha256 {result['classifier_sha256'][:12]}…")
+    print(
+        f"n={result['n_samples']}, feature_dim={result['feature_dim']}, classifier sha256 {result['classifier_sha256'][:12]}…"
+    )
 
 
 def class_rows(scores: dict[str, Any], reference: scorer.Reference, names: tuple[str, ...]) -> str:
@@ -140,7 +142,9 @@ def class_rows(scores: dict[str, Any], reference: scorer.Reference, names: tuple
     return "\n".join(lines) + "\n"
 
 
-def main(params_path: Path = Path("params.yaml"), samples: Path | None = None, output: Path | None = None) -> None:
+def main(
+    params_path: Path = Path("params.yaml"), samples: Path | None = None, output: Path | None = None
+) -> None:
     params = load_params(params_path)
     paths = Layout(dataset=params.data.dataset)
     device = machine.pick_device(params.train.device)
@@ -163,7 +167,9 @@ def main(params_path: Path = Path("params.yaml"), samples: Path | None = None, o
     started = time.perf_counter()
     images, asked = generator_samples(params, paths, frozen)
     result, scores = score_and_report(images, asked, str(paths.generator), params, paths, frozen, started)
-    grid = write_outputs(paths, images, class_rows(scores, frozen.reference, data.class_names(params.data)), result)
+    grid = write_outputs(
+        paths, images, class_rows(scores, frozen.reference, data.class_names(params.data)), result
+    )
     log_or_warn(params, paths, result, grid, tracking, frozen)
 
 
@@ -217,7 +223,9 @@ def generator_samples(
     they were asked for and the real labels of the reference images (see evaluate)."""
     p, n_classes = params.evaluate, len(data.class_names(params.data))
     generator = load_generator(paths.generator, params.model, frozen.device, n_classes)
-    pixels, labels = scorer.draw(generator, p.n_samples, p.seed, p.batch_size, frozen.device, frozen.reference)
+    pixels, labels = scorer.draw(
+        generator, p.n_samples, p.seed, p.batch_size, frozen.device, frozen.reference
+    )
     if labels is None:
         return pixels.numpy(), None
     return pixels.numpy(), (labels.numpy(), data.load_prepared(paths.prepared, n_classes).test_labels)
@@ -322,7 +330,9 @@ def log_evaluation(
         "feature_dim": str(result["feature_dim"]),
         "n_samples": str(result["n_samples"]),
     }
-    run.log_params({f"evaluate.{k}": str(v) for k, v in params.evaluate.model_dump().items()} | floors | comparable)
+    run.log_params(
+        {f"evaluate.{k}": str(v) for k, v in params.evaluate.model_dump().items()} | floors | comparable
+    )
     run.log_dataset(
         f"{params.data.dataset}-reference",
         files.sha256_file(paths.reference),
@@ -350,19 +360,25 @@ def register(params: Params, parent: Any, result: dict[str, Any], generator: Pat
     try:
         tensors = logged_model.tensors_sha256(files.load_checkpoint(generator)["generator"])
         models = sorted(
-            (m for m in parent.logged_models() if str(m.status) == "READY"), key=lambda m: m.creation_timestamp
+            (m for m in parent.logged_models() if str(m.status) == "READY"),
+            key=lambda m: m.creation_timestamp,
         )
         scored = [m for m in models if m.tags.get(logged_model.TENSORS_SHA_TAG) == tensors]
         if not scored:
             what = "no finished model" if not models else f"no logged model of {generator}'s weights"
-            print(f"training run {parent.run_id} holds {what} to register (`python -m pipeline resend` logs it).")
+            print(
+                f"training run {parent.run_id} holds {what} to register (`python -m pipeline resend` logs it)."
+            )
             return
         weights = {
             logged_model.ARTIFACT_SHA_TAG: scored[-1].tags[logged_model.ARTIFACT_SHA_TAG],
             logged_model.TENSORS_SHA_TAG: tensors,
         }
         score = registry.Score(
-            float(result["fid"]), result.get("fid_floor"), int(result["n_samples"]), result["classifier_sha256"]
+            float(result["fid"]),
+            result.get("fid_floor"),
+            int(result["n_samples"]),
+            result["classifier_sha256"],
         )
         name = registry.model_name(params.tracking.experiment, params.data.dataset)
         outcome = registry.register(name, parent.run_id, f"models:/{scored[-1].model_id}", score, weights)

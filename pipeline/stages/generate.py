@@ -28,10 +28,17 @@ def image_grid(pixels: np.ndarray) -> np.ndarray:
 
 
 def main(
-    params_path: Path = Path("params.yaml"), n: int = 25, seed: int | None = None, run: str | None = None,
-    model: str | None = None, grid: Path | None = None, output: Path | None = None, folder: Path | None = None,
-    label: str | None = None, raw: bool = False,
-) -> None:  # fmt: skip
+    params_path: Path = Path("params.yaml"),
+    n: int = 25,
+    seed: int | None = None,
+    run: str | None = None,
+    model: str | None = None,
+    grid: Path | None = None,
+    output: Path | None = None,
+    folder: Path | None = None,
+    label: str | None = None,
+    raw: bool = False,
+) -> None:
     params = load_params(params_path)
     device = machine.pick_device(params.train.device)
     generator, source = chosen_generator(params, device, run, model, raw)
@@ -44,7 +51,9 @@ def main(
         written.append(str(grid))
     if output is not None:
         if output.suffix != ".npy":
-            raise UserError(f"--output {output} must end in .npy (N x 28 x 28 uint8, as evaluate --samples reads).")
+            raise UserError(
+                f"--output {output} must end in .npy (N x 28 x 28 uint8, as evaluate --samples reads)."
+            )
         with files.atomic_path(output) as tmp, open(tmp, "wb") as fh:
             np.save(fh, pixels)
         written.append(str(output))

@@ -27,12 +27,14 @@ def prepare(params: Params, raw_dir: Path, env: Mapping[str, str]) -> tuple[Data
     if params.data.dataset == data.OWN:
         own = params.data
         data.check_own_path(Path(own.path or ""), Layout().own)
-        dataset = data.load_own(Path(own.path or ""), list(own.classes or ()), own.test_fraction, own.split_seed,
-                                MIN_PER_CLASS)  # fmt: skip
+        dataset = data.load_own(
+            Path(own.path or ""), list(own.classes or ()), own.test_fraction, own.split_seed, MIN_PER_CLASS
+        )
     else:
         spec = data.DATASETS[params.data.dataset]
-        dataset = data.fetch_dataset(spec, raw_dir, env.get(spec.mirror_env) or None, params.prepare.mirrors,
-                                     params.prepare.timeout_s)  # fmt: skip
+        dataset = data.fetch_dataset(
+            spec, raw_dir, env.get(spec.mirror_env) or None, params.prepare.mirrors, params.prepare.timeout_s
+        )
     names = data.class_names(params.data)
     summary = {
         split: {"count": int(labels.size), "per_class": class_counts(labels, names)}
@@ -50,4 +52,6 @@ def main(params_path: Path = Path("params.yaml")) -> None:
         save_prepared(dataset, paths.prepared)
         write_json(paths.data_metrics, summary)
     counts = {split: summary[split]["count"] for split in ("train", "test")}  # type: ignore[index]
-    print(f"prepared {counts['train']} train and {counts['test']} test images of {params.data.dataset} -> {paths.prepared}")
+    print(
+        f"prepared {counts['train']} train and {counts['test']} test images of {params.data.dataset} -> {paths.prepared}"
+    )

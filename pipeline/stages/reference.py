@@ -24,7 +24,11 @@ from pipeline.scoring.scorer import Reference, compute_reference, save_reference
 
 
 def build_reference(
-    model: Classifier, classifier_sha256: str, dataset: Dataset, params: EvaluateParams, device: torch.device,
+    model: Classifier,
+    classifier_sha256: str,
+    dataset: Dataset,
+    params: EvaluateParams,
+    device: torch.device,
     n_classes: int = 10,
 ) -> tuple[Reference, dict[str, float | int | list[int]]]:
     """The test-set reference and the scores of n_samples training images (seeded draw) against it."""

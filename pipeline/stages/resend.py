@@ -135,7 +135,9 @@ def send_model(run: Run, model: Callable[[], tuple[Any, np.ndarray]], name: str)
 
 
 def _retry(reason: str | None) -> UserError:
-    return UserError(f"re-sending to MLflow failed ({reason}); what was sent stays, run this again for the rest.")
+    return UserError(
+        f"re-sending to MLflow failed ({reason}); what was sent stays, run this again for the rest."
+    )
 
 
 def resend(params_path: Path = Path("params.yaml")) -> None:
@@ -155,10 +157,14 @@ def resend(params_path: Path = Path("params.yaml")) -> None:
         raise UserError(
             f"{params_path} changed since run {info['run_id']} was trained; restore it to re-send that run."
         )
-    uri, experiment_id, _ = connection.open_experiment(params.tracking.experiment, Path.cwd(), dict(os.environ))
+    uri, experiment_id, _ = connection.open_experiment(
+        params.tracking.experiment, Path.cwd(), dict(os.environ)
+    )
 
     def table(path: Path) -> list[list[str]]:
-        return [line.split(",") for line in path.read_text().splitlines()[1:] if line] if path.is_file() else []
+        return (
+            [line.split(",") for line in path.read_text().splitlines()[1:] if line] if path.is_file() else []
+        )
 
     # The losses were float32 on the device: the CSV's 9 digits give back exactly what was logged.
     rows: list[dict[str, float]] = [
@@ -171,7 +177,9 @@ def resend(params_path: Path = Path("params.yaml")) -> None:
     images = {}
     for path in sorted(paths.samples.glob("step_*.png")):
         big = np.asarray(Image.open(path).convert("L"))
-        images[int(path.stem.removeprefix("step_"))] = big[:: big.shape[0] // grid_size, :: big.shape[1] // grid_size]
+        images[int(path.stem.removeprefix("step_"))] = big[
+            :: big.shape[0] // grid_size, :: big.shape[1] // grid_size
+        ]
 
     def model() -> tuple[Any, np.ndarray]:
         weights = files.load_checkpoint(paths.generator)["generator"]
@@ -179,7 +187,15 @@ def resend(params_path: Path = Path("params.yaml")) -> None:
         return network, example
 
     run_id, sent = backfill(
-        experiment_id, info["run_id"], {"stage": "train"}, flat, rows, images, "samples", [paths.train_log], model
+        experiment_id,
+        info["run_id"],
+        {"stage": "train"},
+        flat,
+        rows,
+        images,
+        "samples",
+        [paths.train_log],
+        model,
     )
     if run_id != info["run_id"]:
         print(f"run {info['run_id']} is not in {uri}; its record goes to run {run_id}.")

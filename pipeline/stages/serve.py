@@ -44,13 +44,20 @@ class Service:
 
     def describe(self) -> dict[str, Any]:
         classes = list(data.class_names(self.params.data))
-        return {"model": self.source, "conditional": bool(self.generator.n_classes), "classes": classes,
-                "default_seed": self.params.evaluate.seed, "max_n": MAX_N}  # fmt: skip
+        return {
+            "model": self.source,
+            "conditional": bool(self.generator.n_classes),
+            "classes": classes,
+            "default_seed": self.params.evaluate.seed,
+            "max_n": MAX_N,
+        }
 
     def digits(self, query: dict[str, list[str]]) -> tuple[np.ndarray, dict[str, Any]]:
         unknown = set(query) - {"n", "seed", "label", "format"}
         if unknown:
-            raise UserError(f"unknown query parameter {sorted(unknown)[0]!r} (allowed: n, seed, label, format).")
+            raise UserError(
+                f"unknown query parameter {sorted(unknown)[0]!r} (allowed: n, seed, label, format)."
+            )
         n, seed = _integer(query, "n", 16), _integer(query, "seed", None)
         if not 1 <= n <= MAX_N:
             raise UserError(f"n must be between 1 and {MAX_N}, not {n}.")
@@ -76,7 +83,9 @@ def png_grid(pixels: np.ndarray) -> bytes:
 
     grid = data.make_grid(pixels, rows=math.isqrt(len(pixels) - 1) + 1)
     png = io.BytesIO()
-    Image.fromarray(grid).resize((grid.shape[1] * 3, grid.shape[0] * 3), Image.NEAREST).save(png, format="PNG")
+    Image.fromarray(grid).resize((grid.shape[1] * 3, grid.shape[0] * 3), Image.NEAREST).save(
+        png, format="PNG"
+    )
     return png.getvalue()
 
 
@@ -86,7 +95,9 @@ def handler(service: Service) -> type[BaseHTTPRequestHandler]:
             url = urlsplit(self.path)
             try:
                 if url.path == "/health":
-                    return self.send(HTTPStatus.OK, json.dumps(service.describe()).encode(), "application/json")
+                    return self.send(
+                        HTTPStatus.OK, json.dumps(service.describe()).encode(), "application/json"
+                    )
                 if url.path != "/digits":
                     raise LookupError(f"no such path {url.path!r}: ask /digits?n=16 or /health")
                 query = parse_qs(url.query, keep_blank_values=True)
@@ -96,9 +107,13 @@ def handler(service: Service) -> type[BaseHTTPRequestHandler]:
                 body = {**meta, "shape": list(pixels.shape), "images": pixels.tolist()}
                 return self.send(HTTPStatus.OK, json.dumps(body).encode(), "application/json")
             except UserError as exc:
-                return self.send(HTTPStatus.BAD_REQUEST, json.dumps({"error": str(exc)}).encode(), "application/json")
+                return self.send(
+                    HTTPStatus.BAD_REQUEST, json.dumps({"error": str(exc)}).encode(), "application/json"
+                )
             except LookupError as exc:
-                return self.send(HTTPStatus.NOT_FOUND, json.dumps({"error": str(exc)}).encode(), "application/json")
+                return self.send(
+                    HTTPStatus.NOT_FOUND, json.dumps({"error": str(exc)}).encode(), "application/json"
+                )
 
         def send(self, status: HTTPStatus, body: bytes, kind: str) -> None:
             self.send_response(status)
@@ -114,9 +129,12 @@ def handler(service: Service) -> type[BaseHTTPRequestHandler]:
 
 
 def main(
-    params_path: Path = Path("params.yaml"), run: str | None = None, model: str | None = None,
-    host: str = "127.0.0.1", port: int = 8000,
-) -> None:  # fmt: skip
+    params_path: Path = Path("params.yaml"),
+    run: str | None = None,
+    model: str | None = None,
+    host: str = "127.0.0.1",
+    port: int = 8000,
+) -> None:
     params = load_params(params_path)
     device = machine.pick_device(params.train.device)
     if run is None and model is None:
@@ -126,7 +144,9 @@ def main(
     try:
         server = ThreadingHTTPServer((host, port), handler(service))
     except OSError as exc:
-        raise UserError(f"cannot listen on {host}:{port} ({exc.strerror or exc}); give another --port.") from None
+        raise UserError(
+            f"cannot listen on {host}:{port} ({exc.strerror or exc}); give another --port."
+        ) from None
     print(f"serving {source} at http://{host}:{server.server_port}/digits?n=16 (Ctrl-C stops)", flush=True)
     try:
         server.serve_forever()

@@ -40,10 +40,10 @@ from pipeline.layout import Layout
 from pipeline.optuna_study import (
     FINGERPRINT,
     OVER_BUDGET,
-    OverBudget,
     PARENT_RUN,
     RUN_ID,
     STARTED_BY,
+    OverBudget,
     budget_used,
     check_storage_location,
     dvc_command,
@@ -68,7 +68,6 @@ from pipeline.scoring import frozen_classifier, scorer
 from pipeline.scoring.scorer import Scorer
 from pipeline.tracking import connection, runs
 from pipeline.tracking.tracker import Run, Tracker
-
 
 # --- one trial: the pipeline's own training, scored as the evaluate stage scores ------------
 
@@ -153,7 +152,9 @@ class Objective:
         def on_eval(state: TrainState) -> None:
             fid = self.frozen.quick_fid(state.output, p)
             run.log_metrics([{"step": state.step, "fid_quick": fid}])
-            print(f"trial {trial.number}: step {state.step}, quick FID {fid:.1f} ({p.train.fid_samples} samples)")
+            print(
+                f"trial {trial.number}: step {state.step}, quick FID {fid:.1f} ({p.train.fid_samples} samples)"
+            )
             trial.report(fid, state.step)
             if state.step < p.train.steps and trial.should_prune():
                 raise optuna.TrialPruned(f"quick FID {fid:.1f} at step {state.step} is worse than the median")
@@ -202,7 +203,9 @@ def main(
     params = with_options(load_params(params_path), params_path, study=study, storage=storage, trials=trials)
     paths, env = Layout(dataset=params.data.dataset), dict(os.environ)
     url = storage_url(params, connection.project_root(Path.cwd(), env))
-    check_storage_location(url, connection.project_root(Path.cwd(), env), allow_outside)  # before anything is written
+    check_storage_location(
+        url, connection.project_root(Path.cwd(), env), allow_outside
+    )  # before anything is written
     where = connection.redact(url)
     device = machine.pick_device(params.train.device)
     frozen = Scorer.load(paths, params, device)
@@ -291,28 +294,49 @@ def report(study: optuna.Study, params: Params, paths: Layout, parent: Tracker) 
     writer = csv.writer(buffer)
     writer.writerow(["trial", "state", "fid", "seconds", *keys, "mlflow_run_id"])
     for t in ranked(trials):
-        writer.writerow([t.number, t.state.name, score_of(t), trial_seconds(t), *(t.params.get(k) for k in keys),
-                         t.user_attrs.get(RUN_ID, "")])  # fmt: skip
+        writer.writerow(
+            [
+                t.number,
+                t.state.name,
+                score_of(t),
+                trial_seconds(t),
+                *(t.params.get(k) for k in keys),
+                t.user_attrs.get(RUN_ID, ""),
+            ]
+        )
     with files.atomic_open(out / "trials.csv") as fh:
         fh.write(buffer.getvalue())
     written = [out / "trials.txt", out / "trials.csv", *figures(study, out)]
 
     complete = [t for t in trials if t.state == TrialState.COMPLETE]
-    counts = {f"trials_{s.name.lower()}": sum(t.state == s for t in trials) for s in
-              (TrialState.COMPLETE, TrialState.PRUNED, TrialState.FAIL)}  # fmt: skip
+    counts = {
+        f"trials_{s.name.lower()}": sum(t.state == s for t in trials)
+        for s in (TrialState.COMPLETE, TrialState.PRUNED, TrialState.FAIL)
+    }
     if complete:
         best = study.best_trial
         command = dvc_command(best, params)
-        files.write_json(out / "best.json", {
-            "trial": best.number, "fid": best.value, "n_samples": params.sweep.eval_samples, "params": best.params,
-            "mlflow_run_id": best.user_attrs.get(RUN_ID), "dvc_exp_run": command,
-        })  # fmt: skip
+        files.write_json(
+            out / "best.json",
+            {
+                "trial": best.number,
+                "fid": best.value,
+                "n_samples": params.sweep.eval_samples,
+                "params": best.params,
+                "mlflow_run_id": best.user_attrs.get(RUN_ID),
+                "dvc_exp_run": command,
+            },
+        )
         with files.atomic_open(out / "best.txt") as fh:
             fh.write(command + "\n")
         written += [out / "best.json", out / "best.txt"]
         parent.log_metrics([{"step": 0, "best_fid": float(best.value or 0.0), **counts}])
-        parent.set_tags({"sweep.best_trial": str(best.number), "sweep.best_run": best.user_attrs.get(RUN_ID, "")})
-        print(f"best: trial {best.number}, FID {best.value:.2f} at N={params.sweep.eval_samples}; reproduce it with\n  {command}")
+        parent.set_tags(
+            {"sweep.best_trial": str(best.number), "sweep.best_run": best.user_attrs.get(RUN_ID, "")}
+        )
+        print(
+            f"best: trial {best.number}, FID {best.value:.2f} at N={params.sweep.eval_samples}; reproduce it with\n  {command}"
+        )
     else:
         parent.log_metrics([{"step": 0, **counts}])
         print("no trial finished: nothing to reproduce.")

@@ -25,9 +25,9 @@ from pipeline.distributed import World
 from pipeline.errors import UserError
 from pipeline.gan.export import for_export
 from pipeline.gan.loop import (
-    Callbacks,
     FINAL,
     LOG_COLUMNS,
+    Callbacks,
     Row,
     TrainState,
     metric_rows,
@@ -53,7 +53,9 @@ def trained_speed(summary: Path, step: int) -> dict[str, float]:
         old = files.read_json(summary) if summary.exists() else {}
     except UserError:
         return {}
-    return {k: old[k] for k in ("seconds", "images_per_second") if k in old} if old.get("step") == step else {}
+    return (
+        {k: old[k] for k in ("seconds", "images_per_second") if k in old} if old.get("step") == step else {}
+    )
 
 
 def write_log(history: list[Row], path: Path) -> None:
@@ -136,8 +138,16 @@ class Writer:
     Only the writing process has one (see main); train() reports to it through Callbacks.
     """
 
-    def __init__(self, params: Params, paths: Layout, fingerprint: str, run: Run, run_info: dict[str, str],
-                 state: TrainState, desc: str) -> None:  # fmt: skip
+    def __init__(
+        self,
+        params: Params,
+        paths: Layout,
+        fingerprint: str,
+        run: Run,
+        run_info: dict[str, str],
+        state: TrainState,
+        desc: str,
+    ) -> None:
         from tqdm import tqdm
 
         self.params, self.paths, self.fingerprint = params, paths, fingerprint
@@ -160,13 +170,23 @@ class Writer:
         # A finished run run again (its outputs deleted, or `dvc repro -f`) writes its outputs again;
         # MLflow holds its end already, which is not logged twice.
         self.run: Run | Recorded = Recorded(run) if recorded else run
-        self.bar = tqdm(total=params.train.steps, initial=state.step, desc=desc, unit="step", dynamic_ncols=True)
+        self.bar = tqdm(
+            total=params.train.steps, initial=state.step, desc=desc, unit="step", dynamic_ncols=True
+        )
 
     @classmethod
     def open(
-        cls, params: Params, paths: Layout, state: TrainState, resumed: str | None, fingerprint: str,
-        device: torch.device, precision: str, data_hash: str, world: World = World(),
-    ) -> Writer:  # fmt: skip
+        cls,
+        params: Params,
+        paths: Layout,
+        state: TrainState,
+        resumed: str | None,
+        fingerprint: str,
+        device: torch.device,
+        precision: str,
+        data_hash: str,
+        world: World = World(),
+    ) -> Writer:
         """Clear what a killed or earlier run left, then open the MLflow run (state.run_id when resuming)."""
         files.remove_stale_temps(*paths.outputs("train"), paths.checkpoint)
         if resumed:
@@ -189,7 +209,9 @@ class Writer:
     def on_log(self, rows: list[Row], rate: float) -> None:
         step, d_loss, d_acc, g_loss = rows[-1]
         self.bar.update(step - self.bar.n)
-        self.bar.set_postfix_str(f"D loss {d_loss:.3f}, acc {100 * d_acc:.1f}% | G loss {g_loss:.3f} | {rate:,.0f} img/s")
+        self.bar.set_postfix_str(
+            f"D loss {d_loss:.3f}, acc {100 * d_acc:.1f}% | G loss {g_loss:.3f} | {rate:,.0f} img/s"
+        )
         self.run.log_metrics(metric_rows([row for row in rows if row[0] > self.logged_until]))
 
     def on_sample(self, step: int, grid: np.ndarray) -> None:
@@ -236,7 +258,9 @@ class Writer:
         self.bar.close()
         status = "KILLED" if isinstance(exc, KeyboardInterrupt) else "FAILED"
         if self.bar.n == self.bar.initial and self.run.previous_status == "FINISHED":
-            status = "FINISHED"  # its record is what it was when it finished: a failed no-op must not undo that
+            status = (
+                "FINISHED"  # its record is what it was when it finished: a failed no-op must not undo that
+            )
         self.run.finish(status)
         if isinstance(exc, UserError) and any(item.kind == "run status" for item in self.run.lost):
             exc.args = (
@@ -268,8 +292,10 @@ class Writer:
             self.run.log_metrics([summary_row(summary)])
         self.run.log_artifact(paths.train_log)
         if dropped := self.run.drop_unfinished_models():  # a kill during an earlier upload
-            print(f"removed {dropped} unfinished logged model(s) of MLflow run {self.run.run_id}, left by an "
-                  "interrupted upload.")  # fmt: skip
+            print(
+                f"removed {dropped} unfinished logged model(s) of MLflow run {self.run.run_id}, left by an "
+                "interrupted upload."
+            )
         weights = state.output.state_dict()
         if not (self.ends_logged and self.holds_model(weights)):
             self.run.log_model(*for_export(self.params.model, weights, state.generator.n_classes))
@@ -280,8 +306,11 @@ class Writer:
             f"-> {paths.generator}"
         )
         if self.run.lost:
-            print(f"warning: {self.run.lost_summary()}; the outputs are complete, and `python -m pipeline resend` "
-                  "sends them once the server is back.", file=sys.stderr)  # fmt: skip
+            print(
+                f"warning: {self.run.lost_summary()}; the outputs are complete, and `python -m pipeline resend` "
+                "sends them once the server is back.",
+                file=sys.stderr,
+            )
 
 
 def main(params_path: Path = Path("params.yaml")) -> None:
@@ -298,8 +327,10 @@ def main(params_path: Path = Path("params.yaml")) -> None:
     if distributed.under_torchrun(env):
         size = int(env["WORLD_SIZE"])
         if p.batch_size % size:
-            raise UserError(f"train.batch_size={p.batch_size} does not split evenly over {size} processes; "
-                            f"make it a multiple of {size}.")  # fmt: skip
+            raise UserError(
+                f"train.batch_size={p.batch_size} does not split evenly over {size} processes; "
+                f"make it a multiple of {size}."
+            )
         world, device = distributed.join(device, env, timeout_s=p.dist_timeout_s)
     try:
         # Rank 0 of a job holds the lock, unless the process that launched it (train.nproc) does already.
@@ -338,7 +369,9 @@ def run(params: Params, paths: Layout, device: torch.device, world: World) -> No
     p = params.train
     precision = machine.resolve_precision(p.precision, device)
     if world.writer and device.type == "cpu" and hasattr(os, "getloadavg"):
-        if advice := machine.busy_machine_advice(torch.get_num_threads(), machine.cores(), os.getloadavg()[0]):
+        if advice := machine.busy_machine_advice(
+            torch.get_num_threads(), machine.cores(), os.getloadavg()[0]
+        ):
             print(f"warning: {advice}", file=sys.stderr)
     n_classes = len(data.class_names(params.data))
     dataset = data.load_prepared(paths.prepared, n_classes)
@@ -350,10 +383,19 @@ def run(params: Params, paths: Layout, device: torch.device, world: World) -> No
     state, how = resume_or_fresh(params, ckpt, paths.checkpoint, fingerprint, device, n_classes, world)
 
     # The one gate: only the writing process touches files, MLflow and the terminal.
-    writer = Writer.open(params, paths, state, how, fingerprint, device, precision, data_hash, world) if world.writer else None
+    writer = (
+        Writer.open(params, paths, state, how, fingerprint, device, precision, data_hash, world)
+        if world.writer
+        else None
+    )
     if writer:
-        writer.run.log_dataset(params.data.dataset, data_hash, paths.prepared, "training",
-                               {"images": len(dataset.train_labels), "classes": n_classes})  # fmt: skip
+        writer.run.log_dataset(
+            params.data.dataset,
+            data_hash,
+            paths.prepared,
+            "training",
+            {"images": len(dataset.train_labels), "classes": n_classes},
+        )
 
     images = torch.from_numpy(dataset.train_images).to(device)
     labels = torch.from_numpy(dataset.train_labels).to(device) if params.model.conditional else None
@@ -365,9 +407,19 @@ def run(params: Params, paths: Layout, device: torch.device, world: World) -> No
         # signal every process): its launcher, not a second signal, stops it at once (torch's kills
         # the ranks that outlast its grace period).
         with signals.stop_on_signals(stop, second_stops_at_once=not world.distributed):
-            train(state, images, p, params.model.latent_dim, writer.callbacks(device) if writer else Callbacks(),
-                  world, labels, stop)  # fmt: skip
-            if stop.signum and not world.distributed:  # after the last step's look (its checkpoint is written)
+            train(
+                state,
+                images,
+                p,
+                params.model.latent_dim,
+                writer.callbacks(device) if writer else Callbacks(),
+                world,
+                labels,
+                stop,
+            )
+            if (
+                stop.signum and not world.distributed
+            ):  # after the last step's look (its checkpoint is written)
                 raise signals.Stopped(stop.signum)
     except signals.Stopped as exc:
         if writer:
@@ -382,4 +434,6 @@ def run(params: Params, paths: Layout, device: torch.device, world: World) -> No
         summary = summarise(state, time.perf_counter() - started, first_step, p.batch_size)
         if first_step == p.steps:  # nothing trained now: the speed stays that of the session that trained
             summary.update(trained_speed(paths.train_metrics, first_step))
-        writer.finish(state, summary, sample_grid(state.output, fixed_noise(params.model.latent_dim, p.seed, device)))
+        writer.finish(
+            state, summary, sample_grid(state.output, fixed_noise(params.model.latent_dim, p.seed, device))
+        )

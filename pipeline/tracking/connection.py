@@ -161,13 +161,18 @@ def connect(root: Path, uri: str, experiment: str) -> str:
             found = mlflow.get_experiment_by_name(experiment)
             if found is not None:
                 if found.tags.get(EXPERIMENT_KIND) != MODEL_TRAINING:
-                    mlflow.MlflowClient().set_experiment_tag(found.experiment_id, EXPERIMENT_KIND, MODEL_TRAINING)
+                    mlflow.MlflowClient().set_experiment_tag(
+                        found.experiment_id, EXPERIMENT_KIND, MODEL_TRAINING
+                    )
                 return found.experiment_id
             location = Layout(root).mlflow_artifacts.as_uri() if _is_local_sqlite(uri) else None
             try:
-                return mlflow.create_experiment(experiment, artifact_location=location,
-                                                tags={EXPERIMENT_KIND: MODEL_TRAINING})  # fmt: skip
-            except MlflowException as exc:  # another worker created it a moment ago (a server takes no file lock)
+                return mlflow.create_experiment(
+                    experiment, artifact_location=location, tags={EXPERIMENT_KIND: MODEL_TRAINING}
+                )
+            except (
+                MlflowException
+            ) as exc:  # another worker created it a moment ago (a server takes no file lock)
                 if getattr(exc, "error_code", "") != "RESOURCE_ALREADY_EXISTS":
                     raise
                 return mlflow.get_experiment_by_name(experiment).experiment_id
@@ -261,8 +266,11 @@ def store_out_of_room(exc: BaseException, uri: str) -> UserError | None:
 
 def git_info(root: Path) -> dict[str, str]:
     """Commit and dirtiness of the working tree, when it is a git repository."""
+
     def git(*args: str) -> str:
-        return subprocess.run(["git", *args], cwd=root, capture_output=True, text=True, timeout=20).stdout.strip()
+        return subprocess.run(
+            ["git", *args], cwd=root, capture_output=True, text=True, timeout=20
+        ).stdout.strip()
 
     try:
         commit = git("rev-parse", "HEAD")
@@ -286,7 +294,9 @@ def dvc_tags(env: Mapping[str, str]) -> dict[str, str]:
     return {k: v for k, v in tags.items() if v}
 
 
-def run_tags(stage: str, params: Params, env: Mapping[str, str], root: Path, device: torch.device) -> dict[str, str]:
+def run_tags(
+    stage: str, params: Params, env: Mapping[str, str], root: Path, device: torch.device
+) -> dict[str, str]:
     """The tags of every stage's run: the code (git), the DVC experiment, the stage, the dataset and
     where it ran; a stage adds its own after these (the sweep's `sweep` replaces DCGAN_SWEEP's)."""
     import torch

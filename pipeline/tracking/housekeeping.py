@@ -32,7 +32,9 @@ def mark_dead_runs_killed(client: Any, experiment_id: str) -> None:
     """
     host = socket.gethostname().replace("'", "")
     running = client.search_runs(
-        [experiment_id], f"attributes.status = 'RUNNING' and tags.`pipeline.host` = '{host}'", max_results=1000
+        [experiment_id],
+        f"attributes.status = 'RUNNING' and tags.`pipeline.host` = '{host}'",
+        max_results=1000,
     )
     for run in running:
         pid = run.data.tags.get("pipeline.pid", "")

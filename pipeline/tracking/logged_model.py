@@ -11,7 +11,6 @@ from typing import Any
 
 from pipeline.errors import UserError
 
-
 # --- the generator's weights beside its MLflow model --------------------------------------
 # Loading an MLflow PyTorch model unpickles (data/model.pth, or a .pt2 archive's sample inputs),
 # so whoever can write to an artifact store would run code on everyone who draws from it. Every
@@ -86,12 +85,15 @@ def by_run(run_id: str, experiment_id: str) -> Logged:
     run = runs.existing_run(run_id, experiment_id)
     if run is None:
         raise UserError(f"MLflow run {run_id} is not in this experiment's tracking store.")
-    ready = sorted((m for m in run.logged_models() if str(m.status) == "READY"), key=lambda m: m.creation_timestamp)
+    ready = sorted(
+        (m for m in run.logged_models() if str(m.status) == "READY"), key=lambda m: m.creation_timestamp
+    )
     if not ready:
         raise UserError(f"MLflow run {run_id} holds no finished model; train (or `resend`) it first.")
     repair = "run `python -m pipeline resend` in its project, or train it again"
-    return Logged(ready[-1].artifact_location, ready[-1].tags.get(ARTIFACT_SHA_TAG), f"MLflow run {run_id}",
-                  repair)  # fmt: skip
+    return Logged(
+        ready[-1].artifact_location, ready[-1].tags.get(ARTIFACT_SHA_TAG), f"MLflow run {run_id}", repair
+    )
 
 
 def by_uri(uri: str) -> Logged:
@@ -110,10 +112,16 @@ def by_uri(uri: str) -> Logged:
     try:
         if uri.startswith("models:/m-") and "/" not in ref:
             model = client.get_logged_model(ref)
-            return Logged(model.artifact_location, model.tags.get(ARTIFACT_SHA_TAG), f"MLflow model {ref}",
-                          "run `python -m pipeline resend` in its project, or train it again")  # fmt: skip
+            return Logged(
+                model.artifact_location,
+                model.tags.get(ARTIFACT_SHA_TAG),
+                f"MLflow model {ref}",
+                "run `python -m pipeline resend` in its project, or train it again",
+            )
         if not uri.startswith("models:/") or not ("@" in ref or ref.rpartition("/")[2].isdigit()):
-            raise UserError(f"--model {uri} is not models:/NAME@ALIAS, models:/NAME/VERSION or models:/<model id>.")
+            raise UserError(
+                f"--model {uri} is not models:/NAME@ALIAS, models:/NAME/VERSION or models:/<model id>."
+            )
         if "@" in ref:
             name, _, alias = ref.partition("@")
             version = client.get_model_version_by_alias(name, alias)
@@ -121,10 +129,14 @@ def by_uri(uri: str) -> Logged:
             name, _, number = ref.rpartition("/")
             version = client.get_model_version(name, number)
         who = f"registered model {name} version {version.version}"
-        repair = (f"run `python -m pipeline resend` for its training run {version.run_id} and evaluate again, "
-                  "or train it again")  # fmt: skip
+        repair = (
+            f"run `python -m pipeline resend` for its training run {version.run_id} and evaluate again, "
+            "or train it again"
+        )
         source = str(version.source or "")
-        model_id = version.model_id or (source.removeprefix("models:/") if source.startswith("models:/m-") else "")
+        model_id = version.model_id or (
+            source.removeprefix("models:/") if source.startswith("models:/m-") else ""
+        )
         if not model_id:  # registered from a run's artifacts, as MLflow 2 did: no weights file
             return Logged("", None, who, repair)
         model = client.get_logged_model(model_id)
@@ -142,8 +154,13 @@ def download_weights(logged: Logged, folder: Path) -> Path:
     # A progress bar for one small file would be the only thing on stderr; the user's setting wins.
     os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
     try:
-        return Path(mlflow.artifacts.download_artifacts(
-            artifact_uri=f"{logged.location.rstrip('/')}/{WEIGHTS_PATH}", dst_path=str(folder)))  # fmt: skip
+        return Path(
+            mlflow.artifacts.download_artifacts(
+                artifact_uri=f"{logged.location.rstrip('/')}/{WEIGHTS_PATH}", dst_path=str(folder)
+            )
+        )
     except Exception as exc:  # noqa: BLE001 - a deleted file, an unreachable store: the same for the user
-        raise UserError(f"{logged.who}'s generator weights ({WEIGHTS_PATH}) cannot be fetched "
-                        f"({connection.first_line(exc).rstrip('.')}); {logged.repair}.") from None  # fmt: skip
+        raise UserError(
+            f"{logged.who}'s generator weights ({WEIGHTS_PATH}) cannot be fetched "
+            f"({connection.first_line(exc).rstrip('.')}); {logged.repair}."
+        ) from None

@@ -21,7 +21,13 @@ import numpy as np
 from pipeline.errors import UserError
 from pipeline.tracking.connection import redact
 from pipeline.tracking.housekeeping import owner_tags
-from pipeline.tracking.logged_model import ARTIFACT_SHA_TAG, TENSORS_SHA_TAG, WEIGHTS_FILE, architecture, save_weights
+from pipeline.tracking.logged_model import (
+    ARTIFACT_SHA_TAG,
+    TENSORS_SHA_TAG,
+    WEIGHTS_FILE,
+    architecture,
+    save_weights,
+)
 from pipeline.tracking.tracker import Lost, summarise_lost
 
 _ids = itertools.count(1)
@@ -50,9 +56,13 @@ class RunData:
     status: str = "RUNNING"
     params: dict[str, str] = field(default_factory=dict)
     tags: dict[str, str] = field(default_factory=dict)
-    metrics: dict[str, list[tuple[int, float]]] = field(default_factory=dict)  # name -> (step, value), in order
+    metrics: dict[str, list[tuple[int, float]]] = field(
+        default_factory=dict
+    )  # name -> (step, value), in order
     images: list[tuple[str, int, np.ndarray]] = field(default_factory=list)  # (key, step, image)
-    artifacts: list[tuple[str | None, str, bytes]] = field(default_factory=list)  # (folder, file name, content)
+    artifacts: list[tuple[str | None, str, bytes]] = field(
+        default_factory=list
+    )  # (folder, file name, content)
     datasets: list[dict[str, Any]] = field(default_factory=list)
     models: list[MemoryModel] = field(default_factory=list)
     children: list[RunData] = field(default_factory=list)
@@ -68,8 +78,14 @@ class MemoryStore:
     def go_down(self, reason: str = "connection refused") -> None:
         self.down = reason
 
-    def start(self, experiment_id: str, name: str | None, tags: dict[str, str], resume_run_id: str | None = None,
-              parent_run_id: str | None = None) -> MemoryTracker:  # fmt: skip
+    def start(
+        self,
+        experiment_id: str,
+        name: str | None,
+        tags: dict[str, str],
+        resume_run_id: str | None = None,
+        parent_run_id: str | None = None,
+    ) -> MemoryTracker:
         if self.down is not None:
             raise UserError(f"MLflow could not start a run: {self.down}.")
         old = self.runs.get(resume_run_id or "")
@@ -82,7 +98,9 @@ class MemoryStore:
         if parent_run_id:
             tags = {**tags, "mlflow.parentRunId": parent_run_id}
             if parent_run_id in self.runs:
-                self.runs[parent_run_id].children.append(self._new(experiment_id, name, {**tags, **owner_tags()}))
+                self.runs[parent_run_id].children.append(
+                    self._new(experiment_id, name, {**tags, **owner_tags()})
+                )
                 return MemoryTracker(self, self.runs[parent_run_id].children[-1])
         return MemoryTracker(self, self._new(experiment_id, name, {**tags, **owner_tags()}))
 
@@ -93,7 +111,9 @@ class MemoryStore:
 
     def existing(self, run_id: str, experiment_id: str) -> MemoryTracker | None:
         found = self.runs.get(run_id)
-        return MemoryTracker(self, found) if found is not None and found.experiment_id == experiment_id else None
+        return (
+            MemoryTracker(self, found) if found is not None and found.experiment_id == experiment_id else None
+        )
 
     def tagged(self, experiment_id: str, key: str, value: str) -> MemoryTracker | None:
         # The newest first, as MLflow's search orders runs by start time.
@@ -122,8 +142,10 @@ class MemoryTracker:
         """MlflowRun._guard's rule: after the first failure nothing more is tried."""
         if self.failure is None and self.store.down is not None:
             self.failure = self.store.down
-            print(f"warning: MLflow logging failed at {lost} ({self.failure}); the stage goes on without MLflow.",
-                  file=sys.stderr)  # fmt: skip
+            print(
+                f"warning: MLflow logging failed at {lost} ({self.failure}); the stage goes on without MLflow.",
+                file=sys.stderr,
+            )
         if self.failure is not None:
             self.lost.append(lost)
             return None
@@ -147,11 +169,17 @@ class MemoryTracker:
             self._guard(Lost("params"), lambda chunk=items[i : i + 100]: self.data.params.update(chunk))
 
     def set_tags(self, tags: dict[str, str]) -> None:
-        self._guard(Lost("tags"), lambda: self.data.tags.update({key: redact(value) for key, value in tags.items()}))
+        self._guard(
+            Lost("tags"), lambda: self.data.tags.update({key: redact(value) for key, value in tags.items()})
+        )
 
     def log_metrics(self, rows: list[dict[str, float]]) -> None:
-        metrics = [(name, float(value), int(row["step"])) for row in rows for name, value in row.items()
-                   if name != "step" and np.isfinite(value)]  # fmt: skip
+        metrics = [
+            (name, float(value), int(row["step"]))
+            for row in rows
+            for name, value in row.items()
+            if name != "step" and np.isfinite(value)
+        ]
         for i in range(0, len(metrics), 1000):  # MlflowRun's batches: one Lost per 1000 values
             chunk = metrics[i : i + 1000]
             steps = sorted({step for _, _, step in chunk})
@@ -163,14 +191,24 @@ class MemoryTracker:
             self._guard(Lost("metrics", steps=(steps[0], steps[-1])), write)
 
     def log_image(self, image: np.ndarray, key: str, step: int) -> None:
-        self._guard(Lost("image", key, (step,)), lambda: self.data.images.append((key, step, np.array(image))))
+        self._guard(
+            Lost("image", key, (step,)), lambda: self.data.images.append((key, step, np.array(image)))
+        )
 
     def log_artifact(self, path: Path, folder: str | None = None) -> None:
-        self._guard(Lost("artifact", path.name),
-                    lambda: self.data.artifacts.append((folder, path.name, Path(path).read_bytes())))  # fmt: skip
+        self._guard(
+            Lost("artifact", path.name),
+            lambda: self.data.artifacts.append((folder, path.name, Path(path).read_bytes())),
+        )
 
     def log_dataset(self, name: str, sha256: str, path: Path, context: str, counts: dict[str, int]) -> None:
-        entry = {"name": name, "sha256": sha256, "source": path.as_posix(), "context": context, "counts": dict(counts)}
+        entry = {
+            "name": name,
+            "sha256": sha256,
+            "source": path.as_posix(),
+            "context": context,
+            "counts": dict(counts),
+        }
         self._guard(Lost("dataset", name), lambda: self.data.datasets.append(entry))
 
     def log_model(self, model: Any, name: str, input_example: np.ndarray) -> None:
@@ -180,8 +218,16 @@ class MemoryTracker:
                 tags = save_weights(model.state_dict(), architecture(model), Path(folder) / WEIGHTS_FILE)
             model_id = f"m-{next(_ids)}"
             state = {key: value.detach().cpu().clone() for key, value in model.state_dict().items()}
-            self.data.models.append(MemoryModel(model_id, name, tags, state, artifact_location=f"memory:/{model_id}",
-                                                creation_timestamp=next(_ids)))  # fmt: skip
+            self.data.models.append(
+                MemoryModel(
+                    model_id,
+                    name,
+                    tags,
+                    state,
+                    artifact_location=f"memory:/{model_id}",
+                    creation_timestamp=next(_ids),
+                )
+            )
 
         self._guard(Lost("model", name), write)
 
@@ -209,7 +255,11 @@ class MemoryTracker:
 
     def current_params(self) -> dict[str, str]:
         data = self._read()
-        changed = {k.removeprefix("param_changed."): v for k, v in data.tags.items() if k.startswith("param_changed.")}
+        changed = {
+            k.removeprefix("param_changed."): v
+            for k, v in data.tags.items()
+            if k.startswith("param_changed.")
+        }
         return {**data.params, **changed}
 
     def metric_steps(self, name: str) -> set[int]:
@@ -231,7 +281,8 @@ class MemoryTracker:
 
     def has_model(self, tensors_sha256: str | None = None) -> bool:
         return any(
-            model.status == "READY" and model.tags.get(ARTIFACT_SHA_TAG)
+            model.status == "READY"
+            and model.tags.get(ARTIFACT_SHA_TAG)
             and tensors_sha256 in (None, model.tags.get(TENSORS_SHA_TAG))
             for model in self.logged_models()
-        )  # fmt: skip
+        )

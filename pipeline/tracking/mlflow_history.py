@@ -25,8 +25,11 @@ class MlflowHistory:
         """The run's params as they stand now: a param changed on a resumed run is logged as the tag
         `param_changed.<key>` (log_params), which overrides the immutable first value."""
         data = self._client.get_run(self.run_id).data
-        changed = {key.removeprefix("param_changed."): value for key, value in data.tags.items()
-                   if key.startswith("param_changed.")}  # fmt: skip
+        changed = {
+            key.removeprefix("param_changed."): value
+            for key, value in data.tags.items()
+            if key.startswith("param_changed.")
+        }
         return {**dict(data.params), **changed}
 
     def metric_steps(self, name: str) -> set[int]:
@@ -42,7 +45,9 @@ class MlflowHistory:
         names = {Path(a.path).name for a in self._client.list_artifacts(self.run_id, "images")}
         if drop_incomplete:
             pattern = rf"{re.escape(key)}\+step\+\d+\+.*\.png"
-            orphans = [n for n in names if re.fullmatch(pattern, n) and f"{n[:-4]}+compressed.webp" not in names]
+            orphans = [
+                n for n in names if re.fullmatch(pattern, n) and f"{n[:-4]}+compressed.webp" not in names
+            ]
             if orphans:
                 from mlflow.store.artifact.artifact_repository_registry import get_artifact_repository
 
@@ -58,9 +63,13 @@ class MlflowHistory:
     def logged_models(self) -> list[Any]:
         import mlflow
 
-        return list(mlflow.search_logged_models(
-            experiment_ids=[self.experiment_id], filter_string=f"source_run_id = '{self.run_id}'", output_format="list"
-        ))  # fmt: skip
+        return list(
+            mlflow.search_logged_models(
+                experiment_ids=[self.experiment_id],
+                filter_string=f"source_run_id = '{self.run_id}'",
+                output_format="list",
+            )
+        )
 
     def has_model(self, tensors_sha256: str | None = None) -> bool:
         """Whether the run holds a finished logged model with its weights file (of these tensors, if given).

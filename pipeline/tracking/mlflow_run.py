@@ -132,8 +132,10 @@ class MlflowRun(MlflowHistory):
         except Exception as exc:  # noqa: BLE001 - any failure of the tracking backend
             self.failure = network_failure(exc) or first_line(exc)
             self.lost.append(lost)
-            print(f"warning: MLflow logging failed at {lost} ({self.failure}); the stage goes on without MLflow.",
-                  file=sys.stderr)  # fmt: skip
+            print(
+                f"warning: MLflow logging failed at {lost} ({self.failure}); the stage goes on without MLflow.",
+                file=sys.stderr,
+            )
             return None
 
     def lost_summary(self) -> str:
@@ -161,7 +163,9 @@ class MlflowRun(MlflowHistory):
         from mlflow.entities import RunTag
 
         tags = {key: redact(value) for key, value in tags.items()}
-        self._guard(Lost("tags"), self._client.log_batch, self.run_id, tags=[RunTag(k, v) for k, v in tags.items()])
+        self._guard(
+            Lost("tags"), self._client.log_batch, self.run_id, tags=[RunTag(k, v) for k, v in tags.items()]
+        )
 
     def log_metrics(self, rows: list[dict[str, float]]) -> None:
         """Log rows of {"step": step, name: value, ...} as step metrics."""
@@ -177,11 +181,17 @@ class MlflowRun(MlflowHistory):
         for i in range(0, len(metrics), 1000):
             chunk = metrics[i : i + 1000]
             steps = sorted({metric.step for metric in chunk})
-            self._guard(Lost("metrics", steps=(steps[0], steps[-1])), self._client.log_batch, self.run_id,
-                        metrics=chunk)  # fmt: skip
+            self._guard(
+                Lost("metrics", steps=(steps[0], steps[-1])),
+                self._client.log_batch,
+                self.run_id,
+                metrics=chunk,
+            )
 
     def log_image(self, image: np.ndarray, key: str, step: int) -> None:
-        self._guard(Lost("image", key, (step,)), self._client.log_image, self.run_id, image, key=key, step=step)
+        self._guard(
+            Lost("image", key, (step,)), self._client.log_image, self.run_id, image, key=key, step=step
+        )
 
     def log_artifact(self, path: Path, folder: str | None = None) -> None:
         self._guard(Lost("artifact", path.name), self._client.log_artifact, self.run_id, str(path), folder)
@@ -194,10 +204,17 @@ class MlflowRun(MlflowHistory):
         """
         from mlflow.entities import Dataset, DatasetInput, InputTag
 
-        dataset = Dataset(name=name, digest=sha256[:DIGEST_LENGTH], source_type="local",
-                          source=json.dumps({"uri": path.as_posix()}), profile=json.dumps(counts))  # fmt: skip
+        dataset = Dataset(
+            name=name,
+            digest=sha256[:DIGEST_LENGTH],
+            source_type="local",
+            source=json.dumps({"uri": path.as_posix()}),
+            profile=json.dumps(counts),
+        )
         tags = [InputTag("mlflow.data.context", context), *(InputTag(k, str(v)) for k, v in counts.items())]
-        self._guard(Lost("dataset", name), self._client.log_inputs, self.run_id, [DatasetInput(dataset, tags)])
+        self._guard(
+            Lost("dataset", name), self._client.log_inputs, self.run_id, [DatasetInput(dataset, tags)]
+        )
 
     def log_model(self, model: Any, name: str, input_example: np.ndarray) -> None:
         """The generator as an MLflow model, with its weights beside it as a checksummed weights-only file
@@ -219,8 +236,14 @@ class MlflowRun(MlflowHistory):
                 # Python process (torch imported again), seconds per training run for the same answer.
                 # The weights travel inside the model (extra_files/), so a model and its weights are
                 # one upload, and the tags record their SHA-256 when the model is created.
-                mlflow.pytorch.log_model(model, name=name, input_example=input_example, extra_files=[str(weights)],
-                                         tags=tags, pip_requirements=mlflow.pytorch.get_default_pip_requirements())  # fmt: skip
+                mlflow.pytorch.log_model(
+                    model,
+                    name=name,
+                    input_example=input_example,
+                    extra_files=[str(weights)],
+                    tags=tags,
+                    pip_requirements=mlflow.pytorch.get_default_pip_requirements(),
+                )
 
     def drop_unfinished_models(self) -> int:
         """Delete the run's logged models whose upload never finished (a kill left them PENDING); how many.
@@ -229,7 +252,9 @@ class MlflowRun(MlflowHistory):
         """
 
         def drop() -> int:
-            unfinished = [model for model in self.logged_models() if str(model.status) not in ("READY", "FAILED")]
+            unfinished = [
+                model for model in self.logged_models() if str(model.status) not in ("READY", "FAILED")
+            ]
             for model in unfinished:
                 self._client.delete_logged_model(model.model_id)
             return len(unfinished)

@@ -28,7 +28,6 @@ from typing import Any
 
 from pipeline.errors import UserError
 
-
 CHAMPION = "champion"
 LOCK_STALE_S = 300.0  # a lock older than this was left by a killed process
 
@@ -54,9 +53,13 @@ class Score:
 
     def tags(self) -> dict[str, str]:
         """The latest evaluation's figures, plus the FID under its own key (kept when another N comes later)."""
-        return {"fid": repr(self.fid), "fid_floor": "" if self.fid_floor is None else repr(self.fid_floor),
-                "n_samples": str(self.n_samples), "classifier_sha256": self.classifier_sha256,
-                self.key: repr(self.fid)}  # fmt: skip
+        return {
+            "fid": repr(self.fid),
+            "fid_floor": "" if self.fid_floor is None else repr(self.fid_floor),
+            "n_samples": str(self.n_samples),
+            "classifier_sha256": self.classifier_sha256,
+            self.key: repr(self.fid),
+        }
 
 
 @dataclass(frozen=True)
@@ -86,9 +89,11 @@ def decision_lock(client: Any, name: str, timeout_s: float = 120.0) -> Iterator[
     deadline = time.monotonic() + timeout_s
     while True:
         try:
-            client.create_registered_model(lock, tags={"owner": f"{socket.gethostname()}:{os.getpid()}",
-                                                       "since": repr(time.time())},
-                                           description="Held while an evaluation decides the champion.")  # fmt: skip
+            client.create_registered_model(
+                lock,
+                tags={"owner": f"{socket.gethostname()}:{os.getpid()}", "since": repr(time.time())},
+                description="Held while an evaluation decides the champion.",
+            )
             break
         except MlflowException as exc:
             # Held by another process; or held until just now: the store's insert failed on the name,
@@ -110,7 +115,9 @@ def decision_lock(client: Any, name: str, timeout_s: float = 120.0) -> Iterator[
             client.delete_registered_model(lock)
 
 
-def version_of(client: Any, name: str, run_id: str, model_uri: str, weights: Mapping[str, str] | None) -> Any | None:
+def version_of(
+    client: Any, name: str, run_id: str, model_uri: str, weights: Mapping[str, str] | None
+) -> Any | None:
     """The version of `name` that holds these weights of run `run_id` (without `weights`: that holds `model_uri`)."""
     from pipeline.tracking.logged_model import TENSORS_SHA_TAG
 
@@ -122,7 +129,9 @@ def version_of(client: Any, name: str, run_id: str, model_uri: str, weights: Map
     return max(found, key=lambda v: int(v.version), default=None)
 
 
-def register(name: str, run_id: str, model_uri: str, score: Score, weights: Mapping[str, str] | None = None) -> Outcome:
+def register(
+    name: str, run_id: str, model_uri: str, score: Score, weights: Mapping[str, str] | None = None
+) -> Outcome:
     """Register (or re-tag) the run's generator as a version of `name` and decide the champion (module docstring).
 
     `weights`: the SHA-256 tags of the model's weights file and tensors (tracking.ARTIFACT_SHA_TAG,
@@ -134,14 +143,18 @@ def register(name: str, run_id: str, model_uri: str, score: Score, weights: Mapp
 
     client = _client()
     with contextlib.suppress(MlflowException):  # exists already: fine
-        client.create_registered_model(name, description="DCGAN generators, one version per evaluated set of "
-                                                         "weights; the alias 'champion' marks the best FID.")  # fmt: skip
+        client.create_registered_model(
+            name,
+            description="DCGAN generators, one version per evaluated set of "
+            "weights; the alias 'champion' marks the best FID.",
+        )
     version = version_of(client, name, run_id, model_uri, weights)
     if version is None:
         # A tracking server refuses a `models:/<model id>` source unless model_id names it (SQLite does not).
         model_id = model_uri.removeprefix("models:/") if model_uri.startswith("models:/m-") else None
-        version = client.create_model_version(name, model_uri, run_id=run_id, tags=dict(weights or {}),
-                                              model_id=model_id)  # fmt: skip
+        version = client.create_model_version(
+            name, model_uri, run_id=run_id, tags=dict(weights or {}), model_id=model_id
+        )
     for key, value in score.tags().items():
         client.set_model_version_tag(name, version.version, key, value)
 
@@ -156,19 +169,41 @@ def register(name: str, run_id: str, model_uri: str, score: Score, weights: Mapp
         elif champion.version == version.version:
             promote, reason = False, "it is the champion"
         elif best is None:
-            promote, reason = False, (f"the champion (version {champion.version}) has no FID at N={score.n_samples} "
-                                      f"with classifier {score.classifier_sha256[:12]} to compare with")  # fmt: skip
-        elif weights and not champion.tags.get(ARTIFACT_SHA_TAG) and champion.run_id == run_id \
-                and score.fid <= float(best):  # fmt: skip
-            promote, reason = True, (f"FID {score.fid:.4g} matches version {champion.version}'s {float(best):.4g}, "
-                                     "whose weights, logged by older code, cannot be verified")  # fmt: skip
+            promote, reason = (
+                False,
+                (
+                    f"the champion (version {champion.version}) has no FID at N={score.n_samples} "
+                    f"with classifier {score.classifier_sha256[:12]} to compare with"
+                ),
+            )
+        elif (
+            weights
+            and not champion.tags.get(ARTIFACT_SHA_TAG)
+            and champion.run_id == run_id
+            and score.fid <= float(best)
+        ):
+            promote, reason = (
+                True,
+                (
+                    f"FID {score.fid:.4g} matches version {champion.version}'s {float(best):.4g}, "
+                    "whose weights, logged by older code, cannot be verified"
+                ),
+            )
         elif score.fid < float(best):
-            promote, reason = True, f"FID {score.fid:.4g} beats version {champion.version}'s {float(best):.4g}"
+            promote, reason = (
+                True,
+                f"FID {score.fid:.4g} beats version {champion.version}'s {float(best):.4g}",
+            )
         else:
-            promote, reason = False, f"FID {score.fid:.4g} does not beat version {champion.version}'s {float(best):.4g}"
+            promote, reason = (
+                False,
+                f"FID {score.fid:.4g} does not beat version {champion.version}'s {float(best):.4g}",
+            )
         if promote:
             client.set_registered_model_alias(name, CHAMPION, version.version)
-    return Outcome(str(version.version), str(version.version if promote else champion.version), promote, reason)
+    return Outcome(
+        str(version.version), str(version.version if promote else champion.version), promote, reason
+    )
 
 
 def champion(name: str) -> dict[str, Any]:
@@ -179,9 +214,15 @@ def champion(name: str) -> dict[str, Any]:
     try:
         version = client.get_model_version_by_alias(name, CHAMPION)
     except MlflowException:
-        raise UserError(f"registered model {name} has no champion yet; run `dvc repro` (or evaluate) first.") from None
+        raise UserError(
+            f"registered model {name} has no champion yet; run `dvc repro` (or evaluate) first."
+        ) from None
     run = client.get_run(version.run_id) if version.run_id else None
     return {
-        "model": name, "version": str(version.version), "uri": f"models:/{name}@{CHAMPION}",
-        "run_id": version.run_id, "run_name": run.info.run_name if run else "", **dict(version.tags),
-    }  # fmt: skip
+        "model": name,
+        "version": str(version.version),
+        "uri": f"models:/{name}@{CHAMPION}",
+        "run_id": version.run_id,
+        "run_name": run.info.run_name if run else "",
+        **dict(version.tags),
+    }

@@ -12,8 +12,14 @@ from pipeline.tracking.tracker import Backend, Run
 BACKEND: Backend = MlflowRun
 
 
-def open_run(experiment_id: str, name: str | None, tags: dict[str, str], *, resume_run_id: str | None = None,
-             parent_run_id: str | None = None) -> Run:  # fmt: skip
+def open_run(
+    experiment_id: str,
+    name: str | None,
+    tags: dict[str, str],
+    *,
+    resume_run_id: str | None = None,
+    parent_run_id: str | None = None,
+) -> Run:
     """Start a run (this process's, until its finish()); reopen `resume_run_id` if the store has it."""
     return BACKEND.start(experiment_id, name, tags, resume_run_id=resume_run_id, parent_run_id=parent_run_id)
 

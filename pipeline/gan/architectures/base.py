@@ -30,8 +30,12 @@ class Architecture:
 
     name: str
     params: type[Section]
-    generator: Callable[..., nn.Module]  # (model, *, n_classes, **levers) -> G: z (N, latent) [, labels] -> images
-    discriminator: Callable[..., nn.Module]  # (model, *, n_classes, **levers) -> D: images [, labels] -> logits (N,)
+    generator: Callable[
+        ..., nn.Module
+    ]  # (model, *, n_classes, **levers) -> G: z (N, latent) [, labels] -> images
+    discriminator: Callable[
+        ..., nn.Module
+    ]  # (model, *, n_classes, **levers) -> D: images [, labels] -> logits (N,)
     from_weights: Callable[[dict[str, torch.Tensor], ModelParams], tuple[ModelParams, int]]
     flat_keys: tuple[str, ...] = ()  # keys that users may still write directly under `model` (moved in here)
 

@@ -65,7 +65,9 @@ class Generator(nn.Module):
         self.dense_channels = dense_channels
         self.n_classes = n_classes  # 0: unconditional, the tutorial's
         self.embed = nn.Embedding(n_classes, LABEL_DIM) if n_classes else None
-        self.dense = nn.Linear(latent_dim + (LABEL_DIM if n_classes else 0), dense_channels * BASE_SIZE * BASE_SIZE)
+        self.dense = nn.Linear(
+            latent_dim + (LABEL_DIM if n_classes else 0), dense_channels * BASE_SIZE * BASE_SIZE
+        )
         layers: list[nn.Module] = []
         in_ch = dense_channels
         for out_ch in channels:  # 7 -> 14 -> 28
@@ -85,8 +87,10 @@ class Generator(nn.Module):
         if self.embed is not None:
             if labels is None:
                 if z.shape[-1] != self.latent_dim + 1:
-                    raise ValueError(f"a conditional generator takes z and labels, or z with the class as its "
-                                     f"last column ({self.latent_dim + 1} columns); got {z.shape[-1]}")  # fmt: skip
+                    raise ValueError(
+                        f"a conditional generator takes z and labels, or z with the class as its "
+                        f"last column ({self.latent_dim + 1} columns); got {z.shape[-1]}"
+                    )
                 z, labels = z[:, :-1], z[:, -1].round().long()
             z = torch.cat([z, self.embed(labels).to(z.dtype)], dim=1)
         x = torch.relu(self.dense(z)).view(-1, self.dense_channels, BASE_SIZE, BASE_SIZE)
@@ -122,14 +126,20 @@ class Discriminator(nn.Module):
             return [nn.LeakyReLU(leaky_slope, inplace=True), drop(dropout)]
 
         self.features = nn.Sequential(
-            conv_same(1, c1, 2), *act(),  # 28 -> 14 (no BN on the first block, as in Keras)
+            conv_same(1, c1, 2),
+            *act(),  # 28 -> 14 (no BN on the first block, as in Keras)
             conv_same(c1, c2, 2),  # 14 -> 7
             nn.ZeroPad2d((0, 1, 0, 1)),  # 7 -> 8, the tutorial's ZeroPadding2D
-            keras_batch_norm(c2, bn_momentum, bn_eps), *act(),
-            conv_same(c2, c3, 2), keras_batch_norm(c3, bn_momentum, bn_eps), *act(),  # 8 -> 4
-            conv_same(c3, c4, 1), keras_batch_norm(c4, bn_momentum, bn_eps), *act(),  # 4 -> 4
+            keras_batch_norm(c2, bn_momentum, bn_eps),
+            *act(),
+            conv_same(c2, c3, 2),
+            keras_batch_norm(c3, bn_momentum, bn_eps),
+            *act(),  # 8 -> 4
+            conv_same(c3, c4, 1),
+            keras_batch_norm(c4, bn_momentum, bn_eps),
+            *act(),  # 4 -> 4
             nn.Flatten(),
-        )  # fmt: skip
+        )
         self.head = nn.Linear(c4 * 4 * 4, 1)
         # The projection discriminator: logit + <embed(label), features>, initialised like the head.
         self.embed = nn.Embedding(n_classes, c4 * 4 * 4) if n_classes else None
@@ -152,8 +162,13 @@ class Discriminator(nn.Module):
 
 
 def build_generator(
-    model: ModelParams, *, n_classes: int, fast_upsample: bool = True, fast_output: bool = True,
-    fast_layout: bool = True, **_levers: bool,
+    model: ModelParams,
+    *,
+    n_classes: int,
+    fast_upsample: bool = True,
+    fast_output: bool = True,
+    fast_layout: bool = True,
+    **_levers: bool,
 ) -> Generator:
     """The generator of `model` (conditional on `n_classes` with model.conditional); the flags choose
     faster forms of the same function and, for inference on the CPU, channels-last activations."""
@@ -172,7 +187,9 @@ def build_generator(
     )
 
 
-def build_discriminator(model: ModelParams, *, n_classes: int, fast_dropout: bool = True, **_levers: bool) -> Discriminator:
+def build_discriminator(
+    model: ModelParams, *, n_classes: int, fast_dropout: bool = True, **_levers: bool
+) -> Discriminator:
     sizes: DcganParams = model.dcgan
     return Discriminator(
         channels=tuple(sizes.d_channels),
@@ -192,11 +209,16 @@ def from_weights(weights: dict[str, torch.Tensor], model: ModelParams) -> tuple[
     dense = weights["dense.weight"]  # (C * 7 * 7, latent [+ label embedding])
     n_classes = int(weights["embed.weight"].shape[0]) if "embed.weight" in weights else 0
     blocks = sorted(key for key in weights if key.endswith(".conv.weight"))  # the two upsampling convs
-    sizes = model.dcgan.model_copy(update={
-        "g_dense_channels": int(dense.shape[0]) // (BASE_SIZE * BASE_SIZE),
-        "g_channels": [int(weights[key].shape[0]) for key in blocks],
-    })
-    shared = {"latent_dim": int(dense.shape[1]) - (LABEL_DIM if n_classes else 0), "conditional": bool(n_classes)}
+    sizes = model.dcgan.model_copy(
+        update={
+            "g_dense_channels": int(dense.shape[0]) // (BASE_SIZE * BASE_SIZE),
+            "g_channels": [int(weights[key].shape[0]) for key in blocks],
+        }
+    )
+    shared = {
+        "latent_dim": int(dense.shape[1]) - (LABEL_DIM if n_classes else 0),
+        "conditional": bool(n_classes),
+    }
     return model.model_copy(update={**shared, "arch": "dcgan", "dcgan": sizes}), n_classes
 
 

@@ -18,11 +18,15 @@ if TYPE_CHECKING:
     from pipeline.params import EvaluateParams
     from pipeline.scoring.scorer import Reference
 
-METRICS: dict[str, Metric] = dict(sorted(discover(__name__, "METRIC").items(), key=lambda item: item[1].order))
+METRICS: dict[str, Metric] = dict(
+    sorted(discover(__name__, "METRIC").items(), key=lambda item: item[1].order)
+)
 SCALARS: tuple[str, ...] = tuple(key for metric in METRICS.values() for key in metric.scalars)
 
 
-def score(features: np.ndarray, probs: np.ndarray, reference: Reference, params: EvaluateParams) -> dict[str, Any]:
+def score(
+    features: np.ndarray, probs: np.ndarray, reference: Reference, params: EvaluateParams
+) -> dict[str, Any]:
     """Every score of one sample set (features (N, D), class probabilities (N, K)) against the reference."""
     out: dict[str, Any] = {}
     for metric in METRICS.values():

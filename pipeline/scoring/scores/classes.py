@@ -14,7 +14,9 @@ if TYPE_CHECKING:
     from pipeline.scoring.scorer import Reference
 
 
-def classes(features: np.ndarray, probs: np.ndarray, reference: Reference, params: EvaluateParams) -> dict[str, Any]:
+def classes(
+    features: np.ndarray, probs: np.ndarray, reference: Reference, params: EvaluateParams
+) -> dict[str, Any]:
     report = metrics.class_report(probs, reference.label_distribution)
     return {
         "class_kl": report["kl_divergence"],
@@ -24,4 +26,6 @@ def classes(features: np.ndarray, probs: np.ndarray, reference: Reference, param
     }
 
 
-METRIC = Metric(name="classes", scalars=("class_kl", "classes_covered", "mean_confidence"), compute=classes, order=40)
+METRIC = Metric(
+    name="classes", scalars=("class_kl", "classes_covered", "mean_confidence"), compute=classes, order=40
+)

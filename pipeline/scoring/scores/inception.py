@@ -14,7 +14,9 @@ if TYPE_CHECKING:
     from pipeline.scoring.scorer import Reference
 
 
-def inception(features: np.ndarray, probs: np.ndarray, reference: Reference, params: EvaluateParams) -> dict[str, Any]:
+def inception(
+    features: np.ndarray, probs: np.ndarray, reference: Reference, params: EvaluateParams
+) -> dict[str, Any]:
     mean, std = metrics.inception_score(probs, params.is_splits)
     return {"is_mean": mean, "is_std": std}
 

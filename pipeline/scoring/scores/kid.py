@@ -20,7 +20,9 @@ def feature_scale(reference: Reference) -> float:
     return float(1.0 / np.sqrt(np.mean(features**2)))
 
 
-def kid(features: np.ndarray, probs: np.ndarray, reference: Reference, params: EvaluateParams) -> dict[str, Any]:
+def kid(
+    features: np.ndarray, probs: np.ndarray, reference: Reference, params: EvaluateParams
+) -> dict[str, Any]:
     # KID's cubic kernel (x.y/d + 1)^3 assumes features of order 1 per dimension, as Inception's
     # are; raw classifier features are an order of magnitude larger and the estimate drowns in
     # its own variance. One fixed scale from the reference (unit mean square per dimension)

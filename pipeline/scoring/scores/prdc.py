@@ -8,6 +8,8 @@ from pipeline.scoring.scores.base import Metric
 METRIC = Metric(
     name="prdc",
     scalars=("precision", "recall", "density", "coverage"),
-    compute=lambda features, probs, reference, params: metrics.prdc(reference.features, features, params.prdc_k),
+    compute=lambda features, probs, reference, params: metrics.prdc(
+        reference.features, features, params.prdc_k
+    ),
     order=50,
 )

@@ -1,0 +1,21 @@
+"""The package reads as the formatter writes it: no hand-packed lines, no unused imports or names."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+
+from tests.conftest import ROOT
+
+
+def ruff(*args: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run([sys.executable, "-m", "ruff", *args], cwd=ROOT, capture_output=True, text=True, timeout=120)
+
+
+def test_the_package_is_formatted_and_has_no_unused_names() -> None:
+    formatted = ruff("format", "--check", "pipeline")
+    assert formatted.returncode == 0, f"run `ruff format pipeline`:\n{formatted.stdout}{formatted.stderr}"
+    checked = ruff("check", "--select", "F,E9", "pipeline")
+    assert checked.returncode == 0, checked.stdout + checked.stderr
+    skipped = [str(path.relative_to(ROOT)) for path in (ROOT / "pipeline").rglob("*.py") if "fmt: skip" in path.read_text()]
+    assert not skipped, f"hand-formatted lines (# fmt: skip) in {skipped}"
