@@ -169,6 +169,9 @@ class TrainParams(Section):
     sample_every: Annotated[PositiveInt, CADENCE] = 50
     log_every: Annotated[PositiveInt, CADENCE] = 50
     checkpoint_every: Annotated[PositiveInt, CADENCE] = 500
+    # Earlier runs' checkpoints kept in checkpoints/history/ (the oldest removed first), so that a
+    # change of params or budget, and back, resumes each run where it stood; 0 keeps none.
+    keep_checkpoints: Annotated[int, Field(ge=0, le=1000), CADENCE] = 5
     fid_every: Annotated[NonNegativeInt, CADENCE] = 0  # 0 turns the quick in-training FID off
     fid_samples: Annotated[PositiveInt, CADENCE] = 2000
 

@@ -20,7 +20,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 import torch
 
-from pipeline import data, distributed, files, machine, signals
+from pipeline import checkpoint_history, data, distributed, files, machine, signals
 from pipeline.distributed import World
 from pipeline.errors import UserError
 from pipeline.gan.export import for_export
@@ -377,6 +377,10 @@ def run(params: Params, paths: Layout, device: torch.device, world: World) -> No
     dataset = data.load_prepared(paths.prepared, n_classes)
     data_hash = files.sha256_file(paths.prepared)
     fingerprint = checkpoint_fingerprint(params, data_hash, precision)
+    if world.writer and (
+        moved := checkpoint_history.prepare(paths.checkpoint, fingerprint, p.steps, p.keep_checkpoints)
+    ):
+        print(moved)
     # Rank 0 reads the checkpoint for everyone: other machines of a job need not share its disk.
     ckpt = files.load_checkpoint(paths.checkpoint) if world.writer and paths.checkpoint.exists() else None
     ckpt = distributed.broadcast(world, ckpt)
