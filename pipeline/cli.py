@@ -45,6 +45,10 @@ STAGES: dict[str, tuple[str, str]] = {
         "pipeline.stages.champion",
         "print the registry's champion generator: version, FID, training run",
     ),
+    "ui": (
+        "pipeline.stages.ui",
+        "the MLflow UI on this project's runs: the table sorted by FID, scores and key params",
+    ),
 }
 
 
@@ -101,6 +105,11 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument(
         "--port", type=int, default=8000, help="the port (default: %(default)s; 0: any free one)"
     )
+    ui = sub.choices["ui"]
+    ui.add_argument(
+        "--port", type=int, default=5000, help="the local MLflow UI's port (default: %(default)s)"
+    )
+    ui.add_argument("--open", dest="open_browser", action="store_true", help="open the address in a browser")
     sweep = sub.choices["sweep"]
     sweep.add_argument(
         "--study", help="Optuna study name (default: sweep.study); a study that exists is resumed"

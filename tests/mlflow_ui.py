@@ -321,11 +321,19 @@ class MlflowUIBrowser:
             sels = [f'.ag-header-cell[col-id="{bt("metrics:" + m)}"]' for m in metrics]
             sels += [f'.ag-header-cell[col-id="{bt("params:" + p)}"]' for p in params]
             self.wait_texts(list(run_names), ".ag-root")
-            # ag-grid virtualises columns: headers outside the viewport are not in the DOM.
-            # Remember every wanted header seen (with its text) and scroll right between polls.
             want = {bt("metrics:" + m): m for m in metrics} | {bt("params:" + p): p for p in params}
-            self.driver.execute_script("window.__mlflowSeen = {};")
-            self.wait_js("""
+            self.wait_headers(want)
+            # values of the first metric column, keyed by run name (visible top-level rows)
+            vals = self.column_values(bt("metrics:" + metrics[0])) if metrics else []
+            return url, f"run-name texts {list(run_names)} in .ag-root + header cells {sels} (texts {list(want.values())})", {"rows": vals}
+        return self._run_check("a_runs_table", body)
+
+    def wait_headers(self, want: dict[str, str]) -> None:
+        """Wait until every column id in `want` has a header cell showing its text. ag-grid virtualises
+        columns (headers outside the viewport are not in the DOM): remember each wanted header seen
+        and scroll right between polls; scroll back to the left at the end."""
+        self.driver.execute_script("window.__mlflowSeen = {};")
+        self.wait_js("""
                 const want=arguments[0], seen=window.__mlflowSeen;
                 for(const h of document.querySelectorAll('.ag-header-cell[col-id]')){
                   const id=h.getAttribute('col-id'); if(id in want) seen[id]=h.innerText.trim();}
@@ -334,19 +342,28 @@ class MlflowUIBrowser:
                 if(v && v.scrollWidth>v.clientWidth){
                   v.scrollLeft = v.scrollLeft+v.clientWidth-5 >= v.scrollWidth ? 0 : v.scrollLeft+Math.max(100, v.clientWidth/2);
                   v.dispatchEvent(new Event('scroll'));}
-                return false;""", want, what=f"header cells {sels} with texts {list(want.values())}")
-            self.driver.execute_script("""const v=document.querySelector('.ag-body-horizontal-scroll-viewport');
-                                          if(v){v.scrollLeft=0; v.dispatchEvent(new Event('scroll'));}""")
-            # values of the first metric column, keyed by run name (visible top-level rows)
-            vals = self.driver.execute_script(
+                return false;""", want, what=f"header cells with texts {list(want.values())}")
+        self.driver.execute_script("""const v=document.querySelector('.ag-body-horizontal-scroll-viewport');
+                                      if(v){v.scrollLeft=0; v.dispatchEvent(new Event('scroll'));}""")
+
+    def check_view(self, name: str, hash_path: str, want: dict[str, str], run_names: list[str], value_col: str):
+        """An address the pipeline prints (a shared view): its runs, its columns, `value_col`'s values in row order."""
+        def body():
+            url = self.goto(hash_path)
+            self.wait_texts(list(run_names), ".ag-root")
+            self.wait_headers(want)
+            return url, f"runs {run_names} and header cells {list(want.values())}", {"rows": self.column_values(value_col)}
+        return self._run_check(name, body)
+
+    def column_values(self, col: str) -> list[dict[str, str]]:
+        """The visible top-level rows, top to bottom: run name and the value in column `col`."""
+        return self.driver.execute_script(
                 """const out={}; const col=arguments[0];
                    document.querySelectorAll('.ag-center-cols-container .ag-row, .ag-pinned-left-cols-container .ag-row')
                    .forEach(r=>{const i=r.getAttribute('row-index'); out[i]=out[i]||{};
                      const n=r.querySelector('[col-id="attributes.`Run Name`"] a'); if(n) out[i].run=n.innerText.trim();
                      const c=r.querySelector(`[col-id="${col}"]`); if(c) out[i].value=c.innerText.trim();});
-                   return Object.values(out);""", bt("metrics:" + metrics[0])) if metrics else []
-            return url, f"run-name texts {list(run_names)} in .ag-root + header cells {sels} (texts {list(want.values())})", {"rows": vals}
-        return self._run_check("a_runs_table", body)
+                   return Object.keys(out).sort((a,b)=>a-b).map(k=>out[k]);""", col)
 
     def check_run_metrics(self, experiment: str, run_name: str, metrics=("d_loss", "g_loss"),
                           image_key: str | None = "samples"):

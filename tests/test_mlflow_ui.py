@@ -42,3 +42,45 @@ def test_the_ui_shows_runs_scores_curves_grids_sweeps_and_the_champion(finished_
     assert sorted(p.name for p in SHOTS.glob("*.png")) == sorted(
         ["a_runs_table.png", "b_run_metrics.png", "c_sweep_children.png", "d_registered_model.png"]
     )
+
+
+def test_the_pipelines_ui_address_opens_the_runs_sorted_by_fid_with_n_beside_it(finished_project: Path) -> None:
+    """`python -m pipeline ui` prints an address (and starts the UI); Chromium, at that address with no
+    clicks, sees the training runs sorted by FID, lowest first, with N, KID, precision, recall and params."""
+    import re
+    import time
+    import urllib.request
+
+    from pipeline.stages import ui as pipeline_ui
+    from tests.conftest import stage_env, start
+    from tests.servers import free_port
+
+    port = free_port()
+    log = SHOTS.parent / "pipeline-ui" / "ui"
+    process = start(["ui", "--port", str(port)], cwd=finished_project, env=stage_env(finished_project), log=log)
+    try:
+        deadline, printed = time.monotonic() + 120, ""
+        while "sorted by FID" not in printed and time.monotonic() < deadline and process.poll() is None:
+            time.sleep(0.5)
+            printed = log.with_suffix(".out").read_text() if log.with_suffix(".out").exists() else ""
+        address = re.search(r"http://127\.0\.0\.1:\d+/#/experiments/\S+", printed)
+        assert address, printed + (log.with_suffix(".err").read_text() if log.with_suffix(".err").exists() else "")
+        hash_path = address.group(0).split("/", 3)[3]
+        while time.monotonic() < deadline:  # the UI answers a little after the address is printed
+            try:
+                with urllib.request.urlopen(f"http://127.0.0.1:{port}/health", timeout=2):  # noqa: S310 - ours, on 127.0.0.1
+                    break
+            except OSError:
+                time.sleep(0.5)
+        want = {f"metrics.`{m}`": m for m in pipeline_ui.METRICS} | {"tags.`eval.n_samples`": "eval.n_samples"}
+        want |= {f"params.`{p}`": p for p in ("train.lr_g", "train.seed")}
+        with MlflowUIBrowser(f"sqlite:///{finished_project / 'mlflow.db'}", SHOTS,
+                             base_url=f"http://127.0.0.1:{port}") as browser:  # fmt: skip
+            view = browser.check_view("e_pipeline_ui", hash_path, want, list(RUNS), "metrics.`eval_fid`")
+            print(browser.report())
+        assert view.ok, view
+        fids = [float(row["value"]) for row in view.extra["rows"] if row.get("value") not in (None, "", "-")]
+        assert len(fids) >= 2 and fids == sorted(fids), view.extra["rows"]  # lowest FID first
+    finally:
+        process.terminate()
+        process.wait(timeout=30)

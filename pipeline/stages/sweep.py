@@ -140,7 +140,9 @@ class Objective:
         self.running[:] = [trial.number]
         values = suggest(trial, self.params)
         p = trial_params(self.params, values)
-        name, tags = f"{sweep.study} #{trial.number}", {**self.tags, "sweep.trial": str(trial.number)}
+        # N beside every FID: a trial is scored at sweep.eval_samples, a training run at evaluate.n_samples.
+        tags = {**self.tags, "sweep.trial": str(trial.number), "eval.n_samples": str(p.evaluate.n_samples)}
+        name = f"{sweep.study} #{trial.number}"
         run = self.parent.child(name, tags)
         trial.set_user_attr(RUN_ID, run.run_id)
         run.log_params(flatten(p))
