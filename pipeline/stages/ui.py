@@ -25,8 +25,19 @@ from pipeline.params import Params, load_params
 VIEW = "pipeline-runs-by-fid"  # the share key: the experiment tag mlflow.sharedViewState.<VIEW>
 METRICS = ("eval_fid", "eval_kid_mean", "eval_precision", "eval_recall", "eval_classes_covered")
 TAGS = ("eval.n_samples",)
-PARAMS = ("train.steps", "train.batch_size", "train.lr_g", "train.lr_d", "train.beta1", "train.loss",
-          "train.ema_decay", "model.arch", "model.conditional", "train.seed", "data.dataset")  # fmt: skip
+PARAMS = (
+    "train.steps",
+    "train.batch_size",
+    "train.lr_g",
+    "train.lr_d",
+    "train.beta1",
+    "train.loss",
+    "train.ema_decay",
+    "model.arch",
+    "model.conditional",
+    "train.seed",
+    "data.dataset",
+)
 
 
 def column(kind: str, name: str) -> str:
@@ -38,8 +49,12 @@ def view_state() -> dict[str, object]:
     """The runs table: sorted by FID (lowest first), N beside it, then the other scores and key params."""
     columns = [column("metrics", METRICS[0]), *(column("tags", t) for t in TAGS)]
     columns += [column("metrics", m) for m in METRICS[1:]] + [column("params", p) for p in PARAMS]
-    return {"orderByKey": column("metrics", METRICS[0]), "orderByAsc": True, "selectedColumns": columns,
-            "columnOrder": columns}  # fmt: skip
+    return {
+        "orderByKey": column("metrics", METRICS[0]),
+        "orderByAsc": True,
+        "selectedColumns": columns,
+        "columnOrder": columns,
+    }
 
 
 def runs_table_address(base: str, experiment_id: str) -> str:
