@@ -32,3 +32,22 @@ def test_passwords_in_urls_never_reach_logs_or_the_tracker() -> None:
     )
     assert redact("sqlite:////work/optuna.db") == "sqlite:////work/optuna.db"
     assert redact("postgresql://ann@db/optuna") == "postgresql://ann@db/optuna"  # no password: nothing to hide
+
+
+def test_git_dirty_counts_code_and_params_not_what_the_stages_write(tmp_path: Path) -> None:
+    """A fresh clone's first run: earlier stages rewrote committed metrics and dvc.lock, the code is as committed."""
+    import subprocess
+
+    from pipeline.tracking.connection import git_info
+    from tests.conftest import git_env
+
+    for name in ("params.yaml", "dvc.lock", "metrics/data.json", "plots/eval_classes.csv", "pipeline/x.py"):
+        (tmp_path / name).parent.mkdir(parents=True, exist_ok=True)
+        (tmp_path / name).write_text("as committed\n")
+    for command in (["git", "init", "-q"], ["git", "add", "-A"], ["git", "commit", "-q", "-m", "clone"]):
+        subprocess.run(command, cwd=tmp_path, env=git_env(), check=True)
+    for name in ("dvc.lock", "metrics/data.json", "plots/eval_classes.csv"):
+        (tmp_path / name).write_text("rewritten by a stage\n")
+    assert git_info(tmp_path)["git.dirty"] == "false"
+    (tmp_path / "params.yaml").write_text("edited\n")
+    assert git_info(tmp_path)["git.dirty"] == "true"

@@ -264,8 +264,15 @@ def store_out_of_room(exc: BaseException, uri: str) -> UserError | None:
     return files.storage_error(path, found)
 
 
+# What the stages write and DVC records (its lock file and the folders of every stage's outputs,
+# some committed to git): they change as the pipeline runs, not as the code does.
+PIPELINE_WRITES = ("dvc.lock", "data", "metrics", "models", "plots", "samples")
+
+
 def git_info(root: Path) -> dict[str, str]:
-    """Commit and dirtiness of the working tree, when it is a git repository."""
+    """Commit and dirtiness of the working tree, when it is a git repository. Dirty means changed
+    code, params or docs: the files the stages themselves write (PIPELINE_WRITES) do not count, so
+    the first run of a fresh clone, after earlier stages rewrote committed metrics, is clean."""
 
     def git(*args: str) -> str:
         return subprocess.run(
@@ -274,7 +281,8 @@ def git_info(root: Path) -> dict[str, str]:
 
     try:
         commit = git("rev-parse", "HEAD")
-        dirty = bool(git("status", "--porcelain", "--untracked-files=no"))
+        outputs = [f":(exclude){path}" for path in PIPELINE_WRITES]
+        dirty = bool(git("status", "--porcelain", "--untracked-files=no", "--", ".", *outputs))
     except (OSError, subprocess.SubprocessError):
         return {}
     return {"git.commit": commit, "git.dirty": str(dirty).lower()} if commit else {}
