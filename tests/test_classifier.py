@@ -15,9 +15,8 @@ from pipeline.files import sha256_file
 from pipeline.params import ClassifierParams
 from pipeline.scoring.frozen_classifier import load_classifier
 from pipeline.stages.classifier import random_shift, train_classifier
-from tests.conftest import run_cli, synthetic_mnist
+from tests.conftest import CPU, run_cli, synthetic_mnist
 
-CPU = torch.device("cpu")
 TINY = ClassifierParams(epochs=1, batch_size=16, feature_dim=16)
 
 

@@ -17,9 +17,8 @@ from pipeline.params import EvaluateParams
 from pipeline.scoring.frozen_classifier import Classifier, save_classifier
 from pipeline.scoring.scorer import load_reference
 from pipeline.stages.reference import build_reference
-from tests.conftest import run_cli, synthetic_mnist
+from tests.conftest import CPU, run_cli, synthetic_mnist
 
-CPU = torch.device("cpu")
 SMALL = EvaluateParams(n_samples=40, batch_size=16, kid_subsets=5, kid_subset_size=20, is_splits=2, prdc_k=3)
 
 

@@ -17,9 +17,8 @@ from pipeline.files import sha256_file
 from pipeline.params import EvaluateParams
 from pipeline.scoring.frozen_classifier import Classifier, classify, load_classifier, save_classifier
 from pipeline.scoring.scorer import Reference, compute_reference, load_reference, save_reference, score
-from tests.conftest import ROOT, Payload, shared_mnist_dir, synthetic_mnist
+from tests.conftest import CPU, ROOT, Payload, shared_mnist_dir, synthetic_mnist
 
-CPU = torch.device("cpu")
 COMMITTED = ROOT / "models/classifier-mnist.pt"
 SCORE_KEYS = {
     "fid", "kid_mean", "kid_std", "is_mean", "is_std", "class_kl", "classes_covered", "mean_confidence",
