@@ -139,6 +139,16 @@ def dvc_repo(path: Path) -> tuple[Path, dict[str, str]]:
     return repo, env
 
 
+def mnist_dvc_repo(path: Path) -> tuple[Path, dict[str, str]]:
+    """dvc_repo, its `prepare` fetching MNIST from the offline copy; the test skips without one."""
+    mirror = shared_mnist_dir()
+    if mirror is None:
+        pytest.skip("needs the offline MNIST copy (MNIST_MIRROR or ../shared/data/mnist)")
+    repo, env = dvc_repo(path)
+    env["MNIST_MIRROR"] = str(mirror)
+    return repo, env
+
+
 # --- tiny projects, as a stage sees them --------------------------------------------------
 
 SMALL_MODEL = {"g_dense_channels": 16, "g_channels": [16, 8], "d_channels": [4, 8, 8, 16]}
@@ -399,6 +409,14 @@ def assert_outputs_complete(project: Path, temps_allowed: bool) -> None:
                 load_reference(path)
     if not temps_allowed:
         assert temp_files(project) == []
+
+
+def leave_kill_leftovers(*paths: Path) -> list[Path]:
+    """Half-written temp files at `paths`, as a kill during an atomic write leaves them."""
+    for path in paths:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_bytes(b"half")
+    return list(paths)
 
 
 def snapshot(project: Path) -> dict[str, str]:
