@@ -13,7 +13,7 @@ import torch
 from pipeline.gan.export import load_generator
 from pipeline.gan.sampling import generate
 from pipeline.params import load_params
-from tests.conftest import dvc_repo, edit_params, run_cli, run_dvc, shared_mnist_dir, tracking_uri
+from tests.conftest import edit_params, mnist_dvc_repo, run_cli, run_dvc, tracking_uri
 
 pytestmark = pytest.mark.slow
 
@@ -27,12 +27,7 @@ TINY = {
 
 @pytest.fixture
 def project(tmp_path: Path) -> tuple[Path, dict[str, str]]:
-    mirror = shared_mnist_dir()
-    if mirror is None:
-        pytest.skip("needs the offline MNIST copy (MNIST_MIRROR or ../shared/data/mnist)")
-    repo, env = dvc_repo(tmp_path / "repo")
-    env["MNIST_MIRROR"] = str(mirror)
-    return repo, env
+    return mnist_dvc_repo(tmp_path / "repo")
 
 
 def test_repro_prepare_twice_second_is_a_no_op(project: tuple[Path, dict[str, str]]) -> None:

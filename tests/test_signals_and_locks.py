@@ -28,16 +28,15 @@ from tests.conftest import (
     assert_outputs_complete,
     assert_refused,
     assert_same_weights,
-    dvc_repo,
     edit_params,
     generator_weights,
     make_project,
+    mnist_dvc_repo,
     one_thread_env,
     project_client,
     project_runs,
     run_cli,
     run_dvc,
-    shared_mnist_dir,
     start,
     with_db,
 )
@@ -355,11 +354,7 @@ def test_a_finished_run_whose_outputs_were_deleted_writes_every_one_again_byte_f
 
 @pytest.mark.slow
 def test_dvc_repro_forced_after_deleting_outputs_gives_them_back(tmp_path: Path) -> None:
-    mirror = shared_mnist_dir()
-    if mirror is None:
-        pytest.skip("needs the offline MNIST copy (MNIST_MIRROR or ../shared/data/mnist)")
-    repo, env = dvc_repo(tmp_path / "repo")
-    env["MNIST_MIRROR"] = str(mirror)
+    repo, env = mnist_dvc_repo(tmp_path / "repo")
     edit_params(repo, train={**TINY_TRAIN, "log_every": 3, "fid_every": 0})
     first = run_dvc(["repro", "train"], repo, env)
     assert first.returncode == 0, first.stdout[-3000:] + first.stderr[-3000:]
