@@ -3,15 +3,17 @@ projects, stage processes, real MLflow servers, and checks of what a stage left 
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import gzip
 import hashlib
 import json
 import os
 import shutil
+import sqlite3
 import subprocess
 import sys
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -25,7 +27,8 @@ from PIL import Image
 from pipeline import data, files
 from pipeline.data import Dataset, IdxFile, load_prepared, save_prepared
 from pipeline.gan.architectures import build_generator
-from pipeline.params import ModelParams
+from pipeline.gan.loop import Callbacks, TrainState, new_state, train
+from pipeline.params import ModelParams, TrainParams
 from pipeline.scoring.frozen_classifier import Classifier, classify, load_classifier, save_classifier
 from pipeline.scoring.scorer import compute_reference, load_reference, save_reference
 from pipeline.tracking import connection
@@ -136,6 +139,16 @@ def dvc_repo(path: Path) -> tuple[Path, dict[str, str]]:
     return repo, env
 
 
+def mnist_dvc_repo(path: Path) -> tuple[Path, dict[str, str]]:
+    """dvc_repo, its `prepare` fetching MNIST from the offline copy; the test skips without one."""
+    mirror = shared_mnist_dir()
+    if mirror is None:
+        pytest.skip("needs the offline MNIST copy (MNIST_MIRROR or ../shared/data/mnist)")
+    repo, env = dvc_repo(path)
+    env["MNIST_MIRROR"] = str(mirror)
+    return repo, env
+
+
 # --- tiny projects, as a stage sees them --------------------------------------------------
 
 SMALL_MODEL = {"g_dense_channels": 16, "g_channels": [16, 8], "d_channels": [4, 8, 8, 16]}
@@ -151,6 +164,16 @@ def make_project(path: Path, steps: int = 12, **train_overrides: object) -> Path
     return path
 
 
+def edit_params(project: Path, **sections: Mapping[str, object]) -> None:
+    """Put each section's values over the same section of the project's params.yaml (a missing section
+    is added); every other key stays as it was, in its order."""
+    path = project / "params.yaml"
+    params = yaml.safe_load(path.read_text())
+    for section, values in sections.items():
+        params.setdefault(section, {}).update(values)
+    path.write_text(yaml.safe_dump(params, sort_keys=False))
+
+
 def stage_env(path: Path) -> dict[str, str]:
     """This environment without the variables that would send a stage's runs elsewhere."""
     env = dict(os.environ)
@@ -159,12 +182,17 @@ def stage_env(path: Path) -> dict[str, str]:
     return env
 
 
-EVAL_PARAMS = {
-    "classifier": {"feature_dim": 16},
-    "evaluate": {
-        "n_samples": 64, "batch_size": 64, "kid_subsets": 2, "kid_subset_size": 32, "is_splits": 2, "prdc_k": 3
-    },  # fmt: skip
-}
+def one_thread_env(project: Path) -> dict[str, str]:
+    """stage_env with one thread a process, as jobs of several processes on two cores need, and as a run
+    compared bit for bit with another needs (another thread count sums in another order). PYTHONPATH
+    reaches the processes torchrun starts too."""
+    return {**stage_env(project), "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)}
+
+
+TINY_EVALUATE = {
+    "n_samples": 64, "batch_size": 64, "kid_subsets": 2, "kid_subset_size": 32, "is_splits": 2, "prdc_k": 3
+}  # fmt: skip
+EVAL_PARAMS = {"classifier": {"feature_dim": 16}, "evaluate": TINY_EVALUATE}
 
 
 def make_eval_project(path: Path) -> Path:
@@ -204,6 +232,48 @@ def tracking_db(tmp_path_factory: pytest.TempPathFactory) -> Path:
 def with_db(project: Path, template: Path) -> Path:
     shutil.copyfile(template, project / "mlflow.db")
     return project
+
+
+def copy_tracked_project(src: Path, dst: Path) -> Path:
+    """A copy of a project whose runs are in its own SQLite store. The store names the artifact folders
+    by absolute path: in the copy they name the copy's own, so a test changes nothing but its copy."""
+    shutil.copytree(src, dst, symlinks=True)
+    old, new = f"{src.resolve()}{os.sep}", f"{dst.resolve()}{os.sep}"  # with the separator: never src2/
+    with contextlib.closing(sqlite3.connect(dst / "mlflow.db")) as db, db:
+        tables = [name for (name,) in db.execute("SELECT name FROM sqlite_master WHERE type = 'table'").fetchall()]
+        for table in tables:
+            for column in [row[1] for row in db.execute(f'PRAGMA table_info("{table}")').fetchall()]:
+                db.execute(f'UPDATE "{table}" SET "{column}" = replace("{column}", ?, ?) WHERE instr("{column}", ?)',
+                           (old, new, old))  # fmt: skip
+        assert db.total_changes > 0, f"{src / 'mlflow.db'} names no artifact folder under {old}"
+    return dst
+
+
+def tracking_uri(project: Path) -> str:
+    """The project's own tracking store, as the stages use it when MLFLOW_TRACKING_URI is not set."""
+    return f"sqlite:///{project / 'mlflow.db'}"
+
+
+def project_client(project: Path) -> Any:
+    return mlflow_client(tracking_uri(project))
+
+
+def project_runs(project: Path, experiment: str = "dcgan-mnist") -> list[Any]:
+    """The runs of the project's store in `experiment`, newest first; none if the experiment is not there."""
+    client = project_client(project)
+    found = client.get_experiment_by_name(experiment)
+    return client.search_runs([found.experiment_id]) if found else []
+
+
+def generator_weights(project: Path) -> dict[str, torch.Tensor]:
+    """The trained generator's tensors (models/generator.pt)."""
+    return files.load_checkpoint(project / "models/generator.pt")["generator"]
+
+
+def assert_same_weights(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> None:
+    assert a.keys() == b.keys(), sorted(a.keys() ^ b.keys())
+    for key in a:
+        assert torch.equal(a[key], b[key]), key
 
 
 FINISHED_RUNS = ("tiny-a", "tiny-b")
@@ -246,6 +316,29 @@ def build_finished_project(path: Path) -> Path:
     return project
 
 
+# --- training in this process -------------------------------------------------------------
+
+TINY_MNIST = synthetic_mnist(n_train=64)
+
+
+def train_tiny(
+    steps: int,
+    model: Mapping[str, object] | None = None,
+    state: TrainState | None = None,
+    callbacks: Callbacks = Callbacks(),
+    **train_params: object,
+) -> TrainState:
+    """The training loop on TINY_MNIST (and its labels, which only a conditional model reads): the small
+    model with `model`'s changes and TINY_TRAIN with `train_params`, from `state` or from the seed, on
+    the params' device."""
+    model_params = ModelParams(**{**SMALL_MODEL, **(model or {})})
+    params = TrainParams(**{**TINY_TRAIN, **train_params, "steps": steps})
+    device = torch.device(params.device)
+    state = state or new_state(model_params, params, device, 10)
+    images, labels = torch.from_numpy(TINY_MNIST.train_images), torch.from_numpy(TINY_MNIST.train_labels)
+    return train(state, images.to(device), params, model_params.latent_dim, callbacks, labels=labels.to(device))
+
+
 # --- stage processes ----------------------------------------------------------------------
 
 
@@ -256,6 +349,13 @@ def run_cli(args: list[str], cwd: Path, env: dict[str, str] | None = None, timeo
     return subprocess.run(
         [sys.executable, "-m", "pipeline", *args], cwd=cwd, env=full_env, capture_output=True, text=True, timeout=timeout
     )
+
+
+def run_stage(project: Path, *args: str, env: dict[str, str] | None = None) -> str:
+    """`python -m pipeline <args>` in the project, which must succeed: its stdout."""
+    result = run_cli(list(args), cwd=project, env=env or stage_env(project))
+    assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-3000:]
+    return result.stdout
 
 
 def start(args: list[str], cwd: Path, env: dict[str, str], log: Path) -> subprocess.Popen[bytes]:
@@ -309,6 +409,14 @@ def assert_outputs_complete(project: Path, temps_allowed: bool) -> None:
                 load_reference(path)
     if not temps_allowed:
         assert temp_files(project) == []
+
+
+def leave_kill_leftovers(*paths: Path) -> list[Path]:
+    """Half-written temp files at `paths`, as a kill during an atomic write leaves them."""
+    for path in paths:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_bytes(b"half")
+    return list(paths)
 
 
 def snapshot(project: Path) -> dict[str, str]:

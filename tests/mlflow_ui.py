@@ -42,7 +42,6 @@ import json
 import os
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import tempfile
@@ -52,6 +51,10 @@ import urllib.request
 from dataclasses import dataclass, field
 from pathlib import Path
 
+if __name__ == "__main__":  # run as `python tests/mlflow_ui.py`: tests.servers is found from the repository root
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from tests.servers import free_port  # noqa: E402
+
 CHROMIUM = "/usr/bin/chromium"
 CHROMEDRIVER = "/usr/bin/chromedriver"
 CHROME_FLAGS = [
@@ -59,12 +62,6 @@ CHROME_FLAGS = [
     "--disable-background-networking", "--disable-component-update", "--disable-sync",
     "--disable-dev-shm-usage",
 ]
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def bt(name: str) -> str:

@@ -32,7 +32,6 @@ import secrets
 import shlex
 import shutil
 import signal
-import socket
 import stat
 import subprocess
 import tempfile
@@ -40,6 +39,8 @@ import time
 import weakref
 from pathlib import Path
 from urllib.parse import quote
+
+from tests.servers import free_port
 
 __all__ = ["PostgresCluster", "PostgresError", "find_bindir", "pg_available"]
 
@@ -117,12 +118,6 @@ def pg_available() -> str | None:
 
 
 # --- helpers -----------------------------------------------------------------------------
-
-
-def _free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def _clean_env() -> dict[str, str]:
@@ -217,7 +212,7 @@ class PostgresCluster:
         assert self.bindir is not None
         self.role, self.password = user, password or secrets.token_hex(12)
         self.auth, self.start_timeout = auth, start_timeout
-        self.port = port or _free_port()
+        self.port = port or free_port()
         self._fixed_port = port is not None
         self.settings = {
             "listen_addresses": "'127.0.0.1'",
@@ -353,7 +348,7 @@ class PostgresCluster:
             in_use = "Address already in use" in log or "could not bind" in log or "could not create any TCP/IP" in log
             self._stop_quietly()
             if in_use and not self._fixed_port and attempt < 4:
-                self.port = _free_port()
+                self.port = free_port()
                 self._write_settings()
                 continue
             raise PostgresError(

@@ -15,9 +15,8 @@ from pipeline.files import sha256_file
 from pipeline.params import ClassifierParams
 from pipeline.scoring.frozen_classifier import load_classifier
 from pipeline.stages.classifier import random_shift, train_classifier
-from tests.conftest import run_cli, synthetic_mnist
+from tests.conftest import CPU, leave_kill_leftovers, run_cli, synthetic_mnist
 
-CPU = torch.device("cpu")
 TINY = ClassifierParams(epochs=1, batch_size=16, feature_dim=16)
 
 
@@ -77,10 +76,8 @@ def test_stage_below_min_accuracy_writes_nothing(tmp_path: Path) -> None:
 
 @pytest.mark.slow
 def test_stage_writes_weights_and_metrics(tmp_path: Path) -> None:
-    stale = [tmp_path / "models/.classifier-mnist.pt.k1ll.tmp", tmp_path / "metrics/.classifier.json.k1ll.tmp"]
-    for path in stale:  # what a kill during an atomic write leaves
-        path.parent.mkdir(parents=True, exist_ok=True)
-        path.write_bytes(b"half")
+    stale = leave_kill_leftovers(tmp_path / "models/.classifier-mnist.pt.k1ll.tmp",
+                                 tmp_path / "metrics/.classifier.json.k1ll.tmp")  # fmt: skip
     result = run_cli(["classifier"], cwd=_stage_dir(tmp_path, min_accuracy=0.0))
     assert result.returncode == 0, result.stderr
     assert not any(path.exists() for path in stale)

@@ -16,7 +16,20 @@ from pipeline import data
 from pipeline.errors import UserError
 from pipeline.scoring.frozen_classifier import classify, load_classifier
 from pipeline.scoring.metrics import fid
-from tests.conftest import ROOT, assert_refused, dvc_repo, run_cli, run_dvc, shared_dataset_dir, stage_env
+from tests.conftest import (
+    ROOT,
+    SMALL_MODEL,
+    TINY_EVALUATE,
+    TINY_TRAIN,
+    assert_refused,
+    dvc_repo,
+    edit_params,
+    project_client,
+    run_cli,
+    run_dvc,
+    shared_dataset_dir,
+    stage_env,
+)
 
 FASHION_CLASSIFIER = ROOT / "models/classifier-fashion-mnist.pt"
 
@@ -63,21 +76,13 @@ def shapes(n: int, seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
 
 
 OWN = {"dataset": "own", "path": "data/own/shapes.npz", "classes": ["bar across", "bar down", "square"]}
+# The real params, shrunk: a small classifier, the small model, a few steps, a small evaluation.
 TINY = {
     "classifier": {"epochs": 8, "feature_dim": 16, "min_accuracy": 0.6, "batch_size": 32},
-    "model": {"g_dense_channels": 16, "g_channels": [16, 8], "d_channels": [4, 8, 8, 16]},
-    "train": {"steps": 8, "batch_size": 8, "sample_every": 4, "log_every": 4, "checkpoint_every": 4, "device": "cpu"},
-    "evaluate": {"n_samples": 64, "kid_subsets": 2, "kid_subset_size": 32, "batch_size": 64, "is_splits": 2,
-                 "prdc_k": 3},
-}  # fmt: skip
-
-
-def shrink(repo: Path, data_section: dict[str, object]) -> None:
-    params = yaml.safe_load((repo / "params.yaml").read_text())
-    params["data"].update(data_section)
-    for section, values in TINY.items():
-        params[section].update(values)
-    (repo / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
+    "model": SMALL_MODEL,
+    "train": {**TINY_TRAIN, "steps": 8, "sample_every": 4, "log_every": 4, "checkpoint_every": 4},
+    "evaluate": TINY_EVALUATE,
+}
 
 
 @pytest.fixture
@@ -90,7 +95,7 @@ def test_your_own_data_runs_end_to_end_with_a_classifier_trained_for_it(repo: tu
     path, env = repo
     images, labels = shapes(300)
     np.savez(path / "data/own/shapes.npz", images=images, labels=labels)
-    shrink(path, OWN)
+    edit_params(path, data=OWN, **TINY)
     result = run_dvc(["repro"], path, env)
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
     for stage in ("prepare", "classifier", "reference", "train", "evaluate"):
@@ -114,11 +119,8 @@ def test_switching_to_fashion_mnist_scores_with_the_committed_classifier(repo: t
     if mirror is None:
         pytest.skip("needs the offline Fashion-MNIST copy (FASHION_MNIST_MIRROR or ../shared/data/fashion-mnist)")
     path, env = repo
-    shrink(path, {})
-    params = yaml.safe_load((path / "params.yaml").read_text())
-    params["classifier"] = yaml.safe_load((ROOT / "params.yaml").read_text())["classifier"]  # the committed one's
-    params["evaluate"]["n_samples"] = 512
-    (path / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
+    classifier = yaml.safe_load((ROOT / "params.yaml").read_text())["classifier"]  # the committed one's
+    edit_params(path, **{**TINY, "classifier": classifier, "evaluate": {**TINY_EVALUATE, "n_samples": 512}})
     for command in (["git", "add", "-A"], ["git", "commit", "-q", "-m", "tiny params"]):
         subprocess.run(command, cwd=path, env=env, check=True)
     committed = FASHION_CLASSIFIER.read_bytes()
@@ -130,9 +132,7 @@ def test_switching_to_fashion_mnist_scores_with_the_committed_classifier(repo: t
     record = json.loads((path / "models/classifier-fashion-mnist.json").read_text())
     assert scores["classifier_sha256"] == record["sha256"] and scores["fid"] > scores["fid_floor"] > 0
     assert (path / "plots/eval_classes.csv").read_text().splitlines()[1].startswith("T-shirt/top,")
-    from mlflow import MlflowClient
-
-    client = MlflowClient(f"sqlite:///{path / 'mlflow.db'}")
+    client = project_client(path)
     (run,) = client.search_runs([client.get_experiment_by_name("dcgan-mnist").experiment_id],
                                 "tags.dataset = 'fashion-mnist' and tags.stage = 'train'")  # fmt: skip
     assert run.data.params["data.dataset"] == "fashion-mnist"

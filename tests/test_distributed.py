@@ -26,9 +26,13 @@ from tests.conftest import (
     ROOT,
     SMALL_MODEL,
     assert_refused,
+    assert_same_weights,
     free_port,
+    generator_weights,
     make_project,
-    mlflow_client,
+    one_thread_env,
+    project_client,
+    project_runs,
     run_cli,
     stage_env,
     with_db,
@@ -38,33 +42,14 @@ STEPS = 40
 DDP_TRAIN = {"batch_size": 8, "log_every": 4, "checkpoint_every": 8, "sample_every": 8}
 
 
-def job_env(project: Path) -> dict[str, str]:
-    # Two processes on two cores: one thread each. PYTHONPATH reaches torchrun's workers too.
-    return {**stage_env(project), "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)}
-
-
 def torchrun_command(nproc: int, *rdzv: str) -> list[str]:
     rdzv = rdzv or ("--master-port", str(free_port()))  # never the fixed default 29500
     return [sys.executable, "-m", "torch.distributed.run", f"--nproc-per-node={nproc}", *rdzv, "-m", "pipeline", "train"]
 
 
 def torchrun(project: Path, nproc: int = 2, *rdzv: str, timeout: float = 600) -> subprocess.CompletedProcess[str]:
-    return subprocess.run(torchrun_command(nproc, *rdzv), cwd=project, env=job_env(project), capture_output=True,
+    return subprocess.run(torchrun_command(nproc, *rdzv), cwd=project, env=one_thread_env(project), capture_output=True,
                           text=True, timeout=timeout)  # fmt: skip
-
-
-def generator(project: Path) -> dict[str, torch.Tensor]:
-    return files.load_checkpoint(project / "models/generator.pt")["generator"]
-
-
-def assert_same_weights(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> None:
-    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
-
-
-def runs(project: Path) -> list:  # type: ignore[type-arg]
-    client = mlflow_client(f"sqlite:///{project / 'mlflow.db'}")
-    experiment = client.get_experiment_by_name("dcgan-mnist")
-    return client.search_runs([experiment.experiment_id])
 
 
 @pytest.fixture(scope="module")
@@ -78,12 +63,12 @@ def two_processes(tmp_path_factory: pytest.TempPathFactory, tracking_db: Path) -
 
 @pytest.mark.slow
 def test_two_processes_train_one_model_into_one_run_and_one_set_of_files(two_processes: Path) -> None:
-    (run,) = runs(two_processes)  # rank 1 logged nothing
+    (run,) = project_runs(two_processes)  # rank 1 logged nothing
     assert run.info.status == "FINISHED"
     tags = run.data.tags
     assert (tags["dist.world_size"], tags["dist.backend"], tags["dist.per_rank_batch"]) == ("2", "gloo", "4")
     assert run.data.params["train.batch_size"] == "8"  # the global batch
-    steps = [m.step for m in mlflow_client(f"sqlite:///{two_processes / 'mlflow.db'}").get_metric_history(
+    steps = [m.step for m in project_client(two_processes).get_metric_history(
         run.info.run_id, "g_loss")]  # fmt: skip
     assert steps == list(range(1, STEPS + 1))
     assert sorted(p.name for p in (two_processes / "samples").iterdir()) == [
@@ -97,7 +82,7 @@ def test_two_processes_train_one_model_into_one_run_and_one_set_of_files(two_pro
 
 @pytest.mark.slow
 def test_ranks_hold_identical_weights_after_every_step(tmp_path: Path) -> None:
-    env = {**stage_env(tmp_path), "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)}
+    env = one_thread_env(tmp_path)
     command = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node=2", "--master-port",
                str(free_port()), str(ROOT / "tests/ddp_check.py")]  # fmt: skip
     result = subprocess.run(command, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300)
@@ -111,11 +96,11 @@ def test_ranks_hold_identical_weights_after_every_step(tmp_path: Path) -> None:
 def test_train_nproc_launches_the_same_job_through_torchs_launcher(tmp_path: Path, two_processes: Path) -> None:
     """Same seed, same world size: the job of train.nproc=2 is bit-identical to torchrun's."""
     project = make_project(tmp_path / "p", steps=STEPS, nproc=2, **DDP_TRAIN)
-    result = subprocess.run([sys.executable, "-m", "pipeline", "train"], cwd=project, env=job_env(project),
+    result = subprocess.run([sys.executable, "-m", "pipeline", "train"], cwd=project, env=one_thread_env(project),
                             capture_output=True, text=True, timeout=600)  # fmt: skip
     assert result.returncode == 0, result.stderr[-3000:]
-    assert_same_weights(generator(project), generator(two_processes))
-    (run,) = runs(project)
+    assert_same_weights(generator_weights(project), generator_weights(two_processes))
+    (run,) = project_runs(project)
     assert run.data.tags["dist.world_size"] == "2"
 
 
@@ -123,11 +108,11 @@ def test_train_nproc_launches_the_same_job_through_torchs_launcher(tmp_path: Pat
 def test_one_process_under_torchrun_is_bit_identical_to_the_plain_run(tmp_path: Path, tracking_db: Path) -> None:
     plain = with_db(make_project(tmp_path / "plain", steps=8, **DDP_TRAIN), tracking_db)
     # The same threads as the job's process: another thread count sums in another order.
-    assert run_cli(["train"], cwd=plain, env=job_env(plain)).returncode == 0
+    assert run_cli(["train"], cwd=plain, env=one_thread_env(plain)).returncode == 0
     job = with_db(make_project(tmp_path / "job", steps=8, **DDP_TRAIN), tracking_db)
     result = torchrun(job, 1)
     assert result.returncode == 0, result.stderr[-3000:]
-    assert_same_weights(generator(job), generator(plain))
+    assert_same_weights(generator_weights(job), generator_weights(plain))
     assert (job / "metrics/train_log.csv").read_text() == (plain / "metrics/train_log.csv").read_text()
 
 
@@ -146,7 +131,7 @@ def test_a_killed_rank_stops_the_job_which_then_resumes_bit_identically(
     tmp_path: Path, two_processes: Path, tracking_db: Path
 ) -> None:
     project = with_db(make_project(tmp_path / "p", steps=STEPS, **DDP_TRAIN), tracking_db)
-    job = subprocess.Popen(torchrun_command(2), cwd=project, env=job_env(project), stdout=subprocess.DEVNULL,
+    job = subprocess.Popen(torchrun_command(2), cwd=project, env=one_thread_env(project), stdout=subprocess.DEVNULL,
                            stderr=subprocess.DEVNULL, start_new_session=True)  # fmt: skip
     ckpt = project / "checkpoints/train.pt"
     deadline = time.monotonic() + 300
@@ -173,9 +158,9 @@ def test_a_killed_rank_stops_the_job_which_then_resumes_bit_identically(
     result = torchrun(project)
     assert result.returncode == 0, result.stderr[-3000:]
     assert f"resuming from checkpoints/train.pt at step {killed_at}" in result.stdout
-    assert_same_weights(generator(project), generator(two_processes))
+    assert_same_weights(generator_weights(project), generator_weights(two_processes))
     assert files.read_json(project / "models/train_run.json")["run_id"] == run_id  # the same MLflow run
-    assert [r.info.status for r in runs(project)] == ["FINISHED"]
+    assert [r.info.status for r in project_runs(project)] == ["FINISHED"]
 
 
 @pytest.mark.slow

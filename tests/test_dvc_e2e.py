@@ -9,12 +9,11 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-import yaml
 
 from pipeline.gan.export import load_generator
 from pipeline.gan.sampling import generate
 from pipeline.params import load_params
-from tests.conftest import dvc_repo, run_cli, run_dvc, shared_mnist_dir
+from tests.conftest import edit_params, mnist_dvc_repo, run_cli, run_dvc, tracking_uri
 
 pytestmark = pytest.mark.slow
 
@@ -28,19 +27,7 @@ TINY = {
 
 @pytest.fixture
 def project(tmp_path: Path) -> tuple[Path, dict[str, str]]:
-    mirror = shared_mnist_dir()
-    if mirror is None:
-        pytest.skip("needs the offline MNIST copy (MNIST_MIRROR or ../shared/data/mnist)")
-    repo, env = dvc_repo(tmp_path / "repo")
-    env["MNIST_MIRROR"] = str(mirror)
-    return repo, env
-
-
-def shrink(repo: Path) -> None:
-    params = yaml.safe_load((repo / "params.yaml").read_text())
-    for section, values in TINY.items():
-        params[section].update(values)
-    (repo / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
+    return mnist_dvc_repo(tmp_path / "repo")
 
 
 def test_repro_prepare_twice_second_is_a_no_op(project: tuple[Path, dict[str, str]]) -> None:
@@ -55,7 +42,7 @@ def test_repro_prepare_twice_second_is_a_no_op(project: tuple[Path, dict[str, st
 
 def test_whole_pipeline_with_tiny_params_then_a_second_clone_pulls_it(project: tuple[Path, dict[str, str]]) -> None:
     repo, env = project
-    shrink(repo)
+    edit_params(repo, **TINY)
     result = run_dvc(["repro"], repo, env)
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
     # The committed classifier is used as is: a fresh clone never retrains it.
@@ -76,7 +63,7 @@ def test_whole_pipeline_with_tiny_params_then_a_second_clone_pulls_it(project: t
     import mlflow
     from mlflow import MlflowClient
 
-    mlflow.set_tracking_uri(f"sqlite:///{repo / 'mlflow.db'}")
+    mlflow.set_tracking_uri(tracking_uri(repo))
     run_id = json.loads((repo / "models/train_run.json").read_text())["run_id"]
     client = MlflowClient()
     run = client.get_run(run_id)

@@ -3,25 +3,31 @@
 from __future__ import annotations
 
 import json
-import os
 import subprocess
-import sys
 import time
 from pathlib import Path
 
 import pytest
-import yaml
 
 from pipeline.data import save_prepared
-from tests.conftest import copy_project, git_env, run_dvc, synthetic_mnist, write_reference
+from tests.conftest import (
+    SMALL_MODEL,
+    TINY_TRAIN,
+    dvc_repo,
+    edit_params,
+    run_dvc,
+    synthetic_mnist,
+    tracking_uri,
+    write_reference,
+)
 
 pytestmark = pytest.mark.slow
 
-# The real params, shrunk: the small model of test_train.py, a few steps, a small evaluation.
+# The real params, shrunk: the small model, a few steps, a small evaluation.
 TINY = {
-    "model": {"g_dense_channels": 16, "g_channels": [16, 8], "d_channels": [4, 8, 8, 16]},
-    "train": {"steps": 12, "batch_size": 8, "sample_every": 6, "log_every": 3, "checkpoint_every": 6,
-              "fid_every": 6, "fid_samples": 256, "device": "cpu"},
+    "model": SMALL_MODEL,
+    "train": {**TINY_TRAIN, "steps": 12, "sample_every": 6, "log_every": 3, "checkpoint_every": 6, "fid_every": 6,
+              "fid_samples": 256},
     "evaluate": {"n_samples": 256, "kid_subsets": 3, "kid_subset_size": 64, "batch_size": 256},
 }  # fmt: skip
 GRID = ["0.0001", "0.0003"]
@@ -40,19 +46,13 @@ def repo(tmp_path: Path) -> tuple[Path, dict[str, str]]:
     Both are small and made here (synthetic digits, and the reference the committed classifier
     computes on them), then recorded with `dvc commit`: the experiments run only train and evaluate.
     """
-    repo = copy_project(tmp_path / "repo")
+    repo, env = dvc_repo(tmp_path / "repo")  # queue workers run `dvc` and `python` from this interpreter
     mnist = synthetic_mnist(n_train=128, n_test=512)  # the reference needs N >= 2 x 128 features
     save_prepared(mnist, repo / "data/prepared/mnist.npz")
     write_reference(repo, mnist)
-    params = yaml.safe_load((repo / "params.yaml").read_text())
-    for section, values in TINY.items():
-        params[section].update(values)
-    (repo / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
-    env = git_env()
-    # Queue workers run `dvc` and the stages run `python`: both from this interpreter, as in an activated venv.
-    env["PATH"] = str(Path(sys.executable).parent) + os.pathsep + env["PATH"]
+    edit_params(repo, **TINY)
     env["OMP_NUM_THREADS"] = "1"  # two workers on two cores
-    for var in ("MLFLOW_TRACKING_URI", "DVC_ROOT", "DVC_EXP_NAME", "DCGAN_SWEEP", "MNIST_MIRROR"):
+    for var in ("DCGAN_SWEEP", "MNIST_MIRROR"):
         env.pop(var, None)
     dvc(["commit", "--force", "prepare", "classifier", "reference"], repo, env)  # the classifier is the committed one
     for cmd in (["git", "add", "-A"], ["git", "commit", "-q", "-m", "tiny params"]):
@@ -96,7 +96,7 @@ def test_queued_grid_on_two_workers_lands_in_mlflow_and_dvc_exp_show(repo: tuple
     import mlflow
     from mlflow import MlflowClient
 
-    mlflow.set_tracking_uri(f"sqlite:///{path / 'mlflow.db'}")
+    mlflow.set_tracking_uri(tracking_uri(path))
     client = MlflowClient()
     experiment = client.get_experiment_by_name("dcgan-mnist")
     runs = client.search_runs([experiment.experiment_id], "tags.sweep = 'lr-grid'")

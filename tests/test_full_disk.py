@@ -13,8 +13,6 @@ import sys
 from pathlib import Path
 
 import pytest
-import torch
-import yaml
 
 from pipeline import cli, files
 from pipeline.errors import UserError
@@ -23,9 +21,12 @@ from tests.conftest import (
     SMALL_MODEL,
     assert_outputs_complete,
     assert_refused,
+    assert_same_weights,
+    edit_params,
+    generator_weights,
     make_eval_project,
     make_project,
-    mlflow_client,
+    project_client,
     run_cli,
     stage_env,
     temp_files,
@@ -56,26 +57,15 @@ def run_limited(args: list[str], cwd: Path, kib: int) -> subprocess.CompletedPro
 def trained(path: Path, db: Path, steps: int) -> Path:
     """A project of BIG_G trained, without a limit, to `steps` (a checkpoint every 3 steps)."""
     project = with_db(make_project(path, steps=steps, checkpoint_every=3, sample_every=3, log_every=3), db)
-    params = yaml.safe_load((project / "params.yaml").read_text())
-    (project / "params.yaml").write_text(yaml.safe_dump({**params, "model": BIG_G}))
+    edit_params(project, model=BIG_G)
     result = run_cli(["train"], cwd=project, env=stage_env(project))
     assert result.returncode == 0, result.stderr[-2000:]
     return project
 
 
-def set_steps(project: Path, steps: int) -> None:
-    params = yaml.safe_load((project / "params.yaml").read_text())
-    params["train"]["steps"] = steps
-    (project / "params.yaml").write_text(yaml.safe_dump(params))
-
-
 def run_status(project: Path) -> str:
     run_id = json.loads((project / "models/train_run.json").read_text())["run_id"]
-    return mlflow_client(f"sqlite:///{project / 'mlflow.db'}").get_run(run_id).info.status
-
-
-def weights(path: Path) -> dict[str, torch.Tensor]:
-    return files.load_checkpoint(path)["generator"]
+    return project_client(project).get_run(run_id).info.status
 
 
 # --- the one place: atomic writes ------------------------------------------------------------
@@ -165,7 +155,7 @@ def test_train_failing_at_its_checkpoint_keeps_the_last_one_and_resumes_bit_iden
     project = trained(tmp_path / "p", tracking_db, steps=6)
     checkpoint = (project / "checkpoints/train.pt").read_bytes()
 
-    set_steps(project, 12)  # the checkpoint at step 9 finds no room
+    edit_params(project, train={"steps": 12})  # the checkpoint at step 9 finds no room
     result = run_limited(["train"], project, CHECKPOINT_LIMIT_KIB)
     error = assert_refused(result, "checkpoints/train.pt", "the file-size limit was reached", "free on its filesystem")
     assert "ulimit -f limits files to 2.4 MiB" in error
@@ -179,8 +169,7 @@ def test_train_failing_at_its_checkpoint_keeps_the_last_one_and_resumes_bit_iden
     assert result.returncode == 0, result.stderr[-2000:]
     assert "resuming from checkpoints/train.pt at step 6" in result.stdout
     assert run_status(project) == "FINISHED"
-    ours, theirs = weights(project / "models/generator.pt"), weights(straight / "models/generator.pt")
-    assert all(torch.equal(ours[k], theirs[k]) for k in theirs)
+    assert_same_weights(generator_weights(project), generator_weights(straight))
 
 
 @pytest.mark.slow

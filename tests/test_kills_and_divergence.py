@@ -19,7 +19,6 @@ import subprocess
 import time
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any
 
 import numpy as np
 import pytest
@@ -35,9 +34,12 @@ from tests.conftest import (
     CPU,
     ROOT,
     assert_outputs_complete,
+    assert_same_weights,
+    generator_weights,
     make_eval_project,
     make_project,
-    mlflow_client,
+    project_client,
+    project_runs,
     run_cli,
     shared_mnist_dir,
     stage_env,
@@ -126,16 +128,6 @@ def runs_in(project: Path, status: str = "RUNNING") -> int:
             return int(db.execute("SELECT count(*) FROM runs WHERE status = ?", (status,)).fetchone()[0])
         except sqlite3.Error:  # tables not there yet, or locked for a moment
             return 0
-
-
-def project_client(project: Path) -> Any:
-    return mlflow_client(f"sqlite:///{project / 'mlflow.db'}")
-
-
-def all_runs(project: Path) -> list[Any]:
-    client = project_client(project)
-    experiment = client.get_experiment_by_name("dcgan-mnist")
-    return client.search_runs([experiment.experiment_id]) if experiment else []
 
 
 # --- killed at any moment --------------------------------------------------------------------------
@@ -239,8 +231,7 @@ def test_train_killed_at_random_steps_and_mid_write_resumes_bit_identically(tmp_
     assert_outputs_complete(project, temps_allowed=False)
 
     # Bit-identical to the run that was never killed: weights, per-step log, sample grids.
-    final = files.load_checkpoint(project / "models/generator.pt")["generator"]
-    assert final.keys() == weights.keys() and all(torch.equal(final[k], weights[k]) for k in weights)
+    assert_same_weights(generator_weights(project), weights)
     rows = [line.split(",") for line in (project / "metrics/train_log.csv").read_text().splitlines()[1:]]
     assert [(int(s), *(float(np.float32(v)) for v in vals)) for s, *vals in rows] == history
     for step, grid in grids.items():
@@ -250,7 +241,7 @@ def test_train_killed_at_random_steps_and_mid_write_resumes_bit_identically(tmp_
     # One MLflow run across the restarts, finished, with every step's losses (the values of the
     # uninterrupted run) and every sample grid. A run killed before its first checkpoint cannot
     # be resumed: the next start marks it KILLED, so no run is left RUNNING.
-    runs = all_runs(project)
+    runs = project_runs(project)
     (run,) = [r for r in runs if r.info.status == "FINISHED"]
     assert sorted(r.info.status for r in runs if r is not run) == ["KILLED"] * (len(runs) - 1)
     client = project_client(project)
@@ -309,7 +300,7 @@ def test_evaluate_killed_at_random_moments_and_mid_write(tmp_path: Path, trackin
     got = json.loads((project / "metrics/eval.json").read_text())
     assert {k: v for k, v in got.items() if k != "seconds"} == want
     # A killed evaluation's run is marked KILLED when the next one starts; none stays RUNNING.
-    statuses = sorted(run.info.status for run in all_runs(project))
+    statuses = sorted(run.info.status for run in project_runs(project))
     assert statuses.count("FINISHED") == 1 + finished and "KILLED" in statuses
     assert set(statuses) <= {"FINISHED", "KILLED"}, statuses
     print(f"evaluate: {len(injected)} kills injected ({injected}), MLflow runs {statuses}")
@@ -340,7 +331,7 @@ def test_divergence_stops_cleanly_and_keeps_the_last_good_checkpoint(tmp_path: P
     assert 0 < ckpt["step"] < step  # the last good one, never the diverged state
     assert all(torch.isfinite(t).all() for t in ckpt["generator"].values() if t.is_floating_point())
     assert not (project / "models/generator.pt").exists() and not (project / "metrics/train.json").exists()
-    (run,) = all_runs(project)
+    (run,) = project_runs(project)
     assert run.info.status == "FAILED"
 
     # Again: it resumes from that checkpoint, diverges at the same step, and keeps the checkpoint.
@@ -354,4 +345,5 @@ def test_divergence_stops_cleanly_and_keeps_the_last_good_checkpoint(tmp_path: P
 
 def test_explosive_params_are_legal() -> None:
     """The divergence test uses values params.yaml accepts: the fault is the user's to make."""
-    TrainParams(**EXPLOSIVE)
+    params = TrainParams(**EXPLOSIVE)
+    assert {key: getattr(params, key) for key in EXPLOSIVE} == EXPLOSIVE  # taken as given, none clamped

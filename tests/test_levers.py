@@ -9,7 +9,6 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-import yaml
 
 from pipeline import files
 from pipeline.errors import UserError
@@ -20,17 +19,17 @@ from pipeline.gan.losses import LOSSES
 from pipeline.gan.sampling import generate, requested_labels
 from pipeline.params import ModelParams, TrainParams, load_params
 from pipeline.scoring import scorer
-from tests.conftest import CPU, SMALL_MODEL, TINY_TRAIN, make_eval_project, run_cli, stage_env, synthetic_mnist
-
-MNIST = synthetic_mnist(n_train=64)
-IMAGES, LABELS = torch.from_numpy(MNIST.train_images), torch.from_numpy(MNIST.train_labels)
-
-
-def run(steps: int, model: dict | None = None, state=None, **train_params):  # type: ignore[no-untyped-def]
-    m = ModelParams(**{**SMALL_MODEL, **(model or {})})
-    p = TrainParams(**{**TINY_TRAIN, **train_params, "steps": steps})
-    state = state or new_state(m, p, CPU, 10)
-    return train(state, IMAGES, p, m.latent_dim, labels=LABELS)
+from tests.conftest import (
+    CPU,
+    SMALL_MODEL,
+    TINY_MNIST,
+    TINY_TRAIN,
+    edit_params,
+    make_eval_project,
+    run_cli,
+    stage_env,
+    train_tiny,
+)
 
 
 def everything(state) -> dict[str, torch.Tensor]:  # type: ignore[no-untyped-def]
@@ -44,10 +43,10 @@ def everything(state) -> dict[str, torch.Tensor]:  # type: ignore[no-untyped-def
 
 def test_ema_follows_the_hand_computed_average_over_two_steps() -> None:
     decay = 0.9
-    first = run(1, ema_decay=decay)
+    first = train_tiny(1, ema_decay=decay)
     w1 = {k: v.clone() for k, v in first.generator.state_dict().items()}
     assert all(torch.equal(first.ema.module.state_dict()[k], w1[k]) for k in w1)  # the first update copies G
-    second = run(2, state=first, ema_decay=decay)
+    second = train_tiny(2, state=first, ema_decay=decay)
     w2 = second.generator.state_dict()
     ema = second.ema.module.state_dict()
     for key in w1:
@@ -63,7 +62,7 @@ def test_ema_follows_the_hand_computed_average_over_two_steps() -> None:
 def test_levers_off_leave_the_tutorials_models_and_checkpoint() -> None:
     assert count_parameters(build_generator(ModelParams(), n_classes=10)) == (855_809, 856_193)
     assert count_parameters(build_discriminator(ModelParams(), n_classes=10)) == (392_833, 393_729)
-    state = run(3)
+    state = train_tiny(3)
     assert state.ema is None and state.output is state.generator
     assert "ema" not in state.to_checkpoint("fp")
 
@@ -76,15 +75,13 @@ def test_levers_off_leave_the_tutorials_models_and_checkpoint() -> None:
 )
 def test_lever_runs_resume_bit_identically(tmp_path: Path, model: dict, train_params: dict) -> None:
     saved = tmp_path / "ckpt.pt"
-    m = ModelParams(**{**SMALL_MODEL, **model})
-    p = TrainParams(**{**TINY_TRAIN, **train_params, "steps": 3})
-    first = new_state(m, p, CPU, 10)
-    train(first, IMAGES, p, m.latent_dim, labels=LABELS)
+    first = train_tiny(3, model, **train_params)
     files.save_checkpoint(first.to_checkpoint("fp"), saved)
+    m, p = ModelParams(**{**SMALL_MODEL, **model}), TrainParams(**{**TINY_TRAIN, **train_params, "steps": 3})
     resumed = new_state(m, p, CPU, 10)
     torch.manual_seed(12345)  # a different RNG state must be overwritten by the checkpoint's
     resumed.restore(files.load_checkpoint(saved))
-    a, b = run(6, model, resumed, **train_params), run(6, model, **train_params)
+    a, b = train_tiny(6, model, resumed, **train_params), train_tiny(6, model, **train_params)
     wa, wb = everything(a), everything(b)
     assert wa.keys() == wb.keys() and len(wa) > 0
     assert all(torch.equal(wa[k], wb[k]) for k in wa), [k for k in wa if not torch.equal(wa[k], wb[k])]
@@ -92,7 +89,7 @@ def test_lever_runs_resume_bit_identically(tmp_path: Path, model: dict, train_pa
 
 
 def test_the_conditional_generator_draws_the_class_it_is_asked_for() -> None:
-    generator = run(2, {"conditional": True}).output.eval()
+    generator = train_tiny(2, {"conditional": True}).output.eval()
     z = torch.randn(10, generator.latent_dim)
     labels = torch.arange(10)
     with torch.no_grad():
@@ -107,7 +104,7 @@ def test_the_conditional_generator_draws_the_class_it_is_asked_for() -> None:
     assert pixels.shape == (4, 28, 28) and pixels.dtype == torch.uint8
     with pytest.raises(ValueError, match="trains on labelled images"):
         m, p = ModelParams(**SMALL_MODEL, conditional=True), TrainParams(**TINY_TRAIN)
-        train(new_state(m, p, CPU, 10), IMAGES, p, m.latent_dim)
+        train(new_state(m, p, CPU, 10), torch.from_numpy(TINY_MNIST.train_images), p, m.latent_dim)
 
 
 def test_requested_labels_follow_the_distribution_and_the_seed() -> None:
@@ -121,7 +118,7 @@ def test_the_conditional_discriminator_sees_the_labels_of_real_and_fake_batches(
     seen = []
     state = new_state(ModelParams(**SMALL_MODEL, conditional=True), TrainParams(**TINY_TRAIN), CPU, 10)
     state.discriminator.embed.register_forward_hook(lambda _m, args, _out: seen.append(args[0].clone()))
-    run(1, {"conditional": True}, state)
+    train_tiny(1, {"conditional": True}, state)
     real, fake, through = seen  # D on the real batch, on the fakes, and G's update through D
     assert torch.equal(real, fake) and torch.equal(real, through) and real.shape == (TINY_TRAIN["batch_size"],)
 
@@ -131,7 +128,7 @@ def test_hinge_and_spectral_norm_train_with_finite_losses() -> None:
     assert LOSSES["hinge"].d_real(logits) == pytest.approx((3.0 + 1.5 + 0.5 + 0.0) / 4)
     assert LOSSES["hinge"].d_fake(logits) == pytest.approx((0.0 + 0.5 + 1.5 + 3.0) / 4)
     assert LOSSES["hinge"].g(logits) == pytest.approx(0.0)
-    state = run(6, {"spectral_norm": True}, loss="hinge")
+    state = train_tiny(6, {"spectral_norm": True}, loss="hinge")
     assert all(np.isfinite(row[1:]).all() for row in state.history)
     convs = [m for m in state.discriminator.modules() if isinstance(m, (torch.nn.Conv2d, torch.nn.Linear))]
     assert convs and all(torch.nn.utils.parametrize.is_parametrized(m, "weight") for m in convs)
@@ -183,10 +180,8 @@ def test_a_conditional_ema_run_from_params_to_scores_and_samples(tmp_path: Path)
     for args, said in ((["--label", "3"], "is not a conditional generator"), (["--raw"], "leave out --raw")):
         bad = run_cli(["generate", "-n", "2", *args], cwd=project, env=env)
         assert bad.returncode == 2 and said in bad.stderr, bad.stderr
-    params = yaml.safe_load((project / "params.yaml").read_text())
-    params["model"].update(conditional=True, spectral_norm=True)
-    params["train"].update(steps=4, ema_decay=0.9, loss="hinge")
-    (project / "params.yaml").write_text(yaml.safe_dump(params))
+    edit_params(project, model={"conditional": True, "spectral_norm": True},
+                train={"steps": 4, "ema_decay": 0.9, "loss": "hinge"})  # fmt: skip
     for stage in ("train", "evaluate"):
         result = run_cli([stage], cwd=project, env=env)
         assert result.returncode == 0, result.stderr[-3000:]

@@ -16,7 +16,6 @@ from typing import Any
 import numpy as np
 import pytest
 import torch
-import yaml
 
 from pipeline import files
 from pipeline.gan.architectures import build_generator
@@ -27,9 +26,12 @@ from tests.conftest import (
     MlflowServer,
     Payload,
     assert_refused,
+    copy_tracked_project,
+    edit_params,
     make_eval_project,
-    mlflow_client,
+    project_client,
     run_cli,
+    run_stage,
     stage_env,
 )
 
@@ -40,38 +42,41 @@ CHAMPION = f"models:/{NAME}@champion"
 
 
 def set_steps(project: Path, steps: int) -> None:
-    params = yaml.safe_load((project / "params.yaml").read_text())
-    params["train"]["steps"] = steps
-    (project / "params.yaml").write_text(yaml.safe_dump(params))
+    edit_params(project, train={"steps": steps})
 
 
-def stage(project: Path, *args: str, env: dict[str, str] | None = None) -> str:
-    result = run_cli(list(args), cwd=project, env=env or stage_env(project))
-    assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-3000:]
-    return result.stdout
+@pytest.fixture(scope="module")
+def built(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
+    """The tiny project trained 4 steps ("trained"), and a copy of it evaluated too (its generator
+    registered) with `generate`'s draw from models/generator.pt in local.npy ("evaluated"). Built once
+    for the module: each test works on a copy of its own."""
+    root = tmp_path_factory.mktemp("model-trust")
+    project = make_eval_project(root / "trained")
+    set_steps(project, 4)
+    run_stage(project, "train")
+    evaluated = copy_tracked_project(project, root / "evaluated")
+    run_stage(evaluated, "evaluate")
+    draw(evaluated, "local")
+    return {"trained": project, "evaluated": evaluated}
 
 
-def trained(path: Path, steps: int = 4) -> tuple[Path, str]:
-    """A tiny project trained `steps` steps and evaluated (its generator registered): it and its run id."""
-    project = make_eval_project(path)
-    set_steps(project, steps)
-    stage(project, "train")
-    stage(project, "evaluate")
-    return project, files.read_json(project / "models/train_run.json")["run_id"]
+def trained(built: dict[str, Path], path: Path, evaluated: bool = True) -> tuple[Path, str]:
+    """A copy of the project trained 4 steps (and evaluated): it and its run id."""
+    project = copy_tracked_project(built["evaluated" if evaluated else "trained"], path)
+    run_id = files.read_json(project / "models/train_run.json")["run_id"]
+    for model in models_of(project, run_id):  # what a test tampers with is its own copy's
+        assert model_dir(model).resolve().is_relative_to(project.resolve()), model.artifact_location
+    return project, run_id
 
 
 def draw(project: Path, name: str, *source: str, env: dict[str, str] | None = None) -> np.ndarray:
-    stage(project, "generate", "-n", "16", *source, "--output", f"{name}.npy", env=env)
+    run_stage(project, "generate", "-n", "16", *source, "--output", f"{name}.npy", env=env)
     return np.load(project / f"{name}.npy")
-
-
-def client(project: Path) -> Any:
-    return mlflow_client(f"sqlite:///{project / 'mlflow.db'}")
 
 
 def models_of(project: Path, run_id: str) -> list[Any]:
     """The run's logged models, oldest first."""
-    mlflow = client(project)
+    mlflow = project_client(project)
     experiment = mlflow.get_run(run_id).info.experiment_id
     found = mlflow.search_logged_models([experiment], filter_string=f"source_run_id = '{run_id}'")
     return sorted(found, key=lambda model: model.creation_timestamp)
@@ -125,13 +130,15 @@ def delete_weights(folder: Path, marker: Path) -> None:
     (folder / logged_model.WEIGHTS_PATH).unlink()
 
 
-def test_a_tampered_mlflow_model_runs_no_code_and_tampered_weights_are_refused(tmp_path: Path) -> None:
-    project, run_id = trained(tmp_path / "p")
+def test_a_tampered_mlflow_model_runs_no_code_and_tampered_weights_are_refused(
+    tmp_path: Path, built: dict[str, Path]
+) -> None:
+    project, run_id = trained(built, tmp_path / "p")
     (model,) = models_of(project, run_id)
     folder, marker = model_dir(model), tmp_path / "marker"
 
     # Untampered: MLflow gives exactly the pixels of models/generator.pt.
-    local = draw(project, "local")
+    local = np.load(project / "local.npy")  # drawn from models/generator.pt
     assert np.array_equal(draw(project, "run", "--run", run_id), local)
     assert np.array_equal(draw(project, "champion", "--model", CHAMPION), local)
     assert np.array_equal(draw(project, "version", "--model", f"models:/{NAME}/1"), local)
@@ -156,7 +163,7 @@ def test_a_tampered_mlflow_model_runs_no_code_and_tampered_weights_are_refused(t
 
     # The weights file beside the model, its SHA-256 recorded at log time and copied onto the version.
     assert model.tags[logged_model.ARTIFACT_SHA_TAG] == files.sha256_file(pristine / logged_model.WEIGHTS_PATH)
-    version = client(project).get_model_version_by_alias(NAME, "champion")
+    version = project_client(project).get_model_version_by_alias(NAME, "champion")
     assert version.tags[logged_model.ARTIFACT_SHA_TAG] == model.tags[logged_model.ARTIFACT_SHA_TAG]
 
     # The weights file fails its recorded SHA-256: refused before torch reads a byte of it.
@@ -180,8 +187,8 @@ def test_through_a_tracking_server_the_weights_file_is_checked_too(tmp_path: Pat
     project = make_eval_project(tmp_path / "p")
     set_steps(project, 4)
     env = {**stage_env(project), "MLFLOW_TRACKING_URI": mlflow_server.uri}
-    stage(project, "train", env=env)
-    stage(project, "evaluate", env=env)
+    run_stage(project, "train", env=env)
+    run_stage(project, "evaluate", env=env)
     run_id = files.read_json(project / "models/train_run.json")["run_id"]
     local = draw(project, "local", env=env)
     assert np.array_equal(draw(project, "run", "--run", run_id, env=env), local)
@@ -197,12 +204,14 @@ def test_through_a_tracking_server_the_weights_file_is_checked_too(tmp_path: Pat
     assert not marker.exists()
 
 
-def test_a_model_logged_without_a_weights_file_is_refused_until_resend_adds_one(tmp_path: Path) -> None:
+def test_a_model_logged_without_a_weights_file_is_refused_until_resend_adds_one(
+    tmp_path: Path, built: dict[str, Path]
+) -> None:
     """A run and a version from code before weights files: refused in one sentence; `resend` logs the
     weights, and the next evaluation registers a version that holds them, which takes the alias."""
-    project, run_id = trained(tmp_path / "p")
+    project, run_id = trained(built, tmp_path / "p")
     (model,) = models_of(project, run_id)
-    mlflow = client(project)
+    mlflow = project_client(project)
     for tag in (logged_model.ARTIFACT_SHA_TAG, logged_model.TENSORS_SHA_TAG):  # as older code logged and registered it
         mlflow.delete_logged_model_tag(model.model_id, tag)
         mlflow.delete_model_version_tag(NAME, "1", tag)
@@ -213,28 +222,28 @@ def test_a_model_logged_without_a_weights_file_is_refused_until_resend_adds_one(
     assert_refused(run_cli(["generate", "--model", CHAMPION], cwd=project, env=env),
                    f"registered model {NAME} version 1 was logged without", f"resend` for its training run {run_id}")  # fmt: skip
 
-    assert "1 model" in stage(project, "resend")
-    local = draw(project, "local")
+    assert "1 model" in run_stage(project, "resend")
+    local = np.load(project / "local.npy")  # drawn from models/generator.pt
     assert np.array_equal(draw(project, "run", "--run", run_id), local)
-    said = stage(project, "evaluate")
+    said = run_stage(project, "evaluate")
     assert f"registered {NAME} version 2: is now the champion" in said, said
     assert np.array_equal(draw(project, "champion", "--model", CHAMPION), local)
-    assert "nothing re-sent" in stage(project, "resend")
+    assert "nothing re-sent" in run_stage(project, "resend")
 
 
-def test_an_extended_run_registers_the_weights_it_was_scored_on(tmp_path: Path) -> None:
-    project, run_id = trained(tmp_path / "p", steps=4)
-    first = draw(project, "first")
+def test_an_extended_run_registers_the_weights_it_was_scored_on(tmp_path: Path, built: dict[str, Path]) -> None:
+    project, run_id = trained(built, tmp_path / "p")  # 4 steps
+    first = np.load(project / "local.npy")  # drawn from models/generator.pt
     shutil.copyfile(project / "models/generator.pt", tmp_path / "first.pt")
     set_steps(project, 6)
-    stage(project, "train")
-    said = stage(project, "evaluate")
+    run_stage(project, "train")
+    said = run_stage(project, "evaluate")
     assert f"registered {NAME} version 2" in said, said
     second = draw(project, "second")
     assert not np.array_equal(first, second)
     first_tensors, second_tensors = tensors_of(tmp_path / "first.pt"), tensors_of(project / "models/generator.pt")
 
-    mlflow = client(project)
+    mlflow = project_client(project)
     old, new = models_of(project, run_id)
     for number, pixels, tensors, model in ((1, first, first_tensors, old), (2, second, second_tensors, new)):
         version = mlflow.get_model_version(NAME, str(number))
@@ -248,34 +257,30 @@ def test_an_extended_run_registers_the_weights_it_was_scored_on(tmp_path: Path) 
     assert np.array_equal(draw(project, "champion", "--model", CHAMPION), expected)
     assert np.array_equal(draw(project, "run", "--run", run_id), second)
     # A re-evaluation of the same weights keeps their version.
-    assert f"registered {NAME} version 2" in stage(project, "evaluate")
+    assert f"registered {NAME} version 2" in run_stage(project, "evaluate")
     assert len(mlflow.search_model_versions(f"name = '{NAME}'")) == 2
 
 
-def test_resend_repairs_an_extended_run_and_still_refuses_foreign_outputs(tmp_path: Path) -> None:
-    project = make_eval_project(tmp_path / "p")
-    set_steps(project, 4)
-    stage(project, "train")
+def test_resend_repairs_an_extended_run_and_still_refuses_foreign_outputs(tmp_path: Path, built: dict[str, Path]) -> None:
+    project, _ = trained(built, tmp_path / "p", evaluated=False)  # 4 steps
     set_steps(project, 6)
-    stage(project, "train")
+    run_stage(project, "train")
     run_id = files.read_json(project / "models/train_run.json")["run_id"]
-    assert client(project).get_run(run_id).data.tags["param_changed.train.steps"] == "6"
+    assert project_client(project).get_run(run_id).data.tags["param_changed.train.steps"] == "6"
     # The server lost the log and the final model (the sqlite store keeps its record: the files go).
-    artifacts = Path(client(project).get_run(run_id).info.artifact_uri.removeprefix("file://"))
+    artifacts = Path(project_client(project).get_run(run_id).info.artifact_uri.removeprefix("file://"))
     (artifacts / "train_log.csv").unlink()
     newest = models_of(project, run_id)[-1]
-    client(project).delete_logged_model(newest.model_id)
+    project_client(project).delete_logged_model(newest.model_id)
 
-    said = stage(project, "resend")
+    said = run_stage(project, "resend")
     assert f"re-sent to MLflow run {run_id}: 1 artifacts, 1 model." in said, said
     assert (artifacts / "train_log.csv").is_file()
     assert np.array_equal(draw(project, "run", "--run", run_id), draw(project, "local"))
-    assert "nothing re-sent" in stage(project, "resend")
+    assert "nothing re-sent" in run_stage(project, "resend")
 
     # Outputs of another seed, a param the run never changed: not its own.
-    params = yaml.safe_load((project / "params.yaml").read_text())
-    params["train"]["seed"] = 5
-    (project / "params.yaml").write_text(yaml.safe_dump(params))
+    edit_params(project, train={"seed": 5})
     info = files.read_json(project / "models/train_run.json")
     info["params_sha256"] = files.fingerprint(flatten(load_params(project / "params.yaml")))
     files.write_json(project / "models/train_run.json", info)

@@ -17,9 +17,8 @@ from pipeline.params import EvaluateParams
 from pipeline.scoring.frozen_classifier import Classifier, save_classifier
 from pipeline.scoring.scorer import load_reference
 from pipeline.stages.reference import build_reference
-from tests.conftest import run_cli, synthetic_mnist
+from tests.conftest import CPU, leave_kill_leftovers, run_cli, synthetic_mnist
 
-CPU = torch.device("cpu")
 SMALL = EvaluateParams(n_samples=40, batch_size=16, kid_subsets=5, kid_subset_size=20, is_splits=2, prdc_k=3)
 
 
@@ -58,10 +57,8 @@ def stage_dir(tmp_path: Path) -> Path:
 
 
 def test_stage_end_to_end(stage_dir: Path) -> None:
-    stale = [stage_dir / "data/reference/.mnist.npz.k1ll.tmp", stage_dir / "metrics/.reference.json.k1ll.tmp"]
-    for path in stale:  # what a kill during an atomic write leaves
-        path.parent.mkdir(parents=True, exist_ok=True)
-        path.write_bytes(b"half")
+    stale = leave_kill_leftovers(stage_dir / "data/reference/.mnist.npz.k1ll.tmp",
+                                 stage_dir / "metrics/.reference.json.k1ll.tmp")  # fmt: skip
     result = run_cli(["reference"], cwd=stage_dir)
     assert result.returncode == 0, result.stderr
     assert not any(path.exists() for path in stale)

@@ -17,9 +17,8 @@ from pipeline.files import sha256_file
 from pipeline.params import EvaluateParams
 from pipeline.scoring.frozen_classifier import Classifier, classify, load_classifier, save_classifier
 from pipeline.scoring.scorer import Reference, compute_reference, load_reference, save_reference, score
-from tests.conftest import ROOT, Payload, shared_mnist_dir, synthetic_mnist
+from tests.conftest import CPU, ROOT, Payload, shared_mnist_dir, synthetic_mnist
 
-CPU = torch.device("cpu")
 COMMITTED = ROOT / "models/classifier-mnist.pt"
 SCORE_KEYS = {
     "fid", "kid_mean", "kid_std", "is_mean", "is_std", "class_kl", "classes_covered", "mean_confidence",
@@ -199,11 +198,19 @@ def real(tmp_path_factory: pytest.TempPathFactory) -> tuple[Classifier, Dataset]
     return load_classifier(COMMITTED, Classifier().feature_dim, CPU)[0], mnist
 
 
-@pytest.mark.slow
-def test_real_vs_real_scores_are_near_their_floor(real: tuple[Classifier, Dataset]) -> None:
+@pytest.fixture(scope="module")
+def real_reference(real: tuple[Classifier, Dataset]) -> tuple[np.ndarray, np.ndarray, Reference]:
+    """The committed classifier's features and probabilities of the real test set, and its reference."""
     model, mnist = real
     test_features, test_probs = classify(model, mnist.test_images, 1000, CPU)
-    ref = compute_reference(test_features, mnist.test_labels, "committed")
+    return test_features, test_probs, compute_reference(test_features, mnist.test_labels, "committed")
+
+
+@pytest.mark.slow
+def test_real_vs_real_scores_are_near_their_floor(
+    real: tuple[Classifier, Dataset], real_reference: tuple[np.ndarray, np.ndarray, Reference]
+) -> None:
+    (model, mnist), (test_features, test_probs, ref) = real, real_reference
     params = EvaluateParams(n_samples=2000, kid_subsets=20, kid_subset_size=500)
     pick = np.random.default_rng(0).choice(len(mnist.train_images), 2000, replace=False)
     floor = score(*classify(model, mnist.train_images[pick], 1000, CPU), ref, params)
@@ -217,10 +224,10 @@ def test_real_vs_real_scores_are_near_their_floor(real: tuple[Classifier, Datase
 
 
 @pytest.mark.slow
-def test_noise_and_single_digit_samples_score_as_they_should(real: tuple[Classifier, Dataset]) -> None:
-    model, mnist = real
-    test_features, _ = classify(model, mnist.test_images, 1000, CPU)
-    ref = compute_reference(test_features, mnist.test_labels, "committed")
+def test_noise_and_single_digit_samples_score_as_they_should(
+    real: tuple[Classifier, Dataset], real_reference: tuple[np.ndarray, np.ndarray, Reference]
+) -> None:
+    (model, mnist), (_, _, ref) = real, real_reference
     params = EvaluateParams(n_samples=1000, kid_subsets=10, kid_subset_size=500)
     noise = np.random.default_rng(0).integers(0, 256, (1000, 28, 28), dtype=np.uint8)
     noisy = score(*classify(model, noise, 1000, CPU), ref, params)

@@ -22,7 +22,7 @@ from pipeline.stages import prepare
 from pipeline.tracking import connection
 from pipeline.errors import UserError
 from pipeline.params import load_params
-from tests.conftest import ROOT, assert_refused, make_eval_project, run_cli, stage_env
+from tests.conftest import ROOT, assert_refused, edit_params, make_eval_project, run_cli, stage_env
 from tests.servers import ADMIN, MEMBER, MlflowServer, credentials
 
 # --- item 2: passwords --------------------------------------------------------------------
@@ -99,11 +99,9 @@ def test_train_and_evaluate_show_no_password_given_in_the_tracking_uri(tmp_path:
     with credentials(ADMIN, auth_server.admin_password):
         mlflow.server.get_app_client("basic-auth", tracking_uri=auth_server.uri).update_user_password(MEMBER, password)
     project = make_eval_project(tmp_path / "p")
-    params = yaml.safe_load((project / "params.yaml").read_text())
-    params["train"].update(steps=2, sample_every=2, log_every=2)
     db_password = f"{pieces[0]}/x@y:{pieces[4]}"  # a sweep's storage named in params.yaml reaches the run's params
-    params["sweep"] = {"storage": f"postgresql+psycopg://optuna:{db_password}@db.example.org/optuna"}
-    (project / "params.yaml").write_text(yaml.safe_dump(params))
+    edit_params(project, train={"steps": 2, "sample_every": 2, "log_every": 2},
+                sweep={"storage": f"postgresql+psycopg://optuna:{db_password}@db.example.org/optuna"})  # fmt: skip
     env = {k: v for k, v in stage_env(project).items() if not k.startswith("MLFLOW_")}
     env["MLFLOW_TRACKING_URI"] = auth_server.uri.replace("http://", f"http://{MEMBER}:{quote(password, safe='')}@")
 

@@ -20,20 +20,23 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-import torch
 
 from pipeline import files, signals
 from tests.conftest import (
     ROOT,
+    TINY_TRAIN,
     assert_outputs_complete,
     assert_refused,
-    dvc_repo,
+    assert_same_weights,
+    edit_params,
+    generator_weights,
     make_project,
-    mlflow_client,
+    mnist_dvc_repo,
+    one_thread_env,
+    project_client,
+    project_runs,
     run_cli,
     run_dvc,
-    shared_mnist_dir,
-    stage_env,
     start,
     with_db,
 )
@@ -44,11 +47,6 @@ SIGNAL_TRAIN = {"log_every": 10, "checkpoint_every": 100, "sample_every": 25}
 STOPPED = r"stopped by {name} at step (\d+): checkpoint written to checkpoints/train.pt; run the same command to resume."
 
 
-def job_env(project: Path) -> dict[str, str]:
-    # One thread, in the uninterrupted run as in the stopped one: another thread count sums in another order.
-    return {**stage_env(project), "OMP_NUM_THREADS": "1"}
-
-
 def signal_project(path: Path, tracking_db: Path, steps: int = STEPS, **train: Any) -> Path:
     return with_db(make_project(path, steps=steps, **{**SIGNAL_TRAIN, **train}), tracking_db)
 
@@ -57,7 +55,7 @@ def signal_project(path: Path, tracking_db: Path, steps: int = STEPS, **train: A
 def uninterrupted(tmp_path_factory: pytest.TempPathFactory, tracking_db: Path) -> Path:
     """The signal tests' training, run to the end in one go."""
     project = signal_project(tmp_path_factory.mktemp("uninterrupted") / "p", tracking_db)
-    result = run_cli(["train"], cwd=project, env=job_env(project))
+    result = run_cli(["train"], cwd=project, env=one_thread_env(project))
     assert result.returncode == 0, result.stderr[-3000:]
     return project
 
@@ -81,36 +79,22 @@ def last_line(text: str) -> str:
     return text.strip().splitlines()[-1]
 
 
-def client(project: Path) -> Any:
-    return mlflow_client(f"sqlite:///{project / 'mlflow.db'}")
-
-
-def runs(project: Path) -> list[Any]:
-    mlflow = client(project)
-    return mlflow.search_runs([mlflow.get_experiment_by_name("dcgan-mnist").experiment_id])
-
-
 def metric_record(project: Path, run_id: str) -> dict[str, list[tuple[int, float]]]:
     """Every metric of the run: its (step, value) entries as logged, sorted; a step logged twice shows twice."""
-    mlflow = client(project)
+    mlflow = project_client(project)
     names = mlflow.get_run(run_id).data.metrics
     return {name: sorted((m.step, m.value) for m in mlflow.get_metric_history(run_id, name)) for name in names}
 
 
-def generator(project: Path) -> dict[str, torch.Tensor]:
-    return files.load_checkpoint(project / "models/generator.pt")["generator"]
-
-
 def assert_same_training(project: Path, reference: Path) -> None:
     """Bit for bit the reference's training: weights, per-step log, sample grids, per-step MLflow metrics."""
-    got, want = generator(project), generator(reference)
-    assert got.keys() == want.keys() and all(torch.equal(got[k], want[k]) for k in want)
+    assert_same_weights(generator_weights(project), generator_weights(reference))
     assert (project / "metrics/train_log.csv").read_text() == (reference / "metrics/train_log.csv").read_text()
     grids = sorted(p.name for p in (reference / "samples").iterdir())
     assert sorted(p.name for p in (project / "samples").iterdir()) == grids
     assert all((project / "samples" / g).read_bytes() == (reference / "samples" / g).read_bytes() for g in grids)
-    (run,) = [r for r in runs(project) if r.info.status == "FINISHED"]
-    (ref,) = runs(reference)
+    (run,) = [r for r in project_runs(project) if r.info.status == "FINISHED"]
+    (ref,) = project_runs(reference)
     got_metrics, want_metrics = metric_record(project, run.info.run_id), metric_record(reference, ref.info.run_id)
     for name in ("d_loss", "d_acc", "g_loss"):  # each step once, with the uninterrupted run's value
         assert got_metrics[name] == want_metrics[name], name
@@ -119,7 +103,7 @@ def assert_same_training(project: Path, reference: Path) -> None:
 
 def stop(project: Path, log: Path, signum: int, after: str = "samples/step_000025.png") -> int:
     """Start the stage, send `signum` once it has written `after`; the step it says it stopped at."""
-    proc = start(["train"], project, job_env(project), log)
+    proc = start(["train"], project, one_thread_env(project), log)
     wait_until(proc, project / after)
     os.kill(proc.pid, signum)
     assert proc.wait(timeout=120) == 128 + signum
@@ -144,16 +128,16 @@ def test_sigterm_stops_at_a_step_marks_the_run_killed_and_the_same_command_resum
     assert 25 <= step < STEPS
     ckpt = files.load_checkpoint(project / "checkpoints/train.pt")
     assert ckpt["step"] == step and len(ckpt["history"]) == step  # the stop step's own checkpoint, every row in it
-    (run,) = runs(project)
+    (run,) = project_runs(project)
     assert run.info.status == "KILLED"
     assert [s for s, _ in metric_record(project, run.info.run_id)["g_loss"]] == list(range(1, step + 1))
     assert not (project / "models/generator.pt").exists()
     assert_outputs_complete(project, temps_allowed=False)
 
-    result = run_cli(["train"], cwd=project, env=job_env(project))
+    result = run_cli(["train"], cwd=project, env=one_thread_env(project))
     assert result.returncode == 0, result.stderr[-3000:]
     assert f"resuming from checkpoints/train.pt at step {step}" in result.stdout
-    assert [r.info.status for r in runs(project)] == ["FINISHED"]  # the same run, finished
+    assert [r.info.status for r in project_runs(project)] == ["FINISHED"]  # the same run, finished
     assert_same_training(project, uninterrupted)
 
 
@@ -166,8 +150,8 @@ def test_sigint_then_sighup_each_stop_and_the_twice_resumed_run_is_the_uninterru
     second = stop(project, tmp_path / "logs/hup", signal.SIGHUP, after="samples/step_000150.png")
     assert first < 150 <= second < STEPS
     assert "resuming from checkpoints/train.pt at step" in (tmp_path / "logs/hup.out").read_text()
-    assert [r.info.status for r in runs(project)] == ["KILLED"]
-    result = run_cli(["train"], cwd=project, env=job_env(project))
+    assert [r.info.status for r in project_runs(project)] == ["KILLED"]
+    result = run_cli(["train"], cwd=project, env=one_thread_env(project))
     assert result.returncode == 0, result.stderr[-3000:]
     assert_same_training(project, uninterrupted)
 
@@ -178,7 +162,7 @@ def test_a_real_timeout_command_stops_training_with_the_sentence_and_a_resumable
 ) -> None:
     """`timeout -s TERM` signals its whole process group, as a CI job's or scheduler's time limit does."""
     project = signal_project(tmp_path / "p", tracking_db, steps=1_000_000)  # far more than the time allows
-    env = {**job_env(project), "PYTHONPATH": str(ROOT)}
+    env = one_thread_env(project)
     command = ["timeout", "--preserve-status", "-s", "TERM", "25", sys.executable, "-m", "pipeline", "train"]
     result = subprocess.run(command, cwd=project, env=env, capture_output=True, text=True, timeout=300)
     assert result.returncode == 128 + signal.SIGTERM, result.stderr[-3000:]
@@ -187,7 +171,7 @@ def test_a_real_timeout_command_stops_training_with_the_sentence_and_a_resumable
     found = re.fullmatch(STOPPED.format(name="SIGTERM"), sentence)
     assert found, sentence
     assert files.load_checkpoint(project / "checkpoints/train.pt")["step"] == int(found[1])
-    (run,) = runs(project)
+    (run,) = project_runs(project)
     assert run.info.status == "KILLED"
 
 
@@ -202,12 +186,12 @@ def test_a_job_of_two_processes_stops_at_one_step_on_sigterm_and_resumes_bit_ide
     """train.nproc=2: the signal reaches the launcher (a process group of its own, as a terminal's or
     `timeout`'s); torch's launcher hands it on to both ranks, which agree on the step to stop at."""
     reference = with_db(make_project(tmp_path / "reference", steps=DDP_STEPS, **DDP_TRAIN), tracking_db)
-    result = run_cli(["train"], cwd=reference, env=job_env(reference))
+    result = run_cli(["train"], cwd=reference, env=one_thread_env(reference))
     assert result.returncode == 0, result.stderr[-3000:]
 
     project = with_db(make_project(tmp_path / "p", steps=DDP_STEPS, **DDP_TRAIN), tracking_db)
     log = tmp_path / "logs/job"
-    job = start(["train"], project, job_env(project), log)
+    job = start(["train"], project, one_thread_env(project), log)
     wait_until(job, project / "samples/step_000010.png")
     os.killpg(job.pid, signal.SIGTERM)
     assert job.wait(timeout=120) == 128 + signal.SIGTERM
@@ -218,15 +202,14 @@ def test_a_job_of_two_processes_stops_at_one_step_on_sigterm_and_resumes_bit_ide
     ckpt = files.load_checkpoint(project / "checkpoints/train.pt")
     assert ckpt["step"] == int(found[1]) and ckpt["step"] % DDP_TRAIN["log_every"] == 0  # where the ranks sync
     assert ckpt["world_size"] == 2 and len(ckpt["history"]) == ckpt["step"]
-    assert [r.info.status for r in runs(project)] == ["KILLED"]
+    assert [r.info.status for r in project_runs(project)] == ["KILLED"]
 
-    result = run_cli(["train"], cwd=project, env=job_env(project))
+    result = run_cli(["train"], cwd=project, env=one_thread_env(project))
     assert result.returncode == 0, result.stderr[-3000:]
     assert f"resuming from checkpoints/train.pt at step {ckpt['step']}" in result.stdout
-    got, want = generator(project), generator(reference)
-    assert got.keys() == want.keys() and all(torch.equal(got[k], want[k]) for k in want)
+    assert_same_weights(generator_weights(project), generator_weights(reference))
     assert (project / "metrics/train_log.csv").read_text() == (reference / "metrics/train_log.csv").read_text()
-    (run,) = runs(project)
+    (run,) = project_runs(project)
     assert run.info.status == "FINISHED"
     assert [s for s, _ in metric_record(project, run.info.run_id)["g_loss"]] == list(range(1, DDP_STEPS + 1))
 
@@ -250,7 +233,7 @@ def test_a_second_signal_stops_at_once_and_the_last_checkpoint_stays_whole(tmp_p
     project = signal_project(tmp_path / "p", tracking_db, checkpoint_every=20, sample_every=1000)
     (tmp_path / "slow").mkdir()
     (tmp_path / "slow/sitecustomize.py").write_text(SLOW_CHECKPOINT)
-    env = {**job_env(project), "PYTHONPATH": str(tmp_path / "slow"), "CHECKPOINT_FSYNC_DELAY_S": "60"}
+    env = {**one_thread_env(project), "PYTHONPATH": str(tmp_path / "slow"), "CHECKPOINT_FSYNC_DELAY_S": "60"}
     proc = start(["train"], project, env, tmp_path / "logs/twice")
     wait_until(proc, project / "checkpoints/train.pt")  # the step-20 checkpoint, whole
     os.kill(proc.pid, signal.SIGTERM)  # stop at the next step: its checkpoint write takes a minute ...
@@ -271,7 +254,7 @@ def test_a_second_signal_stops_at_once_and_the_last_checkpoint_stays_whole(tmp_p
     kept = f": checkpoints/train.pt of step {ckpt['step']} is kept; run the same command to resume from it."
     assert sentence.endswith(kept), sentence
     assert list((project / "checkpoints").glob(".*.tmp")) == []
-    (run,) = runs(project)
+    (run,) = project_runs(project)
     assert run.info.status == "KILLED"
 
 
@@ -283,31 +266,31 @@ def test_a_second_training_in_the_same_project_is_refused_naming_the_first_ones_
     tmp_path: Path, tracking_db: Path, uninterrupted: Path
 ) -> None:
     project = signal_project(tmp_path / "p", tracking_db)
-    first = start(["train"], project, job_env(project), tmp_path / "logs/first")
+    first = start(["train"], project, one_thread_env(project), tmp_path / "logs/first")
     wait_until(first, project / "samples/step_000025.png")
     os.killpg(first.pid, signal.SIGSTOP)  # held mid-training while the second one starts, however slowly
     try:
-        second = run_cli(["train"], cwd=project, env=job_env(project))
+        second = run_cli(["train"], cwd=project, env=one_thread_env(project))
     finally:
         os.killpg(first.pid, signal.SIGCONT)
     assert_refused(second, f"PID {first.pid}", "checkpoints/train.lock")
     assert first.wait(timeout=300) == 0, stderr_of(tmp_path / "logs/first")
     assert not (project / "checkpoints/train.lock").exists()
     assert_same_training(project, uninterrupted)  # steps logged once, the model upload intact
-    (run,) = runs(project)
-    models = client(project).search_logged_models([run.info.experiment_id])
+    (run,) = project_runs(project)
+    models = project_client(project).search_logged_models([run.info.experiment_id])
     assert [str(m.status) for m in models] == ["READY"]
 
 
 @pytest.mark.slow
 def test_a_killed_training_does_not_lock_the_project(tmp_path: Path, tracking_db: Path) -> None:
     project = signal_project(tmp_path / "p", tracking_db, steps=120, sample_every=10)
-    proc = start(["train"], project, job_env(project), tmp_path / "logs/killed")
+    proc = start(["train"], project, one_thread_env(project), tmp_path / "logs/killed")
     wait_until(proc, project / "samples/step_000010.png")
     os.killpg(proc.pid, signal.SIGKILL)
     proc.wait()
     assert (project / "checkpoints/train.lock").read_text().strip() == str(proc.pid)  # left behind, unlocked
-    result = run_cli(["train"], cwd=project, env=job_env(project))
+    result = run_cli(["train"], cwd=project, env=one_thread_env(project))
     assert result.returncode == 0, result.stderr[-3000:]
     assert not (project / "checkpoints/train.lock").exists()
 
@@ -352,36 +335,27 @@ def test_a_finished_run_whose_outputs_were_deleted_writes_every_one_again_byte_f
     tmp_path: Path, tracking_db: Path
 ) -> None:
     project = with_db(make_project(tmp_path / "p", steps=9, sample_every=3, fid_every=0), tracking_db)
-    assert run_cli(["train"], cwd=project, env=job_env(project)).returncode == 0
+    assert run_cli(["train"], cwd=project, env=one_thread_env(project)).returncode == 0
     before = outputs(project)
-    (run,) = runs(project)
+    (run,) = project_runs(project)
     record = metric_record(project, run.info.run_id)
     delete(project)
 
-    result = run_cli(["train"], cwd=project, env=job_env(project))
+    result = run_cli(["train"], cwd=project, env=one_thread_env(project))
     assert result.returncode == 0, result.stderr[-3000:]
     assert "resuming from checkpoints/train.pt at step 9" in result.stdout
     assert outputs(project) == before  # samples, generator, plots, logs, train.json: each byte as it was
-    (again,) = runs(project)
+    (again,) = project_runs(project)
     assert again.info.run_id == run.info.run_id and again.info.status == "FINISHED"
     assert metric_record(project, run.info.run_id) == record  # not a step logged twice, final_* included
-    models = client(project).search_logged_models([run.info.experiment_id])
+    models = project_client(project).search_logged_models([run.info.experiment_id])
     assert [str(m.status) for m in models] == ["READY"]
 
 
 @pytest.mark.slow
 def test_dvc_repro_forced_after_deleting_outputs_gives_them_back(tmp_path: Path) -> None:
-    mirror = shared_mnist_dir()
-    if mirror is None:
-        pytest.skip("needs the offline MNIST copy (MNIST_MIRROR or ../shared/data/mnist)")
-    repo, env = dvc_repo(tmp_path / "repo")
-    env["MNIST_MIRROR"] = str(mirror)
-    import yaml
-
-    params = yaml.safe_load((repo / "params.yaml").read_text())
-    params["train"].update(steps=6, batch_size=8, sample_every=3, log_every=3, checkpoint_every=3, fid_every=0,
-                           device="cpu")  # fmt: skip
-    (repo / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
+    repo, env = mnist_dvc_repo(tmp_path / "repo")
+    edit_params(repo, train={**TINY_TRAIN, "log_every": 3, "fid_every": 0})
     first = run_dvc(["repro", "train"], repo, env)
     assert first.returncode == 0, first.stdout[-3000:] + first.stderr[-3000:]
     before = outputs(repo)

@@ -20,13 +20,13 @@ from typing import Any
 
 import optuna
 import pytest
-import yaml
 from optuna.trial import TrialState
 
 from pipeline import files
 from tests.conftest import (
     ROOT,
     assert_refused,
+    edit_params,
     make_eval_project,
     run_cli,
     snapshot,
@@ -70,11 +70,8 @@ SWEEP = {"trials": 2, "steps": 12, "fid_every": 6, "fid_samples": 32, "eval_samp
 def team_project(path: Path, experiment: str = "dcgan-mnist", **sweep: Any) -> Path:
     """A member's clone: a small classifier and reference, synthetic data, tiny train/evaluate/sweep params."""
     make_eval_project(path)
-    params = yaml.safe_load((path / "params.yaml").read_text())
-    params["train"].update(steps=6, fid_every=3, fid_samples=32)
-    params["sweep"] = {**SWEEP, **sweep}
-    params["tracking"] = {"experiment": experiment}
-    (path / "params.yaml").write_text(yaml.safe_dump(params))
+    edit_params(path, train={"steps": 6, "fid_every": 3, "fid_samples": 32}, sweep={**SWEEP, **sweep},
+                tracking={"experiment": experiment})  # fmt: skip
     return path
 
 
@@ -125,12 +122,9 @@ def test_a_resume_replayed_from_an_earlier_checkpoint_logs_every_metric_once(tmp
     """A kill after step 10's metrics went out but before its checkpoint: the run is trained again from
     step 5 to 10, and every metric, the `final_*` ones included, still holds one point per step."""
     project = team_project(tmp_path / "p")
-    params = yaml.safe_load((project / "params.yaml").read_text())
-    params["train"].update(steps=5, fid_every=0, checkpoint_every=5)
     env = member_env(team, project)
     for steps in (5, 10):
-        params["train"]["steps"] = steps
-        (project / "params.yaml").write_text(yaml.safe_dump(params))
+        edit_params(project, train={"steps": steps, "fid_every": 0, "checkpoint_every": 5})
         if steps == 10:
             step_5 = (project / "checkpoints/train.pt").read_bytes()
         result = run_cli(["train"], cwd=project, env=env)

@@ -9,27 +9,21 @@ import torch
 import yaml
 
 from pipeline import files
-from pipeline.gan.loop import Callbacks, Diverged, new_state, train
+from pipeline.gan.loop import Callbacks, Diverged, new_state
 from pipeline.params import ModelParams, Params, TrainParams, flatten
 from tests.conftest import (
     CPU,
     SMALL_MODEL,
     TINY_TRAIN,
+    assert_same_weights,
+    edit_params,
     make_project,
+    project_client,
     run_cli,
     stage_env,
-    synthetic_mnist,
+    tracking_uri,
+    train_tiny,
 )
-
-
-def images() -> torch.Tensor:
-    return torch.from_numpy(synthetic_mnist(n_train=64).train_images)
-
-
-def run(steps: int, state=None, **callbacks):  # type: ignore[no-untyped-def]
-    model, params = ModelParams(**SMALL_MODEL), TrainParams(**{**TINY_TRAIN, "steps": steps})
-    state = state or new_state(model, params, CPU, 10)
-    return train(state, images(), params, model.latent_dim, Callbacks(**callbacks))
 
 
 def weights(state) -> dict[str, torch.Tensor]:  # type: ignore[no-untyped-def]
@@ -37,37 +31,33 @@ def weights(state) -> dict[str, torch.Tensor]:  # type: ignore[no-untyped-def]
 
 
 def assert_identical(a, b) -> None:  # type: ignore[no-untyped-def]
-    wa, wb = weights(a), weights(b)
-    assert wa.keys() == wb.keys()
-    for key in wa:
-        assert torch.equal(wa[key], wb[key]), key
+    assert_same_weights(weights(a), weights(b))
     assert a.history == b.history
 
 
 def test_same_seed_gives_bit_identical_runs() -> None:
-    assert_identical(run(6), run(6))
+    assert_identical(train_tiny(6), train_tiny(6))
 
 
 def test_other_seed_differs() -> None:
-    model, params = ModelParams(**SMALL_MODEL), TrainParams(**{**TINY_TRAIN, "seed": 1})
-    other = train(new_state(model, params, CPU, 10), images(), params, model.latent_dim)
-    assert other.history != run(6).history
+    assert train_tiny(6, seed=1).history != train_tiny(6).history
 
 
 def test_resume_from_checkpoint_is_bit_identical(tmp_path: Path) -> None:
     saved = tmp_path / "ckpt.pt"
-    run(3, on_checkpoint=lambda s: files.save_checkpoint(s.to_checkpoint("fp"), saved))
+    train_tiny(3, callbacks=Callbacks(on_checkpoint=lambda s: files.save_checkpoint(s.to_checkpoint("fp"), saved)))
     model, params = ModelParams(**SMALL_MODEL), TrainParams(**TINY_TRAIN)
     resumed = new_state(model, params, CPU, 10)
     torch.manual_seed(12345)  # a different RNG state must be overwritten by the checkpoint's
     resumed.restore(files.load_checkpoint(saved))
     assert resumed.step == 3
-    assert_identical(run(6, state=resumed), run(6))
+    assert_identical(train_tiny(6, state=resumed), train_tiny(6))
 
 
 def test_history_and_callbacks() -> None:
     logs, grids = [], []
-    state = run(6, on_log=lambda rows, rate: logs.append(rows), on_sample=lambda step, g: grids.append((step, g)))
+    callbacks = Callbacks(on_log=lambda rows, _: logs.append(rows), on_sample=lambda step, g: grids.append((step, g)))
+    state = train_tiny(6, callbacks=callbacks)
     assert [r[0] for r in state.history] == [1, 2, 3, 4, 5, 6]
     assert [len(rows) for rows in logs] == [2, 1, 1, 2]  # log points 2, 4, 6 and checkpoint 3
     assert all(0.0 <= r[2] <= 1.0 and r[1] > 0 and r[3] > 0 for r in state.history)
@@ -82,16 +72,14 @@ def test_nan_loss_stops_with_step_and_loss() -> None:
         state.generator.dense.weight.fill_(float("nan"))
     saved = []
     with pytest.raises(Diverged, match=r"training diverged at step 1: D loss nan, G loss nan"):
-        train(state, images(), params, model.latent_dim, Callbacks(on_checkpoint=saved.append))
+        train_tiny(6, state=state, callbacks=Callbacks(on_checkpoint=saved.append))
     assert saved == []  # no checkpoint is written from a diverged state
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 @pytest.mark.gpu
 def test_cuda_bf16_step_runs() -> None:
-    model, params = ModelParams(**SMALL_MODEL), TrainParams(**{**TINY_TRAIN, "precision": "bf16", "device": "cuda"})
-    device = torch.device("cuda")
-    state = train(new_state(model, params, device, 10), images().to(device), params, model.latent_dim)
+    state = train_tiny(6, precision="bf16", device="cuda")
     assert len(state.history) == 6 and all(np.isfinite(r[1]) for r in state.history)
 
 
@@ -112,7 +100,7 @@ def test_stage_writes_outputs_and_logs_to_mlflow(tmp_path: Path) -> None:
     import mlflow
     from mlflow import MlflowClient
 
-    mlflow.set_tracking_uri(f"sqlite:///{project / 'mlflow.db'}")
+    mlflow.set_tracking_uri(tracking_uri(project))
     client = MlflowClient()
     run = client.get_run(info["run_id"])
     assert run.info.status == "FINISHED"
@@ -133,18 +121,15 @@ def test_a_model_upload_cut_short_is_removed_when_the_run_ends_again(tmp_path: P
     """A kill during the final upload leaves a PENDING logged model beside the run; the next end of
     the run (here: the run extended by two steps) deletes it, says so, and logs one READY model."""
     import mlflow
-    from mlflow import MlflowClient
 
     project = make_project(tmp_path / "p", steps=3)
     assert run_cli(["train"], cwd=project, env=stage_env(project)).returncode == 0
     info = json.loads((project / "models/train_run.json").read_text())
-    client = MlflowClient(f"sqlite:///{project / 'mlflow.db'}")
-    mlflow.set_tracking_uri(f"sqlite:///{project / 'mlflow.db'}")
+    client = project_client(project)
+    mlflow.set_tracking_uri(tracking_uri(project))
     pending = client.create_logged_model(info["experiment_id"], name="generator", source_run_id=info["run_id"])
     assert str(pending.status) == "PENDING"
-    params = yaml.safe_load((project / "params.yaml").read_text())
-    params["train"]["steps"] = 5
-    (project / "params.yaml").write_text(yaml.safe_dump(params))
+    edit_params(project, train={"steps": 5})
     result = run_cli(["train"], cwd=project, env=stage_env(project))
     assert result.returncode == 0, result.stderr
     assert f"removed 1 unfinished logged model(s) of MLflow run {info['run_id']}" in result.stdout
@@ -156,9 +141,7 @@ def test_a_model_upload_cut_short_is_removed_when_the_run_ends_again(tmp_path: P
 def test_checkpoint_from_other_params_is_not_resumed(tmp_path: Path) -> None:
     project = make_project(tmp_path / "p", steps=3)
     assert run_cli(["train"], cwd=project, env=stage_env(project)).returncode == 0
-    params = yaml.safe_load((project / "params.yaml").read_text())
-    params["train"]["lr_g"] = 0.001
-    (project / "params.yaml").write_text(yaml.safe_dump(params))
+    edit_params(project, train={"lr_g": 0.001})
     result = run_cli(["train"], cwd=project, env=stage_env(project))
     assert result.returncode == 0, result.stderr
     assert "was made with other params or data; starting fresh" in result.stdout
