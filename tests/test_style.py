@@ -19,3 +19,17 @@ def test_the_package_is_formatted_and_has_no_unused_names() -> None:
     assert checked.returncode == 0, checked.stdout + checked.stderr
     skipped = [str(path.relative_to(ROOT)) for path in (ROOT / "pipeline").rglob("*.py") if "fmt: skip" in path.read_text()]
     assert not skipped, f"hand-formatted lines (# fmt: skip) in {skipped}"
+
+
+def test_no_module_over_450_lines_and_no_function_over_60() -> None:
+    import ast
+
+    long_modules, long_functions = [], []
+    for path in sorted((ROOT / "pipeline").rglob("*.py")):
+        text = path.read_text()
+        if len(text.splitlines()) > 450:
+            long_modules.append(str(path.relative_to(ROOT)))
+        for node in ast.walk(ast.parse(text)):
+            if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef)) and node.end_lineno - node.lineno + 1 > 60:
+                long_functions.append(f"{path.relative_to(ROOT)}:{node.name}")
+    assert not long_modules and not long_functions, (long_modules, long_functions)
