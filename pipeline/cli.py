@@ -67,14 +67,38 @@ def build_parser() -> argparse.ArgumentParser:
         stage.add_argument(
             "--params", type=Path, default=Path("params.yaml"), help="params file (default: %(default)s)"
         )
-    evaluate = sub.choices["evaluate"]
+    _sampling_options(sub.choices["generate"], sub.choices["serve"])
+    evaluate, ui, sweep = sub.choices["evaluate"], sub.choices["ui"], sub.choices["sweep"]
     evaluate.add_argument(
         "--samples",
         type=Path,
         help="score these samples instead: .npy/.npz (N x 28 x 28, uint8 or [-1, 1]) or a PNG folder",
     )
     evaluate.add_argument("--output", type=Path, help="with --samples: where to write the JSON report")
-    generate = sub.choices["generate"]
+    ui.add_argument(
+        "--port", type=int, default=5000, help="the local MLflow UI's port (default: %(default)s)"
+    )
+    ui.add_argument("--open", dest="open_browser", action="store_true", help="open the address in a browser")
+    sweep.add_argument(
+        "--study", help="Optuna study name (default: sweep.study); a study that exists is resumed"
+    )
+    sweep.add_argument("--storage", help="Optuna storage URL shared by all workers (default: sweep.storage)")
+    sweep.add_argument("--trials", type=int, help="trials in the whole study (default: sweep.trials)")
+    schema = _helper_commands(sub)
+    for writer in (evaluate, schema, sub.choices["generate"]):  # outputs stay inside the project unless told
+        writer.add_argument(
+            "--allow-outside", action="store_true", help="let --output name a path outside this directory"
+        )
+    sweep.add_argument(
+        "--allow-outside",
+        action="store_true",
+        help="let a SQLite study (--storage or sweep.storage) live outside this directory",
+    )
+    return parser
+
+
+def _sampling_options(generate: argparse.ArgumentParser, serve: argparse.ArgumentParser) -> None:
+    """generate's and serve's: which generator, and (generate) how many samples and where to."""
     generate.add_argument("-n", type=int, default=25, help="how many samples (default: %(default)s)")
     generate.add_argument(
         "--seed", type=int, help="noise seed (default: evaluate.seed, the evaluate stage's draw)"
@@ -94,7 +118,6 @@ def build_parser() -> argparse.ArgumentParser:
     generate.add_argument(
         "--raw", action="store_true", help="an EMA run: the trained G, not its moving average"
     )
-    serve = sub.choices["serve"]
     serve.add_argument("--run", help="serve the generator an MLflow training run logged (its run id)")
     serve.add_argument(
         "--model", help="serve a registered model (default: models:/<experiment>-generator@champion)"
@@ -105,32 +128,12 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument(
         "--port", type=int, default=8000, help="the port (default: %(default)s; 0: any free one)"
     )
-    ui = sub.choices["ui"]
-    ui.add_argument(
-        "--port", type=int, default=5000, help="the local MLflow UI's port (default: %(default)s)"
-    )
-    ui.add_argument("--open", dest="open_browser", action="store_true", help="open the address in a browser")
-    sweep = sub.choices["sweep"]
-    sweep.add_argument(
-        "--study", help="Optuna study name (default: sweep.study); a study that exists is resumed"
-    )
-    sweep.add_argument("--storage", help="Optuna storage URL shared by all workers (default: sweep.storage)")
-    sweep.add_argument("--trials", type=int, help="trials in the whole study (default: sweep.trials)")
+
+
+def _helper_commands(sub: argparse._SubParsersAction) -> argparse.ArgumentParser:  # type: ignore[type-arg]
+    """schema, resend and summary: commands beside the stages. Returns schema's parser."""
     schema = sub.add_parser("schema", help="print the JSON schema of params.yaml (for editors)")
     schema.add_argument("--output", type=Path, help="write it to this file instead of stdout")
-    for writer in (
-        evaluate,
-        schema,
-        generate,
-    ):  # outputs stay inside the project unless the user says otherwise
-        writer.add_argument(
-            "--allow-outside", action="store_true", help="let --output name a path outside this directory"
-        )
-    sweep.add_argument(
-        "--allow-outside",
-        action="store_true",
-        help="let a SQLite study (--storage or sweep.storage) live outside this directory",
-    )
     resend = sub.add_parser(
         "resend",
         help=RESEND_HELP,
@@ -143,7 +146,7 @@ def build_parser() -> argparse.ArgumentParser:
         "summary", help="print the Generator and Discriminator layer tables, as the tutorial does"
     )
     show.add_argument("--params", type=Path, default=Path("params.yaml"))
-    return parser
+    return schema
 
 
 def run(args: argparse.Namespace) -> None:

@@ -12,7 +12,7 @@ import pytest
 import torch
 import yaml
 
-from pipeline import data
+from pipeline import data, own_data
 from pipeline.errors import UserError
 from pipeline.scoring.frozen_classifier import classify, load_classifier
 from pipeline.scoring.metrics import fid
@@ -154,7 +154,7 @@ def test_switching_to_fashion_mnist_scores_with_the_committed_classifier(repo: t
 def test_unusable_own_data_is_one_sentence(tmp_path: Path, arrays: dict[str, np.ndarray], says: str) -> None:
     np.savez(tmp_path / "mine.npz", **arrays)
     with pytest.raises(UserError, match=rf"^data\.path {tmp_path}/mine\.npz.*{re.escape(says)}"):
-        data.load_own(tmp_path / "mine.npz", ["a", "b", "c"], 0.2, 0, 10)
+        own_data.load_own(tmp_path / "mine.npz", ["a", "b", "c"], 0.2, 0, 10)
 
 
 def test_the_prepare_stage_says_what_is_wrong_with_own_data(tmp_path: Path) -> None:

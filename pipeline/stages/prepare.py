@@ -11,7 +11,7 @@ import os
 from collections.abc import Mapping
 from pathlib import Path
 
-from pipeline import data
+from pipeline import data, own_data
 from pipeline.data import Dataset, class_counts, save_prepared
 from pipeline.files import atomic_files, remove_stale_temps, write_json
 from pipeline.layout import Layout
@@ -26,8 +26,8 @@ def prepare(params: Params, raw_dir: Path, env: Mapping[str, str]) -> tuple[Data
     """Fetch and verify the dataset; return it and its images per class."""
     if params.data.dataset == data.OWN:
         own = params.data
-        data.check_own_path(Path(own.path or ""), Layout().own)
-        dataset = data.load_own(
+        own_data.check_own_path(Path(own.path or ""), Layout().own)
+        dataset = own_data.load_own(
             Path(own.path or ""), list(own.classes or ()), own.test_fraction, own.split_seed, MIN_PER_CLASS
         )
     else:

@@ -140,10 +140,40 @@ def _retry(reason: str | None) -> UserError:
     )
 
 
-def resend(params_path: Path = Path("params.yaml")) -> None:
-    """The command: rebuild the finished training run's record from the DVC outputs and backfill it."""
+def logged_rows(paths: Layout) -> list[dict[str, float]]:
+    """The per-step losses, quick FIDs and final figures, read back from the train stage's files."""
+
+    def table(path: Path) -> list[list[str]]:
+        return (
+            [line.split(",") for line in path.read_text().splitlines()[1:] if line] if path.is_file() else []
+        )
+
+    # The losses were float32 on the device: the CSV's 9 digits give back exactly what was logged.
+    rows: list[dict[str, float]] = [
+        {"step": int(step), **{k: float(np.float32(v)) for k, v in zip(LOG_COLUMNS, values, strict=True)}}
+        for step, *values in table(paths.train_log)
+    ]
+    rows += [{"step": int(step), "fid_quick": float(fid)} for step, fid in table(paths.fid_log)]
+    rows.append(summary_row(files.read_json(paths.train_metrics)))
+    return rows
+
+
+def logged_grids(paths: Layout) -> dict[int, np.ndarray]:
+    """The sample grids by step, read back from their PNGs (enlarged by nearest: every n-th pixel)."""
     from PIL import Image
 
+    grid_size = data.make_grid(np.zeros((1, data.IMAGE_SIZE, data.IMAGE_SIZE), np.uint8), GRID).shape[0]
+    images = {}
+    for path in sorted(paths.samples.glob("step_*.png")):
+        big = np.asarray(Image.open(path).convert("L"))
+        images[int(path.stem.removeprefix("step_"))] = big[
+            :: big.shape[0] // grid_size, :: big.shape[1] // grid_size
+        ]
+    return images
+
+
+def resend(params_path: Path = Path("params.yaml")) -> None:
+    """The command: rebuild the finished training run's record from the DVC outputs and backfill it."""
     params = load_params(params_path)
     paths = Layout(dataset=params.data.dataset)
     if not (paths.run_info.is_file() and paths.train_metrics.is_file() and paths.train_log.is_file()):
@@ -161,25 +191,7 @@ def resend(params_path: Path = Path("params.yaml")) -> None:
         params.tracking.experiment, Path.cwd(), dict(os.environ)
     )
 
-    def table(path: Path) -> list[list[str]]:
-        return (
-            [line.split(",") for line in path.read_text().splitlines()[1:] if line] if path.is_file() else []
-        )
-
-    # The losses were float32 on the device: the CSV's 9 digits give back exactly what was logged.
-    rows: list[dict[str, float]] = [
-        {"step": int(step), **{k: float(np.float32(v)) for k, v in zip(LOG_COLUMNS, values, strict=True)}}
-        for step, *values in table(paths.train_log)
-    ]
-    rows += [{"step": int(step), "fid_quick": float(fid)} for step, fid in table(paths.fid_log)]
-    rows.append(summary_row(files.read_json(paths.train_metrics)))
-    grid_size = data.make_grid(np.zeros((1, data.IMAGE_SIZE, data.IMAGE_SIZE), np.uint8), GRID).shape[0]
-    images = {}
-    for path in sorted(paths.samples.glob("step_*.png")):
-        big = np.asarray(Image.open(path).convert("L"))
-        images[int(path.stem.removeprefix("step_"))] = big[
-            :: big.shape[0] // grid_size, :: big.shape[1] // grid_size
-        ]
+    rows, images = logged_rows(paths), logged_grids(paths)
 
     def model() -> tuple[Any, np.ndarray]:
         weights = files.load_checkpoint(paths.generator)["generator"]

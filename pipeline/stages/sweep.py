@@ -140,13 +140,7 @@ class Objective:
         self.running[:] = [trial.number]
         values = suggest(trial, self.params)
         p = trial_params(self.params, values)
-        # N beside every FID: a trial is scored at sweep.eval_samples, a training run at evaluate.n_samples.
-        tags = {**self.tags, "sweep.trial": str(trial.number), "eval.n_samples": str(p.evaluate.n_samples)}
-        name = f"{sweep.study} #{trial.number}"
-        run = self.parent.child(name, tags)
-        trial.set_user_attr(RUN_ID, run.run_id)
-        run.log_params(flatten(p))
-        print(f"trial {trial.number}: " + ", ".join(f"{k}={format_value(v)}" for k, v in values.items()))
+        run = self.open_run(trial, p, values)
 
         def on_log(rows: list[tuple[int, float, float, float]], rate: float) -> None:
             run.log_metrics(metric_rows(rows))
@@ -193,6 +187,16 @@ class Objective:
         if run.lost:
             print(f"warning: trial {trial.number}: {run.lost_summary()}")
         return float(scores["fid"])
+
+    def open_run(self, trial: optuna.Trial, p: Params, values: dict[str, Any]) -> Run:
+        """The trial's MLflow run, a child of the sweep's, with its params."""
+        # N beside every FID: a trial is scored at sweep.eval_samples, a training run at evaluate.n_samples.
+        tags = {**self.tags, "sweep.trial": str(trial.number), "eval.n_samples": str(p.evaluate.n_samples)}
+        run = self.parent.child(f"{self.params.sweep.study} #{trial.number}", tags)
+        trial.set_user_attr(RUN_ID, run.run_id)
+        run.log_params(flatten(p))
+        print(f"trial {trial.number}: " + ", ".join(f"{k}={format_value(v)}" for k, v in values.items()))
+        return run
 
 
 def main(
@@ -292,22 +296,8 @@ def report(study: optuna.Study, params: Params, paths: Layout, parent: Tracker) 
     out = paths.sweeps / re.sub(r"[^\w.-]+", "_", params.sweep.study)
     with files.atomic_open(out / "trials.txt") as fh:
         fh.write(text + "\n")
-    buffer = io.StringIO()
-    writer = csv.writer(buffer)
-    writer.writerow(["trial", "state", "fid", "seconds", *keys, "mlflow_run_id"])
-    for t in ranked(trials):
-        writer.writerow(
-            [
-                t.number,
-                t.state.name,
-                score_of(t),
-                trial_seconds(t),
-                *(t.params.get(k) for k in keys),
-                t.user_attrs.get(RUN_ID, ""),
-            ]
-        )
     with files.atomic_open(out / "trials.csv") as fh:
-        fh.write(buffer.getvalue())
+        fh.write(trials_csv(trials, keys))
     written = [out / "trials.txt", out / "trials.csv", *figures(study, out)]
 
     complete = [t for t in trials if t.state == TrialState.COMPLETE]
@@ -347,6 +337,17 @@ def report(study: optuna.Study, params: Params, paths: Layout, parent: Tracker) 
     print(f"report -> {out.relative_to(paths.root) if out.is_relative_to(paths.root) else out}")
     if parent.lost:
         print(f"warning: {parent.lost_summary()}")
+
+
+def trials_csv(trials: list[FrozenTrial], keys: list[str]) -> str:
+    """The ranked trials as CSV: number, state, FID, seconds, the searched values, the MLflow run."""
+    buffer = io.StringIO()
+    writer = csv.writer(buffer)
+    writer.writerow(["trial", "state", "fid", "seconds", *keys, "mlflow_run_id"])
+    for t in ranked(trials):
+        row = [t.number, t.state.name, score_of(t), trial_seconds(t), *(t.params.get(k) for k in keys)]
+        writer.writerow([*row, t.user_attrs.get(RUN_ID, "")])
+    return buffer.getvalue()
 
 
 def figures(study: optuna.Study, out: Path) -> list[Path]:

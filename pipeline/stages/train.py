@@ -364,19 +364,12 @@ def stopped_sentence(stop: signals.Stopped, step: int, checkpoint: Path) -> str:
     return f"{at_once}: {checkpoint} of step {kept} is kept; run the same command to resume from it."
 
 
-def run(params: Params, paths: Layout, device: torch.device, world: World) -> None:
-    """The stage in one process (of a job, or the only one): resume or start, train, write."""
+def starting_state(
+    params: Params, paths: Layout, fingerprint: str, device: torch.device, n_classes: int, world: World
+) -> tuple[TrainState, str | None]:
+    """The state to train from, resumed from the checkpoint of these params if there is one (the
+    history's, when checkpoints/train.pt is another run's), and what was found, to say."""
     p = params.train
-    precision = machine.resolve_precision(p.precision, device)
-    if world.writer and device.type == "cpu" and hasattr(os, "getloadavg"):
-        if advice := machine.busy_machine_advice(
-            torch.get_num_threads(), machine.cores(), os.getloadavg()[0]
-        ):
-            print(f"warning: {advice}", file=sys.stderr)
-    n_classes = len(data.class_names(params.data))
-    dataset = data.load_prepared(paths.prepared, n_classes)
-    data_hash = files.sha256_file(paths.prepared)
-    fingerprint = checkpoint_fingerprint(params, data_hash, precision)
     if world.writer and (
         moved := checkpoint_history.prepare(paths.checkpoint, fingerprint, p.steps, p.keep_checkpoints)
     ):
@@ -384,7 +377,22 @@ def run(params: Params, paths: Layout, device: torch.device, world: World) -> No
     # Rank 0 reads the checkpoint for everyone: other machines of a job need not share its disk.
     ckpt = files.load_checkpoint(paths.checkpoint) if world.writer and paths.checkpoint.exists() else None
     ckpt = distributed.broadcast(world, ckpt)
-    state, how = resume_or_fresh(params, ckpt, paths.checkpoint, fingerprint, device, n_classes, world)
+    return resume_or_fresh(params, ckpt, paths.checkpoint, fingerprint, device, n_classes, world)
+
+
+def run(params: Params, paths: Layout, device: torch.device, world: World) -> None:
+    """The stage in one process (of a job, or the only one): resume or start, train, write."""
+    p = params.train
+    precision = machine.resolve_precision(p.precision, device)
+    if world.writer and device.type == "cpu" and hasattr(os, "getloadavg"):
+        load = os.getloadavg()[0]
+        if advice := machine.busy_machine_advice(torch.get_num_threads(), machine.cores(), load):
+            print(f"warning: {advice}", file=sys.stderr)
+    n_classes = len(data.class_names(params.data))
+    dataset = data.load_prepared(paths.prepared, n_classes)
+    data_hash = files.sha256_file(paths.prepared)
+    fingerprint = checkpoint_fingerprint(params, data_hash, precision)
+    state, how = starting_state(params, paths, fingerprint, device, n_classes, world)
 
     # The one gate: only the writing process touches files, MLflow and the terminal.
     writer = (
@@ -393,13 +401,8 @@ def run(params: Params, paths: Layout, device: torch.device, world: World) -> No
         else None
     )
     if writer:
-        writer.run.log_dataset(
-            params.data.dataset,
-            data_hash,
-            paths.prepared,
-            "training",
-            {"images": len(dataset.train_labels), "classes": n_classes},
-        )
+        sizes = {"images": len(dataset.train_labels), "classes": n_classes}
+        writer.run.log_dataset(params.data.dataset, data_hash, paths.prepared, "training", sizes)
 
     images = torch.from_numpy(dataset.train_images).to(device)
     labels = torch.from_numpy(dataset.train_labels).to(device) if params.model.conditional else None
@@ -411,19 +414,10 @@ def run(params: Params, paths: Layout, device: torch.device, world: World) -> No
         # signal every process): its launcher, not a second signal, stops it at once (torch's kills
         # the ranks that outlast its grace period).
         with signals.stop_on_signals(stop, second_stops_at_once=not world.distributed):
-            train(
-                state,
-                images,
-                p,
-                params.model.latent_dim,
-                writer.callbacks(device) if writer else Callbacks(),
-                world,
-                labels,
-                stop,
-            )
-            if (
-                stop.signum and not world.distributed
-            ):  # after the last step's look (its checkpoint is written)
+            callbacks = writer.callbacks(device) if writer else Callbacks()
+            train(state, images, p, params.model.latent_dim, callbacks, world, labels, stop)
+            # after the last step's look (its checkpoint is written)
+            if stop.signum and not world.distributed:
                 raise signals.Stopped(stop.signum)
     except signals.Stopped as exc:
         if writer:

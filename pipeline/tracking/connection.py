@@ -147,7 +147,6 @@ def connect(root: Path, uri: str, experiment: str) -> str:
     `uri` goes to MLflow through its variables instead (see without_login).
     """
     import mlflow
-    from mlflow.exceptions import MlflowException
 
     remote = uri.startswith(("http://", "https://"))
     user = {key: os.environ[key] for key in CHECK_HTTP if key in os.environ}  # the user's settings win
@@ -158,24 +157,7 @@ def connect(root: Path, uri: str, experiment: str) -> str:
         with _creation_lock(root, uri):
             if _is_local_sqlite(uri):
                 _create_database(root, Path(uri.removeprefix("sqlite:///").split("?")[0]))
-            found = mlflow.get_experiment_by_name(experiment)
-            if found is not None:
-                if found.tags.get(EXPERIMENT_KIND) != MODEL_TRAINING:
-                    mlflow.MlflowClient().set_experiment_tag(
-                        found.experiment_id, EXPERIMENT_KIND, MODEL_TRAINING
-                    )
-                return found.experiment_id
-            location = Layout(root).mlflow_artifacts.as_uri() if _is_local_sqlite(uri) else None
-            try:
-                return mlflow.create_experiment(
-                    experiment, artifact_location=location, tags={EXPERIMENT_KIND: MODEL_TRAINING}
-                )
-            except (
-                MlflowException
-            ) as exc:  # another worker created it a moment ago (a server takes no file lock)
-                if getattr(exc, "error_code", "") != "RESOURCE_ALREADY_EXISTS":
-                    raise
-                return mlflow.get_experiment_by_name(experiment).experiment_id
+            return _experiment_id(root, uri, experiment)
     except Exception as exc:  # noqa: BLE001 - network errors arrive as many types, often inside an MlflowException
         shown = redact(uri)
         if room := store_out_of_room(exc, uri):
@@ -201,6 +183,27 @@ def connect(root: Path, uri: str, experiment: str) -> str:
     finally:
         if remote:
             os.environ.update({**RUN_HTTP, **user})
+
+
+def _experiment_id(root: Path, uri: str, experiment: str) -> str:
+    """The id of `experiment`, created (tagged as model training) if it does not exist yet."""
+    import mlflow
+    from mlflow.exceptions import MlflowException
+
+    found = mlflow.get_experiment_by_name(experiment)
+    if found is not None:
+        if found.tags.get(EXPERIMENT_KIND) != MODEL_TRAINING:
+            mlflow.MlflowClient().set_experiment_tag(found.experiment_id, EXPERIMENT_KIND, MODEL_TRAINING)
+        return found.experiment_id
+    location = Layout(root).mlflow_artifacts.as_uri() if _is_local_sqlite(uri) else None
+    try:
+        return mlflow.create_experiment(
+            experiment, artifact_location=location, tags={EXPERIMENT_KIND: MODEL_TRAINING}
+        )
+    except MlflowException as exc:  # another worker created it a moment ago (a server takes no file lock)
+        if getattr(exc, "error_code", "") != "RESOURCE_ALREADY_EXISTS":
+            raise
+        return mlflow.get_experiment_by_name(experiment).experiment_id
 
 
 def ui_hint(uri: str, experiment_id: str) -> str:

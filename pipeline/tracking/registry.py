@@ -139,8 +139,6 @@ def register(
     """
     from mlflow.exceptions import MlflowException
 
-    from pipeline.tracking.logged_model import ARTIFACT_SHA_TAG
-
     client = _client()
     with contextlib.suppress(MlflowException):  # exists already: fine
         client.create_registered_model(
@@ -163,47 +161,44 @@ def register(
             champion = client.get_model_version_by_alias(name, CHAMPION)
         except MlflowException:
             champion = None
-        best = champion.tags.get(score.key) if champion is not None else None
-        if champion is None:
-            promote, reason = True, "the first scored version"
-        elif champion.version == version.version:
-            promote, reason = False, "it is the champion"
-        elif best is None:
-            promote, reason = (
-                False,
-                (
-                    f"the champion (version {champion.version}) has no FID at N={score.n_samples} "
-                    f"with classifier {score.classifier_sha256[:12]} to compare with"
-                ),
-            )
-        elif (
-            weights
-            and not champion.tags.get(ARTIFACT_SHA_TAG)
-            and champion.run_id == run_id
-            and score.fid <= float(best)
-        ):
-            promote, reason = (
-                True,
-                (
-                    f"FID {score.fid:.4g} matches version {champion.version}'s {float(best):.4g}, "
-                    "whose weights, logged by older code, cannot be verified"
-                ),
-            )
-        elif score.fid < float(best):
-            promote, reason = (
-                True,
-                f"FID {score.fid:.4g} beats version {champion.version}'s {float(best):.4g}",
-            )
-        else:
-            promote, reason = (
-                False,
-                f"FID {score.fid:.4g} does not beat version {champion.version}'s {float(best):.4g}",
-            )
+        promote, reason = decide(champion, version.version, run_id, score, weights)
         if promote:
             client.set_registered_model_alias(name, CHAMPION, version.version)
     return Outcome(
         str(version.version), str(version.version if promote else champion.version), promote, reason
     )
+
+
+def decide(
+    champion: Any, version: str, run_id: str, score: Score, weights: Mapping[str, str] | None
+) -> tuple[bool, str]:
+    """Whether `version` (of `run_id`, scored `score`) takes the alias from `champion` (None: no champion
+    yet), and why in a few words. Only a strictly better FID, comparable (same N, same classifier), wins."""
+    from pipeline.tracking.logged_model import ARTIFACT_SHA_TAG
+
+    if champion is None:
+        return True, "the first scored version"
+    if champion.version == version:
+        return False, "it is the champion"
+    best = champion.tags.get(score.key)
+    if best is None:
+        return False, (
+            f"the champion (version {champion.version}) has no FID at N={score.n_samples} "
+            f"with classifier {score.classifier_sha256[:12]} to compare with"
+        )
+    if (
+        weights
+        and not champion.tags.get(ARTIFACT_SHA_TAG)
+        and champion.run_id == run_id
+        and score.fid <= float(best)
+    ):
+        return True, (
+            f"FID {score.fid:.4g} matches version {champion.version}'s {float(best):.4g}, "
+            "whose weights, logged by older code, cannot be verified"
+        )
+    if score.fid < float(best):
+        return True, f"FID {score.fid:.4g} beats version {champion.version}'s {float(best):.4g}"
+    return False, f"FID {score.fid:.4g} does not beat version {champion.version}'s {float(best):.4g}"
 
 
 def champion(name: str) -> dict[str, Any]:
