@@ -79,7 +79,8 @@ class _ModelSection(Section):
     @model_validator(mode="before")
     @classmethod
     def _moved_keys(cls, raw: Any) -> Any:
-        """Keys written directly under `model` that moved into an architecture's section still work."""
+        """Keys written directly under `model` that moved into an architecture's section still work, and
+        win over the section's value."""
         if not isinstance(raw, dict):
             return raw
         raw = dict(raw)
@@ -90,11 +91,8 @@ class _ModelSection(Section):
             section = raw.get(name, {})
             if not isinstance(section, dict):
                 return raw  # the section's own type error says what is wrong
-            if twice := sorted(set(moved) & set(section)):
-                raise ValueError(
-                    f"model.{twice[0]} and model.{name}.{twice[0]} are both given: keep one "
-                    f"(model.{name}.{twice[0]} is where it lives now)"
-                )
+            # Given both ways (`dvc exp run -S model.dropout=0.3` on a file with model.dcgan), the flat
+            # key is the newer word: it wins.
             raw[name] = {**section, **moved}
         return raw
 

@@ -145,8 +145,8 @@ def test_keys_that_moved_into_the_dcgan_section_keep_working(tmp_path: Path) -> 
     assert "model.dcgan.dropout" in flatten(flat) and "model.dropout" not in flatten(flat)
     swept = Params.model_validate({"sweep": {"space": {"model.dropout": {"low": 0.1, "high": 0.5}}}})
     assert list(swept.sweep.space) == ["model.dcgan.dropout"]
-    with pytest.raises(ValueError, match="model.dropout and model.dcgan.dropout are both given"):
-        Params.model_validate({"model": {"dropout": 0.1, "dcgan": {"dropout": 0.2}}})
+    both = Params.model_validate({"model": {"dropout": 0.1, "dcgan": {"dropout": 0.2, "bn_eps": 0.01}}})
+    assert (both.model.dcgan.dropout, both.model.dcgan.bn_eps) == (0.1, 0.01)  # as `-S model.dropout=0.1` means
 
 
 def test_two_modules_claiming_one_name_fail_at_import(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:

@@ -144,4 +144,4 @@ def test_checkpoint_from_other_params_is_not_resumed(tmp_path: Path) -> None:
     edit_params(project, train={"lr_g": 0.001})
     result = run_cli(["train"], cwd=project, env=stage_env(project))
     assert result.returncode == 0, result.stderr
-    assert "was made with other params or data; starting fresh" in result.stdout
+    assert "(other params, or another budget) is kept as checkpoints/history/" in result.stdout

@@ -70,15 +70,15 @@ def trusted_weights(logged: Logged) -> tuple[dict[str, torch.Tensor], dict[str, 
     return weights, {key: float(value) for key, value in arch.items() if key in ("bn_eps", "bn_momentum")}
 
 
-def class_index(label: str, data_params: DataParams) -> int:
-    """A requested class as an index: its number or its name."""
+def class_index(label: str, data_params: DataParams, asked_as: str = "--label") -> int:
+    """A requested class as an index: its number or its name (`asked_as`: how the user gave it)."""
     names = data.class_names(data_params)
     if label.isdigit() and int(label) < len(names):
         return int(label)
     if label in names:
         return names.index(label)
     raise UserError(
-        f"label {label!r} is not a class of {data_params.dataset}: give 0-{len(names) - 1} or one of "
+        f"{asked_as} {label!r} is not a class of {data_params.dataset}: give 0-{len(names) - 1} or one of "
         f"{', '.join(names)}."
     )
 
@@ -124,6 +124,7 @@ def draw(
     seed: int | None,
     label: str | None,
     device: torch.device,
+    asked_as: str = "--label",
 ) -> tuple[np.ndarray, int]:
     """n samples (uint8, (n, 28, 28)) and the seed they were drawn with: by default the evaluate
     stage's seed and batch size, so the same noise and the same samples. A conditional generator
@@ -137,7 +138,7 @@ def draw(
             f"{source} is not a conditional generator (model.conditional): it cannot be asked for a class."
         )
     if label is not None:
-        labels = torch.full((n,), class_index(label, params.data))
+        labels = torch.full((n,), class_index(label, params.data, asked_as))
     elif generator.n_classes:
         reference = Layout(dataset=params.data.dataset).reference
         labels = requested_labels(n, scorer.load_reference(reference).label_distribution, seed)

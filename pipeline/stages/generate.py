@@ -40,6 +40,8 @@ def main(
     raw: bool = False,
 ) -> None:
     params = load_params(params_path)
+    if n < 1:  # before the generator is loaded: a typo costs no wait
+        raise UserError(f"-n must be at least 1, not {n}.")
     device = machine.pick_device(params.train.device)
     generator, source = chosen_generator(params, device, run, model, raw)
     pixels, seed = draw(generator, source, params, n, seed, label, device)

@@ -63,7 +63,9 @@ class Service:
             raise UserError(f"n must be between 1 and {MAX_N}, not {n}.")
         label = query["label"][-1] if "label" in query else None
         with self.lock:
-            pixels, seed = draw(self.generator, self.source, self.params, n, seed, label, self.device)
+            pixels, seed = draw(
+                self.generator, self.source, self.params, n, seed, label, self.device, "label"
+            )
         return pixels, {"model": self.source, "n": n, "seed": seed, "label": label}
 
 
