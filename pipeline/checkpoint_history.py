@@ -13,6 +13,7 @@ from __future__ import annotations
 import os
 import re
 from pathlib import Path
+from typing import Any
 
 from pipeline import files
 
@@ -48,8 +49,10 @@ def _shelve(checkpoint: Path, fingerprint: str, step: int, keep: int) -> Path | 
     return target if target.exists() else None
 
 
-def prepare(checkpoint: Path, fingerprint: str, steps: int, keep: int) -> str | None:
-    """Put the checkpoint to resume, if any, at `checkpoint`; what was moved, to say (or None).
+def prepare(
+    checkpoint: Path, fingerprint: str, steps: int, keep: int
+) -> tuple[dict[str, Any] | None, str | None]:
+    """The checkpoint to resume (read once, here), put at `checkpoint`, and what was moved, to say.
 
     The current checkpoint stays when it can be resumed and the history holds none further along.
     Otherwise it goes to the history, and the history's furthest checkpoint of this fingerprint
@@ -65,7 +68,7 @@ def prepare(checkpoint: Path, fingerprint: str, steps: int, keep: int) -> str | 
         current is not None and current.get("fingerprint") == fingerprint and int(current["step"]) <= steps
     )
     if current is None and best is None or resumable and (best is None or int(current["step"]) >= best[0]):
-        return None
+        return current, None
     said = []
     if current is not None:
         kept = _shelve(checkpoint, str(current.get("fingerprint", "0" * 16)), int(current["step"]), keep)
@@ -74,7 +77,8 @@ def prepare(checkpoint: Path, fingerprint: str, steps: int, keep: int) -> str | 
             if kept
             else f"the checkpoint of step {current['step']} is not kept (train.keep_checkpoints: 0)"
         )
-    if best is not None:
-        os.replace(best[1], checkpoint)
-        said.append(f"{best[1]} (step {best[0]}) matches these params: back in {checkpoint}")
-    return "; ".join(said) or None
+    if best is None:
+        return None, "; ".join(said)
+    os.replace(best[1], checkpoint)
+    said.append(f"{best[1]} (step {best[0]}) matches these params: back in {checkpoint}")
+    return files.load_checkpoint(checkpoint), "; ".join(said)

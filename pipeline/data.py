@@ -342,13 +342,22 @@ def make_grid(pixels: np.ndarray, rows: int = 5, pad: int = 2) -> np.ndarray:
     return grid
 
 
-def save_png(image: np.ndarray, path: Path, scale: int = 3) -> None:
-    """Save a uint8 grayscale image as PNG, enlarged `scale` times (nearest), atomically."""
+def png_bytes(image: np.ndarray, scale: int = 3) -> bytes:
+    """A uint8 grayscale image as PNG, enlarged `scale` times (nearest)."""
+    import io
+
     from PIL import Image
 
     big = Image.fromarray(image).resize((image.shape[1] * scale, image.shape[0] * scale), Image.NEAREST)
+    buffer = io.BytesIO()
+    big.save(buffer, format="PNG")
+    return buffer.getvalue()
+
+
+def save_png(image: np.ndarray, path: Path, scale: int = 3) -> None:
+    """Save a uint8 grayscale image as PNG, enlarged `scale` times (nearest), atomically."""
     with atomic_path(path) as tmp:
-        big.save(tmp, format="PNG")
+        tmp.write_bytes(png_bytes(image, scale))
 
 
 def to_model(images: torch.Tensor | np.ndarray) -> torch.Tensor:

@@ -129,8 +129,6 @@ def draw(
     """n samples (uint8, (n, 28, 28)) and the seed they were drawn with: by default the evaluate
     stage's seed and batch size, so the same noise and the same samples. A conditional generator
     draws only `label`'s class, or else the classes evaluate asks for (the real test set's shares)."""
-    if n < 1:
-        raise UserError(f"-n must be at least 1, not {n}.")
     seed = params.evaluate.seed if seed is None else seed
     labels = None
     if label is not None and not generator.n_classes:

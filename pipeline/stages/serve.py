@@ -13,7 +13,6 @@ status 400 and one sentence; the server listens on the loopback interface unless
 
 from __future__ import annotations
 
-import io
 import json
 import math
 import threading
@@ -81,14 +80,7 @@ def _integer(query: dict[str, list[str]], key: str, default: int | None) -> Any:
 
 def png_grid(pixels: np.ndarray) -> bytes:
     """The samples as one square PNG grid, each pixel 3 x 3."""
-    from PIL import Image
-
-    grid = data.make_grid(pixels, rows=math.isqrt(len(pixels) - 1) + 1)
-    png = io.BytesIO()
-    Image.fromarray(grid).resize((grid.shape[1] * 3, grid.shape[0] * 3), Image.NEAREST).save(
-        png, format="PNG"
-    )
-    return png.getvalue()
+    return data.png_bytes(data.make_grid(pixels, rows=math.isqrt(len(pixels) - 1) + 1))
 
 
 def handler(service: Service) -> type[BaseHTTPRequestHandler]:

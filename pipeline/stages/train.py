@@ -370,12 +370,12 @@ def starting_state(
     """The state to train from, resumed from the checkpoint of these params if there is one (the
     history's, when checkpoints/train.pt is another run's), and what was found, to say."""
     p = params.train
-    if world.writer and (
-        moved := checkpoint_history.prepare(paths.checkpoint, fingerprint, p.steps, p.keep_checkpoints)
-    ):
-        print(moved)
     # Rank 0 reads the checkpoint for everyone: other machines of a job need not share its disk.
-    ckpt = files.load_checkpoint(paths.checkpoint) if world.writer and paths.checkpoint.exists() else None
+    ckpt = None
+    if world.writer:
+        ckpt, moved = checkpoint_history.prepare(paths.checkpoint, fingerprint, p.steps, p.keep_checkpoints)
+        if moved:
+            print(moved)
     ckpt = distributed.broadcast(world, ckpt)
     return resume_or_fresh(params, ckpt, paths.checkpoint, fingerprint, device, n_classes, world)
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
 
 import torch
 from torch import nn
@@ -43,8 +43,3 @@ class Architecture:
         unknown = set(self.flat_keys) - set(self.params.model_fields)
         if unknown:
             raise RuntimeError(f"architecture {self.name}: flat_keys {sorted(unknown)} are not its params")
-
-
-def sizes(model: Any) -> Any:
-    """The architecture's own section of a model section: `model.<arch>`."""
-    return getattr(model, model.arch)
