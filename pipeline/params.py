@@ -180,6 +180,7 @@ class EvaluateParams(Section):
     n_samples: Annotated[int, Field(ge=2, le=1_000_000)] = 10_000
     seed: Seed = 1234
     batch_size: BatchSize = 64  # scores do not depend on it; small batches are faster on the CPU
+    fid_resamples: Annotated[int, Field(ge=2, le=10_000)] = 100  # bootstrap draws of the FID's 95 % interval
     kid_subsets: PositiveInt = 100
     kid_subset_size: PositiveInt = 1000
     is_splits: Annotated[int, Field(ge=1, le=100)] = 10

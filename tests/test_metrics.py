@@ -76,6 +76,46 @@ def test_fid_identical_features_is_zero() -> None:
     assert 0.0 <= fid(a, a) < 1e-8 * scale
 
 
+def test_the_fid_interval_is_a_bootstrap_of_the_samples_by_hand() -> None:
+    """The interval is the FID ± 1.96 sd of the FIDs of resamples drawn with replacement, as written out here
+    with scipy's sqrtm in float64 (the code sums the resamples' covariances in float32)."""
+    rng = np.random.default_rng(4)
+    a, b = _two_feature_sets(rng, n=400, d=16)
+    mu, cov = feature_stats(b)
+    centre, low, high = metrics.fid_with_interval(a, mu, cov, resamples=30, seed=9)
+    assert centre == fid(a, b)
+    draws = np.random.default_rng(9)
+    by_hand = []
+    for _ in range(30):
+        counts = np.bincount(draws.integers(0, len(a), len(a)), minlength=len(a))
+        m = counts @ a / len(a)
+        c = ((a - m) * counts[:, None]).T @ (a - m) / (len(a) - 1)
+        root = scipy.linalg.sqrtm(c @ cov).real
+        by_hand.append((m - mu) @ (m - mu) + np.trace(c) + np.trace(cov) - 2 * np.trace(root))
+    half = 1.959964 * np.std(by_hand, ddof=1)
+    assert (low, high) == pytest.approx((centre - half, centre + half), rel=1e-5)
+    assert metrics.fid_with_interval(a, mu, cov, resamples=30, seed=9) == (centre, low, high)  # seeded
+
+
+def test_the_fid_interval_covers_the_spread_of_independent_draws() -> None:
+    """The bootstrap's sd estimates how the FID moves from one draw of N samples to the next: against 40
+    independent draws from the same Gaussian it agrees within the noise of the two estimates."""
+    rng = np.random.default_rng(5)
+    d, n = 8, 2000
+    mixing = rng.normal(size=(d, d)) / np.sqrt(d)
+    reference = rng.normal(size=(20_000, d)) @ mixing
+    mu, cov = feature_stats(reference)
+
+    def sample() -> np.ndarray:
+        return rng.normal(size=(n, d)) @ (1.3 * mixing) + 0.2
+
+    spread = np.std([fid(sample(), reference) for _ in range(40)], ddof=1)
+    centre, low, high = metrics.fid_with_interval(sample(), mu, cov, resamples=200, seed=0)
+    assert 0.6 < (high - low) / (2 * 1.959964 * spread) < 1.6
+    with pytest.raises(MetricInputError, match="at least 2 resamples"):
+        metrics.fid_with_interval(sample(), mu, cov, resamples=1, seed=0)
+
+
 # Penultimate features are often a linear map of fewer ReLU units than they have dimensions:
 # their covariance has exact null directions, which numerical square roots turn into round-off
 # far above eps. OpenBLAS picks its kernels by CPU type (OPENBLAS_CORETYPE pins one), and each

@@ -1,5 +1,6 @@
 """The registry's champion: one version per training run, the alias only ever to a strictly better FID
-under the same classifier and N, and concurrent evaluations that cannot both win."""
+under the same classifier and N (with intervals: one wholly below the champion's), and concurrent
+evaluations that cannot both win."""
 
 from __future__ import annotations
 
@@ -71,6 +72,26 @@ def test_the_champion_moves_only_to_a_strictly_better_comparable_fid(store: str)
     assert [m.name for m in client.search_registered_models()] == [name]  # no lock left behind
     shown = registry.champion(name)
     assert (shown["version"], shown["uri"]) == ("2", f"models:/{name}@champion")
+
+
+def test_the_champion_moves_only_when_the_intervals_do_not_overlap(store: str) -> None:
+    """A lower FID whose 95 % interval reaches into the champion's is noise: the alias stays, and says so."""
+    runs = {name: logged_run(store) for name in "abcd"}
+    name = registry.model_name(EXPERIMENT)
+
+    def register(run: str, fid: float, low: float, high: float) -> registry.Outcome:
+        s = registry.Score(fid, 1.0, 1000, "a" * 64, (low, high))
+        return registry.register(name, runs[run][0], runs[run][1], s)
+
+    assert register("a", 10.0, 9.0, 11.0).promoted
+    within = register("b", 9.5, 8.6, 10.4)  # lower, but its upper end is above the champion's lower end
+    assert not within.promoted and "within the noise" in within.reason and within.champion == "1"
+    assert not register("c", 9.0, 8.0, 9.0).promoted  # touching is overlapping
+    better = register("d", 8.0, 7.0, 8.9)
+    assert better.promoted and "beats version 1's 10 [9, 11]" in better.reason
+    shown = registry.champion(name)
+    assert (shown["fid_low"], shown["fid_high"]) == ("7.0", "8.9")
+    assert shown["fid_interval/n_samples:1000/classifier:aaaaaaaaaaaa"] == "[7.0, 8.9]"
 
 
 def _register_in_process(uri: str, run_id: str, model_uri: str, fid: float, start: float, out: object) -> None:

@@ -21,7 +21,7 @@ from tests.conftest import CPU, ROOT, Payload, shared_mnist_dir, synthetic_mnist
 
 COMMITTED = ROOT / "models/classifier-mnist.pt"
 SCORE_KEYS = {
-    "fid", "kid_mean", "kid_std", "is_mean", "is_std", "class_kl", "classes_covered", "mean_confidence",
+    "fid", "fid_low", "fid_high", "kid_mean", "kid_std", "is_mean", "is_std", "class_kl", "classes_covered", "mean_confidence",
     "precision", "recall", "density", "coverage", "class_counts",
 }  # fmt: skip
 

@@ -379,6 +379,7 @@ def register(params: Params, parent: Any, result: dict[str, Any], generator: Pat
             result.get("fid_floor"),
             int(result["n_samples"]),
             result["classifier_sha256"],
+            (float(result["fid_low"]), float(result["fid_high"])),
         )
         name = registry.model_name(params.tracking.experiment, params.data.dataset)
         outcome = registry.register(name, parent.run_id, f"models:/{scored[-1].model_id}", score, weights)

@@ -2,7 +2,7 @@
 
 `python -m pipeline ui` starts `mlflow ui` on the project's store (mlflow.db; with a team
 server it starts nothing) and prints the address of the experiment's runs table sorted by FID,
-with the FID, the N it was measured at, KID, precision, recall and the params that set a run
+with the FID, the N it was measured at, its 95 % interval, KID, precision, recall and the params that set a run
 apart as columns: no clicks on "Columns". The view is MLflow's own shared view state (an
 experiment tag read by the UI's `viewStateShareKey`), so the address can be passed to
 a colleague. Scores at different N are not comparable: N sits beside every FID (training
@@ -23,7 +23,15 @@ from pipeline.errors import UserError
 from pipeline.params import Params, load_params
 
 VIEW = "pipeline-runs-by-fid"  # the share key: the experiment tag mlflow.sharedViewState.<VIEW>
-METRICS = ("eval_fid", "eval_kid_mean", "eval_precision", "eval_recall", "eval_classes_covered")
+METRICS = (
+    "eval_fid",
+    "eval_fid_low",  # the FID's 95 % interval: two runs whose intervals overlap are not told apart
+    "eval_fid_high",
+    "eval_kid_mean",
+    "eval_precision",
+    "eval_recall",
+    "eval_classes_covered",
+)
 TAGS = ("eval.n_samples",)
 PARAMS = (
     "train.steps",
@@ -46,7 +54,7 @@ def column(kind: str, name: str) -> str:
 
 
 def view_state() -> dict[str, object]:
-    """The runs table: sorted by FID (lowest first), N beside it, then the other scores and key params."""
+    """The runs table: sorted by FID (lowest first), N and the interval beside it, then the other scores and key params."""
     columns = [column("metrics", METRICS[0]), *(column("tags", t) for t in TAGS)]
     columns += [column("metrics", m) for m in METRICS[1:]] + [column("params", p) for p in PARAMS]
     return {

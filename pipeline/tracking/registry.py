@@ -6,9 +6,10 @@ holds exactly the weights its FID was measured on: versions are keyed by the SHA
 weights (logged_model.TENSORS_SHA_TAG), so a re-evaluation of the same weights updates its version's
 tags and an extended run, whose new weights were logged as a new model, gets a new version. The
 SHA-256 of the weights file recorded when the model was logged is copied onto the version:
-`generate --model` checks the file against it. The alias `champion` then moves to
-it only if it scored strictly better than the champion under the same classifier and N: never
-to a worse, tied or incomparable one. Deciding that is read-compare-write, so it runs under a
+`generate --model` checks the file against it. The alias `champion` then moves to it only on a
+real gain under the same classifier and N: the upper end of its FID's 95 % interval below the
+lower end of the champion's (an FID without an interval counts as a point). A better FID within
+the noise, a worse, tied or incomparable one leaves the alias where it is. Deciding that is read-compare-write, so it runs under a
 lock that MLflow itself provides: creating a registered model whose name is taken fails, on
 SQLite and on a tracking server alike, so of two concurrent evaluations one decides first and
 the other compares against its result.
@@ -19,6 +20,7 @@ the other compares against its result.
 from __future__ import annotations
 
 import contextlib
+import json
 import os
 import socket
 import time
@@ -45,21 +47,50 @@ class Score:
     fid_floor: float | None
     n_samples: int
     classifier_sha256: str
+    interval: tuple[float, float] | None = None  # the FID's 95 % interval (fid_low, fid_high)
 
     @property
     def key(self) -> str:
         """The tag that holds the FID under this classifier and N: versions compare only through it."""
         return f"fid/n_samples:{self.n_samples}/classifier:{self.classifier_sha256[:12]}"
 
+    @property
+    def interval_key(self) -> str:
+        return self.key.replace("fid/", "fid_interval/", 1)
+
+    @property
+    def bounds(self) -> tuple[float, float]:
+        """The interval, or the FID itself at both ends where it has none."""
+        return self.interval or (self.fid, self.fid)
+
     def tags(self) -> dict[str, str]:
-        """The latest evaluation's figures, plus the FID under its own key (kept when another N comes later)."""
+        """The latest evaluation's figures, plus the FID and its interval under their own keys (kept when
+        another N comes later)."""
+        interval = (
+            {}
+            if self.interval is None
+            else {"fid_low": repr(self.interval[0]), "fid_high": repr(self.interval[1])}
+        )
+        keyed = {} if self.interval is None else {self.interval_key: json.dumps(list(self.interval))}
         return {
             "fid": repr(self.fid),
+            **interval,
             "fid_floor": "" if self.fid_floor is None else repr(self.fid_floor),
             "n_samples": str(self.n_samples),
             "classifier_sha256": self.classifier_sha256,
             self.key: repr(self.fid),
+            **keyed,
         }
+
+
+def _champion_bounds(champion: Any, score: Score) -> tuple[float, float, str]:
+    """The champion's FID interval at `score`'s N and classifier, and the text that shows it."""
+    best = float(champion.tags[score.key])
+    try:
+        low, high = (float(v) for v in json.loads(champion.tags.get(score.interval_key, "")))
+    except (ValueError, TypeError):  # scored before intervals were recorded: a point
+        return best, best, f"{best:.4g}"
+    return low, high, f"{best:.4g} [{low:.4g}, {high:.4g}]"
 
 
 @dataclass(frozen=True)
@@ -173,7 +204,8 @@ def decide(
     champion: Any, version: str, run_id: str, score: Score, weights: Mapping[str, str] | None
 ) -> tuple[bool, str]:
     """Whether `version` (of `run_id`, scored `score`) takes the alias from `champion` (None: no champion
-    yet), and why in a few words. Only a strictly better FID, comparable (same N, same classifier), wins."""
+    yet), and why in a few words. Only a comparable (same N, same classifier) FID whose interval lies
+    wholly below the champion's wins."""
     from pipeline.tracking.logged_model import ARTIFACT_SHA_TAG
 
     if champion is None:
@@ -196,9 +228,15 @@ def decide(
             f"FID {score.fid:.4g} matches version {champion.version}'s {float(best):.4g}, "
             "whose weights, logged by older code, cannot be verified"
         )
+    low, _, shown = _champion_bounds(champion, score)
+    mine = f"{score.fid:.4g}" + (
+        "" if score.interval is None else f" [{score.bounds[0]:.4g}, {score.bounds[1]:.4g}]"
+    )
+    if score.bounds[1] < low:
+        return True, f"FID {mine} beats version {champion.version}'s {shown}"
     if score.fid < float(best):
-        return True, f"FID {score.fid:.4g} beats version {champion.version}'s {float(best):.4g}"
-    return False, f"FID {score.fid:.4g} does not beat version {champion.version}'s {float(best):.4g}"
+        return False, f"FID {mine} is within the noise of version {champion.version}'s {shown}"
+    return False, f"FID {mine} does not beat version {champion.version}'s {shown}"
 
 
 def champion(name: str) -> dict[str, Any]:
