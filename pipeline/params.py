@@ -144,6 +144,12 @@ class TrainParams(Section):
     # An exponential moving average of G's weights (and batch-norm statistics), updated after every
     # G step and used for the grids, the quick FID and the exported generator; 0 = off (the tutorial).
     ema_decay: Annotated[float, Field(ge=0.0, lt=1.0), RECIPE] = 0.0
+    # Remedies for unstable runs (gan/remedies.py), each off by default: the EMA's decay ramped up from
+    # 0 over this many steps; the R1 penalty's gamma on D's real images; differentiable augmentation of
+    # every image D sees ("none", "translation", "cutout" or "translation,cutout").
+    ema_warmup: Annotated[NonNegativeInt, RECIPE] = 0
+    r1_gamma: Annotated[float, Field(ge=0.0, le=1e4), RECIPE] = 0.0
+    augment: Annotated[Literal["none", "translation", "cutout", "translation,cutout"], RECIPE] = "none"
     device: Annotated[Device, DEVICE] = "auto"
     # Data-parallel processes that `python -m pipeline train` (and dvc repro) starts on this machine;
     # under torchrun, torchrun decides. A checkpoint resumes only with the world size that wrote it.

@@ -2,7 +2,8 @@
 
 Every rank builds the small model, joins the job as the train stage does, and steps it with the
 stage's own DDP wiring (`train.distribute` + `train.train_step`), comparing the weights of all
-ranks after every step. Rank 0 prints one JSON line with what it found.
+ranks after every step: STEPS plain steps, then STEPS with the remedies on (R1's second backward
+through DDP, augmentation). Rank 0 prints one JSON line with what it found.
 """
 
 from __future__ import annotations
@@ -17,6 +18,7 @@ import torch.distributed as dist
 from pipeline import data, distributed
 from pipeline.gan.loop import distribute, new_state, train_step
 from pipeline.gan.losses import LOSSES
+from pipeline.gan.remedies import Remedies
 from pipeline.params import ModelParams, TrainParams
 from tests.conftest import SMALL_MODEL, synthetic_mnist
 
@@ -40,11 +42,12 @@ def main() -> None:
     images = torch.from_numpy(synthetic_mnist(n_train=64).train_images).to(device)
     batch = params.batch_size // world.size
     differences, batches = [], []
-    for _ in range(STEPS):
+    remedies = Remedies(r1_gamma=1.0, augment=("translation", "cutout"))
+    for step in range(2 * STEPS):
         idx = torch.randint(0, images.shape[0], (batch,), device=device)
         batches.append(idx.tolist())
         real, z = data.to_model(images[idx]), torch.randn(batch, model.latent_dim, device=device)
-        train_step(state, real, z, contextlib.nullcontext(), LOSSES["bce"], nets)
+        train_step(state, real, z, contextlib.nullcontext(), LOSSES["bce"], nets, None, remedies if step >= STEPS else Remedies())
         differences.append(max(max_difference(state.generator, world), max_difference(state.discriminator, world)))
     ranks_drew_other_batches = distributed.all_gather(world, batches)
     distinct = ranks_drew_other_batches[0] != ranks_drew_other_batches[1]

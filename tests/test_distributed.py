@@ -88,7 +88,7 @@ def test_ranks_hold_identical_weights_after_every_step(tmp_path: Path) -> None:
     result = subprocess.run(command, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300)
     assert result.returncode == 0, result.stderr[-3000:]
     found = json.loads(result.stdout.strip().splitlines()[-1])
-    assert found["differences"] == [0.0] * 6  # max |w_rank0 - w_rank1| over G and D, after each step
+    assert found["differences"] == [0.0] * 12  # max |w_rank0 - w_rank1| over G and D, after each step (6 with R1 + augmentation)
     assert found["distinct_batches"]  # each rank drew its own images
 
 

@@ -8,7 +8,8 @@ D's fake update (detached) and then G's update.
 
 Beyond the tutorial, each off by default (see params.py): an EMA of G's weights, updated
 after every G step, is what the grids, the quick FID and the exported generator use; a
-conditional pair gets each real image's label, and the fakes the real batch's labels.
+conditional pair gets each real image's label, and the fakes the real batch's labels; the
+remedies of remedies.py (R1, differentiable augmentation, the EMA's warm-up).
 
 `train()` does no file or MLflow I/O: it reports through `Callbacks`, which the train stage
 wires to DVC outputs and MLflow, and the sweep to its trial. Host-device synchronisation
@@ -34,6 +35,7 @@ from pipeline.errors import UserError
 from pipeline.gan.architectures import build_discriminator, build_generator
 from pipeline.gan.architectures.dcgan import Discriminator, Generator
 from pipeline.gan.losses import LOSSES, GanLoss
+from pipeline.gan.remedies import EmaWarmup, Remedies, r1_penalty
 from pipeline.gan.sampling import fixed_noise, sample_grid
 from pipeline.params import ModelParams, TrainParams
 
@@ -89,7 +91,7 @@ class TrainState:
         return self.ema.module if self.ema is not None else self.generator
 
     def to_checkpoint(self, fingerprint: str) -> dict[str, Any]:
-        rngs = self.rank_rngs or [rng_state()]
+        rngs = self.rank_rngs or [machine.rng_state()]
         return {
             "format": 1,
             "fingerprint": fingerprint,
@@ -120,7 +122,7 @@ class TrainState:
         self.opt_d.load_state_dict(ckpt["opt_d"])
         if self.ema is not None:
             self.ema.load_state_dict(ckpt["ema"])
-        set_rng_state(
+        machine.set_rng_state(
             {"cpu": ckpt["rng_cpu"], "cuda": ckpt["rng_cuda"]} if rank == 0 else ckpt["rng_ranks"][rank - 1]
         )
         self.step = int(ckpt["step"])
@@ -131,20 +133,6 @@ class TrainState:
             self.grids = {
                 int(s): g.numpy() for s, g in zip(ckpt["grid_steps"].tolist(), ckpt["grids"], strict=True)
             }
-
-
-def rng_state() -> dict[str, Any]:
-    """This process's random state: what its batches, noise and dropout masks are drawn from."""
-    return {
-        "cpu": torch.get_rng_state(),
-        "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
-    }
-
-
-def set_rng_state(state: dict[str, Any]) -> None:
-    torch.set_rng_state(state["cpu"])
-    if state["cuda"] and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(state["cuda"])
 
 
 def new_state(model: ModelParams, params: TrainParams, device: torch.device, n_classes: int) -> TrainState:
@@ -164,13 +152,15 @@ def new_state(model: ModelParams, params: TrainParams, device: torch.device, n_c
         discriminator,
         torch.optim.Adam(generator.parameters(), lr=params.lr_g, **adam),
         torch.optim.Adam(discriminator.parameters(), lr=params.lr_d, **adam),
-        ema=ema(generator, params.ema_decay) if params.ema_decay else None,
+        ema=ema(generator, params.ema_decay, params.ema_warmup) if params.ema_decay else None,
     )
 
 
-def ema(generator: Generator, decay: float) -> AveragedModel:
-    """torch's EMA of `generator`: weights and batch-norm statistics; the first update copies G."""
-    return AveragedModel(generator, multi_avg_fn=get_ema_multi_avg_fn(decay), use_buffers=True)
+def ema(generator: Generator, decay: float, warmup: int = 0) -> AveragedModel:
+    """torch's EMA of `generator`: weights and batch-norm statistics; the first update copies G. With
+    `warmup`, the decay ramps up over the first `warmup` steps (remedies.EmaWarmup)."""
+    average = EmaWarmup(decay, warmup) if warmup else get_ema_multi_avg_fn(decay)
+    return AveragedModel(generator, multi_avg_fn=average, use_buffers=True)
 
 
 @dataclass(frozen=True)
@@ -196,11 +186,13 @@ def train_step(
     loss: GanLoss,
     nets: Nets | None = None,
     labels: torch.Tensor | None = None,
+    remedies: Remedies = Remedies(),
 ) -> torch.Tensor:
     """One tutorial iteration; returns (d_loss, d_acc, g_loss) as a device tensor, no sync.
 
     A conditional pair gets `labels`, the real batch's: D sees each real image with its class,
-    and G draws its fakes of those classes.
+    and G draws its fakes of those classes. `remedies`: D sees every image through
+    `remedies.view` (augmentation), and its loss on real images gets the R1 penalty.
 
     D runs once per backward pass, the known DDP pitfall for GANs being a second forward (which
     re-broadcasts rank 0's batch-norm buffers in place) before the first one's backward.
@@ -212,15 +204,19 @@ def train_step(
 
     # D on the real batch (label 1), then on the fake batch (label 0): two Adam steps.
     state.opt_d.zero_grad(set_to_none=True)
+    seen = remedies.view(real).requires_grad_(True) if remedies.r1_gamma else remedies.view(real)
     with autocast:
-        logits_real = D(real, labels).float()  # (B,)
+        logits_real = D(seen, labels).float()  # (B,)
         loss_real = loss.d_real(logits_real)
-    loss_real.backward()
+    if remedies.r1_gamma:
+        (loss_real + r1_penalty(logits_real, seen, remedies.r1_gamma)).backward()
+    else:
+        loss_real.backward()
     state.opt_d.step()
 
     state.opt_d.zero_grad(set_to_none=True)
     with autocast:
-        logits_fake = D(fake.detach(), labels).float()
+        logits_fake = D(remedies.view(fake.detach()), labels).float()
         loss_fake = loss.d_fake(logits_fake)
     loss_fake.backward()
     state.opt_d.step()
@@ -230,11 +226,13 @@ def train_step(
     frozen = nets.frozen_discriminator
     frozen.requires_grad_(False)
     with autocast:
-        g_loss = loss.g(frozen(fake, labels).float())
+        g_loss = loss.g(frozen(remedies.view(fake), labels).float())
     g_loss.backward()
     frozen.requires_grad_(True)
     state.opt_g.step()
     if state.ema is not None:
+        if isinstance(state.ema.multi_avg_fn, EmaWarmup):
+            state.ema.multi_avg_fn.step = state.step + 1  # the step this update ends
         state.ema.update_parameters(state.generator)
 
     d_acc = ((logits_real > 0).float().mean() + (logits_fake < 0).float().mean()) / 2
@@ -315,6 +313,7 @@ def train(
     nets = distribute(state, world, params.sync_batchnorm)
     autocast = _autocast(device, params.precision)
     loss = LOSSES[params.loss]
+    remedies = Remedies.of(params)
     noise = fixed_noise(latent_dim, params.seed, device)
     if params.compile:  # in place: parameter names (and so checkpoints) stay the same
         state.generator.compile()
@@ -328,7 +327,7 @@ def train(
         real = data.to_model(images[idx])  # the one pixel transform, on the device
         z = torch.randn(batch, latent_dim, device=device)
         stats = train_step(
-            state, real, z, autocast, loss, nets, None if conditional is None else conditional[idx]
+            state, real, z, autocast, loss, nets, None if conditional is None else conditional[idx], remedies
         )
         state.step += 1
         loop.pending.append((state.step, stats))
@@ -378,7 +377,7 @@ class _Loop:
         if step % params.checkpoint_every == 0 or last or signum:
             self.flush()  # (off a boundary, only when stopping: the rows since the last flush, into the history)
             if self.world.distributed:  # every rank's random state, for the checkpoint
-                state.rank_rngs = distributed.all_gather(self.world, rng_state())
+                state.rank_rngs = distributed.all_gather(self.world, machine.rng_state())
             if callbacks.on_checkpoint:
                 callbacks.on_checkpoint(state)
         if signum:

@@ -1,0 +1,134 @@
+"""The remedies for unstable runs (gan/remedies.py): R1, differentiable augmentation and the EMA's
+warm-up, each against a hand computation, and runs with them that resume bit-identically."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from pipeline import files
+from pipeline.gan.architectures import build_discriminator
+from pipeline.gan.loop import ema, new_state
+from pipeline.gan.remedies import EmaWarmup, Remedies, cutout, diff_augment, r1_penalty, translate
+from pipeline.params import ModelParams, TrainParams
+from tests.conftest import CPU, SMALL_MODEL, TINY_TRAIN, train_tiny
+from tests.test_levers import everything
+
+
+def shifted_by_hand(image: np.ndarray, dy: int, dx: int) -> np.ndarray:
+    out = np.full_like(image, -1.0)
+    h, w = image.shape
+    for r in range(h):
+        for c in range(w):
+            if 0 <= r - dy < h and 0 <= c - dx < w:
+                out[r, c] = image[r - dy, c - dx]
+    return out
+
+
+def test_translation_and_cutout_match_a_hand_computation() -> None:
+    x = torch.rand(3, 1, 28, 28) * 2 - 1
+    shifts = torch.tensor([[2, -3], [0, 0], [-1, 3]])
+    moved = translate(x, shifts)
+    for i, (dy, dx) in enumerate(shifts.tolist()):
+        assert np.array_equal(moved[i, 0].numpy(), shifted_by_hand(x[i, 0].numpy(), dy, dx))
+    corners = torch.tensor([[0, 0], [20, -5], [-7, 26]])
+    cut = cutout(x, corners, 14)
+    for i, (top, left) in enumerate(corners.tolist()):
+        expected = x[i, 0].numpy().copy()
+        expected[max(top, 0) : max(top + 14, 0), max(left, 0) : max(left + 14, 0)] = -1.0
+        assert np.array_equal(cut[i, 0].numpy(), expected)
+
+
+def test_augmentation_is_differentiable_and_each_image_gets_its_own_draw() -> None:
+    x = (torch.rand(64, 1, 28, 28) * 2 - 1).requires_grad_(True)
+    torch.manual_seed(0)
+    seen = diff_augment(x, ("translation", "cutout"))
+    seen.sum().backward()
+    # every pixel still in view passes its gradient on; moved-out and cut-out ones get none
+    assert x.grad is not None and 0 < (x.grad != 0).float().mean() < 1
+    torch.manual_seed(0)
+    assert torch.equal(diff_augment(x.detach(), ("translation", "cutout")), seen.detach())  # seeded
+    blanked = (seen.detach() == -1).flatten(1).float().mean(1)
+    assert len(set(blanked.tolist())) > 10  # not one draw for the whole batch
+    assert Remedies().view(x) is x  # off: the images themselves
+
+
+def test_r1_is_half_gamma_times_the_squared_input_gradient() -> None:
+    """A linear D has the input gradient w everywhere: R1 = gamma / 2 |w|^2, whatever the images."""
+    weight = torch.randn(784)
+    real = torch.rand(5, 1, 28, 28).requires_grad_(True)
+    logits = real.flatten(1) @ weight + 0.3
+    assert r1_penalty(logits, real, 10.0).item() == pytest.approx(5.0 * float(weight @ weight), rel=1e-5)
+
+
+def test_r1_of_the_dcgan_discriminator_matches_finite_differences() -> None:
+    torch.manual_seed(0)
+    d = build_discriminator(ModelParams(**SMALL_MODEL), n_classes=10).double().eval()
+    real = (torch.rand(2, 1, 28, 28, dtype=torch.float64) * 2 - 1).requires_grad_(True)
+    penalty = r1_penalty(d(real, None), real, 2.0).item()
+    eps, by_hand = 1e-6, 0.0
+    with torch.no_grad():  # every pixel nudged up and down, in one batch (eval mode: images independent)
+        for image in real.detach():
+            nudges = torch.eye(784, dtype=torch.float64).view(784, 1, 28, 28) * eps
+            logits = d(torch.cat([image + nudges, image - nudges]), None)
+            by_hand += float(((logits[:784] - logits[784:]) / (2 * eps)).square().sum())
+    assert penalty == pytest.approx(2.0 / 2 * by_hand / 2, rel=1e-5)
+
+
+def test_the_ema_warmup_ramps_the_decay_by_hand() -> None:
+    """e_1 = p_1 (the first update copies), then e_t = d_t e_(t-1) + (1 - d_t) p_t, d_t = decay min(1, t / W)."""
+    net = torch.nn.Linear(3, 2)
+    average = ema(net, 0.9, warmup=4)
+    assert isinstance(average.multi_avg_fn, EmaWarmup)
+    expected = None
+    for t in range(1, 8):
+        with torch.no_grad():
+            net.weight.copy_(torch.full((2, 3), float(t * t)))
+        average.multi_avg_fn.step = t
+        average.update_parameters(net)
+        d = 0.9 * min(1.0, t / 4)
+        expected = float(t * t) if expected is None else d * expected + (1 - d) * t * t
+        assert average.module.weight[0, 0].item() == pytest.approx(expected, rel=1e-6), t
+
+
+def test_a_short_warm_run_is_not_the_average_of_its_initial_weights() -> None:
+    """At step 3 of a 1,000-step warm-up, the EMA has moved with G; without the warm-up it sits at the
+    initial weights (decay 0.999)."""
+    cold, warm = train_tiny(3, ema_decay=0.999), train_tiny(3, ema_decay=0.999, ema_warmup=1000)
+    start = train_tiny(1, ema_decay=0.999).generator.state_dict()
+    key = next(k for k, v in start.items() if v.is_floating_point() and "weight" in k)
+
+    def moved(state) -> float:  # type: ignore[no-untyped-def]
+        return float((state.ema.module.state_dict()[key] - start[key]).abs().max())
+
+    assert moved(warm) > 100 * moved(cold)
+
+
+@pytest.mark.parametrize(
+    "remedies",
+    [{"r1_gamma": 1.0}, {"augment": "translation,cutout"}, {"ema_decay": 0.99, "ema_warmup": 4, "r1_gamma": 0.5}],
+    ids=["r1", "augment", "all"],
+)
+def test_runs_with_remedies_resume_bit_identically(tmp_path: Path, remedies: dict) -> None:
+    saved = tmp_path / "ckpt.pt"
+    first = train_tiny(3, **remedies)
+    files.save_checkpoint(first.to_checkpoint("fp"), saved)
+    resumed = new_state(ModelParams(**SMALL_MODEL), TrainParams(**{**TINY_TRAIN, **remedies, "steps": 3}), CPU, 10)
+    torch.manual_seed(12345)
+    resumed.restore(files.load_checkpoint(saved))
+    a, b = train_tiny(6, state=resumed, **remedies), train_tiny(6, **remedies)
+    wa, wb = everything(a), everything(b)
+    assert all(torch.equal(wa[k], wb[k]) for k in wa)
+    assert a.history == b.history
+    plain = everything(train_tiny(6))
+    assert any(not torch.equal(wa[k], plain[k]) for k in plain)  # the remedy changed the run
+
+
+def test_a_remedy_param_out_of_range_is_one_sentence(tmp_path: Path) -> None:
+    with pytest.raises(ValueError, match="augment"):
+        TrainParams(augment="flip")
+    with pytest.raises(ValueError, match="r1_gamma"):
+        TrainParams(r1_gamma=-1.0)
