@@ -37,6 +37,8 @@ def main() -> None:
     parser.add_argument("--draws", type=int, default=10)
     parser.add_argument("--n", type=int, default=None, help="samples per draw (default evaluate.n_samples)")
     args = parser.parse_args()
+    if args.draws < 2:
+        parser.error("--draws must be at least 2: the draws' spread is what the interval is compared with")
     params = load_params(args.params)
     p, paths, device = params.evaluate, Layout(dataset=params.data.dataset), torch.device("cpu")
     n = args.n or p.n_samples

@@ -190,7 +190,7 @@ def one_thread_env(project: Path) -> dict[str, str]:
 
 
 TINY_EVALUATE = {
-    "n_samples": 64, "batch_size": 64, "kid_subsets": 2, "kid_subset_size": 32, "is_splits": 2, "prdc_k": 3
+    "n_samples": 64, "batch_size": 64, "fid_resamples": 10, "kid_subsets": 2, "kid_subset_size": 32, "is_splits": 2, "prdc_k": 3
 }  # fmt: skip
 EVAL_PARAMS = {"classifier": {"feature_dim": 16}, "evaluate": TINY_EVALUATE}
 

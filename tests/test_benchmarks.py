@@ -242,3 +242,23 @@ def test_shared_machine_quick_mode_times_one_job_and_two_with_and_without_a_shar
     assert set(arms) == {(1, 0), (2, 0), (2, share)}
     assert [len(r) for r in arms[(2, share)]["repeats"]] == [2]  # two processes, one repeat
     assert all(row["img_s_per_job"] > 0 for row in arms.values())
+
+
+def test_fid_interval_scores_fresh_draws_beside_the_bootstrap(bench_project: Path) -> None:
+    from pipeline import files
+    from pipeline.gan.architectures import build_generator
+    from pipeline.params import load_params
+
+    from tests.conftest import edit_params
+
+    save_reference(bench_project)
+    edit_params(bench_project, evaluate={"fid_resamples": 10})
+    torch.manual_seed(0)
+    generator = build_generator(load_params(bench_project / "params.yaml").model, n_classes=10)
+    files.save_checkpoint({"generator": generator.state_dict()}, bench_project / "models/generator.pt")
+    result = run_script([str(ROOT / "benchmarks/fid_interval.py"), "--draws", "3", "--n", "300"], bench_project)
+    assert result.returncode == 0, result.stderr[-3000:]
+    rows = [json.loads(line) for line in result.stdout.splitlines() if line.startswith("{")]
+    assert [row["seed"] for row in rows] == [1234, 1235, 1236]
+    assert all(row["low"] < row["fid"] < row["high"] for row in rows) and len({row["fid"] for row in rows}) == 3
+    assert "N=300, 3 draws, 10 resamples" in result.stdout and "intervals hold the mean" in result.stdout

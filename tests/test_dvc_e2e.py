@@ -21,7 +21,7 @@ pytestmark = pytest.mark.slow
 TINY = {
     "train": {"steps": 20, "batch_size": 16, "sample_every": 10, "log_every": 5, "checkpoint_every": 10,
               "fid_every": 10, "fid_samples": 256, "device": "cpu"},
-    "evaluate": {"n_samples": 300, "kid_subsets": 5, "kid_subset_size": 100, "batch_size": 300},
+    "evaluate": {"n_samples": 300, "fid_resamples": 10, "kid_subsets": 5, "kid_subset_size": 100, "batch_size": 300},
 }  # fmt: skip
 
 

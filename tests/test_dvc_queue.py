@@ -28,7 +28,7 @@ TINY = {
     "model": SMALL_MODEL,
     "train": {**TINY_TRAIN, "steps": 12, "sample_every": 6, "log_every": 3, "checkpoint_every": 6, "fid_every": 6,
               "fid_samples": 256},
-    "evaluate": {"n_samples": 256, "kid_subsets": 3, "kid_subset_size": 64, "batch_size": 256},
+    "evaluate": {"n_samples": 256, "fid_resamples": 10, "kid_subsets": 3, "kid_subset_size": 64, "batch_size": 256},
 }  # fmt: skip
 GRID = ["0.0001", "0.0003"]
 

@@ -33,7 +33,7 @@ SWEEP = {
     "pruner": "none",
     "space": {"train.beta1": {"choices": [0.5]}},  # the default: the trial trains with the stage's params
 }
-EVALUATE = {"n_samples": 256, "seed": 1234, "batch_size": 256, "kid_subsets": 3, "kid_subset_size": 64}
+EVALUATE = {"n_samples": 256, "seed": 1234, "batch_size": 256, "fid_resamples": 10, "kid_subsets": 3, "kid_subset_size": 64}
 
 
 def project(path: Path, tracking_db: Path) -> Path:

@@ -50,7 +50,7 @@ def stage_dir(tmp_path: Path) -> Path:
     save_classifier(_random_classifier(), tmp_path / "models/classifier-mnist.pt")
     params = {
         "classifier": {"feature_dim": 16},
-        "evaluate": {"n_samples": 300, "batch_size": 128, "kid_subsets": 10, "kid_subset_size": 100},
+        "evaluate": {"n_samples": 300, "batch_size": 128, "fid_resamples": 10, "kid_subsets": 10, "kid_subset_size": 100},
     }
     (tmp_path / "params.yaml").write_text(yaml.safe_dump(params))
     return tmp_path

@@ -28,7 +28,7 @@ TINY_SWEEP = {"trials": 3, "steps": 12, "fid_every": 6, "fid_samples": 256, "eva
 
 def write_params(path: Path, sweep_section: dict[str, Any] | None = None, **sections: dict[str, Any]) -> Path:
     raw = {"model": SMALL_MODEL, "train": {"batch_size": 8, "log_every": 3, "device": "cpu"},
-           "evaluate": {"batch_size": 256, "kid_subsets": 3, "kid_subset_size": 64},
+           "evaluate": {"batch_size": 256, "fid_resamples": 10, "kid_subsets": 3, "kid_subset_size": 64},
            "sweep": {**TINY_SWEEP, **(sweep_section or {})}, **sections}  # fmt: skip
     path.write_text(yaml.safe_dump(raw, sort_keys=False))
     return path
