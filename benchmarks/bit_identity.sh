@@ -6,9 +6,10 @@
 #   git worktree add /tmp/base 25fe86c
 #   MNIST_MIRROR=../shared/data/mnist benchmarks/bit_identity.sh /tmp/base . /tmp/bit-identity
 #
-# Prints, per arm, whether the weights, metrics/train_log.csv and eval.json (all but its timing)
-# are identical, and BIT-IDENTICAL or DIFFERENT; exits 1 when different. About 5 minutes per
-# tree on 2 cores. Each tree runs its own code (PYTHONPATH) in a copy of its tracked files.
+# Prints, per arm, whether the weights, metrics/train_log.csv and eval.json (every key of the
+# base's but its timing; keys the new tree adds are listed) are identical, and BIT-IDENTICAL or
+# DIFFERENT; exits 1 when different. About 5 minutes per tree on 2 cores. Each tree runs its own
+# code (PYTHONPATH) in a copy of its tracked files.
 set -euo pipefail
 base=$(realpath "$1"); new=$(realpath "$2"); out=$(realpath -m "${3:-/tmp/bit-identity}")
 py=${PYTHON:-python}
@@ -56,8 +57,10 @@ for arm in ("default", "preset"):
     same_w = wa.keys() == wb.keys() and all(wa[k].keys() == wb[k].keys() and all(torch.equal(wa[k][n], wb[k][n]) for n in wa[k]) for k in wa)
     same_log = (a / arm / "metrics/train_log.csv").read_bytes() == (b / arm / "metrics/train_log.csv").read_bytes()
     ea, eb = ({k: v for k, v in json.loads((x / arm / "metrics/eval.json").read_text()).items() if k != "seconds"} for x in (a, b))
-    differ = sorted(k for k in ea.keys() | eb.keys() if ea.get(k) != eb.get(k))
-    print(f"{arm}: weights identical {same_w}, train_log identical {same_log}, eval.json differs in {differ or 'nothing'}, FID {ea['fid']} / {eb['fid']}")
+    differ = sorted(k for k in ea if ea[k] != eb.get(k))  # every figure of the base; the new tree may add scores
+    added = sorted(eb.keys() - ea.keys())
+    print(f"{arm}: weights identical {same_w}, train_log identical {same_log}, eval.json differs in {differ or 'nothing'}"
+          f"{f' (new keys {added})' if added else ''}, FID {ea['fid']} / {eb['fid']}")
     same &= same_w and same_log and not differ
 print("BIT-IDENTICAL" if same else "DIFFERENT")
 sys.exit(0 if same else 1)

@@ -3,14 +3,20 @@
 An arm is a set of overrides of params.yaml's model and train sections (dotted keys, as
 `dvc exp run -S` takes them). For each seed, every arm trains with `pipeline.gan.loop.train` for
 the same number of steps and its generator (the EMA of G where the arm keeps one) is scored
-with the frozen classifier (`scorer.generator_fid`, the same noise for all). A difference is
-real when it is beyond twice the seed-to-seed standard deviation.
+with the frozen classifier (the same noise for all), with the 95 % interval of its FID over the draw
+of its samples (scoring/metrics.fid_with_interval, as evaluate records it). A difference between
+two arms' mean FIDs is given with its 95 % interval from the seeds' spread (Welch's t); it is
+real when that interval excludes 0, as the champion moves only when the intervals part. With one
+seed an arm has no spread: the runs' own intervals are compared instead (the draw's noise only).
 
 Two uses:
 
     # the quality study of docs/training.md: the tutorial, each lever alone and the quality preset
     python benchmarks/lever_quality.py --study --steps 4000 --fid-samples 10000 --jobs 2 \\
         --speed-steps 200 --grids docs/quality_grids.png
+
+    # the remedies against collapse, each on top of the preset
+    python benchmarks/lever_quality.py --remedies --seeds 0 1 2 --steps 4000 --fid-samples 10000 --jobs 2
 
     # part of the study, e.g. more seeds of the tutorial and the preset, and their speed alone
     python benchmarks/lever_quality.py --study --arms tutorial "quality preset" --seeds 0 1 2 --steps 4000 \\
@@ -45,7 +51,8 @@ from pipeline.gan.loop import new_state, train
 from pipeline.gan.sampling import fixed_noise, sample_grid
 from pipeline.layout import Layout
 from pipeline.params import Params, load_params, validate_params
-from pipeline.scoring import scorer
+from pipeline.scoring import metrics, scorer
+from pipeline.scoring.frozen_classifier import classify
 
 # The quality preset (docs/training.md): the class-conditional pair with an EMA of G, at the
 # tutorial's loss and learning rates. Each key is a `dvc exp run -S` override. Hinge loss with spectral
@@ -60,6 +67,13 @@ STUDY: dict[str, dict[str, Any]] = {
         "model.conditional": True, "model.spectral_norm": True, "train.loss": "hinge", "train.ema_decay": 0.995,
     },  # fmt: skip
     "quality preset": PRESET,
+}
+# The remedies of pipeline/gan/remedies.py on the preset, each alone (docs/training.md, "The preset is fragile").
+REMEDIES: dict[str, dict[str, Any]] = {
+    "preset + ema warm-up 1000": {**PRESET, "train.ema_warmup": 1000},
+    "preset + r1 0.1": {**PRESET, "train.r1_gamma": 0.1},
+    "preset + translation": {**PRESET, "train.augment": "translation"},
+    "preset + lr_d halved": {**PRESET, "train.lr_d": 0.0001},
 }
 
 
@@ -102,11 +116,13 @@ def train_arm(params_path: str, arm: dict[str, Any], steps: int, seed: int, fid_
     train(state, images, p, params.model.latent_dim, labels=labels)
     seconds = time.perf_counter() - start
     # Not frozen.quick_fid (seeded by train.seed, which differs between the seeds here): the same noise for all.
-    fid = scorer.generator_fid(
-        state.output, frozen.classifier, frozen.reference, fid_samples, 1234, params.evaluate.batch_size, device
-    )
+    ref, batch = frozen.reference, params.evaluate.batch_size
+    images, _ = scorer.draw(state.output, fid_samples, 1234, batch, device, ref)
+    features, _ = classify(frozen.classifier, images, batch, device)
+    fid, low, high = metrics.fid_with_interval(features, ref.mean, ref.cov, params.evaluate.fid_resamples, 1234)
     grid = sample_grid(state.output, fixed_noise(params.model.latent_dim, seed, device))
-    return {"seed": seed, "fid": round(fid, 3), "seconds": round(seconds, 1), "img_s": round(steps * p.batch_size / seconds, 1),
+    return {"seed": seed, "fid": round(fid, 3), "fid_low": round(low, 3), "fid_high": round(high, 3),
+            "seconds": round(seconds, 1), "img_s": round(steps * p.batch_size / seconds, 1),
             "threads": torch.get_num_threads(), "grid": grid}  # fmt: skip
 
 
@@ -148,27 +164,39 @@ def run(params_path: str, arms: dict[str, dict[str, Any]], steps: int, seeds: di
             row = future.result()
             grids[(name, seed)] = row.pop("grid")
             rows.append({"arm": name, **row})
-            print(f"seed {seed} {name:<28} FID {row['fid']:8.3f}  ({row['seconds']:.0f} s, {row['img_s']:.0f} img/s "
-                  f"on {row['threads']} thread(s))", flush=True)  # fmt: skip
+            print(f"seed {seed} {name:<28} FID {row['fid']:8.3f} [{row['fid_low']:.3f}, {row['fid_high']:.3f}]  "
+                  f"({row['seconds']:.0f} s, {row['img_s']:.0f} img/s on {row['threads']} thread(s))", flush=True)  # fmt: skip
     summary = {}
     for name in arms:
         fids = [r["fid"] for r in rows if r["arm"] == name]
         summary[name] = {"mean": round(statistics.mean(fids), 3), "std": round(statistics.stdev(fids), 3) if len(fids) > 1 else None,
                          "seeds": len(fids)}  # fmt: skip
     first = next(iter(arms))
-    comparisons = []
-    for name in list(arms)[1:]:
-        diff = summary[name]["mean"] - summary[first]["mean"]
-        spreads = [s for s in (summary[first]["std"], summary[name]["std"]) if s is not None]
-        verdict = ("one seed: no spread to judge by" if not spreads else
-                   "within seed-to-seed noise" if abs(diff) <= 2 * max(spreads) else "outside seed-to-seed noise")  # fmt: skip
-        comparisons.append({"arm": name, "difference": round(diff, 3), "verdict": verdict})
+    comparisons = [compare(name, rows, first) for name in list(arms)[1:]]
     params = load_params(params_path)
     report = {"arms": arms, "steps": steps, "seeds": seeds, "fid_samples": fid_samples, "device": device.type,
               "precision_resolved": machine.resolve_precision(params.train.precision, device), "torch": torch.__version__,
               "jobs": jobs, "runs": sorted(rows, key=lambda r: (r["seed"], list(arms).index(r["arm"]))), "summary": summary,
               "comparisons": comparisons}  # fmt: skip
     return report, grids
+
+
+def compare(name: str, rows: list[dict[str, Any]], base: str) -> dict[str, Any]:
+    """Arm `name`'s mean FID minus arm `base`'s, its 95 % interval and the verdict."""
+    from scipy import stats
+
+    a, b = ([r for r in rows if r["arm"] == arm] for arm in (name, base))
+    diff = statistics.mean(r["fid"] for r in a) - statistics.mean(r["fid"] for r in b)
+    if len(a) > 1 and len(b) > 1:  # Welch: the seeds' spread of each arm
+        va, vb = (statistics.variance([r["fid"] for r in x]) / len(x) for x in (a, b))
+        df = (va + vb) ** 2 / (va**2 / (len(a) - 1) + vb**2 / (len(b) - 1)) if va + vb > 0 else 1.0
+        half, source = float(stats.t.ppf(0.975, df)) * (va + vb) ** 0.5, "seeds"
+    else:  # one seed: only the draw's noise, from the runs' bootstrap intervals
+        sds = [[(r["fid_high"] - r["fid_low"]) / (2 * 1.959964) for r in x] for x in (a, b)]
+        half, source = 1.959964 * sum(statistics.mean(s) ** 2 for s in sds) ** 0.5, "one seed: the draw's noise only"
+    verdict = "within noise" if abs(diff) <= half else ("a real gain" if diff < 0 else "a real loss")
+    return {"arm": name, "difference": round(diff, 3), "interval": [round(diff - half, 3), round(diff + half, 3)],
+            "interval_from": source, "verdict": verdict}  # fmt: skip
 
 
 def print_table(report: dict[str, Any]) -> None:
@@ -181,6 +209,9 @@ def print_table(report: dict[str, Any]) -> None:
         ratio = f"{rate / speeds[first]:.2f}" if rate and speeds.get(first) else ""
         std = f"{s['std']:.1f}" if s["std"] is not None else "-"
         print(f"{name:<26}{s['mean']:>10.1f}{std:>9}{s['seeds']:>7}{rate or '':>9}{ratio:>9}")
+    for c in report["comparisons"]:
+        low, high = c["interval"]
+        print(f"{c['arm']} - {first}: {c['difference']:+.1f} [{low:+.1f}, {high:+.1f}] ({c['interval_from']}): {c['verdict']}")
 
 
 def save_grids(grids: dict[tuple[str, int], np.ndarray], names: list[str], seed: int, path: Path) -> None:
@@ -195,6 +226,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--study", action="store_true", help="the arms of docs/training.md: tutorial, each lever, the preset")
     parser.add_argument("--arms", nargs="+", metavar="NAME", help="with --study: only these of its arms")
+    parser.add_argument("--remedies", action="store_true", help="the quality preset against each remedy on top of it")
     parser.add_argument("--arm", action="append", default=[], metavar="NAME=JSON",
                         help='an arm of dotted overrides, e.g. \'ema={"train.ema_decay": 0.995}\'; repeat for more')  # fmt: skip
     parser.add_argument("--lever", type=json.loads, action="append", default=[],
@@ -213,6 +245,8 @@ def main() -> None:
     parser.add_argument("--output", type=Path, default=Path("benchmarks/results/lever_quality.json"))
     args = parser.parse_args()
     arms: dict[str, dict[str, Any]] = dict(STUDY) if args.study else {"default": {}}
+    if args.remedies:
+        arms = {"quality preset": PRESET, **REMEDIES}
     if args.arms:
         if not args.study or set(args.arms) - set(STUDY):
             parser.error(f"--arms picks from the study's arms (with --study): {', '.join(map(repr, STUDY))}")

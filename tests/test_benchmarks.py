@@ -17,7 +17,7 @@ import torch
 from benchmarks import peak_flops
 from pipeline import data, machine
 from pipeline.scoring import frozen_classifier, scorer
-from tests.conftest import ROOT, synthetic_mnist
+from tests.conftest import ROOT, edit_params, synthetic_mnist
 
 
 def run_script(args: list[str], cwd: Path) -> subprocess.CompletedProcess[str]:
@@ -168,6 +168,7 @@ def test_train_throughput_quick_mode_on_cuda(bench_project: Path) -> None:
 @pytest.mark.slow
 def test_lever_quality_compares_every_arm_over_seeds(bench_project: Path) -> None:
     save_reference(bench_project)
+    edit_params(bench_project, evaluate={"fid_resamples": 10})
     out, grids = bench_project / "quality.json", bench_project / "grids.png"
     lever, arm = '{"precision": "fp32", "fused_adam": false}', 'cond={"model.conditional": true, "train.ema_decay": 0.9}'
     args = ["--steps", "2", "--seeds", "0", "1", "--fid-samples", "300", "--lever", lever, "--arm", arm,
@@ -182,7 +183,15 @@ def test_lever_quality_compares_every_arm_over_seeds(bench_project: Path) -> Non
     assert report["arms"][lever_arm] == {"train.precision": "fp32", "train.fused_adam": False}
     assert all(np.isfinite(r["fid"]) and r["fid"] > 0 for r in report["runs"])
     assert [c["arm"] for c in report["comparisons"]] == ["cond", lever_arm]
-    assert all(c["verdict"] in {"within seed-to-seed noise", "outside seed-to-seed noise"} for c in report["comparisons"])
+    from scipy import stats
+
+    for c in report["comparisons"]:  # Welch's interval of the difference of the mean FIDs, by hand
+        a, b = ([r["fid"] for r in report["runs"] if r["arm"] == arm] for arm in (c["arm"], "default"))
+        va, vb = np.var(a, ddof=1) / 2, np.var(b, ddof=1) / 2
+        half = stats.t.ppf(0.975, (va + vb) ** 2 / (va**2 + vb**2)) * np.sqrt(va + vb)
+        assert c["interval"] == pytest.approx([c["difference"] - half, c["difference"] + half], abs=2e-3)
+        assert c["verdict"] == ("within noise" if abs(c["difference"]) <= half else "a real gain" if c["difference"] < 0 else "a real loss")
+    assert all(r["fid_low"] < r["fid"] < r["fid_high"] for r in report["runs"])
     default = [r["fid"] for r in report["runs"] if r["arm"] == "default"]
     assert report["summary"]["default"]["mean"] == pytest.approx(np.mean(default), abs=1e-3)
     assert report["speed_img_s"].keys() == report["arms"].keys() and min(report["speed_img_s"].values()) > 0
@@ -193,6 +202,7 @@ def test_lever_quality_compares_every_arm_over_seeds(bench_project: Path) -> Non
 
 def test_lever_quality_runs_part_of_the_study(bench_project: Path) -> None:
     save_reference(bench_project)
+    edit_params(bench_project, evaluate={"fid_resamples": 10})
     out, script = bench_project / "quality.json", str(ROOT / "benchmarks/lever_quality.py")
     args = ["--study", "--arms", "quality preset", "--steps", "2", "--seeds", "0", "--fid-samples", "300",
             "--output", str(out)]  # fmt: skip
@@ -203,6 +213,13 @@ def test_lever_quality_runs_part_of_the_study(bench_project: Path) -> None:
     assert [r["arm"] for r in report["runs"]] == ["quality preset"] and report["comparisons"] == []
     bad = run_script([script, "--study", "--arms", "tutorial", "qualty preset"], bench_project)
     assert bad.returncode == 2 and "--arms picks from the study's arms" in bad.stderr, bad.stderr
+    remedies = run_script([script, "--remedies", "--steps", "2", "--seeds", "0", "--fid-samples", "300",
+                           "--output", str(out)], bench_project)  # fmt: skip
+    assert remedies.returncode == 0, remedies.stderr[-3000:]
+    report = json.loads(out.read_text())[-1]
+    assert list(report["arms"])[0] == "quality preset" and len(report["arms"]) == 5
+    assert {c["interval_from"] for c in report["comparisons"]} == {"one seed: the draw's noise only"}
+    assert "preset + r1 0.1 - quality preset:" in remedies.stdout
 
 
 def test_profile_step_splits_the_step_into_its_phases(bench_project: Path) -> None:
@@ -248,8 +265,6 @@ def test_fid_interval_scores_fresh_draws_beside_the_bootstrap(bench_project: Pat
     from pipeline import files
     from pipeline.gan.architectures import build_generator
     from pipeline.params import load_params
-
-    from tests.conftest import edit_params
 
     save_reference(bench_project)
     edit_params(bench_project, evaluate={"fid_resamples": 10})
