@@ -73,7 +73,6 @@ REMEDIES: dict[str, dict[str, Any]] = {
     "preset + ema warm-up 1000": {**PRESET, "train.ema_warmup": 1000},
     "preset + r1 0.1": {**PRESET, "train.r1_gamma": 0.1},
     "preset + translation": {**PRESET, "train.augment": "translation"},
-    "preset + lr_d halved": {**PRESET, "train.lr_d": 0.0001},
 }
 
 

@@ -217,7 +217,7 @@ def test_lever_quality_runs_part_of_the_study(bench_project: Path) -> None:
                            "--output", str(out)], bench_project)  # fmt: skip
     assert remedies.returncode == 0, remedies.stderr[-3000:]
     report = json.loads(out.read_text())[-1]
-    assert list(report["arms"])[0] == "quality preset" and len(report["arms"]) == 5
+    assert list(report["arms"])[0] == "quality preset" and len(report["arms"]) == 4
     assert {c["interval_from"] for c in report["comparisons"]} == {"one seed: the draw's noise only"}
     assert "preset + r1 0.1 - quality preset:" in remedies.stdout
 

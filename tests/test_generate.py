@@ -39,6 +39,7 @@ def test_every_source_gives_the_samples_that_evaluate_scored(finished_project: P
     # The registry's champion is the run that `champion` names.
     shown = run_cli(["champion"], cwd=project, env=env)
     assert shown.returncode == 0 and "champion: dcgan-mnist-generator version " in shown.stdout
+    assert re.search(r"FID [\d.]+, 95% interval \[[\d.]+, [\d.]+\]", shown.stdout), shown.stdout
     champion_run = re.search(r"from training run \S+ \((\w+)\)", shown.stdout)[1]  # type: ignore[index]
     assert np.array_equal(generate("champion", "--model", "models:/dcgan-mnist-generator@champion"),
                           generate("champion_run", "--run", champion_run))  # fmt: skip
