@@ -9,10 +9,10 @@ SHA-256 of the weights file recorded when the model was logged is copied onto th
 `generate --model` checks the file against it. The alias `champion` then moves to it only on a
 real gain under the same classifier and N: the upper end of its FID's 95 % interval below the
 lower end of the champion's (an FID without an interval counts as a point). A better FID within
-the noise, a worse, tied or incomparable one leaves the alias where it is. Deciding that is read-compare-write, so it runs under a
-lock that MLflow itself provides: creating a registered model whose name is taken fails, on
-SQLite and on a tracking server alike, so of two concurrent evaluations one decides first and
-the other compares against its result.
+the noise, a worse, tied or incomparable one leaves the alias where it is. Deciding that is
+read-compare-write, so it runs under a lock that MLflow itself provides: creating a registered
+model whose name is taken fails, on SQLite and on a tracking server alike, so of two concurrent
+evaluations one decides first and the other compares against its result.
 
 `python -m pipeline champion` (stages/champion.py) prints the champion.
 """
