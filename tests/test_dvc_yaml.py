@@ -25,8 +25,8 @@ DVC = yaml.safe_load((ROOT / "dvc.yaml").read_text())["stages"]
 # `dvc repro --force classifier` retrains it on purpose.
 # The same goes for the GAN registries, which params.py reads for the names of model.arch and
 # train.loss (and the architectures' sections) that the classifier never uses.
-REGISTRIES = {f"pipeline/gan/{name}" for name in ("architectures/__init__.py", "architectures/base.py", "architectures/dcgan.py",
-              "layers.py", "losses/__init__.py", "losses/base.py", "losses/bce.py", "losses/hinge.py")}  # fmt: skip
+REGISTRIES = {str(path.relative_to(ROOT)) for folder in ("architectures", "losses")
+              for path in (ROOT / "pipeline/gan" / folder).glob("*.py")} | {"pipeline/gan/layers.py"}  # fmt: skip
 NOT_LISTED = {
     "classifier": {"pipeline/data.py", "pipeline/errors.py", "pipeline/files.py", "pipeline/layout.py",
                    "pipeline/machine.py", "pipeline/params.py", "pipeline/scoring/frozen_classifier.py",
