@@ -43,3 +43,21 @@ class Architecture:
         unknown = set(self.flat_keys) - set(self.params.model_fields)
         if unknown:
             raise RuntimeError(f"architecture {self.name}: flat_keys {sorted(unknown)} are not its params")
+
+
+def split_class_column(z: torch.Tensor, latent_dim: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """z with the class as its last column (N, latent_dim + 1), as MLflow's pyfunc passes one tensor to a
+    conditional generator, split into z (N, latent_dim) and the labels (N,)."""
+    if z.shape[-1] != latent_dim + 1:
+        raise ValueError(
+            f"a conditional generator takes z and labels, or z with the class as its "
+            f"last column ({latent_dim + 1} columns); got {z.shape[-1]}"
+        )
+    return z[:, :-1].contiguous(), z[:, -1].round().long()
+
+
+def spectral_normalise(module: nn.Module) -> None:
+    """Each conv and dense layer of `module` divided by its largest singular value (one power iteration a step)."""
+    for m in list(module.modules()):
+        if isinstance(m, (nn.Conv2d, nn.Linear)):
+            nn.utils.parametrizations.spectral_norm(m)

@@ -20,7 +20,7 @@ from pydantic import Field
 from torch import nn
 
 from pipeline.data import IMAGE_SIZE
-from pipeline.gan.architectures.base import Architecture
+from pipeline.gan.architectures.base import Architecture, spectral_normalise, split_class_column
 from pipeline.gan.layers import Dropout, TapConv, UpsampleConv, conv_same, keras_batch_norm, keras_init_
 from pipeline.sections import PositiveInt, Probability, Section
 
@@ -86,12 +86,7 @@ class Generator(nn.Module):
         it, it reads the class from z's last column (N, latent_dim + 1)."""
         if self.embed is not None:
             if labels is None:
-                if z.shape[-1] != self.latent_dim + 1:
-                    raise ValueError(
-                        f"a conditional generator takes z and labels, or z with the class as its "
-                        f"last column ({self.latent_dim + 1} columns); got {z.shape[-1]}"
-                    )
-                z, labels = z[:, :-1], z[:, -1].round().long()
+                z, labels = split_class_column(z, self.latent_dim)
             z = torch.cat([z, self.embed(labels).to(z.dtype)], dim=1)
         x = torch.relu(self.dense(z)).view(-1, self.dense_channels, BASE_SIZE, BASE_SIZE)
         if self.nhwc and not self.training and x.device.type == "cpu":
@@ -146,10 +141,8 @@ class Discriminator(nn.Module):
         keras_init_(self)
         if self.embed is not None:
             nn.init.xavier_uniform_(self.embed.weight)
-        if spectral_norm:  # each weight divided by its largest singular value (one power iteration a step)
-            for m in list(self.modules()):
-                if isinstance(m, (nn.Conv2d, nn.Linear)):
-                    nn.utils.parametrizations.spectral_norm(m)
+        if spectral_norm:
+            spectral_normalise(self)
 
     def forward(self, images: torch.Tensor, labels: torch.Tensor | None = None) -> torch.Tensor:
         h = self.features(images)

@@ -24,7 +24,7 @@ from torch import nn
 from torch.nn import functional as F
 
 from pipeline.data import IMAGE_SIZE
-from pipeline.gan.architectures.base import Architecture
+from pipeline.gan.architectures.base import Architecture, spectral_normalise, split_class_column
 from pipeline.sections import PositiveInt, Section
 
 if TYPE_CHECKING:
@@ -97,12 +97,7 @@ class Generator(nn.Module):
         """A conditional generator needs `labels`; given one tensor, as MLflow's pyfunc passes it, it
         reads the class from z's last column (N, latent_dim + 1)."""
         if self.n_classes and labels is None:
-            if z.shape[-1] != self.latent_dim + 1:
-                raise ValueError(
-                    f"a conditional generator takes z and labels, or z with the class as its "
-                    f"last column ({self.latent_dim + 1} columns); got {z.shape[-1]}"
-                )
-            z, labels = z[:, :-1].contiguous(), z[:, -1].round().long()
+            z, labels = split_class_column(z, self.latent_dim)
         x = self.dense(z).view(-1, self.channels, BASE_SIZE, BASE_SIZE)
         for block in self.blocks:
             x = block(x, labels if self.n_classes else None)
@@ -151,9 +146,7 @@ class Discriminator(nn.Module):
         if self.embed is not None:
             nn.init.xavier_uniform_(self.embed.weight)
         if spectral_norm:
-            for m in list(self.modules()):
-                if isinstance(m, (nn.Conv2d, nn.Linear)):
-                    nn.utils.parametrizations.spectral_norm(m)
+            spectral_normalise(self)
 
     def forward(self, images: torch.Tensor, labels: torch.Tensor | None = None) -> torch.Tensor:
         h = F.relu(self.blocks(images)).sum(dim=(2, 3))  # (N, C)
