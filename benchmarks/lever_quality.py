@@ -74,6 +74,8 @@ REMEDIES: dict[str, dict[str, Any]] = {
     "preset + r1 0.1": {**PRESET, "train.r1_gamma": 0.1},
     "preset + translation": {**PRESET, "train.augment": "translation"},
 }
+# The robust candidate: the preset with R1 (the remedy that helped at seed 0) and the EMA warm-up (short runs).
+ROBUST: dict[str, Any] = {**PRESET, "train.r1_gamma": 0.1, "train.ema_warmup": 1000}
 
 
 def dvc_overrides(arm: dict[str, Any]) -> str:
@@ -232,6 +234,9 @@ def main() -> None:
                         help="TrainParams overrides as JSON (an arm against the defaults); repeat for more")  # fmt: skip
     parser.add_argument("--steps", type=int, default=1000)
     parser.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2])
+    parser.add_argument("--robust", action="store_true", help="the quality preset against the robust candidate")
+    parser.add_argument("--seeds-for", action="append", default=[], metavar="NAME=SEEDS",
+                        help="an arm's own seeds, e.g. 'quality preset=1,2'; repeat for more")  # fmt: skip
     parser.add_argument("--lever-seeds", nargs="+", type=int,
                         help="with --study: the seeds of the arms between the first and the last (default: --seeds)")  # fmt: skip
     parser.add_argument("--fid-samples", type=int, default=2000)
@@ -246,6 +251,8 @@ def main() -> None:
     arms: dict[str, dict[str, Any]] = dict(STUDY) if args.study else {"default": {}}
     if args.remedies:
         arms = {"quality preset": PRESET, **REMEDIES}
+    if args.robust:
+        arms = {"quality preset": PRESET, "robust": ROBUST}
     if args.arms:
         if not args.study or set(args.arms) - set(STUDY):
             parser.error(f"--arms picks from the study's arms (with --study): {', '.join(map(repr, STUDY))}")
@@ -268,6 +275,11 @@ def main() -> None:
     names = list(arms)
     between = args.lever_seeds if args.study and args.lever_seeds else args.seeds
     seeds = {name: args.seeds if name in (names[0], names[-1]) else between for name in names}
+    for text in args.seeds_for:
+        name, _, listed = text.partition("=")
+        if name not in arms:
+            parser.error(f"--seeds-for names {name!r}, not an arm: {', '.join(map(repr, arms))}")
+        seeds[name] = [int(seed) for seed in listed.split(",")]
     report, grids = run(args.params, arms, args.steps, seeds, args.fid_samples, device, args.jobs)
     if args.speed_steps:
         report["speed_img_s"] = speed(args.params, arms, args.speed_steps, device)
