@@ -47,8 +47,9 @@ import torch
 
 from pipeline import data, files, machine
 from pipeline.errors import UserError
-from pipeline.gan.loop import new_state, train
+from pipeline.gan.loop import Callbacks, train
 from pipeline.gan.sampling import fixed_noise, sample_grid
+from pipeline.gan.state import new_state
 from pipeline.layout import Layout
 from pipeline.params import Params, load_params, validate_params
 from pipeline.scoring import metrics, scorer
@@ -114,7 +115,10 @@ def train_arm(params_path: str, arm: dict[str, Any], steps: int, seed: int, fid_
     p = params.train
     state = new_state(params.model, p, device, len(frozen.reference.label_distribution))
     start = time.perf_counter()
-    train(state, images, p, params.model.latent_dim, labels=labels)
+    watch = Callbacks(on_watch=lambda state: frozen.watch(state.output, params)["fid"],
+                      on_rescue=lambda event: print(f"seed {seed} {arm}: {event.sentence()}", flush=True))  # fmt: skip
+    train(state, images, p, params.model.latent_dim, watch, labels=labels)
+    rescues = [vars(event) for event in state.watch.events] if state.watch is not None else []
     seconds = time.perf_counter() - start
     # Not frozen.quick_fid (seeded by train.seed, which differs between the seeds here): the same noise for all.
     ref, batch = frozen.reference, params.evaluate.batch_size
@@ -124,7 +128,7 @@ def train_arm(params_path: str, arm: dict[str, Any], steps: int, seed: int, fid_
     grid = sample_grid(state.output, fixed_noise(params.model.latent_dim, seed, device))
     return {"seed": seed, "fid": round(fid, 3), "fid_low": round(low, 3), "fid_high": round(high, 3),
             "seconds": round(seconds, 1), "img_s": round(steps * p.batch_size / seconds, 1),
-            "threads": torch.get_num_threads(), "grid": grid}  # fmt: skip
+            "threads": torch.get_num_threads(), "rescues": rescues, "grid": grid}  # fmt: skip
 
 
 def speed(params_path: str, arms: dict[str, dict[str, Any]], steps: int, device: torch.device, repeats: int = 3

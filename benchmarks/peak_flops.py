@@ -44,7 +44,8 @@ from torch.utils.flop_counter import FlopCounterMode
 from pipeline import machine
 from pipeline.data import IMAGE_SIZE
 from pipeline.gan.architectures import build_generator
-from pipeline.gan.loop import new_state, train
+from pipeline.gan.loop import train
+from pipeline.gan.state import new_state
 from pipeline.params import ModelParams, TrainParams
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}

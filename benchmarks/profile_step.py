@@ -40,8 +40,9 @@ from torch.autograd import DeviceType
 from torch.profiler import ProfilerActivity, profile, record_function
 
 from pipeline import data, machine
-from pipeline.gan.loop import TrainState, _autocast, new_state, train_step
+from pipeline.gan.loop import _autocast, train_step
 from pipeline.gan.losses import LOSSES
+from pipeline.gan.state import TrainState, new_state
 from pipeline.layout import Layout
 from pipeline.params import Params, load_params
 

@@ -64,7 +64,8 @@ import torch.nn.functional as F
 
 from pipeline import data, machine
 from pipeline.gan.architectures import build_discriminator, build_generator
-from pipeline.gan.loop import new_state, train
+from pipeline.gan.loop import train
+from pipeline.gan.state import new_state
 from pipeline.layout import Layout
 from pipeline.params import ModelParams, TrainParams
 

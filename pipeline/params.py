@@ -11,7 +11,7 @@ from pathlib import Path, PurePath
 from typing import Annotated, Any, Literal, get_args, get_origin
 
 import yaml
-from pydantic import BaseModel, Field, ValidationError, create_model, model_validator
+from pydantic import BaseModel, Field, ValidationError, create_model, field_validator, model_validator
 
 from pipeline.data import DATASETS, OWN
 from pipeline.errors import UserError
@@ -126,6 +126,10 @@ class ClassifierParams(Section):
     min_accuracy: Annotated[float, Field(ge=0.0, le=1.0)] | None = None
 
 
+# The watchdog's remedies (gan/watchdog.py applies them): D's learning rate halved; R1 on, or doubled.
+WATCHDOG_REMEDIES = ("halve_lr_d", "r1")
+
+
 class TrainParams(Section):
     """The training loop; defaults follow the tutorial (4000 iterations of batch 32).
 
@@ -150,6 +154,16 @@ class TrainParams(Section):
     ema_warmup: Annotated[NonNegativeInt, RECIPE] = 0
     r1_gamma: Annotated[float, Field(ge=0.0, le=1e4), RECIPE] = 0.0
     augment: Annotated[Literal["none", "translation", "cutout", "translation,cutout"], RECIPE] = "none"
+    # The collapse watchdog (gan/watchdog.py), off by default: every watchdog_every steps the quick FID
+    # (fid_samples samples) of the run's generator; above watchdog_factor x the best so far, or a
+    # non-finite loss or weight, the run goes back to its best state, takes the next remedy of
+    # watchdog_remedies (names joined by commas, from WATCHDOG_REMEDIES) and goes on; a collapse after
+    # watchdog_max_rescues rescues stops it.
+    watchdog: Annotated[bool, RECIPE] = False
+    watchdog_every: Annotated[PositiveInt, RECIPE] = 250
+    watchdog_factor: Annotated[float, Field(gt=1.0, le=1e3), RECIPE] = 2.0
+    watchdog_remedies: Annotated[str, Field(min_length=1, max_length=1000), RECIPE] = "halve_lr_d,r1"
+    watchdog_max_rescues: Annotated[int, Field(ge=1, le=100), RECIPE] = 3
     device: Annotated[Device, DEVICE] = "auto"
     # Data-parallel processes that `python -m pipeline train` (and dvc repro) starts on this machine;
     # under torchrun, torchrun decides. A checkpoint resumes only with the world size that wrote it.
@@ -178,6 +192,16 @@ class TrainParams(Section):
     keep_checkpoints: Annotated[int, Field(ge=0, le=1000), CADENCE] = 5
     fid_every: Annotated[NonNegativeInt, CADENCE] = 0  # 0 turns the quick in-training FID off
     fid_samples: Annotated[PositiveInt, CADENCE] = 2000
+
+    @field_validator("watchdog_remedies")
+    @classmethod
+    def _known_remedies(cls, value: str) -> str:
+        if unknown := [name for name in value.split(",") if name not in WATCHDOG_REMEDIES]:
+            raise ValueError(
+                f"{unknown[0]!r} is not a remedy; name them from {', '.join(WATCHDOG_REMEDIES)}, joined by "
+                "commas (e.g. halve_lr_d,r1)"
+            )
+        return value
 
 
 class EvaluateParams(Section):
@@ -214,7 +238,7 @@ class Params(Section):
     @model_validator(mode="after")
     def _enough_samples_for_fid(self) -> Params:
         need = 2 * self.classifier.feature_dim  # see metrics.feature_stats
-        if self.train.fid_every and self.train.fid_samples < need:
+        if (self.train.fid_every or self.train.watchdog) and self.train.fid_samples < need:
             raise ValueError(
                 f"train.fid_samples must be at least {need} (2 x classifier.feature_dim) for FID"
             )

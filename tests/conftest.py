@@ -27,11 +27,13 @@ from PIL import Image
 from pipeline import data, files
 from pipeline.data import Dataset, IdxFile, load_prepared, save_prepared
 from pipeline.gan.architectures import build_generator
-from pipeline.gan.loop import Callbacks, TrainState, new_state, train
+from pipeline.gan.loop import Callbacks, train
+from pipeline.gan.state import TrainState, new_state
 from pipeline.params import ModelParams, TrainParams
 from pipeline.scoring.frozen_classifier import Classifier, classify, load_classifier, save_classifier
 from pipeline.scoring.scorer import compute_reference, load_reference, save_reference
-from pipeline.tracking import connection
+from pipeline.tracking import connection, runs
+from pipeline.tracking.memory import MemoryStore
 from tests.servers import MlflowServer, free_port  # noqa: F401 - shared with the test modules
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -314,6 +316,17 @@ def build_finished_project(path: Path) -> Path:
     result = run_cli(["sweep"], cwd=project, env=stage_env(project))
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
     return project
+
+
+@pytest.fixture
+def memory_store(monkeypatch: pytest.MonkeyPatch) -> MemoryStore:
+    """Runs go to memory; the experiment is "1" of a store never made (no SQLite schema to build)."""
+    store = MemoryStore()
+    monkeypatch.setattr(runs, "BACKEND", store)
+    monkeypatch.setattr(connection, "open_experiment", lambda experiment, cwd, env: ("memory:", "1", cwd))
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    monkeypatch.delenv("DVC_ROOT", raising=False)
+    return store
 
 
 # --- training in this process -------------------------------------------------------------

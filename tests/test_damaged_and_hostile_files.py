@@ -24,8 +24,8 @@ from PIL import Image
 from pipeline import data, files, machine
 from pipeline.data import save_prepared
 from pipeline.errors import UserError
-from pipeline.gan.loop import new_state
 from pipeline.gan.resume import checkpoint_fingerprint
+from pipeline.gan.state import new_state
 from pipeline.params import load_params
 from pipeline.stages.evaluate import load_samples
 from tests.conftest import (

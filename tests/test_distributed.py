@@ -90,6 +90,11 @@ def test_ranks_hold_identical_weights_after_every_step(tmp_path: Path) -> None:
     found = json.loads(result.stdout.strip().splitlines()[-1])
     assert found["differences"] == [0.0] * 12  # max |w_rank0 - w_rank1| over G and D, after each step (6 with R1 + augmentation)
     assert found["distinct_batches"]  # each rank drew its own images
+    # The watchdog: rank 0's verdict followed by both ranks, back to the best state (step 4), in sync.
+    watched = found["watchdog"]
+    assert watched["events"] == [[[6, 4, "halve_lr_d"]]] * 2 and watched["steps"] == [12, 12]
+    assert watched["difference"] == 0.0 and watched["lr_d"] == [[1e-4]] * 2
+    assert watched["best_world_size"] == 2  # the best state holds both ranks' random streams
 
 
 @pytest.mark.slow
@@ -214,8 +219,9 @@ def test_ranks_stay_in_sync_on_cuda_with_nccl_and_syncbatchnorm(tmp_path: Path) 
 def test_the_step_calls_d_once_per_backward_and_g_through_the_frozen_module() -> None:
     """A second DDP forward of D before the first one's backward re-broadcasts batch-norm buffers in
     place (the known DDP pitfall for GANs): each D forward through the wrapper has its own backward."""
-    from pipeline.gan.loop import Nets, new_state, train_step
+    from pipeline.gan.loop import Nets, train_step
     from pipeline.gan.losses import LOSSES
+    from pipeline.gan.state import new_state
     from pipeline.params import ModelParams, TrainParams
 
     events: list[str] = []

@@ -28,7 +28,8 @@ from PIL import Image
 
 from pipeline import files
 from pipeline.data import load_prepared
-from pipeline.gan.loop import Callbacks, new_state, train
+from pipeline.gan.loop import Callbacks, train
+from pipeline.gan.state import new_state
 from pipeline.params import Params, TrainParams
 from tests.conftest import (
     CPU,
@@ -46,7 +47,6 @@ from tests.conftest import (
     start,
     with_db,
 )
-
 
 # --- stage processes and kills ---------------------------------------------------------------
 

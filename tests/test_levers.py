@@ -13,10 +13,11 @@ import torch
 from pipeline import files
 from pipeline.errors import UserError
 from pipeline.gan.architectures import build_discriminator, build_generator
-from pipeline.gan.summary import count_parameters
-from pipeline.gan.loop import new_state, train
+from pipeline.gan.loop import train
 from pipeline.gan.losses import LOSSES
 from pipeline.gan.sampling import generate, requested_labels
+from pipeline.gan.state import new_state
+from pipeline.gan.summary import count_parameters
 from pipeline.params import ModelParams, TrainParams, load_params
 from pipeline.scoring import scorer
 from tests.conftest import (

@@ -11,8 +11,8 @@ import torch
 
 from pipeline import files
 from pipeline.gan.architectures import build_discriminator
-from pipeline.gan.loop import ema, new_state
 from pipeline.gan.remedies import EmaWarmup, Remedies, cutout, diff_augment, r1_penalty, translate
+from pipeline.gan.state import ema, new_state
 from pipeline.params import ModelParams, TrainParams
 from tests.conftest import CPU, SMALL_MODEL, TINY_TRAIN, train_tiny
 from tests.test_levers import everything

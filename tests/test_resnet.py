@@ -17,7 +17,7 @@ import yaml
 
 from pipeline import files
 from pipeline.gan.architectures import build_discriminator, build_generator, model_for_weights
-from pipeline.gan.loop import new_state
+from pipeline.gan.state import new_state
 from pipeline.params import ModelParams, TrainParams
 from tests.conftest import (
     CPU,

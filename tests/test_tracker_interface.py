@@ -193,17 +193,6 @@ def test_a_store_gone_down_loses_every_later_item_as_data_and_says_it_once(capsy
 # --- the stages, in memory: what they log, without an MLflow store -----------------------------
 
 
-@pytest.fixture
-def memory_store(monkeypatch: pytest.MonkeyPatch) -> MemoryStore:
-    """Runs go to memory; the experiment is "1" of a store never made (no SQLite schema to build)."""
-    store = MemoryStore()
-    monkeypatch.setattr(runs, "BACKEND", store)
-    monkeypatch.setattr(connection, "open_experiment", lambda experiment, cwd, env: ("memory:", "1", cwd))
-    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
-    monkeypatch.delenv("DVC_ROOT", raising=False)
-    return store
-
-
 def train_in_process(project: Path, monkeypatch: pytest.MonkeyPatch) -> tuple[Params, dict[str, str]]:
     from pipeline.stages import train
 

@@ -9,7 +9,8 @@ import torch
 import yaml
 
 from pipeline import files
-from pipeline.gan.loop import Callbacks, Diverged, new_state
+from pipeline.gan.loop import Callbacks, Diverged
+from pipeline.gan.state import new_state
 from pipeline.params import ModelParams, Params, TrainParams, flatten
 from tests.conftest import (
     CPU,

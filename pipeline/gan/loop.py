@@ -27,20 +27,16 @@ from typing import Any
 
 import numpy as np
 import torch
-from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
 
 from pipeline import data, distributed, machine, signals
 from pipeline.distributed import World
 from pipeline.errors import UserError
-from pipeline.gan.architectures import build_discriminator, build_generator
-from pipeline.gan.architectures.dcgan import Discriminator, Generator
+from pipeline.gan import watchdog
 from pipeline.gan.losses import LOSSES, GanLoss
 from pipeline.gan.remedies import EmaWarmup, Remedies, r1_penalty
 from pipeline.gan.sampling import fixed_noise, sample_grid
-from pipeline.params import ModelParams, TrainParams
-
-LOG_COLUMNS = ("d_loss", "d_acc", "g_loss")
-Row = tuple[int, float, float, float]  # (step, d_loss, d_acc, g_loss)
+from pipeline.gan.state import LOG_COLUMNS, Row, TrainState
+from pipeline.params import TrainParams
 
 
 def metric_rows(rows: list[Row]) -> list[dict[str, float]]:
@@ -63,104 +59,6 @@ class Diverged(UserError):
 
 
 ADVICE = "lower the learning rates (train.lr_d / train.lr_g); the last good checkpoint is kept."
-
-
-@dataclass
-class TrainState:
-    """Everything a run needs to continue bit-identically after a restart."""
-
-    generator: Generator
-    discriminator: Discriminator
-    opt_g: torch.optim.Optimizer
-    opt_d: torch.optim.Optimizer
-    step: int = 0
-    history: list[Row] = field(default_factory=list)
-    fid_history: list[tuple[int, float]] = field(default_factory=list)  # (step, quick FID)
-    run_id: str | None = None
-    # The random states of every rank of a distributed job at the last checkpoint, gathered by
-    # train(); a single process has only its own, read when the checkpoint is written.
-    rank_rngs: list[dict[str, Any]] = field(default_factory=list)
-    ema: AveragedModel | None = None  # with train.ema_decay: the moving average of G (batch norm included)
-    # Every sample grid so far (uint8, H x W), by step: a resumed run writes again those whose files are
-    # gone, as samples/ is a DVC output that a finished run must be able to give back.
-    grids: dict[int, np.ndarray] = field(default_factory=dict)
-
-    @property
-    def output(self) -> Generator:
-        """The generator the run gives: the EMA of G when there is one, else G."""
-        return self.ema.module if self.ema is not None else self.generator
-
-    def to_checkpoint(self, fingerprint: str) -> dict[str, Any]:
-        rngs = self.rank_rngs or [machine.rng_state()]
-        return {
-            "format": 1,
-            "fingerprint": fingerprint,
-            "step": self.step,
-            "world_size": len(rngs),
-            "generator": self.generator.state_dict(),
-            "discriminator": self.discriminator.state_dict(),
-            "opt_g": self.opt_g.state_dict(),
-            "opt_d": self.opt_d.state_dict(),
-            "rng_cpu": rngs[0]["cpu"],  # rank 0's (the only one of a plain run)
-            "rng_cuda": rngs[0]["cuda"],
-            "rng_ranks": rngs[1:],  # ranks 1.. of a distributed job
-            "history": torch.tensor(self.history, dtype=torch.float64).reshape(-1, 1 + len(LOG_COLUMNS)),
-            "fid_history": torch.tensor(self.fid_history, dtype=torch.float64).reshape(-1, 2),
-            "run_id": self.run_id or "",
-            **({"ema": self.ema.state_dict()} if self.ema is not None else {}),
-            "grid_steps": torch.tensor(sorted(self.grids), dtype=torch.int64),
-            "grids": torch.from_numpy(np.stack([self.grids[s] for s in sorted(self.grids)]))
-            if self.grids
-            else torch.zeros((0, 0, 0), dtype=torch.uint8),
-        }
-
-    def restore(self, ckpt: dict[str, Any], rank: int = 0) -> None:
-        """Continue from `ckpt` as process `rank` of the job that wrote it."""
-        self.generator.load_state_dict(ckpt["generator"])
-        self.discriminator.load_state_dict(ckpt["discriminator"])
-        self.opt_g.load_state_dict(ckpt["opt_g"])
-        self.opt_d.load_state_dict(ckpt["opt_d"])
-        if self.ema is not None:
-            self.ema.load_state_dict(ckpt["ema"])
-        machine.set_rng_state(
-            {"cpu": ckpt["rng_cpu"], "cuda": ckpt["rng_cuda"]} if rank == 0 else ckpt["rng_ranks"][rank - 1]
-        )
-        self.step = int(ckpt["step"])
-        self.history = [(int(r[0]), *map(float, r[1:])) for r in ckpt["history"].tolist()]
-        self.fid_history = [(int(step), float(fid)) for step, fid in ckpt["fid_history"].tolist()]
-        self.run_id = ckpt["run_id"] or None
-        if "grids" in ckpt:  # (checkpoints written before grids were kept have none)
-            self.grids = {
-                int(s): g.numpy() for s, g in zip(ckpt["grid_steps"].tolist(), ckpt["grids"], strict=True)
-            }
-
-
-def new_state(model: ModelParams, params: TrainParams, device: torch.device, n_classes: int) -> TrainState:
-    """Seeded models and the tutorial's Adam optimisers, with the speed levers of `params` (and the
-    EMA of G with train.ema_decay; conditional on `n_classes` with model.conditional)."""
-    machine.seed_everything(params.seed)
-    memory_format = torch.channels_last if params.channels_last else torch.contiguous_format
-    generator = build_generator(
-        model, n_classes=n_classes, fast_upsample=params.fast_upsample, fast_output=params.fast_output
-    )
-    discriminator = build_discriminator(model, n_classes=n_classes)
-    generator.to(device, memory_format=memory_format)
-    discriminator.to(device, memory_format=memory_format)
-    adam = {"betas": (params.beta1, params.beta2), "fused": params.fused_adam or None}
-    return TrainState(
-        generator,
-        discriminator,
-        torch.optim.Adam(generator.parameters(), lr=params.lr_g, **adam),
-        torch.optim.Adam(discriminator.parameters(), lr=params.lr_d, **adam),
-        ema=ema(generator, params.ema_decay, params.ema_warmup) if params.ema_decay else None,
-    )
-
-
-def ema(generator: Generator, decay: float, warmup: int = 0) -> AveragedModel:
-    """torch's EMA of `generator`: weights and batch-norm statistics; the first update copies G. With
-    `warmup`, the decay ramps up over the first `warmup` steps (remedies.EmaWarmup)."""
-    average = EmaWarmup(decay, warmup) if warmup else get_ema_multi_avg_fn(decay)
-    return AveragedModel(generator, multi_avg_fn=average, use_buffers=True)
 
 
 @dataclass(frozen=True)
@@ -259,6 +157,9 @@ class Callbacks:
     on_sample: Callable[[int, np.ndarray], None] | None = None  # step, grid
     on_checkpoint: Callable[[TrainState], None] | None = None
     on_eval: Callable[[TrainState], None] | None = None  # every fid_every steps (quick FID)
+    # With train.watchdog (the writing process): the quick FID the watchdog judges, and each rescue.
+    on_watch: Callable[[TrainState], float] | None = None
+    on_rescue: Callable[[watchdog.Event], None] | None = None
 
 
 def _autocast(device: torch.device, precision: str) -> contextlib.AbstractContextManager[Any]:
@@ -313,21 +214,29 @@ def train(
     nets = distribute(state, world, params.sync_batchnorm)
     autocast = _autocast(device, params.precision)
     loss = LOSSES[params.loss]
-    remedies = Remedies.of(params)
+    if params.watchdog and world.writer and callbacks.on_watch is None:
+        raise ValueError("train.watchdog judges the quick FID: pass Callbacks.on_watch")
     noise = fixed_noise(latent_dim, params.seed, device)
     if params.compile:  # in place: parameter names (and so checkpoints) stay the same
         state.generator.compile()
         state.discriminator.compile()
     state.generator.train()
     state.discriminator.train()
-    loop = _Loop(state, params, callbacks, world, stop, noise)
+    loop = _Loop(state, params, callbacks, world, stop, noise, watchdog.step_remedies(state.watch, params))
 
     while state.step < params.steps:
         idx = torch.randint(0, images.shape[0], (batch,), device=device)
         real = data.to_model(images[idx])  # the one pixel transform, on the device
         z = torch.randn(batch, latent_dim, device=device)
         stats = train_step(
-            state, real, z, autocast, loss, nets, None if conditional is None else conditional[idx], remedies
+            state,
+            real,
+            z,
+            autocast,
+            loss,
+            nets,
+            None if conditional is None else conditional[idx],
+            loop.remedies,
         )
         state.step += 1
         loop.pending.append((state.step, stats))
@@ -347,6 +256,7 @@ class _Loop:
     world: World
     stop: signals.StopRequest | None
     noise: torch.Tensor  # the fixed latent vectors of every sample grid
+    remedies: Remedies  # the step's: params', and the watchdog's since its rescues
     pending: list[tuple[int, torch.Tensor]] = field(
         default_factory=list
     )  # per-step stats still on the device
@@ -357,19 +267,30 @@ class _Loop:
         self.tick, self.tick_step = time.perf_counter(), self.state.step
 
     def after_step(self) -> None:
-        """Whatever is due at the step just taken, in this order: log, grid, quick FID, checkpoint, stop."""
+        """Whatever is due at the step just taken, in this order: log, grid, quick FID, the watchdog,
+        checkpoint, stop. After a rollback nothing more is done at this step."""
         state, params, callbacks = self.state, self.params, self.callbacks
         step = state.step
         last = step == params.steps
-        boundary = step % params.log_every == 0 or step % params.checkpoint_every == 0 or last
+        judged = watchdog.due(params, step)
+        boundary = step % params.log_every == 0 or step % params.checkpoint_every == 0 or last or judged
         if boundary:
-            self.flush()
+            try:
+                self.flush()
+            except Diverged:
+                if state.watch is None:
+                    raise
+                return self.rescue("a loss or weight is no longer finite")
         if callbacks.on_sample and (step % params.sample_every == 0 or last):
             grid = sample_grid(state.output, self.noise)
             state.grids[step] = grid
             callbacks.on_sample(step, grid)
         if callbacks.on_eval and params.fid_every and (step % params.fid_every == 0 or last):
             callbacks.on_eval(state)
+        if judged:
+            fid = callbacks.on_watch(state) if callbacks.on_watch else None
+            if reason := watchdog.judge(state, params, self.world, fid):
+                return self.rescue(reason)
         signum = 0  # the stop signal this step stops on
         if self.stop is not None and (boundary or not self.world.distributed):
             device = self.noise.device  # the training device, where the ranks agree
@@ -382,6 +303,14 @@ class _Loop:
                 callbacks.on_checkpoint(state)
         if signum:
             raise signals.Stopped(signum)
+
+    def rescue(self, reason: str) -> None:
+        """Back to the watchdog's best state with its next remedy (watchdog.Collapsed when spent)."""
+        event = watchdog.rescue(self.state, self.params, self.world, reason)
+        self.remedies = watchdog.step_remedies(self.state.watch, self.params)
+        self.pending.clear()
+        if self.callbacks.on_rescue:
+            self.callbacks.on_rescue(event)
 
     def flush(self) -> None:
         """The pending figures into the history (after checking them) and to on_log, with the speed."""

@@ -10,7 +10,7 @@ import torch
 from pipeline import distributed, files
 from pipeline.distributed import World
 from pipeline.errors import UserError
-from pipeline.gan.loop import TrainState, new_state
+from pipeline.gan.state import TrainState, new_state
 from pipeline.params import Params
 from pipeline.sections import BUDGET, CADENCE, DEVICE, values_without
 

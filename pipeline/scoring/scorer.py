@@ -146,6 +146,19 @@ class Scorer:
             self.device,
         )
 
+    def watch(self, generator: Generator, params: Params) -> dict[str, float]:
+        """What the collapse watchdog (train.watchdog) judges and logs: the quick FID (of quick_fid's
+        samples, the same number) and the classes the samples cover."""
+        train, batch = params.train, params.evaluate.batch_size
+        images, _ = draw(generator, train.fid_samples, train.seed, batch, self.device, self.reference)
+        features, probs = classify(self.classifier, images, batch, self.device)
+        mean, cov = metrics.feature_stats(features)
+        report = metrics.class_report(probs, self.reference.label_distribution)
+        return {
+            "fid": metrics.frechet_distance(mean, cov, self.reference.mean, self.reference.cov),
+            "classes_covered": float(report["classes_covered"]),  # type: ignore[arg-type]
+        }
+
 
 # --- the scores ---------------------------------------------------------------------------
 

@@ -35,7 +35,9 @@ from optuna.trial import FrozenTrial, TrialState
 
 from pipeline import data, files, machine
 from pipeline.errors import UserError
-from pipeline.gan.loop import Callbacks, Diverged, TrainState, metric_rows, new_state, train
+from pipeline.gan.loop import Callbacks, Diverged, metric_rows, train
+from pipeline.gan.state import TrainState, new_state
+from pipeline.gan.watchdog import Collapsed, Event
 from pipeline.layout import Layout
 from pipeline.optuna_study import (
     FINGERPRINT,
@@ -131,6 +133,15 @@ class Objective:
     tags: dict[str, str]
     running: list[int] = field(default_factory=list)  # the trial in progress, for the interrupt handler
 
+    def watching(self, p: Params, run: Run, number: int) -> dict[str, Any]:
+        """A trial's watchdog callbacks (train.watchdog): its judge, and each rescue printed and tagged."""
+
+        def on_rescue(event: Event) -> None:
+            print(f"trial {number}: {event.sentence()}")
+            run.set_tags(event.tags())
+
+        return {"on_watch": lambda state: self.frozen.watch(state.output, p)["fid"], "on_rescue": on_rescue}
+
     def __call__(self, trial: optuna.Trial) -> float:
         trial.set_user_attr(STARTED_BY, f"{socket.gethostname()}:{os.getpid()}")  # alive: see orphans()
         sweep = self.params.sweep
@@ -157,7 +168,7 @@ class Objective:
 
         started, outcome = time.perf_counter(), "FAIL"
         try:
-            callbacks = Callbacks(on_log=on_log, on_eval=on_eval)
+            callbacks = Callbacks(on_log=on_log, on_eval=on_eval, **self.watching(p, run, trial.number))
             scores, grid = run_trial(p, self.images, self.labels, self.frozen, callbacks)
             outcome = "COMPLETE"
         except optuna.TrialPruned as exc:
@@ -167,7 +178,7 @@ class Objective:
         except KeyboardInterrupt:
             outcome = "INTERRUPTED"
             raise
-        except Diverged as exc:
+        except (Diverged, Collapsed) as exc:
             print(f"trial {trial.number}: failed, {exc}")
             run.set_tags({"sweep.error": str(exc)})
             raise

@@ -24,23 +24,17 @@ from pipeline import checkpoint_history, data, distributed, files, machine, sign
 from pipeline.distributed import World
 from pipeline.errors import UserError
 from pipeline.gan.export import for_export
-from pipeline.gan.loop import (
-    FINAL,
-    LOG_COLUMNS,
-    Callbacks,
-    Row,
-    TrainState,
-    metric_rows,
-    summarise,
-    summary_row,
-    train,
-)
+from pipeline.gan.loop import FINAL, Callbacks, metric_rows, summarise, summary_row, train
 from pipeline.gan.resume import checkpoint_fingerprint, resume_or_fresh
 from pipeline.gan.sampling import fixed_noise, sample_grid
+from pipeline.gan.state import LOG_COLUMNS, Row, TrainState
+from pipeline.gan.watchdog import watched_row
 from pipeline.layout import Layout
 from pipeline.params import Params, flatten, load_params
 
 if TYPE_CHECKING:
+    from pipeline.gan.watchdog import Event
+    from pipeline.scoring.scorer import Scorer
     from pipeline.tracking.tracker import Run
 
 
@@ -106,32 +100,6 @@ def sample_file(paths: Layout, step: int) -> Path:
     return paths.samples / f"step_{step:06d}.png"
 
 
-class Recorded:
-    """A finished MLflow run, reopened while its deleted outputs are written again: its metrics, images
-    and model are there already, so logging them does nothing; its status is set as for any run."""
-
-    def __init__(self, run: Run) -> None:
-        self.recorded = run
-
-    def log_metrics(self, rows: list[dict[str, float]]) -> None:
-        pass
-
-    def log_image(self, image: np.ndarray, key: str, step: int) -> None:
-        pass
-
-    def log_artifact(self, path: Path, folder: str | None = None) -> None:
-        pass
-
-    def log_model(self, model: Any, name: str, input_example: np.ndarray) -> None:
-        pass
-
-    def drop_unfinished_models(self) -> int:
-        return 0
-
-    def __getattr__(self, name: str) -> Any:  # run_id, lost, finish, ...: the run's own
-        return getattr(self.recorded, name)
-
-
 class Writer:
     """Every side effect of the stage: DVC outputs, the MLflow run, the progress bar.
 
@@ -156,6 +124,7 @@ class Writer:
         # step goes to MLflow once (their values are the same again, bit for bit, on the CPU).
         self.logged_until, self.logged_grids, self.fid_logged_until = 0, set(), 0
         self.ends_logged: set[int] = set()  # the steps whose `final_*` figures the run holds
+        self._scorer: Scorer | None = None
         recorded = False
         if state.step:
             try:
@@ -169,6 +138,8 @@ class Writer:
                 pass
         # A finished run run again (its outputs deleted, or `dvc repro -f`) writes its outputs again;
         # MLflow holds its end already, which is not logged twice.
+        from pipeline.tracking.runs import Recorded
+
         self.run: Run | Recorded = Recorded(run) if recorded else run
         self.bar = tqdm(
             total=params.train.steps, initial=state.step, desc=desc, unit="step", dynamic_ncols=True
@@ -204,7 +175,23 @@ class Writer:
         return cls(params, paths, fingerprint, run, run_info, state, f"train [{where}, {precision}]")
 
     def callbacks(self, device: torch.device) -> Callbacks:
-        return Callbacks(self.on_log, self.on_sample, self.on_checkpoint, self.quick_fid(device))
+        watch = self.params.train.watchdog
+        return Callbacks(
+            self.on_log,
+            self.on_sample,
+            self.on_checkpoint,
+            self.quick_fid(device),
+            self.watch(device) if watch else None,
+            self.on_rescue if watch else None,
+        )
+
+    def scorer(self, device: torch.device) -> Scorer:
+        """The frozen classifier with its reference, loaded once (quick FID, watchdog)."""
+        from pipeline.scoring.scorer import Scorer
+
+        if self._scorer is None:
+            self._scorer = Scorer.load(self.paths, self.params, device)
+        return self._scorer
 
     def on_log(self, rows: list[Row], rate: float) -> None:
         step, d_loss, d_acc, g_loss = rows[-1]
@@ -228,9 +215,7 @@ class Writer:
         p = self.params.train
         if not p.fid_every:
             return None
-        from pipeline.scoring.scorer import Scorer
-
-        scorer = Scorer.load(self.paths, self.params, device)
+        scorer = self.scorer(device)
 
         def on_eval(state: TrainState) -> None:
             fid = scorer.quick_fid(state.output, self.params)
@@ -241,6 +226,27 @@ class Writer:
             write_fid_log(state.fid_history, self.paths.fid_log)
 
         return on_eval
+
+    def watch(self, device: torch.device) -> Callable[[TrainState], float]:
+        """The watchdog's judge: the quick FID, with the classes covered and D's accuracy into MLflow."""
+        scorer = self.scorer(device)
+
+        def on_watch(state: TrainState) -> float:
+            signals = scorer.watch(state.output, self.params)
+            self.run.log_metrics([watched_row(state, self.params.train.watchdog_every, signals)])
+            return signals["fid"]
+
+        return on_watch
+
+    def on_rescue(self, event: Event) -> None:
+        """A rescue: on the progress bar, in MLflow (tags, and a metric at the step of the collapse); the
+        steps trained again after the rollback are logged again."""
+        self.bar.write(event.sentence())
+        self.bar.n = event.back_to
+        self.bar.refresh()
+        self.run.set_tags(event.tags())
+        self.run.log_metrics([{"step": event.step, "watchdog_rescue": event.number}])
+        self.logged_until = min(self.logged_until, event.back_to)
 
     def holds_model(self, weights: dict[str, torch.Tensor]) -> bool:
         """Whether the run holds a finished model of exactly these weights (False when MLflow cannot say)."""

@@ -6,8 +6,14 @@ memory.MemoryStore there (monkeypatch) to see what a stage logs without an MLflo
 
 from __future__ import annotations
 
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
 from pipeline.tracking.mlflow_run import MlflowRun
 from pipeline.tracking.tracker import Backend, Run
+
+if TYPE_CHECKING:
+    import numpy as np
 
 BACKEND: Backend = MlflowRun
 
@@ -37,3 +43,29 @@ def existing_run(run_id: str, experiment_id: str) -> Run | None:
 def tagged_run(experiment_id: str, key: str, value: str) -> Run | None:
     """The first run of the experiment whose tag `key` is `value`, or None."""
     return BACKEND.tagged(experiment_id, key, value)
+
+
+class Recorded:
+    """A finished MLflow run, reopened while its deleted outputs are written again: its metrics, images
+    and model are there already, so logging them does nothing; its status is set as for any run."""
+
+    def __init__(self, run: Run) -> None:
+        self.recorded = run
+
+    def log_metrics(self, rows: list[dict[str, float]]) -> None:
+        pass
+
+    def log_image(self, image: np.ndarray, key: str, step: int) -> None:
+        pass
+
+    def log_artifact(self, path: Path, folder: str | None = None) -> None:
+        pass
+
+    def log_model(self, model: Any, name: str, input_example: np.ndarray) -> None:
+        pass
+
+    def drop_unfinished_models(self) -> int:
+        return 0
+
+    def __getattr__(self, name: str) -> Any:  # run_id, lost, finish, ...: the run's own
+        return getattr(self.recorded, name)
