@@ -194,6 +194,10 @@ def test_each_rescue_takes_the_next_remedy_and_the_last_one_stops_with_one_sente
     )
     assert state.watch is not None and state.watch.training_remedies(params).r1_gamma == 0.1  # R1 switched on
     assert [group["lr"] for group in state.opt_d.param_groups] == [TRAIN["lr_d"] / 2]
+    # A collapse at the first look has no good state to go back to.
+    with pytest.raises(Collapsed, match=r"^training collapsed at step 25 \(quick FID nan\) before the watchdog's first"):
+        train(new_state(model, params, CPU, 10), torch.from_numpy(mnist.train_images[:512]), params, model.latent_dim,
+              Callbacks(on_watch=lambda s: float("nan")))  # fmt: skip
 
 
 def test_the_train_stage_logs_each_rescue_to_mlflow_and_the_bar(

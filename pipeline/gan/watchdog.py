@@ -158,16 +158,16 @@ def rescue(state: TrainState, params: TrainParams, world: World, reason: str) ->
     watch = state.watch
     assert watch is not None
     step = state.step
-    if watch.best is None or len(watch.events) >= params.watchdog_max_rescues:
-        why = (
-            f"after {len(watch.events)} rescue(s) ({', '.join(watch.remedies)})"
-            if watch.events
-            else "before the watchdog had judged a good state"
-        )
+    if watch.best is None:
         raise Collapsed(
-            f"training collapsed at step {step} ({reason}) {why}; the best quick FID was {watch.best_fid:.1f} "
-            f"at step {watch.best_step}. Lower train.lr_d, raise train.r1_gamma, or allow more rescues "
-            "(train.watchdog_max_rescues)."
+            f"training collapsed at step {step} ({reason}) before the watchdog's first good look; lower the "
+            "learning rates (train.lr_d / train.lr_g) or look sooner (train.watchdog_every)."
+        )
+    if len(watch.events) >= params.watchdog_max_rescues:
+        raise Collapsed(
+            f"training collapsed at step {step} ({reason}) after {len(watch.events)} rescue(s) "
+            f"({', '.join(watch.remedies)}); the best quick FID was {watch.best_fid:.1f} at step {watch.best_step}. "
+            "Lower train.lr_d, raise train.r1_gamma, or allow more rescues (train.watchdog_max_rescues)."
         )
     names = remedy_names(params.watchdog_remedies)
     remedy = names[len(watch.events) % len(names)]
