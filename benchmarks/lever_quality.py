@@ -47,6 +47,7 @@ import torch
 
 from pipeline import data, files, machine
 from pipeline.errors import UserError
+from pipeline.gan import levers
 from pipeline.gan.loop import Callbacks, train
 from pipeline.gan.sampling import fixed_noise, sample_grid
 from pipeline.gan.state import new_state
@@ -112,6 +113,7 @@ def train_arm(params_path: str, arm: dict[str, Any], steps: int, seed: int, fid_
     paths = Layout(dataset=params.data.dataset)
     images, labels = training_data(params, paths, device)
     frozen = scorer.Scorer.load(paths, params, device)
+    params, _ = levers.choose(params, device, len(frozen.reference.label_distribution))  # the `auto` speed levers
     p = params.train
     state = new_state(params.model, p, device, len(frozen.reference.label_distribution))
     start = time.perf_counter()

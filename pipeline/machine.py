@@ -106,11 +106,35 @@ def busy_machine_advice(threads: int, cores: int, load: float) -> str | None:
     )
 
 
+def busy_now() -> str | None:
+    """busy_machine_advice for this process's threads and the machine's load now (None where no load is told)."""
+    if not hasattr(os, "getloadavg"):
+        return None
+    return busy_machine_advice(torch.get_num_threads(), cores(), os.getloadavg()[0])
+
+
 def seed_everything(seed: int) -> None:
     """Seed Python, NumPy and torch (all devices) from one param."""
     random.seed(seed)
     np.random.seed(seed % 2**32)
     torch.manual_seed(seed)
+
+
+@functools.cache
+def cpu_model() -> str:
+    """The CPU's model name (Linux's /proc/cpuinfo), else what Python's platform module says."""
+    try:
+        found = re.search(r"^model name\s*:\s*(.+)$", Path("/proc/cpuinfo").read_text(), re.MULTILINE)
+    except OSError:
+        found = None
+    import platform
+
+    return found.group(1).strip() if found else (platform.processor() or platform.machine() or "unknown")
+
+
+def processor_name(device: torch.device) -> str:
+    """The processor that computes on `device`: the GPU's name, or the CPU's model."""
+    return torch.cuda.get_device_name(device) if device.type == "cuda" else cpu_model()
 
 
 def device_name(device: torch.device) -> str:

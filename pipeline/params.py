@@ -154,11 +154,9 @@ class TrainParams(Section):
     ema_warmup: Annotated[NonNegativeInt, RECIPE] = 0
     r1_gamma: Annotated[float, Field(ge=0.0, le=1e4), RECIPE] = 0.0
     augment: Annotated[Literal["none", "translation", "cutout", "translation,cutout"], RECIPE] = "none"
-    # The collapse watchdog (gan/watchdog.py), off by default: every watchdog_every steps the quick FID
-    # (fid_samples samples) of the run's generator; above watchdog_factor x the best so far, or a
-    # non-finite loss or weight, the run goes back to its best state, takes the next remedy of
-    # watchdog_remedies (names joined by commas, from WATCHDOG_REMEDIES) and goes on; a collapse after
-    # watchdog_max_rescues rescues stops it.
+    # The collapse watchdog (gan/watchdog.py), off by default: a quick FID above watchdog_factor x the best
+    # (looked at every watchdog_every steps) or a non-finite loss goes back to the best state with the next
+    # of watchdog_remedies (names from WATCHDOG_REMEDIES); the collapse after watchdog_max_rescues stops it.
     watchdog: Annotated[bool, RECIPE] = False
     watchdog_every: Annotated[PositiveInt, RECIPE] = 250
     watchdog_factor: Annotated[float, Field(gt=1.0, le=1e3), RECIPE] = 2.0
@@ -177,11 +175,16 @@ class TrainParams(Section):
     )
     # auto: bf16 autocast where native (CUDA, CPUs with BF16)
     precision: Annotated[Literal["auto", "fp32", "bf16"], LEVERS] = "auto"
-    fast_upsample: Annotated[bool, LEVERS] = (
+    # Each of these three: the same function either way; auto: the faster here, timed once (gan/levers.py).
+    fast_upsample: Annotated[Literal[True, False, "auto"], LEVERS] = (
         True  # upsample+conv computed by phases: same function, 2.25x fewer FLOPs
     )
-    fast_output: Annotated[bool, LEVERS] = True  # G's last conv (to one channel) as a 1x1 conv to its taps
-    channels_last: Annotated[bool, LEVERS] = False  # NHWC memory format for the conv nets
+    fast_output: Annotated[Literal[True, False, "auto"], LEVERS] = (
+        True  # G's last conv (to one channel) as a 1x1 conv to its taps
+    )
+    channels_last: Annotated[Literal[True, False, "auto"], LEVERS] = (
+        False  # NHWC memory format for the conv nets
+    )
     fused_adam: Annotated[bool, LEVERS] = True  # one fused kernel for each Adam update (CUDA and CPU)
     compile: Annotated[bool, LEVERS] = False  # torch.compile the generator and discriminator
     sample_every: Annotated[PositiveInt, CADENCE] = 50

@@ -8,6 +8,7 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
+from pipeline import files
 from pipeline.errors import UserError
 
 # --- stop signals and the one-writer lock ------------------------------------------------------
@@ -102,3 +103,17 @@ def exclusive(path: Path, what: str) -> Iterator[None]:
     finally:
         path.unlink(missing_ok=True)  # while still holding the lock: see above
         os.close(fd)
+
+
+def stopped_sentence(stop: Stopped, step: int, checkpoint: Path) -> str:
+    """What a stop signal did, in one sentence."""
+    if not stop.at_once:
+        return f"stopped by {stop.name} at step {step}: checkpoint written to {checkpoint}; run the same command to resume."
+    try:
+        kept: int | None = int(files.load_checkpoint(checkpoint)["step"]) if checkpoint.exists() else None
+    except (UserError, KeyError, TypeError, ValueError):
+        kept = None
+    at_once = f"stopped at once by a second {stop.name} after step {step}"
+    if kept is None:
+        return f"{at_once}, before any checkpoint; run the same command to start again."
+    return f"{at_once}: {checkpoint} of step {kept} is kept; run the same command to resume from it."

@@ -106,6 +106,8 @@ class TrainState:
 def new_state(model: ModelParams, params: TrainParams, device: torch.device, n_classes: int) -> TrainState:
     """Seeded models and the tutorial's Adam optimisers, with the speed levers of `params` (and the
     EMA of G with train.ema_decay; conditional on `n_classes` with model.conditional)."""
+    if "auto" in (params.fast_upsample, params.fast_output, params.channels_last):
+        raise ValueError("a speed lever is `auto`: choose its form first (gan.levers.choose)")
     machine.seed_everything(params.seed)
     memory_format = torch.channels_last if params.channels_last else torch.contiguous_format
     generator = build_generator(

@@ -35,6 +35,7 @@ from optuna.trial import FrozenTrial, TrialState
 
 from pipeline import data, files, machine
 from pipeline.errors import UserError
+from pipeline.gan import levers
 from pipeline.gan.loop import Callbacks, Diverged, metric_rows, train
 from pipeline.gan.state import TrainState, new_state
 from pipeline.gan.watchdog import Collapsed, Event
@@ -80,6 +81,9 @@ def run_trial(
     """Train with `params` (on `images`' device; `labels` beside them) and score `evaluate.n_samples`
     samples: (scores, 5x5 grid)."""
     device, reference = images.device, frozen.reference
+    params, said = levers.choose(params, device, len(reference.label_distribution))  # the `auto` speed levers
+    if said:
+        print(said)
     state = new_state(params.model, params.train, device, len(reference.label_distribution))
     train(state, images, params.train, params.model.latent_dim, callbacks, labels=labels)
     p = params.evaluate

@@ -23,6 +23,7 @@ import torch
 from pipeline import checkpoint_history, data, distributed, files, machine, signals
 from pipeline.distributed import World
 from pipeline.errors import UserError
+from pipeline.gan import levers
 from pipeline.gan.export import for_export
 from pipeline.gan.loop import FINAL, Callbacks, metric_rows, summarise, summary_row, train
 from pipeline.gan.resume import checkpoint_fingerprint, resume_or_fresh
@@ -157,12 +158,17 @@ class Writer:
         precision: str,
         data_hash: str,
         world: World = World(),
+        levers_chosen: str | None = None,
     ) -> Writer:
-        """Clear what a killed or earlier run left, then open the MLflow run (state.run_id when resuming)."""
+        """Clear what a killed or earlier run left, then open the MLflow run (state.run_id when resuming),
+        tagged with the speed levers' forms chosen for `auto` (gan/levers.py)."""
         files.remove_stale_temps(*paths.outputs("train"), paths.checkpoint)
-        if resumed:
-            print(resumed)
+        for said in (resumed, levers_chosen):
+            if said:
+                print(said)
         run, run_info = start_tracking(params, state.run_id, device, precision, data_hash, world)
+        if levers_chosen:
+            run.set_tags({"levers": levers_chosen})
         state.run_id = run.run_id  # into every checkpoint, so that a resumed run logs to the same run
         if state.step == 0:  # a fresh run: nothing from an earlier run may survive in persisted outputs
             for old in paths.samples.glob("*.png"):
@@ -356,20 +362,6 @@ def one_training(paths: Layout) -> contextlib.AbstractContextManager[None]:
     return signals.exclusive(paths.train_lock, "a training")
 
 
-def stopped_sentence(stop: signals.Stopped, step: int, checkpoint: Path) -> str:
-    """What a stop signal did, in one sentence."""
-    if not stop.at_once:
-        return f"stopped by {stop.name} at step {step}: checkpoint written to {checkpoint}; run the same command to resume."
-    try:
-        kept: int | None = int(files.load_checkpoint(checkpoint)["step"]) if checkpoint.exists() else None
-    except (UserError, KeyError, TypeError, ValueError):
-        kept = None
-    at_once = f"stopped at once by a second {stop.name} after step {step}"
-    if kept is None:
-        return f"{at_once}, before any checkpoint; run the same command to start again."
-    return f"{at_once}: {checkpoint} of step {kept} is kept; run the same command to resume from it."
-
-
 def starting_state(
     params: Params, paths: Layout, fingerprint: str, device: torch.device, n_classes: int, world: World
 ) -> tuple[TrainState, str | None]:
@@ -390,19 +382,22 @@ def run(params: Params, paths: Layout, device: torch.device, world: World) -> No
     """The stage in one process (of a job, or the only one): resume or start, train, write."""
     p = params.train
     precision = machine.resolve_precision(p.precision, device)
-    if world.writer and device.type == "cpu" and hasattr(os, "getloadavg"):
-        load = os.getloadavg()[0]
-        if advice := machine.busy_machine_advice(torch.get_num_threads(), machine.cores(), load):
-            print(f"warning: {advice}", file=sys.stderr)
+    if world.writer and device.type == "cpu" and (advice := machine.busy_now()):
+        print(f"warning: {advice}", file=sys.stderr)
     n_classes = len(data.class_names(params.data))
     dataset = data.load_prepared(paths.prepared, n_classes)
     data_hash = files.sha256_file(paths.prepared)
+    # The `auto` speed levers' forms, chosen by rank 0 for every rank: from here on, the run's params.
+    params, chosen = distributed.broadcast(
+        world, levers.choose(params, device, n_classes) if world.writer else None
+    )
+    p = params.train
     fingerprint = checkpoint_fingerprint(params, data_hash, precision)
     state, how = starting_state(params, paths, fingerprint, device, n_classes, world)
 
     # The one gate: only the writing process touches files, MLflow and the terminal.
     writer = (
-        Writer.open(params, paths, state, how, fingerprint, device, precision, data_hash, world)
+        Writer.open(params, paths, state, how, fingerprint, device, precision, data_hash, world, chosen)
         if world.writer
         else None
     )
@@ -428,7 +423,7 @@ def run(params: Params, paths: Layout, device: torch.device, world: World) -> No
     except signals.Stopped as exc:
         if writer:
             writer.fail(exc)
-            exc.message = stopped_sentence(exc, state.step, paths.checkpoint)
+            exc.message = signals.stopped_sentence(exc, state.step, paths.checkpoint)
         raise
     except BaseException as exc:
         if writer:
