@@ -126,6 +126,7 @@ class ClassifierParams(Section):
     min_accuracy: Annotated[float, Field(ge=0.0, le=1.0)] | None = None
 
 
+OrAuto = Literal[True, False, "auto"]  # a speed lever's two forms, or the faster one on this machine
 # The watchdog's remedies (gan/watchdog.py applies them): D's learning rate halved; R1 on, or doubled.
 WATCHDOG_REMEDIES = ("halve_lr_d", "r1")
 
@@ -175,16 +176,11 @@ class TrainParams(Section):
     )
     # auto: bf16 autocast where native (CUDA, CPUs with BF16)
     precision: Annotated[Literal["auto", "fp32", "bf16"], LEVERS] = "auto"
-    # Each of these three: the same function either way; auto: the faster here, timed once (gan/levers.py).
-    fast_upsample: Annotated[Literal[True, False, "auto"], LEVERS] = (
-        True  # upsample+conv computed by phases: same function, 2.25x fewer FLOPs
-    )
-    fast_output: Annotated[Literal[True, False, "auto"], LEVERS] = (
-        True  # G's last conv (to one channel) as a 1x1 conv to its taps
-    )
-    channels_last: Annotated[Literal[True, False, "auto"], LEVERS] = (
-        False  # NHWC memory format for the conv nets
-    )
+    # Each of these three computes the same function either way (phases of upsample+conv: 2.25x fewer
+    # FLOPs; G's last conv as a 1x1 conv to its taps; NHWC); auto: the faster here (gan/levers.py).
+    fast_upsample: Annotated[OrAuto, LEVERS] = True
+    fast_output: Annotated[OrAuto, LEVERS] = True
+    channels_last: Annotated[OrAuto, LEVERS] = False
     fused_adam: Annotated[bool, LEVERS] = True  # one fused kernel for each Adam update (CUDA and CPU)
     compile: Annotated[bool, LEVERS] = False  # torch.compile the generator and discriminator
     sample_every: Annotated[PositiveInt, CADENCE] = 50
