@@ -1,4 +1,4 @@
-"""The GAN core: the training state, one step, and the loop, written out once.
+"""The GAN core: one step and the loop, written out once (the state they train: state.py).
 
 Each step, as in the Keras tutorial: draw a random batch of real images and a batch of
 fakes from fresh noise; train D on the real batch (label 1), then on the fake batch
@@ -9,7 +9,8 @@ D's fake update (detached) and then G's update.
 Beyond the tutorial, each off by default (see params.py): an EMA of G's weights, updated
 after every G step, is what the grids, the quick FID and the exported generator use; a
 conditional pair gets each real image's label, and the fakes the real batch's labels; the
-remedies of remedies.py (R1, differentiable augmentation, the EMA's warm-up).
+remedies of remedies.py (R1, differentiable augmentation, the EMA's warm-up); the collapse
+watchdog of watchdog.py, which judges through Callbacks.on_watch and rolls a collapse back.
 
 `train()` does no file or MLflow I/O: it reports through `Callbacks`, which the train stage
 wires to DVC outputs and MLflow, and the sweep to its trial. Host-device synchronisation
