@@ -209,7 +209,10 @@ def test_the_readme_names_the_preset_the_study_measures() -> None:
     assert spec is not None and spec.loader is not None
     study = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(study)
-    assert f"dvc exp run {study.dvc_overrides(study.PRESET)}\n" in (root / "README.md").read_text()
+    readme = (root / "README.md").read_text()
+    for preset in (study.PRESET, study.ROBUST):
+        assert f"dvc exp run {study.dvc_overrides(preset)}\n" in readme
+        study.with_overrides(load_params(root / "params.yaml"), preset)  # valid params
     assert list(study.STUDY)[0] == "tutorial" and study.STUDY["tutorial"] == {}
     assert study.STUDY["quality preset"] == study.PRESET
     load_params(root / "params.yaml")  # the defaults the overrides apply to
