@@ -34,19 +34,24 @@ def atomic_path(path: Path | str) -> Iterator[Path]:
     atomic_files() the replacement waits for the end of that block.
     """
     path = Path(path)
+    tmp_path: Path | None = None
+    # A stop signal's handler raises (signals.stop_on_signals): held back until the temp file is one
+    # this block removes, it cannot leave one behind.
+    held = _hold_stop_signals()
     try:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    except OSError as exc:
-        if (error := storage_error(path, exc)) is not None:
-            raise error from None
-        raise
-    os.close(fd)
-    tmp_path: Path | None = Path(tmp)
-    umask = os.umask(0)
-    os.umask(umask)
-    os.chmod(tmp, 0o666 & ~umask)  # mkstemp makes 0600; outputs get normal permissions
-    try:
+        try:
+            path.parent.mkdir(parents=True, exist_ok=True)
+            fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+        except OSError as exc:
+            if (error := storage_error(path, exc)) is not None:
+                raise error from None
+            raise
+        tmp_path = Path(tmp)
+        held = _release_stop_signals(held)
+        os.close(fd)
+        umask = os.umask(0)
+        os.umask(umask)
+        os.chmod(tmp, 0o666 & ~umask)  # mkstemp makes 0600; outputs get normal permissions
         yield Path(tmp)
         with open(tmp, "rb") as fh:
             os.fsync(fh.fileno())
@@ -59,6 +64,8 @@ def atomic_path(path: Path | str) -> Iterator[Path]:
             staged[path] = Path(tmp)
             tmp_path = None  # atomic_files() renames it, or removes it
     except Exception as exc:
+        if tmp_path is None:  # no temp file yet (its folder or its creation failed, said above)
+            raise
         # numpy's tofile says only "N requested and M written": what the temp file shows decides.
         hint = _short_write(Path(tmp)) if isinstance(exc, OSError) and exc.errno is None else None
         if tmp_path is not None:
@@ -67,8 +74,26 @@ def atomic_path(path: Path | str) -> Iterator[Path]:
             raise error from None
         raise
     finally:
+        _release_stop_signals(held)
         if tmp_path is not None:
             tmp_path.unlink(missing_ok=True)
+
+
+def _hold_stop_signals() -> Any:
+    """Block SIGTERM, SIGINT and SIGHUP in this thread; the old mask (None where there is none to block)."""
+    import signal
+
+    if not hasattr(signal, "pthread_sigmask"):
+        return None
+    return signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGTERM, signal.SIGINT, signal.SIGHUP})
+
+
+def _release_stop_signals(held: Any) -> None:
+    """Back to the mask `_hold_stop_signals` returned: a signal that came meanwhile is handled now."""
+    if held is not None:
+        import signal
+
+        signal.pthread_sigmask(signal.SIG_SETMASK, held)
 
 
 @contextlib.contextmanager
