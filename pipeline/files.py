@@ -47,7 +47,8 @@ def atomic_path(path: Path | str) -> Iterator[Path]:
                 raise error from None
             raise
         tmp_path = Path(tmp)
-        held = _release_stop_signals(held)
+        _release_stop_signals(held)  # a signal that came meanwhile is handled here, with the temp file ours
+        held = None
         os.close(fd)
         umask = os.umask(0)
         os.umask(umask)
