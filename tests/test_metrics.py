@@ -60,6 +60,13 @@ def test_frechet_distance_non_commuting_matches_sqrtm() -> None:
     assert frechet_distance(mu1, c1, mu2, c2) == pytest.approx(expected, rel=1e-8)
 
 
+def test_frechet_distance_with_the_reference_root_kept_is_the_same_number() -> None:
+    """fid_with_interval keeps the square root of the reference's covariance for all its resamples."""
+    rng = np.random.default_rng(5)
+    mu1, mu2, c1, c2 = rng.normal(size=12), rng.normal(size=12), _random_spd(rng, 12), _random_spd(rng, 12)
+    assert frechet_distance(mu1, c1, mu2, c2, metrics._sqrt_psd(c2)) == frechet_distance(mu1, c1, mu2, c2)
+
+
 def test_fid_of_samples_approaches_population_value() -> None:
     rng = np.random.default_rng(2)
     d = 4

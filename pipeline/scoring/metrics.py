@@ -64,8 +64,11 @@ def _sqrt_psd(cov: np.ndarray) -> np.ndarray:
     return (v * np.sqrt(np.clip(w, 0.0, None))) @ v.T
 
 
-def frechet_distance(mu1: np.ndarray, cov1: np.ndarray, mu2: np.ndarray, cov2: np.ndarray) -> float:
-    """Frechet distance between N(mu1, cov1) and N(mu2, cov2)."""
+def frechet_distance(
+    mu1: np.ndarray, cov1: np.ndarray, mu2: np.ndarray, cov2: np.ndarray, root2: np.ndarray | None = None
+) -> float:
+    """Frechet distance between N(mu1, cov1) and N(mu2, cov2); `root2`: _sqrt_psd(cov2), when the
+    caller scores many sample sets against one reference and keeps it."""
     mu1, mu2 = np.asarray(mu1, np.float64), np.asarray(mu2, np.float64)
     cov1, cov2 = np.asarray(cov1, np.float64), np.asarray(cov2, np.float64)
     d = mu1.shape[0] if mu1.ndim == 1 else -1
@@ -81,7 +84,7 @@ def frechet_distance(mu1: np.ndarray, cov1: np.ndarray, mu2: np.ndarray, cov2: n
     # than square roots of the eigenvalues of s1 cov2 s1, keeps round-off at eps x ||cov||:
     # ReLU features have near-null directions, where sqrt(eigenvalue ~ eps ||cov||^2) turned
     # round-off into an error of sqrt(eps) x ||cov|| per direction (-4.5e-6 for FID(x, x)).
-    product = _sqrt_psd(cov1) @ _sqrt_psd(cov2)
+    product = _sqrt_psd(cov1) @ (_sqrt_psd(cov2) if root2 is None else root2)
     tr_covmean = np.linalg.svd(product, compute_uv=False).sum()
     diff = mu1 - mu2
     tr1, tr2 = np.trace(cov1), np.trace(cov2)
@@ -121,8 +124,9 @@ def fid_with_interval(
     # LAPACK on 128 x 128 matrices is fastest on one thread: OpenBLAS's threads cost 20x, and 600x on
     # a machine whose cores are busy (two test workers, a training beside).
     with threadpool_limits(limits=1, user_api="blas"):
+        root_ref = _sqrt_psd(np.asarray(cov_ref, np.float64))  # the same for every resample
         for i in range(resamples):
-            values[i] = frechet_distance(*_resampled_stats(xt, rng), mu_ref, cov_ref)
+            values[i] = frechet_distance(*_resampled_stats(xt, rng), mu_ref, cov_ref, root_ref)
     half = z * float(values.std(ddof=1))
     return centre, max(centre - half, 0.0), centre + half
 
