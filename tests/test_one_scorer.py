@@ -76,7 +76,7 @@ def test_quick_fid_is_seeded_by_the_training_seed_alone(tmp_path: Path) -> None:
     fid = frozen.quick_fid(generator, base)
     assert fid == frozen.quick_fid(generator, params_with(train=TRAIN, evaluate={**EVALUATE, "seed": 7}))
     assert fid != frozen.quick_fid(generator, params_with(train={**TRAIN, "seed": 7}, evaluate=EVALUATE))
-    assert fid == scorer.generator_fid(generator, frozen.classifier, frozen.reference, 256, 0, 256, CPU)
+    assert fid == scorer.quick_look(generator, frozen.classifier, frozen.reference, 256, 0, 256, CPU)[0]
 
 
 def test_scorer_refuses_a_reference_of_other_weights(tmp_path: Path) -> None:

@@ -131,12 +131,17 @@ class Scorer:
     def quick_fid(self, generator: Generator, params: Params) -> float:
         """The in-training FID of `params`' run: train.fid_samples fresh samples, the same noise at every
         call (their own RNG: training's is untouched), so the curve shows the generator changing."""
-        train = params.train
         # Seeded by train.seed, not evaluate.seed: the curve is a training output (metrics/train_fid.csv,
         # the checkpoint's fid_history), and the train stage's DVC params and resume fingerprint cover
         # train.*, not evaluate.*. Sweep trials share train.seed unless it is searched, and then their
         # weights and batches differ by seed as well: one rule for the train stage and the sweep.
-        return generator_fid(
+        return self.watch(generator, params)["fid"]
+
+    def watch(self, generator: Generator, params: Params) -> dict[str, float]:
+        """What the collapse watchdog (train.watchdog) judges and logs: the quick FID (quick_fid's
+        number) and the classes its samples cover."""
+        train = params.train
+        fid, probs = quick_look(
             generator,
             self.classifier,
             self.reference,
@@ -145,19 +150,8 @@ class Scorer:
             params.evaluate.batch_size,
             self.device,
         )
-
-    def watch(self, generator: Generator, params: Params) -> dict[str, float]:
-        """What the collapse watchdog (train.watchdog) judges and logs: the quick FID (of quick_fid's
-        samples, the same number) and the classes the samples cover."""
-        train, batch = params.train, params.evaluate.batch_size
-        images, _ = draw(generator, train.fid_samples, train.seed, batch, self.device, self.reference)
-        features, probs = classify(self.classifier, images, batch, self.device)
-        mean, cov = metrics.feature_stats(features)
         report = metrics.class_report(probs, self.reference.label_distribution)
-        return {
-            "fid": metrics.frechet_distance(mean, cov, self.reference.mean, self.reference.cov),
-            "classes_covered": float(report["classes_covered"]),  # type: ignore[arg-type]
-        }
+        return {"fid": fid, "classes_covered": float(report["classes_covered"])}  # type: ignore[arg-type]
 
 
 # --- the scores ---------------------------------------------------------------------------
@@ -172,7 +166,7 @@ def draw(
     return generate(generator, n, seed, batch_size, device, labels), labels
 
 
-def generator_fid(
+def quick_look(
     generator: Generator,
     classifier: Classifier,
     reference: Reference,
@@ -180,12 +174,13 @@ def generator_fid(
     seed: int,
     batch_size: int,
     device: torch.device,
-) -> float:
-    """FID of n fresh samples (seeded, inference mode) against the reference: the quick estimate."""
+) -> tuple[float, np.ndarray]:
+    """The FID of n fresh samples (seeded, inference mode) against the reference, the quick estimate,
+    and the samples' class probabilities (N, K)."""
     images, _ = draw(generator, n, seed, batch_size, device, reference)
-    features, _ = classify(classifier, images, batch_size, device)
+    features, probs = classify(classifier, images, batch_size, device)
     mean, cov = metrics.feature_stats(features)
-    return metrics.frechet_distance(mean, cov, reference.mean, reference.cov)
+    return metrics.frechet_distance(mean, cov, reference.mean, reference.cov), probs
 
 
 def conditional_scores(
