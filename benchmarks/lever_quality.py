@@ -118,7 +118,13 @@ def train_arm(params_path: str, arm: dict[str, Any], steps: int, seed: int, fid_
     p = params.train
     state = new_state(params.model, p, device, len(frozen.reference.label_distribution))
     start = time.perf_counter()
-    watch = Callbacks(on_watch=lambda state: frozen.watch(state.output, params)["fid"],
+    curve: list[tuple[int, float]] = []  # with train.watchdog: the quick FID of each look, by step
+
+    def look(state: Any) -> float:
+        curve.append((state.step, round(frozen.watch(state.output, params)["fid"], 2)))
+        return curve[-1][1]
+
+    watch = Callbacks(on_watch=look,
                       on_rescue=lambda event: print(f"seed {seed} {arm}: {event.sentence()}", flush=True))  # fmt: skip
     train(state, images, p, params.model.latent_dim, watch, labels=labels)
     rescues = [vars(event) for event in state.watch.events] if state.watch is not None else []
@@ -131,7 +137,7 @@ def train_arm(params_path: str, arm: dict[str, Any], steps: int, seed: int, fid_
     grid = sample_grid(state.output, fixed_noise(params.model.latent_dim, seed, device))
     return {"seed": seed, "fid": round(fid, 3), "fid_low": round(low, 3), "fid_high": round(high, 3),
             "seconds": round(seconds, 1), "img_s": round(steps * p.batch_size / seconds, 1),
-            "threads": torch.get_num_threads(), "rescues": rescues, "grid": grid}  # fmt: skip
+            "threads": torch.get_num_threads(), "rescues": rescues, "quick_fid_by_step": curve, "grid": grid}  # fmt: skip
 
 
 def speed(params_path: str, arms: dict[str, dict[str, Any]], steps: int, device: torch.device, repeats: int = 3
