@@ -277,3 +277,18 @@ def test_fid_interval_scores_fresh_draws_beside_the_bootstrap(bench_project: Pat
     assert [row["seed"] for row in rows] == [1234, 1235, 1236]
     assert all(row["low"] < row["fid"] < row["high"] for row in rows) and len({row["fid"] for row in rows}) == 3
     assert "N=300, 3 draws, 10 resamples" in result.stdout and "intervals hold the mean" in result.stdout
+
+
+def test_lever_forms_times_every_form_and_names_the_fastest(bench_project: Path) -> None:
+    out = bench_project / "forms.json"
+    args = ["--batch-sizes", "8", "--repeats", "2", "--steps", "1", "--output", str(out)]
+    result = run_script([str(ROOT / "benchmarks/lever_forms.py"), *args], bench_project)
+    assert result.returncode == 0, result.stderr[-3000:]
+    (table,) = json.loads(out.read_text())["batches"]
+    assert table["batch"] == 8 and len(table["img_s"]) == 8  # two forms of each of the three levers
+    assert all(len(runs) == 2 for runs in table["runs"].values())
+    fastest = json.dumps(table["fastest"], sort_keys=True)
+    assert table["img_s"][fastest] == max(table["img_s"].values())
+    default = table["img_s"][json.dumps({"channels_last": False, "fast_output": True, "fast_upsample": True})]
+    assert table["fastest_over_defaults"] == pytest.approx(table["img_s"][fastest] / default, abs=1e-3)
+    assert "<- auto" in result.stdout

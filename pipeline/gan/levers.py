@@ -63,8 +63,8 @@ def forms(params: Params) -> list[dict[str, bool]]:
     ]
 
 
-def images_per_second(params: Params, device: torch.device, n_classes: int) -> float:
-    """TIMED training steps of `params` (every lever a bool) on random data, after WARMUP: img/s."""
+def images_per_second(params: Params, device: torch.device, n_classes: int, timed: int = TIMED) -> float:
+    """`timed` training steps of `params` (every lever a bool) on random data, after WARMUP: img/s."""
     from pipeline.gan.loop import _autocast, train_step
     from pipeline.gan.state import new_state
 
@@ -79,7 +79,7 @@ def images_per_second(params: Params, device: torch.device, n_classes: int) -> f
     real, z = real.to(device), z.to(device)
     labels = labels.to(device) if labels is not None else None
     autocast, loss, remedies = _autocast(device, p.precision), LOSSES[p.loss], Remedies.of(p)
-    for step in range(WARMUP + TIMED):
+    for step in range(WARMUP + timed):
         if step == WARMUP:
             if device.type == "cuda":
                 torch.cuda.synchronize(device)
@@ -87,7 +87,7 @@ def images_per_second(params: Params, device: torch.device, n_classes: int) -> f
         train_step(state, real, z, autocast, loss, labels=labels, remedies=remedies)
     if device.type == "cuda":
         torch.cuda.synchronize(device)
-    return TIMED * p.batch_size / (time.perf_counter() - start)
+    return timed * p.batch_size / (time.perf_counter() - start)
 
 
 def measure(params: Params, device: torch.device, n_classes: int) -> dict[str, float]:
