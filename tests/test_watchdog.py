@@ -231,3 +231,19 @@ def test_the_train_stage_logs_each_rescue_to_mlflow_and_the_bar(
     log = np.loadtxt(project / "metrics/train_log.csv", delimiter=",", skiprows=1)
     assert log[:, 0].tolist() == list(range(1, JUDGED + 51))  # the run that was kept
     assert data.metrics["g_loss"][-1][0] == JUDGED + 50
+
+
+def test_a_sweep_trial_logs_each_rescue_as_the_train_stage_does(
+    scorer: Scorer, memory_store: MemoryStore, capsys: pytest.CaptureFixture[str]
+) -> None:
+    from pipeline.stages import sweep
+    from pipeline.tracking import runs
+
+    run = runs.open_run("1", "trial 3", {})
+    event = Event(number=1, step=JUDGED, reason="quick FID 6,149.0 above 2 x the best", back_to=125, remedy="r1")
+    callbacks = sweep.watching(scorer, Params(train=TrainParams(**TRAIN)), run, 3)
+    callbacks["on_rescue"](event)
+    (data,) = memory_store.runs.values()
+    assert data.tags["watchdog.rescues"] == "1" and data.tags["watchdog.rescue_1"] == event.sentence()
+    assert data.metrics["watchdog_rescue"] == [(JUDGED, 1.0)]
+    assert f"trial 3: {event.sentence()}" in capsys.readouterr().out

@@ -67,6 +67,10 @@ class Event:
         """The run's tags of this rescue: how many so far, and this one's sentence."""
         return {"watchdog.rescues": str(self.number), f"watchdog.rescue_{self.number}": self.sentence()}
 
+    def metric(self) -> dict[str, float]:
+        """The run's metric row of this rescue, at the step of the collapse."""
+        return {"step": self.step, "watchdog_rescue": self.number}
+
 
 def watched_row(state: TrainState, window: int, signals: dict[str, float]) -> dict[str, float]:
     """A watchdog step's figures for the tracker: the judged signals, and D's mean accuracy over the

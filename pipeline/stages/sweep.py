@@ -124,6 +124,18 @@ def parent_run(
     return found
 
 
+def watching(frozen: Scorer, p: Params, run: Run, number: int) -> dict[str, Any]:
+    """Trial `number`'s watchdog callbacks (train.watchdog): its judge, and each rescue printed, tagged and
+    logged as the train stage logs it."""
+
+    def on_rescue(event: Event) -> None:
+        print(f"trial {number}: {event.sentence()}")
+        run.set_tags(event.tags())
+        run.log_metrics([event.metric()])
+
+    return {"on_watch": lambda state: frozen.watch(state.output, p)["fid"], "on_rescue": on_rescue}
+
+
 @dataclass
 class Objective:
     """One Optuna trial: budget check, MLflow child run, training with pruning, final score."""
@@ -136,15 +148,6 @@ class Objective:
     parent: Run
     tags: dict[str, str]
     running: list[int] = field(default_factory=list)  # the trial in progress, for the interrupt handler
-
-    def watching(self, p: Params, run: Run, number: int) -> dict[str, Any]:
-        """A trial's watchdog callbacks (train.watchdog): its judge, and each rescue printed and tagged."""
-
-        def on_rescue(event: Event) -> None:
-            print(f"trial {number}: {event.sentence()}")
-            run.set_tags(event.tags())
-
-        return {"on_watch": lambda state: self.frozen.watch(state.output, p)["fid"], "on_rescue": on_rescue}
 
     def __call__(self, trial: optuna.Trial) -> float:
         trial.set_user_attr(STARTED_BY, f"{socket.gethostname()}:{os.getpid()}")  # alive: see orphans()
@@ -172,7 +175,9 @@ class Objective:
 
         started, outcome = time.perf_counter(), "FAIL"
         try:
-            callbacks = Callbacks(on_log=on_log, on_eval=on_eval, **self.watching(p, run, trial.number))
+            callbacks = Callbacks(
+                on_log=on_log, on_eval=on_eval, **watching(self.frozen, p, run, trial.number)
+            )
             scores, grid = run_trial(p, self.images, self.labels, self.frozen, callbacks)
             outcome = "COMPLETE"
         except optuna.TrialPruned as exc:

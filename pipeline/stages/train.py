@@ -251,7 +251,7 @@ class Writer:
         self.bar.n = event.back_to
         self.bar.refresh()
         self.run.set_tags(event.tags())
-        self.run.log_metrics([{"step": event.step, "watchdog_rescue": event.number}])
+        self.run.log_metrics([event.metric()])
         self.logged_until = min(self.logged_until, event.back_to)
 
     def holds_model(self, weights: dict[str, torch.Tensor]) -> bool:
