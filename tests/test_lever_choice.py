@@ -58,19 +58,20 @@ def test_auto_is_timed_once_then_read_from_the_cache(tmp_path: Path, monkeypatch
     monkeypatch.setattr(levers, "images_per_second", lambda p, d, n: timed.append(p.train.model_dump()) or rate(p, d, n))
     params = small(channels_last="auto", fast_output="auto")
     resolved, said = levers.choose(params, CPU, 10)
-    assert len(timed) == 4 and cache.is_file()  # the four forms, once
+    assert len(timed) == 4 * levers.ROUNDS and cache.is_file()  # the four forms, taking turns, once
+    assert timed[4:8] == timed[:4]  # in turns, not one form's rounds in a row
     (entry,) = json.loads(cache.read_text()).values()
     best = json.loads(max(entry["img_s"], key=entry["img_s"].get))
     assert {k: getattr(resolved.train, k) for k in best} == best and resolved.train.fast_upsample is True
     assert said is not None and said.startswith("speed levers ") and f"timed here, kept in {cache}" in said
     again, said_again = levers.choose(params, CPU, 10)
-    assert len(timed) == 4 and again == resolved and f"from {cache}" in str(said_again)  # read, not timed
+    assert len(timed) == 4 * levers.ROUNDS and again == resolved and f"from {cache}" in str(said_again)  # read
     # The cache decides: rates written there are what the choice follows.
     key = levers.cache_key(params, CPU)
     slowest = min(entry["img_s"], key=entry["img_s"].get)
     files.write_json(cache, {key: {"img_s": {form: 2.0 if form == slowest else 1.0 for form in entry["img_s"]}}})
     chosen, _ = levers.choose(params, CPU, 10)
-    assert {k: getattr(chosen.train, k) for k in best} == json.loads(slowest) and len(timed) == 4
+    assert {k: getattr(chosen.train, k) for k in best} == json.loads(slowest) and len(timed) == 4 * levers.ROUNDS
     assert levers.choose(small(), CPU, 10) == (small(), None)  # nothing auto: nothing timed or said
 
 

@@ -5,8 +5,8 @@
 `train.channels_last` (NHWC or NCHW) each take true, false or `auto`. Either form of each gives
 the same function (tests/test_lever_choice.py: to 1e-5 in fp32); which is faster depends on the
 CPU (AMX tiles, AVX512, AVX2) or GPU. For the `auto` ones, `choose` times every combination of
-their forms once on this machine (a few training steps of the run's model and batch) and keeps the
-fastest in a small cache (lever_cache.py), keyed by the processor's model, torch's version, the
+their forms once on this machine (a few training steps of the run's model and batch, the forms
+taking turns three times, each keeping its median) and keeps the fastest in a small cache (lever_cache.py), keyed by the processor's model, torch's version, the
 device, the precision, the batch and the model; later runs read it and time nothing. The forms
 chosen are in the run's params from then on (the checkpoint's fingerprint, MLflow's `levers` tag),
 so a run's numbers can be reproduced by forcing them.
@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import itertools
 import json
+import statistics
 import time
 
 import torch
@@ -30,6 +31,7 @@ from pipeline.params import Params
 
 AUTO_LEVERS = ("fast_upsample", "fast_output", "channels_last")  # the params that may be `auto`
 WARMUP, TIMED = 3, 8  # training steps per form: untimed (allocation, kernel choice), then timed
+ROUNDS = 3  # the forms take turns this many times; each keeps its median (a busy moment hits one round)
 
 
 def auto_levers(params: Params) -> list[str]:
@@ -91,13 +93,15 @@ def images_per_second(params: Params, device: torch.device, n_classes: int, time
 
 
 def measure(params: Params, device: torch.device, n_classes: int) -> dict[str, float]:
-    """Each combination of the auto levers' forms, timed here: {form as JSON: img/s}. Seeds torch's
-    generators on the way (new_state): call it before the run's own state is made."""
-    rates = {}
-    for form in forms(params):
-        timed = params.model_copy(update={"train": params.train.model_copy(update=form)})
-        rates[json.dumps(form, sort_keys=True)] = round(images_per_second(timed, device, n_classes), 1)
-    return rates
+    """Each combination of the auto levers' forms, timed here, taking turns ROUNDS times: {form as
+    JSON: median img/s}. Seeds torch's generators on the way (new_state): call it before the run's
+    own state is made."""
+    rates: dict[str, list[float]] = {json.dumps(form, sort_keys=True): [] for form in forms(params)}
+    for _ in range(ROUNDS):
+        for form in forms(params):
+            timed = params.model_copy(update={"train": params.train.model_copy(update=form)})
+            rates[json.dumps(form, sort_keys=True)].append(images_per_second(timed, device, n_classes))
+    return {form: round(statistics.median(values), 1) for form, values in rates.items()}
 
 
 def choose(params: Params, device: torch.device, n_classes: int) -> tuple[Params, str | None]:
