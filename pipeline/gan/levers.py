@@ -6,10 +6,11 @@
 the same function (tests/test_lever_choice.py: to 1e-5 in fp32); which is faster depends on the
 CPU (AMX tiles, AVX512, AVX2) or GPU. For the `auto` ones, `choose` times every combination of
 their forms once on this machine (a few training steps of the run's model and batch, the forms
-taking turns three times, each keeping its median) and keeps the fastest in a small cache (lever_cache.py), keyed by the processor's model, torch's version, the
-device, the precision, the batch and the model; later runs read it and time nothing. The forms
-chosen are in the run's params from then on (the checkpoint's fingerprint, MLflow's `levers` tag),
-so a run's numbers can be reproduced by forcing them.
+taking turns three times, each keeping its median) and keeps the fastest in a small cache
+(lever_cache.py), keyed by the processor's model, torch's version, the device, the precision, the
+batch and the model; later runs read it and time nothing. The forms chosen are in the run's params
+from then on (the checkpoint's fingerprint, MLflow's `levers` tag), so a run's numbers can be
+reproduced by forcing them.
 
 The defaults are not `auto` (true, true, false: the forms the project's reference numbers were
 measured with), so a default run computes as it always has.
