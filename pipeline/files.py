@@ -69,8 +69,7 @@ def atomic_path(path: Path | str) -> Iterator[Path]:
             raise
         # numpy's tofile says only "N requested and M written": what the temp file shows decides.
         hint = _short_write(Path(tmp)) if isinstance(exc, OSError) and exc.errno is None else None
-        if tmp_path is not None:
-            tmp_path.unlink(missing_ok=True)  # first, so that the space said is what the user has
+        tmp_path.unlink(missing_ok=True)  # first, so that the space said is what the user has
         if (error := storage_error(path, OSError(hint, os.strerror(hint)) if hint else exc)) is not None:
             raise error from None
         raise
@@ -81,12 +80,15 @@ def atomic_path(path: Path | str) -> Iterator[Path]:
 
 
 def _hold_stop_signals() -> Any:
-    """Block SIGTERM, SIGINT and SIGHUP in this thread; the old mask (None where there is none to block)."""
+    """Block the stop signals (signals.STOP_SIGNALS) in this thread; the old mask (None where there is
+    none to block)."""
     import signal
+
+    from pipeline.signals import STOP_SIGNALS
 
     if not hasattr(signal, "pthread_sigmask"):
         return None
-    return signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGTERM, signal.SIGINT, signal.SIGHUP})
+    return signal.pthread_sigmask(signal.SIG_BLOCK, {getattr(signal, name) for name in STOP_SIGNALS})
 
 
 def _release_stop_signals(held: Any) -> None:
