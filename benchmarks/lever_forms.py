@@ -47,14 +47,7 @@ def main() -> None:
     tables = []
     for batch in args.batch_sizes:
         params = auto.model_copy(update={"train": auto.train.model_copy(update={"batch_size": batch})})
-        combos = levers.forms(params)
-        rates: dict[str, list[float]] = {json.dumps(form, sort_keys=True): [] for form in combos}
-        for _ in range(args.repeats):
-            for form in combos:
-                timed = params.model_copy(update={"train": params.train.model_copy(update=form)})
-                rates[json.dumps(form, sort_keys=True)].append(
-                    levers.images_per_second(timed, device, 10, args.steps)
-                )
+        rates = levers.timings(params, device, 10, args.repeats, args.steps)  # as `auto` times them, longer
         medians = {form: round(statistics.median(r), 1) for form, r in rates.items()}
         fastest = max(medians, key=medians.get)
         default = medians[json.dumps(DEFAULTS, sort_keys=True)]

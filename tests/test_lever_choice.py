@@ -55,7 +55,7 @@ def test_auto_is_timed_once_then_read_from_the_cache(tmp_path: Path, monkeypatch
     monkeypatch.setenv("PIPELINE_LEVER_CACHE", str(cache))
     timed: list[dict[str, object]] = []
     rate = levers.images_per_second
-    monkeypatch.setattr(levers, "images_per_second", lambda p, d, n: timed.append(p.train.model_dump()) or rate(p, d, n))
+    monkeypatch.setattr(levers, "images_per_second", lambda p, d, n, *_: timed.append(p.train.model_dump()) or rate(p, d, n, *_))
     params = small(channels_last="auto", fast_output="auto")
     resolved, said = levers.choose(params, CPU, 10)
     assert len(timed) == 4 * levers.ROUNDS and cache.is_file()  # the four forms, taking turns, once
@@ -82,7 +82,7 @@ def test_a_damaged_cache_is_ignored_with_one_line_and_written_again(
     cache = tmp_path / "levers.json"
     cache.write_text(damage)
     monkeypatch.setenv("PIPELINE_LEVER_CACHE", str(cache))
-    monkeypatch.setattr(levers, "images_per_second", lambda p, d, n: 100.0 + p.train.channels_last)
+    monkeypatch.setattr(levers, "images_per_second", lambda p, d, n, *_: 100.0 + p.train.channels_last)
     resolved, said = levers.choose(small(channels_last="auto"), CPU, 10)
     assert resolved.train.channels_last is True
     if damage == '{"x": 1}':  # a readable cache without this machine's entry: timed and added, no warning
@@ -103,7 +103,7 @@ def test_the_train_stage_trains_with_the_forms_it_chose_and_records_them(
     from pipeline.stages import train
 
     monkeypatch.setenv("PIPELINE_LEVER_CACHE", str(tmp_path / "levers.json"))
-    monkeypatch.setattr(levers, "images_per_second", lambda p, d, n: 100.0 + p.train.channels_last)
+    monkeypatch.setattr(levers, "images_per_second", lambda p, d, n, *_: 100.0 + p.train.channels_last)
     project = make_project(tmp_path / "p", steps=2, channels_last="auto")
     monkeypatch.chdir(project)
     train.main(project / "params.yaml")

@@ -93,16 +93,26 @@ def images_per_second(params: Params, device: torch.device, n_classes: int, time
     return timed * p.batch_size / (time.perf_counter() - start)
 
 
-def measure(params: Params, device: torch.device, n_classes: int) -> dict[str, float]:
-    """Each combination of the auto levers' forms, timed here, taking turns ROUNDS times: {form as
-    JSON: median img/s}. Seeds torch's generators on the way (new_state): call it before the run's
-    own state is made."""
+def timings(
+    params: Params, device: torch.device, n_classes: int, rounds: int = ROUNDS, timed: int = TIMED
+) -> dict[str, list[float]]:
+    """Each combination of the auto levers' forms, timed here over `timed` steps, the forms taking
+    turns `rounds` times: {form as JSON: img/s of each turn}. Seeds torch's generators on the way
+    (new_state): call it before the run's own state is made."""
     rates: dict[str, list[float]] = {json.dumps(form, sort_keys=True): [] for form in forms(params)}
-    for _ in range(ROUNDS):
+    for _ in range(rounds):
         for form in forms(params):
-            timed = params.model_copy(update={"train": params.train.model_copy(update=form)})
-            rates[json.dumps(form, sort_keys=True)].append(images_per_second(timed, device, n_classes))
-    return {form: round(statistics.median(values), 1) for form, values in rates.items()}
+            armed = params.model_copy(update={"train": params.train.model_copy(update=form)})
+            rates[json.dumps(form, sort_keys=True)].append(images_per_second(armed, device, n_classes, timed))
+    return rates
+
+
+def measure(params: Params, device: torch.device, n_classes: int) -> dict[str, float]:
+    """{form as JSON: median img/s} of `timings` (see there)."""
+    return {
+        form: round(statistics.median(values), 1)
+        for form, values in timings(params, device, n_classes).items()
+    }
 
 
 def choose(params: Params, device: torch.device, n_classes: int) -> tuple[Params, str | None]:
