@@ -146,6 +146,8 @@ class TrainParams(Section):
     lr_g: Annotated[LearningRate, OPTIMISER] = 2e-4
     beta1: Annotated[Beta, OPTIMISER] = 0.5
     beta2: Annotated[Beta, OPTIMISER] = 0.999
+    # Both learning rates fall linearly towards 0 from this fraction of train.steps on; 1: constant (tutorial)
+    lr_decay_from: Annotated[float, Field(ge=0.0, le=1.0), OPTIMISER] = 1.0
     # An exponential moving average of G's weights (and batch-norm statistics), updated after every
     # G step and used for the grids, the quick FID and the exported generator; 0 = off (the tutorial).
     ema_decay: Annotated[float, Field(ge=0.0, lt=1.0), RECIPE] = 0.0

@@ -10,9 +10,12 @@ import pytest
 import torch
 
 from pipeline import files
+from pipeline.gan import loop
 from pipeline.gan.architectures import build_discriminator
+from pipeline.gan.loop import Callbacks, decay_learning_rates, lr_share
 from pipeline.gan.remedies import EmaWarmup, Remedies, cutout, diff_augment, r1_penalty, translate
 from pipeline.gan.state import ema, new_state
+from pipeline.gan.watchdog import Watch
 from pipeline.params import ModelParams, TrainParams
 from tests.conftest import CPU, SMALL_MODEL, TINY_TRAIN, train_tiny
 from tests.test_levers import everything
@@ -132,3 +135,43 @@ def test_a_remedy_param_out_of_range_is_one_sentence(tmp_path: Path) -> None:
         TrainParams(augment="flip")
     with pytest.raises(ValueError, match="r1_gamma"):
         TrainParams(r1_gamma=-1.0)
+    with pytest.raises(ValueError, match="lr_decay_from"):
+        TrainParams(lr_decay_from=1.5)
+
+
+def test_the_learning_rates_decay_linearly_from_the_given_fraction_of_the_run() -> None:
+    decaying = TrainParams(**{**TINY_TRAIN, "steps": 10, "lr_decay_from": 0.5})
+    assert [lr_share(decaying, step) for step in range(10)] == pytest.approx([1] * 6 + [0.8, 0.6, 0.4, 0.2])
+    assert {lr_share(TrainParams(steps=10), step) for step in range(10)} == {1.0}  # the default: constant
+    state = new_state(ModelParams(**SMALL_MODEL), decaying, CPU, 10)
+    state.step, state.watch = 8, Watch(remedies=["halve_lr_d"])  # D's rate as a rescue left it, decayed too
+    decay_learning_rates(state, decaying)
+    assert state.opt_g.param_groups[0]["lr"] == pytest.approx(decaying.lr_g * 0.4)
+    assert state.opt_d.param_groups[0]["lr"] == pytest.approx(decaying.lr_d * 0.5 * 0.4)
+
+
+def test_a_decaying_run_steps_with_the_schedule_and_resumes_bit_identically(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    rates: list[float] = []  # G's and D's at each step of the uninterrupted run
+    step = loop.train_step
+
+    def recording(state, *args, **kwargs):  # type: ignore[no-untyped-def]
+        rates.extend([state.opt_g.param_groups[0]["lr"], state.opt_d.param_groups[0]["lr"]])
+        return step(state, *args, **kwargs)
+
+    saved = tmp_path / "ckpt.pt"
+    at_three = Callbacks(on_checkpoint=lambda s: s.step == 3 and files.save_checkpoint(s.to_checkpoint("fp"), saved))
+    monkeypatch.setattr(loop, "train_step", recording)
+    whole = train_tiny(6, callbacks=at_three, lr_decay_from=0.5)
+    monkeypatch.setattr(loop, "train_step", step)
+    lr = TrainParams().lr_g
+    assert rates == pytest.approx([lr] * 8 + [lr * 2 / 3] * 2 + [lr / 3] * 2)
+    resumed = new_state(ModelParams(**SMALL_MODEL), TrainParams(**{**TINY_TRAIN, "lr_decay_from": 0.5}), CPU, 10)
+    torch.manual_seed(12345)
+    resumed.restore(files.load_checkpoint(saved))
+    again = train_tiny(6, state=resumed, lr_decay_from=0.5)
+    wa, wb = everything(again), everything(whole)
+    assert all(torch.equal(wa[k], wb[k]) for k in wa)
+    assert again.history == whole.history
+    assert any(not torch.equal(wb[k], v) for k, v in everything(train_tiny(6)).items())  # the decay changed the run

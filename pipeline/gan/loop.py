@@ -138,6 +138,25 @@ def train_step(
     return torch.stack([(loss_real + loss_fake).detach() / 2, d_acc, g_loss.detach()])
 
 
+def lr_share(params: TrainParams, step: int) -> float:
+    """The share of its learning rate each optimiser takes at the step that starts from `step`: 1 until
+    `lr_decay_from` x `steps`, then falling linearly to 1 / (the steps decayed) at the last one."""
+    start = params.lr_decay_from * params.steps
+    return 1.0 if step < start else (params.steps - step) / (params.steps - start)
+
+
+def decay_learning_rates(state: TrainState, params: TrainParams) -> None:
+    """Both optimisers' rates for the next step: params' (D's as the watchdog's remedies left it), decayed.
+    Set from the step alone, so that a resume or a rollback keeps the schedule; untouched without decay."""
+    if params.lr_decay_from == 1:
+        return
+    share = lr_share(params, state.step)
+    lr_d = state.watch.lr_d(params) if state.watch is not None else params.lr_d
+    for optimiser, lr in ((state.opt_g, params.lr_g), (state.opt_d, lr_d)):
+        for group in optimiser.param_groups:
+            group["lr"] = lr * share
+
+
 def first_non_finite(state: TrainState) -> str | None:
     """The first weight or buffer of G or D that holds NaN or inf, by name; None when all are finite."""
     named = [
@@ -200,10 +219,9 @@ def train(
     In a distributed job every rank calls this with its own random stream; `params.batch_size`
     is the global batch, split evenly, and only the writing rank is given callbacks.
 
-    Once `stop` holds a signal, training stops at a step boundary: the checkpoint of that step is
-    written (a resume from it is bit-identical) and signals.Stopped raised. One process looks at
-    the flag every step; a job's ranks agree on it where they sync anyway (every `log_every`
-    steps), so that all stop at the same step.
+    Once `stop` holds a signal, training stops at a step boundary: the checkpoint of that step is written
+    (a resume from it is bit-identical) and signals.Stopped raised. One process looks at the flag every
+    step; a job's ranks agree on it where they sync anyway (every `log_every` steps): all stop together.
     """
     device = images.device
     if device.type == "cpu":
@@ -226,6 +244,7 @@ def train(
     loop = _Loop(state, params, callbacks, world, stop, noise, watchdog.step_remedies(state.watch, params))
 
     while state.step < params.steps:
+        decay_learning_rates(state, params)
         idx = torch.randint(0, images.shape[0], (batch,), device=device)
         real = data.to_model(images[idx])  # the one pixel transform, on the device
         z = torch.randn(batch, latent_dim, device=device)
