@@ -17,6 +17,7 @@ from pipeline.data import DATASETS, OWN
 from pipeline.errors import UserError
 from pipeline.gan.architectures import ARCHITECTURES
 from pipeline.gan.losses import LOSSES
+from pipeline.gan.remedies import AUGMENT_CHOICES
 from pipeline.search_space import SweepParams, check_space
 from pipeline.sections import (
     BOOKKEEPING,
@@ -153,10 +154,10 @@ class TrainParams(Section):
     ema_decay: Annotated[float, Field(ge=0.0, lt=1.0), RECIPE] = 0.0
     # Remedies for unstable runs (gan/remedies.py), each off by default: the EMA's decay ramped up from
     # 0 over this many steps; the R1 penalty's gamma on D's real images; differentiable augmentation of
-    # every image D sees ("none", "translation", "cutout" or "translation,cutout").
+    # every image D sees ("none", a name from remedies.AUGMENTATIONS, or two joined by a comma).
     ema_warmup: Annotated[NonNegativeInt, RECIPE] = 0
     r1_gamma: Annotated[float, Field(ge=0.0, le=1e4), RECIPE] = 0.0
-    augment: Annotated[Literal["none", "translation", "cutout", "translation,cutout"], RECIPE] = "none"
+    augment: Annotated[Literal[AUGMENT_CHOICES], RECIPE] = "none"  # type: ignore[valid-type]
     # The collapse watchdog (gan/watchdog.py), off by default: a quick FID above watchdog_factor x the best
     # (looked at every watchdog_every steps) or a non-finite loss goes back to the best state with the next
     # of watchdog_remedies (names from WATCHDOG_REMEDIES); the collapse after watchdog_max_rescues stops it.

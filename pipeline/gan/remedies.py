@@ -17,6 +17,7 @@ run continues bit-identically.
 
 from __future__ import annotations
 
+import itertools
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
@@ -27,11 +28,10 @@ if TYPE_CHECKING:
     from pipeline.params import TrainParams
 
 BACKGROUND = -1.0  # the model's pixel value of black, MNIST's background (data.to_model)
-AUGMENTATIONS = ("translation", "cutout")
 
 
 def augmentations(spec: str) -> tuple[str, ...]:
-    """`train.augment` ("none", or names from AUGMENTATIONS joined by commas) as the names it holds."""
+    """`train.augment` (one of AUGMENT_CHOICES) as the names it holds."""
     return () if spec == "none" else tuple(spec.split(","))
 
 
@@ -73,18 +73,32 @@ def cutout(x: torch.Tensor, corners: torch.Tensor, size: int) -> torch.Tensor:
     return torch.where(square.unsqueeze(1), torch.full_like(x, BACKGROUND), x)
 
 
+def random_translation(x: torch.Tensor) -> torch.Tensor:
+    """`x` (B, C, H, W), each image moved by its own draw of up to 1/8 of the side each way."""
+    h = x.shape[2]
+    return translate(x, torch.randint(-(h // 8), h // 8 + 1, (x.shape[0], 2), device=x.device))
+
+
+def random_cutout(x: torch.Tensor) -> torch.Tensor:
+    """`x` (B, C, H, W), each image with a square of half the side blanked where its own draw puts it."""
+    size = x.shape[2] // 2
+    corners = torch.randint(0, x.shape[2] + 1, (x.shape[0], 2), device=x.device) - size // 2
+    return cutout(x, corners, size)
+
+
+# The registry of train.augment's names: it takes one, or two joined by a comma (applied in that order).
+AUGMENTATIONS = {"translation": random_translation, "cutout": random_cutout}
+AUGMENT_CHOICES = (
+    "none",
+    *AUGMENTATIONS,
+    *(",".join(pair) for pair in itertools.combinations(AUGMENTATIONS, 2)),
+)
+
+
 def diff_augment(x: torch.Tensor, names: tuple[str, ...]) -> torch.Tensor:
     """`x` under the random augmentations `names` (each image its own draw), in the order given."""
-    b, _, h, w = x.shape
     for name in names:
-        if name == "translation":
-            x = translate(x, torch.randint(-(h // 8), h // 8 + 1, (b, 2), device=x.device))
-        elif name == "cutout":
-            size = h // 2
-            corners = torch.randint(0, h + 1, (b, 2), device=x.device) - size // 2
-            x = cutout(x, corners, size)
-        else:  # params.py allows only AUGMENTATIONS
-            raise ValueError(f"unknown augmentation {name!r}")
+        x = AUGMENTATIONS[name](x)
     return x
 
 
