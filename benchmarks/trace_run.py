@@ -9,7 +9,11 @@ streams restored):
 - D's accuracy and both losses, averaged over the steps since the last look (the training log);
 - on a fixed probe (256 real training images and 256 fakes from fixed noise, the real images'
   classes for a conditional pair): D's mean logit on the real and on the fake images and their
-  gap, and the gradient norms of D's loss over D's weights and of G's loss over G's weights.
+  gap, and the gradient norms of D's loss over D's weights and of G's loss over G's weights, in
+  fp32 and on the plain loss (no augmentation, no R1 term), so that the looks compare across arms.
+
+An arm with the collapse watchdog on keeps it: the watchdog judges the EMA's (or G's) quick FID at
+its own steps, as in training.
 
     python benchmarks/trace_run.py --arm '{"model.conditional": true, "train.ema_decay": 0.995}' \\
         --seed 1 --steps 4000 --every 250 --out trace.json
@@ -85,12 +89,16 @@ def trace(params_path: str, arm: dict[str, Any], seed: int, steps: int, every: i
     looks: list[dict[str, float]] = []
 
     def look(state: TrainState) -> None:
-        rows = state.history[-every:]
+        since = max(
+            (look["step"] for look in looks if look["step"] < state.step), default=0
+        )  # after a rollback too
+        rows = [r for r in state.history if r[0] > since]
         row: dict[str, float] = {"step": state.step}
-        row["fid_g"] = round(frozen.watch(state.generator, params)["fid"], 2)
         output = frozen.watch(state.output, params)
         if state.ema is not None:
             row["fid_ema"] = round(output["fid"], 2)
+            output = frozen.watch(state.generator, params) | {"classes_covered": output["classes_covered"]}
+        row["fid_g"] = round(output["fid"], 2)
         row["classes_covered"] = output["classes_covered"]
         for i, column in enumerate(LOG_COLUMNS, start=1):
             row[column] = round(statistics.fmean(r[i] for r in rows), 4)
@@ -98,7 +106,12 @@ def trace(params_path: str, arm: dict[str, Any], seed: int, steps: int, every: i
         looks.append(row)
         print(json.dumps(row), flush=True)
 
-    train(state, images, params.train, params.model.latent_dim, Callbacks(on_eval=look), labels=labels)
+    callbacks = Callbacks(
+        on_eval=look,
+        on_watch=lambda state: frozen.watch(state.output, params)["fid"],
+        on_rescue=lambda event: print(event.sentence(), flush=True),
+    )
+    train(state, images, params.train, params.model.latent_dim, callbacks, labels=labels)
     return looks, state
 
 

@@ -154,7 +154,7 @@ class TrainParams(Section):
     ema_decay: Annotated[float, Field(ge=0.0, lt=1.0), RECIPE] = 0.0
     # Remedies for unstable runs (gan/remedies.py), each off by default: the EMA's decay ramped up from
     # 0 over this many steps; the R1 penalty's gamma on D's real images; differentiable augmentation of
-    # every image D sees ("none", a name from remedies.AUGMENTATIONS, or two joined by a comma).
+    # every image D sees ("none", a name from remedies.AUGMENTATIONS, or two in its order, joined by ",").
     ema_warmup: Annotated[NonNegativeInt, RECIPE] = 0
     r1_gamma: Annotated[float, Field(ge=0.0, le=1e4), RECIPE] = 0.0
     augment: Annotated[Literal[AUGMENT_CHOICES], RECIPE] = "none"  # type: ignore[valid-type]

@@ -300,7 +300,8 @@ def test_trace_run_looks_at_a_run_without_changing_it(bench_project: Path, monke
     monkeypatch.syspath_prepend(str(ROOT / "benchmarks"))
     from benchmarks import trace_run
 
-    arm = {"model.conditional": True, "train.ema_decay": 0.9, "train.batch_size": 8, "train.fid_samples": 256}
+    arm = {"model.conditional": True, "train.ema_decay": 0.9, "train.batch_size": 8, "train.fid_samples": 256,
+           "train.watchdog": True, "train.watchdog_every": 2}
     looks, traced = trace_run.trace("params.yaml", arm, 0, 4, 2)
     assert [look["step"] for look in looks] == [2, 4]
     keys = {"fid_g", "fid_ema", "classes_covered", "d_loss", "d_acc", "g_loss", "d_logit_real", "d_logit_fake",
@@ -308,6 +309,8 @@ def test_trace_run_looks_at_a_run_without_changing_it(bench_project: Path, monke
     assert all(keys <= look.keys() and all(np.isfinite(look[k]) for k in keys) for look in looks)
     assert all(look["d_logit_gap"] == pytest.approx(look["d_logit_real"] - look["d_logit_fake"], abs=2e-4) for look in looks)
     _, looked_at_the_end = trace_run.trace("params.yaml", arm, 0, 4, 4)  # no look before the last step
-    for a, b in ((traced.generator, looked_at_the_end.generator), (traced.discriminator, looked_at_the_end.discriminator)):
+    pairs = ((traced.generator, looked_at_the_end.generator), (traced.discriminator, looked_at_the_end.discriminator),
+             (traced.ema, looked_at_the_end.ema))  # fmt: skip
+    for a, b in pairs:
         assert all(torch.equal(x, y) for x, y in zip(a.state_dict().values(), b.state_dict().values(), strict=True))
     assert traced.history == looked_at_the_end.history

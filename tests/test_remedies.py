@@ -14,9 +14,10 @@ from pipeline.gan import loop
 from pipeline.gan.architectures import build_discriminator
 from pipeline.gan.loop import Callbacks, decay_learning_rates, lr_share
 from pipeline.gan.remedies import EmaWarmup, Remedies, cutout, diff_augment, r1_penalty, translate
+from pipeline.gan.resume import checkpoint_fingerprint
 from pipeline.gan.state import ema, new_state
 from pipeline.gan.watchdog import Watch
-from pipeline.params import ModelParams, TrainParams
+from pipeline.params import ModelParams, Params, TrainParams
 from tests.conftest import CPU, SMALL_MODEL, TINY_TRAIN, train_tiny
 from tests.test_levers import everything
 
@@ -163,15 +164,24 @@ def test_a_decaying_run_steps_with_the_schedule_and_resumes_bit_identically(
     saved = tmp_path / "ckpt.pt"
     at_three = Callbacks(on_checkpoint=lambda s: s.step == 3 and files.save_checkpoint(s.to_checkpoint("fp"), saved))
     monkeypatch.setattr(loop, "train_step", recording)
-    whole = train_tiny(6, callbacks=at_three, lr_decay_from=0.5)
+    whole = train_tiny(6, callbacks=at_three, lr_decay_from=0.25)  # the checkpoint at step 3, mid-decay
     monkeypatch.setattr(loop, "train_step", step)
     lr = TrainParams().lr_g
-    assert rates == pytest.approx([lr] * 8 + [lr * 2 / 3] * 2 + [lr / 3] * 2)
-    resumed = new_state(ModelParams(**SMALL_MODEL), TrainParams(**{**TINY_TRAIN, "lr_decay_from": 0.5}), CPU, 10)
+    assert rates == pytest.approx([lr * share for share in (1, 1, 8 / 9, 6 / 9, 4 / 9, 2 / 9) for _ in "GD"])
+    resumed = new_state(ModelParams(**SMALL_MODEL), TrainParams(**{**TINY_TRAIN, "lr_decay_from": 0.25}), CPU, 10)
     torch.manual_seed(12345)
     resumed.restore(files.load_checkpoint(saved))
-    again = train_tiny(6, state=resumed, lr_decay_from=0.5)
+    again = train_tiny(6, state=resumed, lr_decay_from=0.25)
     wa, wb = everything(again), everything(whole)
     assert all(torch.equal(wa[k], wb[k]) for k in wa)
     assert again.history == whole.history
     assert any(not torch.equal(wb[k], v) for k, v in everything(train_tiny(6)).items())  # the decay changed the run
+
+
+def test_a_decayed_run_is_fingerprinted_with_its_steps() -> None:
+    def mark(**train: object) -> str:
+        return checkpoint_fingerprint(Params(train=TrainParams(**train)), "data", "fp32")
+
+    assert mark(steps=100) == mark(steps=200)  # constant rates: a finished run may be extended
+    assert mark(steps=100, lr_decay_from=0.5) != mark(steps=200, lr_decay_from=0.5)  # another schedule
+    assert mark(steps=100, lr_decay_from=0.5) != mark(steps=100)

@@ -139,8 +139,8 @@ def train_step(
 
 
 def lr_share(params: TrainParams, step: int) -> float:
-    """The share of its learning rate each optimiser takes at the step that starts from `step`: 1 until
-    `lr_decay_from` x `steps`, then falling linearly to 1 / (the steps decayed) at the last one."""
+    """The share of its learning rate each optimiser takes at the step that starts from `step`: 1 up to
+    `lr_decay_from` x `steps`, then falling linearly to 1 / ((1 - lr_decay_from) x steps) at the last one."""
     start = params.lr_decay_from * params.steps
     return 1.0 if step < start else (params.steps - step) / (params.steps - start)
 

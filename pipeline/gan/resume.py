@@ -18,11 +18,14 @@ from pipeline.sections import BUDGET, CADENCE, DEVICE, values_without
 def checkpoint_fingerprint(params: Params, data_hash: str, precision: str) -> str:
     """What a checkpoint must match to be resumed: everything that changes the numbers.
 
-    The budget is left out, so a finished run can be extended; cadence and device do not
-    change the trajectory (on one device). `precision` is the resolved one: `auto` may mean
+    The budget is left out, so a finished run can be extended, except under a learning-rate decay,
+    whose schedule follows `train.steps` (a run of other steps is another run); cadence and device do
+    not change the trajectory (on one device). `precision` is the resolved one: `auto` may mean
     bf16 on one machine and fp32 on another.
     """
     train = values_without(params.train, BUDGET, CADENCE, DEVICE)
+    if params.train.lr_decay_from < 1:
+        train["steps"] = params.train.steps
     return files.fingerprint(params.model.model_dump(), {**train, "precision": precision}, data_hash)
 
 
