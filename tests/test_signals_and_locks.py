@@ -37,6 +37,7 @@ from tests.conftest import (
     project_runs,
     run_cli,
     run_dvc,
+    stage_env,
     start,
     with_db,
 )
@@ -366,3 +367,32 @@ def test_dvc_repro_forced_after_deleting_outputs_gives_them_back(tmp_path: Path)
     after = outputs(repo)
     for name in [n for n in before if n.startswith("samples/")] + ["models/generator.pt", "plots/train_samples.png"]:
         assert after[name] == before[name], name
+
+
+@pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGHUP])
+def test_the_ui_command_stops_its_mlflow_server_with_it(tmp_path: Path, signum: int) -> None:
+    import urllib.request
+
+    from tests.servers import free_port
+
+    project, port = make_project(tmp_path / "p"), free_port()
+    process = start(["ui", "--port", str(port)], cwd=project, env=stage_env(project), log=tmp_path / "ui")
+
+    def answers() -> bool:
+        try:
+            with urllib.request.urlopen(f"http://127.0.0.1:{port}/health", timeout=2):  # noqa: S310 - ours, on 127.0.0.1
+                return True
+        except OSError:
+            return False
+
+    deadline = time.monotonic() + 120
+    while not answers() and time.monotonic() < deadline and process.poll() is None:
+        time.sleep(0.5)
+    assert answers(), (tmp_path / "ui.err").read_text()[-2000:]
+    process.send_signal(signum)
+    assert process.wait(timeout=60) == 128 + signum
+    assert f"the MLflow UI stopped on {signal.Signals(signum).name}." in (tmp_path / "ui.err").read_text()
+    deadline = time.monotonic() + 30
+    while answers() and time.monotonic() < deadline:
+        time.sleep(0.5)
+    assert not answers(), "the MLflow server outlived the ui command"

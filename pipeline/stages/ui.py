@@ -11,6 +11,7 @@ runs scored by `evaluate`, sweep trials at `sweep.eval_samples`).
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import subprocess
@@ -18,6 +19,7 @@ import sys
 import urllib.parse
 import webbrowser
 from pathlib import Path
+from typing import Any
 
 from pipeline.errors import UserError
 from pipeline.params import Params, load_params
@@ -116,10 +118,35 @@ def main(params_path: Path = Path("params.yaml"), port: int = 5000, open_browser
         "--port",
         str(port),
     ]
-    with subprocess.Popen(command) as server:
-        if open_browser:
-            webbrowser.open(address)
+    serve(command, address if open_browser else None)
+
+
+def serve(command: list[str], address: str | None) -> None:
+    """Run the MLflow UI until it ends (opening `address` in a browser, if given). Ctrl-C, SIGTERM and
+    SIGHUP stop its whole process group, the server and whatever workers it started, so that it never
+    outlives this command; the command then ends as a stopped stage does (exit 128 + the signal)."""
+    import signal
+
+    from pipeline import signals
+
+    request = signals.StopRequest()
+    with subprocess.Popen(command, start_new_session=True) as server:
+
+        def stop(signum: int, frame: Any) -> None:
+            request.signum = signum
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(server.pid, signal.SIGTERM)
+
+        stops = [getattr(signal, name) for name in signals.STOP_SIGNALS]
+        old = {sig: signal.signal(sig, stop) for sig in stops}
         try:
+            if address:
+                webbrowser.open(address)
             server.wait()
-        except KeyboardInterrupt:
-            server.terminate()
+        finally:
+            for sig, handler in old.items():
+                signal.signal(sig, handler)
+    if request.signum:
+        raise signals.Stopped(
+            request.signum, f"the MLflow UI stopped on {signal.Signals(request.signum).name}."
+        )
