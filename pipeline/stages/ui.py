@@ -19,7 +19,6 @@ import sys
 import urllib.parse
 import webbrowser
 from pathlib import Path
-from typing import Any
 
 from pipeline.errors import UserError
 from pipeline.params import Params, load_params
@@ -126,27 +125,20 @@ def serve(command: list[str], address: str | None) -> None:
     SIGHUP stop its whole process group, the server and whatever workers it started, so that it never
     outlives this command; the command then ends as a stopped stage does (exit 128 + the signal)."""
     import signal
+    import time
 
     from pipeline import signals
 
-    request = signals.StopRequest()
     with subprocess.Popen(command, start_new_session=True) as server:
-
-        def stop(signum: int, frame: Any) -> None:
-            request.signum = signum
-            with contextlib.suppress(ProcessLookupError):
-                os.killpg(server.pid, signal.SIGTERM)
-
-        stops = [getattr(signal, name) for name in signals.STOP_SIGNALS]
-        old = {sig: signal.signal(sig, stop) for sig in stops}
-        try:
+        with signals.stop_on_signals(signals.StopRequest(), second_stops_at_once=False) as request:
             if address:
                 webbrowser.open(address)
+            while server.poll() is None and not request.signum:
+                time.sleep(0.2)
+        if request.signum:
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(server.pid, signal.SIGTERM)
             server.wait()
-        finally:
-            for sig, handler in old.items():
-                signal.signal(sig, handler)
-    if request.signum:
-        raise signals.Stopped(
-            request.signum, f"the MLflow UI stopped on {signal.Signals(request.signum).name}."
-        )
+            raise signals.Stopped(
+                request.signum, f"the MLflow UI stopped on {signal.Signals(request.signum).name}."
+            )
