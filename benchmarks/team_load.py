@@ -9,6 +9,8 @@ what the workers' logs say MLflow did not receive.
 
     python benchmarks/team_load.py                    # 4 workers x 3 trials, 30 steps each
     python benchmarks/team_load.py --quick            # 2 workers x 1 trial, to prove it runs
+    python benchmarks/team_load.py --stages           # one member's train, evaluate, resend: seconds
+                                                      # without and with the server's login cache
 
 Needs PostgreSQL's server binaries (Debian: apt-get install postgresql) and the dev extra.
 """
@@ -86,12 +88,40 @@ def run_workers(where: Path, server: MlflowServer, storage: str, workers: int, t
     }  # fmt: skip
 
 
+def time_stages(where: Path, pg: PostgresCluster, steps: int) -> dict[str, Any]:
+    """Seconds of train, evaluate and resend in one clone against a basic-auth server that checks the
+    password on every request (MLflow's default), then against one that keeps a checked login."""
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    rows = {}
+    for cache_s in (0, 300):
+        server = MlflowServer(where / f"server{cache_s}", pg.create_database(f"mlflow_cache{cache_s}"), auth=True,
+                              auth_cache_s=cache_s)  # fmt: skip
+        server.start()
+        try:
+            project = make_eval_project(where / f"member{cache_s}")
+            params = yaml.safe_load((project / "params.yaml").read_text())
+            params["train"].update(steps=steps, fid_every=steps // 2, fid_samples=32)
+            (project / "params.yaml").write_text(yaml.safe_dump(params))
+            for stage in ("train", "evaluate", "resend"):
+                started = time.monotonic()
+                subprocess.run([sys.executable, "-m", "pipeline", stage], cwd=project, env=server.member_env(env),
+                               check=True, capture_output=True)  # fmt: skip
+                rows.setdefault(stage, {})[f"cache {cache_s} s"] = round(time.monotonic() - started, 1)
+        finally:
+            server.stop()
+    for stage, row in rows.items():
+        print(f"{stage:<9}" + "".join(f"{k}: {v:>6.1f} s   " for k, v in row.items())
+              + f"x{row['cache 0 s'] / row['cache 300 s']:.2f}")  # fmt: skip
+    return rows
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--workers", type=int, default=4)
     parser.add_argument("--trials", type=int, default=3, help="trials per worker (the study's budget: workers x this)")
     parser.add_argument("--steps", type=int, default=30, help="training steps per trial")
     parser.add_argument("--quick", action="store_true")
+    parser.add_argument("--stages", action="store_true", help="time one member's stages without/with the login cache")
     parser.add_argument("--output", type=Path, default=ROOT / "benchmarks/results/team_load.json")
     args = parser.parse_args()
     if args.quick:
@@ -100,6 +130,9 @@ def main() -> None:
         raise SystemExit(f"error: {reason}.")
     rows = []
     with tempfile.TemporaryDirectory(prefix="team-load-") as tmp, PostgresCluster() as pg:
+        if args.stages:
+            print(json.dumps(time_stages(Path(tmp), pg, args.steps)))
+            return
         for kill_one in (False, True):
             where = Path(tmp) / ("killed" if kill_one else "undisturbed")
             server = MlflowServer(where / "server", pg.create_database(f"mlflow_{int(kill_one)}"), auth=True, workers=2)

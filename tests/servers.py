@@ -36,11 +36,13 @@ class MlflowServer:
     """`mlflow server` on a free 127.0.0.1 port, its store and artifacts under `root`.
 
     backend_uri: the store (default: SQLite in `root`); auth: the basic-auth app, with an admin
-    and a member whose passwords this object holds.
+    and a member whose passwords this object holds; auth_cache_s: how long it keeps a checked login
+    (0: a scrypt check on every request, MLflow's default; 300 as docs/team.md advises).
     """
 
-    def __init__(self, root: Path, backend_uri: str | None = None, auth: bool = False, workers: int = 1) -> None:
-        self.root, self.auth, self.workers = root, auth, workers
+    def __init__(self, root: Path, backend_uri: str | None = None, auth: bool = False, workers: int = 1,
+                 auth_cache_s: int = 300) -> None:  # fmt: skip
+        self.root, self.auth, self.workers, self.auth_cache_s = root, auth, workers, auth_cache_s
         self.backend_uri = backend_uri or f"sqlite:///{root / 'store.db'}"
         self.port = free_port()
         self.uri = f"http://127.0.0.1:{self.port}"
@@ -68,6 +70,7 @@ class MlflowServer:
                 f"database_uri = sqlite:///{self.root / 'basic_auth.db'}\n"
                 f"admin_username = {ADMIN}\nadmin_password = {self.admin_password}\n"
                 "authorization_function = mlflow.server.auth:authenticate_request_basic_auth\n"
+                f"auth_cache_ttl_seconds = {self.auth_cache_s}\n"
             )
             env.update(MLFLOW_AUTH_CONFIG_PATH=str(ini), MLFLOW_FLASK_SERVER_SECRET_KEY=secrets.token_hex(16))
             command[2:2] = ["--app-name", "basic-auth"]
