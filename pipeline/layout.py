@@ -100,6 +100,11 @@ class Layout:
         return self.root / "metrics" / "train_fid.csv"
 
     @property
+    def train_watchdog(self) -> Path:
+        """The watchdog's looks and rescues (train.watchdog), what `resend` sends of them."""
+        return self.root / "metrics" / "train_watchdog.json"
+
+    @property
     def samples(self) -> Path:
         """One 5x5 grid per `train.sample_every` steps, step_000050.png ..."""
         return self.root / "samples"
@@ -171,6 +176,7 @@ class Layout:
                 self.train_metrics,
                 self.train_log,
                 self.fid_log,
+                self.train_watchdog,
                 self.samples,
                 self.last_samples,
             ),

@@ -85,6 +85,7 @@ def test_a_run_keeps_params_tags_and_finite_metrics_and_ends_with_its_status(bac
     run.log_metrics([{"step": 0, "fid": 3.125}])
     assert run.metric_steps("g_loss") == {1, 2} and run.metric_steps("d_loss") == set()
     assert run.current_params() == {"train.lr": "0.0002", "store": "postgresql://ann:***@db/x", "train.steps": "12"}
+    assert {"stage": "train", "note": "http://bob:***@h:5000"}.items() <= run.tags().items()
     run.finish("KILLED")
 
     seen = backend.view(run.run_id)

@@ -209,7 +209,7 @@ def test_backfill_makes_a_new_run_once_when_the_store_lost_the_old_one(
         sent_ids.append((run_id, sent))
     (first, sent), (second, again) = sent_ids
     assert first == second != "0123456789abcdef"
-    assert sent == {"params": 2, "metrics": 8, "images": 2, "artifacts": 1, "model": 0}
+    assert sent == {"params": 2, "tags": 0, "metrics": 8, "images": 2, "artifacts": 1, "model": 0}
     assert again == dict.fromkeys(sent, 0)
     client = mlflow_client(uri)
     run = client.get_run(first)

@@ -22,6 +22,7 @@ import yaml
 
 from pipeline import files
 from pipeline.data import MNIST, Dataset, fetch_dataset, load_prepared, save_prepared
+from pipeline.errors import UserError
 from pipeline.gan import loop
 from pipeline.gan.loop import Callbacks, Diverged, train
 from pipeline.gan.state import TrainState, new_state
@@ -231,6 +232,25 @@ def test_the_train_stage_logs_each_rescue_to_mlflow_and_the_bar(
     log = np.loadtxt(project / "metrics/train_log.csv", delimiter=",", skiprows=1)
     assert log[:, 0].tolist() == list(range(1, JUDGED + 51))  # the run that was kept
     assert data.metrics["g_loss"][-1][0] == JUDGED + 50
+
+    # A store that lost the run (a server back with an empty one): resend gives the watchdog's looks and
+    # rescue to the run that stands in for it, as the stage logged them; a second resend sends nothing.
+    from pipeline.stages import resend
+    from pipeline.tracking import runs
+
+    monkeypatch.setattr(runs, "BACKEND", fresh := MemoryStore())
+    resend.resend(project / "params.yaml")
+    resend.resend(project / "params.yaml")
+    (again,) = fresh.runs.values()
+    assert again.tags["resent_from"] == info["run_id"]
+    watched = {key: values for key, values in data.metrics.items() if key.startswith("watchdog_")}
+    assert len(watched) == 4 and {key: again.metrics[key] for key in watched} == watched
+    assert {key: again.tags[key] for key in ("watchdog.rescues", "watchdog.rescue_1")} == {
+        "watchdog.rescues": "1", "watchdog.rescue_1": sentence}  # fmt: skip
+    assert capsys.readouterr().out.endswith("holds everything; nothing re-sent.\n")
+    (project / "metrics/train_watchdog.json").write_text('{"looks": [], "rescue": []}')
+    with pytest.raises(UserError, match=r"train_watchdog.json is not the train stage's watchdog record; train again"):
+        resend.resend(project / "params.yaml")
 
 
 def test_a_sweep_trial_logs_each_rescue_as_the_train_stage_does(

@@ -92,6 +92,8 @@ class Watch:
     best: dict[str, Any] | None = None  # the state of the best FID, as TrainState.to_checkpoint gives it
     remedies: list[str] = field(default_factory=list)  # applied so far, in order
     events: list[Event] = field(default_factory=list)
+    # Each look's figures as the tracker got them (watched_row), those a rollback undid included.
+    looks: list[dict[str, float]] = field(default_factory=list)
 
     def to_checkpoint(self) -> dict[str, Any]:
         return {
@@ -100,6 +102,7 @@ class Watch:
             "best": self.best,
             "remedies": list(self.remedies),
             "events": [vars(event) for event in self.events],
+            "looks": [dict(look) for look in self.looks],
         }
 
     @classmethod
@@ -110,6 +113,7 @@ class Watch:
             saved["best"],
             list(saved["remedies"]),
             [Event(**event) for event in saved["events"]],
+            [dict(look) for look in saved.get("looks", [])],  # checkpoints from before looks were kept: none
         )
 
     def lr_d(self, params: TrainParams) -> float:
@@ -121,6 +125,21 @@ class Watch:
         for _ in range(self.remedies.count("r1")):
             gamma = 2 * gamma if gamma else R1_ON
         return Remedies.of(params.model_copy(update={"r1_gamma": gamma}))
+
+
+def record(watch: Watch | None) -> dict[str, list[dict[str, Any]]]:
+    """What the train stage keeps of a run's watchdog (Layout.train_watchdog), for resend: every look's
+    figures and every rescue (empty without the watchdog)."""
+    if watch is None:
+        return {"looks": [], "rescues": []}
+    return {"looks": [dict(look) for look in watch.looks], "rescues": [vars(event) for event in watch.events]}
+
+
+def recorded(saved: dict[str, list[dict[str, Any]]]) -> tuple[list[dict[str, float]], dict[str, str]]:
+    """The metric rows and tags the tracker got of a `record`: the looks, and each rescue's metric and tags."""
+    events = [Event(**event) for event in saved["rescues"]]
+    tags = {key: value for event in events for key, value in event.tags().items()}
+    return [*saved["looks"], *(event.metric() for event in events)], tags
 
 
 def due(params: TrainParams, step: int) -> bool:

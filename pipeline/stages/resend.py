@@ -17,6 +17,7 @@ import numpy as np
 
 from pipeline import data, files
 from pipeline.errors import UserError
+from pipeline.gan import watchdog
 from pipeline.gan.export import for_export
 from pipeline.gan.loop import LOG_COLUMNS, summary_row
 from pipeline.gan.sampling import GRID
@@ -37,10 +38,11 @@ def backfill(
     artifacts: list[Path],
     model: Callable[[], tuple[Any, np.ndarray]] | None = None,
     model_name: str = "generator",
+    run_tags: dict[str, str] | None = None,
 ) -> tuple[str, dict[str, int]]:
-    """Send what a finished run lacks of these params, step metrics, images, artifacts and model
-    (`model()` gives the network and an input example; it is sent when the run holds no model of its
-    weights with their weights file).
+    """Send what a finished run lacks of these params, step metrics, images, artifacts, model and
+    `run_tags` (`model()` gives the network and an input example; it is sent when the run holds no
+    model of its weights with their weights file).
 
     The run is `run_id`, or, where this store lacks it, a new run tagged `resent_from` with
     `tags` (found again by the next call). Whatever the run already holds is skipped, so a
@@ -50,6 +52,9 @@ def backfill(
         run, have = open_run(experiment_id, run_id, tags, params)
         new_params = {key: value for key, value in params.items() if key not in have}
         run.log_params(new_params)
+        held = run.tags() if run_tags else {}
+        new_tags = {key: value for key, value in (run_tags or {}).items() if held.get(key) != value}
+        run.set_tags(new_tags)
         missing = missing_metrics(run, rows)
         run.log_metrics(missing)
         sent_images = send_images(run, images, image_key)
@@ -64,7 +69,8 @@ def backfill(
     if run.lost:
         raise _retry(run.failure)
     metrics = sum(len(row) - 1 for row in missing)
-    sent = {"params": len(new_params), "metrics": metrics, "images": sent_images, "artifacts": sent_artifacts}
+    sent = {"params": len(new_params), "tags": len(new_tags), "metrics": metrics}
+    sent |= {"images": sent_images, "artifacts": sent_artifacts}
     return run.run_id, sent | {"model": sent_model}
 
 
@@ -158,6 +164,19 @@ def logged_rows(paths: Layout) -> list[dict[str, float]]:
     return rows
 
 
+def logged_watchdog(paths: Layout) -> tuple[list[dict[str, float]], dict[str, str]]:
+    """The watchdog's metric rows and tags, read back from the train stage's record of them (none where
+    the run had no watchdog, or was trained before the record was kept)."""
+    if not paths.train_watchdog.is_file():
+        return [], {}
+    try:
+        return watchdog.recorded(files.read_json(paths.train_watchdog))
+    except (KeyError, TypeError, ValueError):
+        raise UserError(
+            f"{paths.train_watchdog} is not the train stage's watchdog record; train again."
+        ) from None
+
+
 def logged_grids(paths: Layout) -> dict[int, np.ndarray]:
     """The sample grids by step, read back from their PNGs (enlarged by nearest: every n-th pixel)."""
     from PIL import Image
@@ -191,7 +210,8 @@ def resend(params_path: Path = Path("params.yaml")) -> None:
         params.tracking.experiment, Path.cwd(), dict(os.environ)
     )
 
-    rows, images = logged_rows(paths), logged_grids(paths)
+    watched, watch_tags = logged_watchdog(paths)
+    rows, images = logged_rows(paths) + watched, logged_grids(paths)
 
     def model() -> tuple[Any, np.ndarray]:
         weights = files.load_checkpoint(paths.generator)["generator"]
@@ -208,6 +228,7 @@ def resend(params_path: Path = Path("params.yaml")) -> None:
         "samples",
         [paths.train_log],
         model,
+        run_tags=watch_tags,
     )
     if run_id != info["run_id"]:
         print(f"run {info['run_id']} is not in {uri}; its record goes to run {run_id}.")

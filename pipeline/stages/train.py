@@ -23,13 +23,12 @@ import torch
 from pipeline import checkpoint_history, data, distributed, files, machine, signals
 from pipeline.distributed import World
 from pipeline.errors import UserError
-from pipeline.gan import levers
+from pipeline.gan import levers, watchdog
 from pipeline.gan.export import for_export
 from pipeline.gan.loop import FINAL, Callbacks, metric_rows, summarise, summary_row, train
 from pipeline.gan.resume import checkpoint_fingerprint, resume_or_fresh
 from pipeline.gan.sampling import fixed_noise, sample_grid
 from pipeline.gan.state import LOG_COLUMNS, Row, TrainState
-from pipeline.gan.watchdog import watched_row
 from pipeline.layout import Layout
 from pipeline.params import Params, flatten, load_params
 
@@ -239,7 +238,9 @@ class Writer:
 
         def on_watch(state: TrainState) -> float:
             signals = scorer.watch(state.output, self.params)
-            self.run.log_metrics([watched_row(state, self.params.train.watchdog_every, signals)])
+            row = watchdog.watched_row(state, self.params.train.watchdog_every, signals)
+            state.watch.looks.append(row)  # type: ignore[union-attr] - only called with the watchdog on
+            self.run.log_metrics([row])
             return signals["fid"]
 
         return on_watch
@@ -291,6 +292,7 @@ class Writer:
                 files.save_checkpoint({"generator": state.output.state_dict(), **raw}, paths.generator)
                 write_log(state.history, paths.train_log)
                 write_fid_log(state.fid_history, paths.fid_log)  # header only when train.fid_every is 0
+                files.write_json(paths.train_watchdog, watchdog.record(state.watch))
                 data.save_png(last_grid, paths.last_samples)
                 files.write_json(paths.run_info, self.run_info)
                 files.write_json(paths.train_metrics, summary)

@@ -262,6 +262,9 @@ class MemoryTracker:
         }
         return {**data.params, **changed}
 
+    def tags(self) -> dict[str, str]:
+        return dict(self._read().tags)
+
     def metric_steps(self, name: str) -> set[int]:
         return {step for step, _ in self._read().metrics.get(name, [])}
 

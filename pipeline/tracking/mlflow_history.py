@@ -32,6 +32,9 @@ class MlflowHistory:
         }
         return {**dict(data.params), **changed}
 
+    def tags(self) -> dict[str, str]:
+        return dict(self._client.get_run(self.run_id).data.tags)
+
     def metric_steps(self, name: str) -> set[int]:
         return {metric.step for metric in self._client.get_metric_history(self.run_id, name)}
 
