@@ -137,9 +137,10 @@ def record(watch: Watch | None) -> dict[str, list[dict[str, Any]]]:
 
 def recorded(saved: dict[str, list[dict[str, Any]]]) -> tuple[list[dict[str, float]], dict[str, str]]:
     """The metric rows and tags the tracker got of a `record`: the looks, and each rescue's metric and tags."""
+    looks = [{name: float(value) for name, value in look.items()} for look in saved["looks"]]
     events = [Event(**event) for event in saved["rescues"]]
     tags = {key: value for event in events for key, value in event.tags().items()}
-    return [*saved["looks"], *(event.metric() for event in events)], tags
+    return [*looks, *(event.metric() for event in events)], tags
 
 
 def due(params: TrainParams, step: int) -> bool:
