@@ -77,8 +77,10 @@ REMEDIES: dict[str, dict[str, Any]] = {
     "preset + translation": {**PRESET, "train.augment": "translation"},
 }
 # The robust preset (docs/training.md): the quality preset with R1 (the remedy that helped at seed 0), the
-# EMA's warm-up (short runs) and the collapse watchdog (which changes no number until it acts).
-ROBUST: dict[str, Any] = {**PRESET, "train.r1_gamma": 0.1, "train.ema_warmup": 1000, "train.watchdog": True}
+# EMA's warm-up (short runs), the collapse watchdog (which changes no number until it acts) and D's learning
+# rate doubled (39.9 -> 24.3 mean FID over ten seeds).
+ROBUST: dict[str, Any] = {**PRESET, "train.r1_gamma": 0.1, "train.ema_warmup": 1000, "train.watchdog": True,
+                          "train.lr_d": 0.0004}  # fmt: skip
 
 
 def dvc_overrides(arm: dict[str, Any]) -> str:
