@@ -34,7 +34,7 @@ import yaml
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from tests.conftest import make_eval_project  # noqa: E402
+from tests.conftest import edit_params, make_eval_project  # noqa: E402
 from tests.postgres import PostgresCluster, pg_available  # noqa: E402
 from tests.servers import MlflowServer  # noqa: E402
 
@@ -99,9 +99,7 @@ def time_stages(where: Path, pg: PostgresCluster, steps: int) -> dict[str, Any]:
         server.start()
         try:
             project = make_eval_project(where / f"member{cache_s}")
-            params = yaml.safe_load((project / "params.yaml").read_text())
-            params["train"].update(steps=steps, fid_every=steps // 2, fid_samples=32)
-            (project / "params.yaml").write_text(yaml.safe_dump(params))
+            edit_params(project, train={"steps": steps, "fid_every": steps // 2, "fid_samples": 32})
             for stage in ("train", "evaluate", "resend"):
                 started = time.monotonic()
                 subprocess.run([sys.executable, "-m", "pipeline", stage], cwd=project, env=server.member_env(env),
