@@ -48,30 +48,40 @@ def tracking_env(project: Path, uri: str) -> dict[str, str]:
 # --- unreachable at the start ---------------------------------------------------------------------
 
 
+def timed_train(project: Path, uri: str) -> tuple[subprocess.CompletedProcess[str], float]:
+    """`train` against `uri`: its result and wall seconds (the CLI's start, torch and MLflow imported, included)."""
+    started = time.monotonic()
+    result = run_cli(["train"], cwd=project, env=tracking_env(project, uri), timeout=120)
+    return result, time.monotonic() - started
+
+
 def test_unreachable_server_is_reported_within_seconds_before_training(tmp_path: Path) -> None:
     project = make_project(tmp_path / "p", steps=3)
     port = free_port()  # nothing listens there
     before = snapshot(project)
-    started = time.monotonic()
-    result = run_cli(["train"], cwd=project, env=tracking_env(project, f"http://127.0.0.1:{port}"), timeout=120)
-    assert time.monotonic() - started < 30
-    assert_refused(result, f"MLflow tracking server http://127.0.0.1:{port} is unreachable (connection refused)")
+    result, took = timed_train(project, f"http://127.0.0.1:{port}")
+    assert took < 60, took  # a loaded machine's interpreter start; MLflow's own retries would take minutes
+    assert_refused(
+        result, f"MLflow tracking server http://127.0.0.1:{port} is unreachable (connection refused)"
+    )
     assert snapshot(project) == before  # no checkpoint, no sample: training never began
 
 
 @pytest.mark.slow
 def test_hung_server_is_reported_within_seconds_before_training(tmp_path: Path) -> None:
-    """A server that accepts connections and never answers (a hung process, a wedged proxy)."""
+    """A server that accepts connections and never answers (a hung process, a wedged proxy).
+
+    Timed against a refused connection in the same test, so a slow interpreter start on a
+    loaded machine cancels out: the hang may cost its 5 s timeout and one retry, not minutes."""
     project = make_project(tmp_path / "p", steps=3)
+    _, refused = timed_train(project, f"http://127.0.0.1:{free_port()}")
     with socket.socket() as hung:
         hung.bind(("127.0.0.1", 0))
         hung.listen(64)  # the kernel completes the handshakes; nobody ever reads or answers
         uri = f"http://127.0.0.1:{hung.getsockname()[1]}"
         before = snapshot(project)
-        started = time.monotonic()
-        result = run_cli(["train"], cwd=project, env=tracking_env(project, uri), timeout=120)
-        took = time.monotonic() - started
-    assert took < 30, took
+        result, took = timed_train(project, uri)
+    assert took - refused < 20, (took, refused)
     assert_refused(result, f"MLflow tracking server {uri} is unreachable (no answer within 5 s)")
     assert snapshot(project) == before
 
@@ -108,14 +118,18 @@ def assert_run_complete(uri: str, run_id: str, project: Path, grid_steps: set[in
         shown = sorted(int(n.split("+step+")[1].split("+")[0]) for n in names if n.endswith(suffix))
         assert shown == sorted(grid_steps), suffix  # each grid once
     assert "train_log.csv" in {a.path for a in client.list_artifacts(run_id)}
-    models = client.search_logged_models([run.info.experiment_id], filter_string=f"source_run_id = '{run_id}'")
+    models = client.search_logged_models(
+        [run.info.experiment_id], filter_string=f"source_run_id = '{run_id}'"
+    )
     assert [str(m.status) for m in models].count("READY") >= 1, [m.status for m in models]
     counts["images"] = len(names)
     return counts
 
 
 @pytest.mark.slow
-def test_server_killed_mid_training_then_resend_restores_the_run(tmp_path: Path, mlflow_server: MlflowServer) -> None:
+def test_server_killed_mid_training_then_resend_restores_the_run(
+    tmp_path: Path, mlflow_server: MlflowServer
+) -> None:
     mlflow_server.start()
     steps, grid_steps = 40, set(range(4, 41, 4))
     project = make_project(tmp_path / "p", steps=steps, log_every=2, sample_every=4, checkpoint_every=10)
