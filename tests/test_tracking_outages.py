@@ -61,9 +61,7 @@ def test_unreachable_server_is_reported_within_seconds_before_training(tmp_path:
     before = snapshot(project)
     result, took = timed_train(project, f"http://127.0.0.1:{port}")
     assert took < 60, took  # a loaded machine's interpreter start; MLflow's own retries would take minutes
-    assert_refused(
-        result, f"MLflow tracking server http://127.0.0.1:{port} is unreachable (connection refused)"
-    )
+    assert_refused(result, f"MLflow tracking server http://127.0.0.1:{port} is unreachable (connection refused)")
     assert snapshot(project) == before  # no checkpoint, no sample: training never began
 
 
@@ -118,18 +116,14 @@ def assert_run_complete(uri: str, run_id: str, project: Path, grid_steps: set[in
         shown = sorted(int(n.split("+step+")[1].split("+")[0]) for n in names if n.endswith(suffix))
         assert shown == sorted(grid_steps), suffix  # each grid once
     assert "train_log.csv" in {a.path for a in client.list_artifacts(run_id)}
-    models = client.search_logged_models(
-        [run.info.experiment_id], filter_string=f"source_run_id = '{run_id}'"
-    )
+    models = client.search_logged_models([run.info.experiment_id], filter_string=f"source_run_id = '{run_id}'")
     assert [str(m.status) for m in models].count("READY") >= 1, [m.status for m in models]
     counts["images"] = len(names)
     return counts
 
 
 @pytest.mark.slow
-def test_server_killed_mid_training_then_resend_restores_the_run(
-    tmp_path: Path, mlflow_server: MlflowServer
-) -> None:
+def test_server_killed_mid_training_then_resend_restores_the_run(tmp_path: Path, mlflow_server: MlflowServer) -> None:
     mlflow_server.start()
     steps, grid_steps = 40, set(range(4, 41, 4))
     project = make_project(tmp_path / "p", steps=steps, log_every=2, sample_every=4, checkpoint_every=10)
