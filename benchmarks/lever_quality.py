@@ -81,6 +81,10 @@ REMEDIES: dict[str, dict[str, Any]] = {
 # rate doubled (39.9 -> 24.3 mean FID over ten seeds).
 ROBUST: dict[str, Any] = {**PRESET, "train.r1_gamma": 0.1, "train.ema_warmup": 1000, "train.watchdog": True,
                           "train.lr_d": 0.0004}  # fmt: skip
+# The nearest to a `best` preset so far (docs/training.md, "Towards the best preset"): the robust preset with
+# EMA 0.999 over 16,000 steps, the learning rates decayed over the second half (10.7 ± 0.9 over three seeds).
+BEST_CANDIDATE: dict[str, Any] = {**ROBUST, "train.ema_decay": 0.999, "train.steps": 16000,
+                                  "train.lr_decay_from": 0.5}  # fmt: skip
 
 
 def dvc_overrides(arm: dict[str, Any]) -> str:

@@ -210,7 +210,7 @@ def test_the_readme_names_the_preset_the_study_measures() -> None:
     study = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(study)
     readme = (root / "README.md").read_text()
-    for preset in (study.PRESET, study.ROBUST):
+    for preset in (study.PRESET, study.ROBUST, study.BEST_CANDIDATE):
         assert f"dvc exp run {study.dvc_overrides(preset)}\n" in readme
         study.with_overrides(load_params(root / "params.yaml"), preset)  # valid params
     assert list(study.STUDY)[0] == "tutorial" and study.STUDY["tutorial"] == {}
