@@ -1,4 +1,5 @@
-"""The package reads as the formatter writes it: no hand-packed lines, no unused imports or names."""
+"""The package reads as the formatter writes it (no hand-packed lines, no unused names); the README stays short
+and the docs' links hold."""
 
 from __future__ import annotations
 
@@ -33,3 +34,17 @@ def test_no_module_over_450_lines_and_no_function_over_60() -> None:
             if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef)) and node.end_lineno - node.lineno + 1 > 60:
                 long_functions.append(f"{path.relative_to(ROOT)}:{node.name}")
     assert not long_modules and not long_functions, (long_modules, long_functions)
+
+
+def test_the_readme_stays_under_12_kb_and_every_local_link_in_the_docs_resolves() -> None:
+    import re
+
+    readme = ROOT / "README.md"
+    assert len(readme.read_bytes()) <= 12_000, "README.md is over 12 KB: move details to docs/"
+    broken = []
+    for page in [readme, *sorted((ROOT / "docs").glob("*.md"))]:
+        for link in re.findall(r"\]\(([^)\s]+)\)", page.read_text()):
+            target = link.split("#")[0]
+            if target and not link.startswith(("http://", "https://")) and not (page.parent / target).exists():
+                broken.append(f"{page.relative_to(ROOT)}: {link}")
+    assert not broken, broken
