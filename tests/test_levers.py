@@ -18,8 +18,10 @@ from pipeline.gan.losses import LOSSES
 from pipeline.gan.sampling import generate, requested_labels
 from pipeline.gan.state import new_state
 from pipeline.gan.summary import count_parameters
-from pipeline.params import ModelParams, TrainParams, load_params
+from pipeline.params import EvaluateParams, ModelParams, TrainParams, load_params
 from pipeline.scoring import scorer
+from pipeline.scoring.scores import METRICS
+from pipeline.scoring.scores.base import Asked
 from tests.conftest import (
     CPU,
     SMALL_MODEL,
@@ -162,14 +164,16 @@ def test_conditional_scores_per_class_and_the_asked_for_label() -> None:
     probs = np.zeros((200, 2))
     probs[np.arange(200), asked] = 1.0
     probs[:20] = [0.0, 1.0]  # the classifier puts 20 samples asked for class 0 in class 1
-    out = scorer.conditional_scores(fake, probs, asked, ref, real_labels)
+    params = EvaluateParams()
+    conditional = METRICS["asked_class"].compute
+    out = conditional(fake, probs, ref, params, Asked(asked, real_labels))
     assert out["label_accuracy"] == pytest.approx(0.9)
     assert len(out["fid_per_class"]) == 2 and all(0 <= f < 1 for f in out["fid_per_class"])
     assert out["fid_class_mean"] == pytest.approx(np.mean(out["fid_per_class"]))
-    few = scorer.conditional_scores(fake[:105], probs[:105], asked[:105], ref, real_labels)
+    few = conditional(fake[:105], probs[:105], ref, params, Asked(asked[:105], real_labels))
     assert few["fid_per_class"][1] is None and "fid_class_mean" not in few  # 5 samples of class 1: too few for 4-D
     with pytest.raises(UserError, match="the reference holds 400 images, the test split 3"):
-        scorer.conditional_scores(fake, probs, asked, ref, real_labels[:3])
+        conditional(fake, probs, ref, params, Asked(asked, real_labels[:3]))
 
 
 @pytest.mark.slow

@@ -24,7 +24,7 @@ from pipeline.gan.architectures import ARCHITECTURES
 from pipeline.gan.losses import LOSSES
 from pipeline.params import DataParams, ModelParams, Params, TrainParams, flatten
 from pipeline.registry import discover
-from pipeline.scoring.scores import METRICS, SCALARS
+from pipeline.scoring.scores import CONDITIONAL_SCALARS, METRICS, SCALARS
 from tests.conftest import copy_project, make_eval_project, make_project, stage_env
 
 LEAST_SQUARES = '''"""Least-squares GAN (Mao et al. 2017): D regresses real to 1 and fake to 0; G pulls its fakes to 1."""
@@ -134,8 +134,9 @@ def test_params_name_exactly_what_the_registries_hold() -> None:
 
 
 def test_eval_json_lists_exactly_the_registered_scores() -> None:
-    assert SCALARS == tuple(key for metric in METRICS.values() for key in metric.scalars)
+    assert SCALARS + CONDITIONAL_SCALARS == tuple(key for metric in METRICS.values() for key in metric.scalars)
     assert SCALARS[:5] == ("fid", "fid_low", "fid_high", "kid_mean", "kid_std")  # the registry's order is eval.json's
+    assert CONDITIONAL_SCALARS == ("label_accuracy", "fid_class_mean")  # a class-conditional generator adds these
 
 
 def test_keys_that_moved_into_the_dcgan_section_keep_working(tmp_path: Path) -> None:

@@ -22,12 +22,9 @@ from pipeline.gan.architectures.dcgan import Generator
 from pipeline.gan.sampling import generate, requested_labels
 from pipeline.layout import Layout
 from pipeline.params import EvaluateParams, Params
-from pipeline.scoring import metrics
+from pipeline.scoring import RECOMPUTE, metrics
 from pipeline.scoring.frozen_classifier import Classifier, classify, load_classifier
 from pipeline.scoring.scores import score as score  # every registered score of a sample set (scores/)
-
-RECOMPUTE = "run `dvc repro reference` (or `python -m pipeline reference`) to compute it again"
-
 
 # --- the real-data reference --------------------------------------------------------------
 
@@ -181,41 +178,6 @@ def quick_look(
     features, probs = classify(classifier, images, batch_size, device)
     mean, cov = metrics.feature_stats(features)
     return metrics.frechet_distance(mean, cov, reference.mean, reference.cov), probs
-
-
-def conditional_scores(
-    fake_features: np.ndarray,
-    fake_probs: np.ndarray,
-    asked: np.ndarray,
-    reference: Reference,
-    real_labels: np.ndarray,
-) -> dict[str, float | list[float | None]]:
-    """Of a conditional generator: does it draw the class asked for, and how well, class by class.
-
-    `label_accuracy`: the share of samples the frozen classifier puts in the class they were
-    asked for. `fid_per_class[c]`: FID of the samples asked for class c against the reference
-    features of the real images of class c (None where either side has fewer than 2 x D);
-    `fid_class_mean`: their mean, given only when every class was scored.
-    """
-    if len(real_labels) != len(reference.features):
-        raise UserError(
-            f"the reference holds {len(reference.features)} images, the test split {len(real_labels)}: "
-            f"{RECOMPUTE}."
-        )
-    need = 2 * reference.features.shape[1]
-    per_class: list[float | None] = []
-    for c in range(len(reference.label_distribution)):
-        fake, real = fake_features[asked == c], reference.features[real_labels == c]
-        if min(len(fake), len(real)) < need:
-            per_class.append(None)
-            continue
-        per_class.append(metrics.fid(fake, real))
-    out: dict[str, float | list[float | None]] = {
-        "label_accuracy": float(np.mean(fake_probs.argmax(axis=1) == asked))
-    }
-    if all(f is not None for f in per_class):
-        out["fid_class_mean"] = float(np.mean(per_class))
-    return out | {"fid_per_class": per_class}
 
 
 def scoring_metadata(

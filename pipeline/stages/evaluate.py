@@ -24,12 +24,11 @@ from pipeline.layout import Layout
 from pipeline.params import EvaluateParams, Params, load_params
 from pipeline.scoring import frozen_classifier, scorer
 from pipeline.scoring.scorer import Scorer
-from pipeline.scoring.scores import SCALARS  # the single-number scores: eval.json, the report, MLflow
+from pipeline.scoring.scores import CONDITIONAL_SCALARS, SCALARS  # the single-number scores
+from pipeline.scoring.scores.base import Asked
 
 if TYPE_CHECKING:
     from pipeline.tracking.tracker import Run
-
-CONDITIONAL = ("label_accuracy", "fid_class_mean")  # and fid_per_class: a conditional generator's scores
 
 
 def load_samples(path: Path) -> np.ndarray:
@@ -90,20 +89,17 @@ def evaluate(
     reference: scorer.Reference,
     params: EvaluateParams,
     device: torch.device,
-    asked: tuple[np.ndarray, np.ndarray] | None = None,
+    asked: Asked | None = None,
 ) -> dict[str, Any]:
     """Score uint8 samples against the reference; the pure core of the stage. `asked`: of a conditional
     generator, the labels each sample was asked for and the real labels of the reference images."""
     features, probs = frozen_classifier.classify(classifier, images, params.batch_size, device)
-    scores = scorer.score(features, probs, reference, params)
-    if asked is not None:
-        scores |= scorer.conditional_scores(features, probs, asked[0], reference, asked[1])
-    return scores
+    return scorer.score(features, probs, reference, params, asked)
 
 
 def scalars(result: dict[str, Any]) -> tuple[str, ...]:
     """The single-number scores of a result: every generator's, and a conditional one's."""
-    return SCALARS + tuple(key for key in CONDITIONAL if key in result)
+    return SCALARS + tuple(key for key in CONDITIONAL_SCALARS if key in result)
 
 
 def report(scores: dict[str, Any], floors: dict[str, Any], context: dict[str, Any]) -> dict[str, Any]:
@@ -175,7 +171,7 @@ def main(
 
 def score_and_report(
     images: np.ndarray,
-    asked: tuple[np.ndarray, np.ndarray] | None,
+    asked: Asked | None,
     source: str,
     params: Params,
     paths: Layout,
@@ -216,9 +212,7 @@ def outside_samples(samples: Path, feature_dim: int) -> np.ndarray:
     return images
 
 
-def generator_samples(
-    params: Params, paths: Layout, frozen: Scorer
-) -> tuple[np.ndarray, tuple[np.ndarray, np.ndarray] | None]:
+def generator_samples(params: Params, paths: Layout, frozen: Scorer) -> tuple[np.ndarray, Asked | None]:
     """evaluate.n_samples seeded samples of the trained generator; of a conditional one, also the labels
     they were asked for and the real labels of the reference images (see evaluate)."""
     p, n_classes = params.evaluate, len(data.class_names(params.data))
@@ -228,7 +222,7 @@ def generator_samples(
     )
     if labels is None:
         return pixels.numpy(), None
-    return pixels.numpy(), (labels.numpy(), data.load_prepared(paths.prepared, n_classes).test_labels)
+    return pixels.numpy(), Asked(labels.numpy(), data.load_prepared(paths.prepared, n_classes).test_labels)
 
 
 def print_per_class(result: dict[str, Any], names: tuple[str, ...]) -> None:

@@ -4,13 +4,17 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any
+from typing import Any, NamedTuple
 
 import numpy as np
 
-if TYPE_CHECKING:
-    from pipeline.params import EvaluateParams
-    from pipeline.scoring.scorer import Reference
+
+class Asked(NamedTuple):
+    """Of a class-conditional generator: the class each sample was asked for, and the real labels of
+    the reference images (the test split), in the reference's order."""
+
+    labels: np.ndarray
+    real_labels: np.ndarray
 
 
 @dataclass(frozen=True)
@@ -22,9 +26,14 @@ class Metric:
     numbers: eval.json, the printed report, MLflow, and the real-data floor `<key>_floor`) and
     any other JSON-ready values it reports (lists, such as class counts). `order` places its keys
     in eval.json and the report.
+
+    A `conditional` metric scores a class-conditional generator: it runs only when the samples
+    were asked for classes, `compute` takes the `Asked` labels as a fifth argument, and it leaves
+    out a key of `scalars` it cannot compute (too few samples of a class, say).
     """
 
     name: str
     scalars: tuple[str, ...]
-    compute: Callable[[np.ndarray, np.ndarray, Reference, EvaluateParams], dict[str, Any]]
+    compute: Callable[..., dict[str, Any]]  # (features, probs, reference, params[, asked]) -> values
     order: int
+    conditional: bool = False
