@@ -253,6 +253,43 @@ def test_the_train_stage_logs_each_rescue_to_mlflow_and_the_bar(
         resend.resend(project / "params.yaml")
 
 
+def test_a_run_killed_after_a_look_and_resumed_logs_each_look_once(
+    tmp_path: Path, mnist: Dataset, monkeypatch: pytest.MonkeyPatch, memory_store: MemoryStore
+) -> None:
+    """Killed at step 80, after the look at 75 but before a checkpoint (50, 100): the resumed run trains
+    51-80 again and looks at 75 again, the same look bit for bit on the CPU, which MLflow holds already."""
+    from pipeline.stages import train as stage
+    from tests.conftest import write_reference
+
+    project = tmp_path / "p"
+    subset = Dataset(mnist.train_images[:4096], mnist.train_labels[:4096], mnist.test_images[:1000], mnist.test_labels[:1000])
+    save_prepared(subset, project / "data/prepared/mnist.npz")
+    (project / "models").mkdir(parents=True)
+    (project / "models/classifier-mnist.pt").write_bytes(COMMITTED.read_bytes())
+    write_reference(project, subset)
+    train = {**TRAIN, "steps": 100, "checkpoint_every": 50}
+    (project / "params.yaml").write_text(yaml.safe_dump({"model": SMALL_MODEL, "train": train}))
+    step_fn = loop.train_step
+
+    def killed_at_80(state: TrainState, *args: Any, **kwargs: Any) -> torch.Tensor:
+        if state.step == 80:
+            raise KeyboardInterrupt
+        return step_fn(state, *args, **kwargs)
+
+    monkeypatch.chdir(project)
+    monkeypatch.setattr(loop, "train_step", killed_at_80)
+    with pytest.raises(KeyboardInterrupt):
+        stage.main(project / "params.yaml")
+    monkeypatch.setattr(loop, "train_step", step_fn)
+    stage.main(project / "params.yaml")
+    (data,) = memory_store.runs.values()
+    assert data.status == "FINISHED"
+    looks = {key: values for key, values in data.metrics.items() if key.startswith("watchdog_")}
+    assert looks and all([step for step, _ in values] == [25, 50, 75, 100] for values in looks.values()), looks
+    record = json.loads((project / "metrics/train_watchdog.json").read_text())["looks"]
+    assert [row["step"] for row in record] == [25, 50, 75, 100]
+
+
 def test_a_sweep_trial_logs_each_rescue_as_the_train_stage_does(
     scorer: Scorer, memory_store: MemoryStore, capsys: pytest.CaptureFixture[str]
 ) -> None:

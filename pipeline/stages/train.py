@@ -122,7 +122,7 @@ class Writer:
         self.run_info = run_info
         # A resumed run already holds the steps between its last checkpoint and the kill: each
         # step goes to MLflow once (their values are the same again, bit for bit, on the CPU).
-        self.logged_until, self.logged_grids, self.fid_logged_until = 0, set(), 0
+        self.logged_until, self.logged_grids, self.fid_logged_until, self.looks_logged_until = 0, set(), 0, 0
         self.ends_logged: set[int] = set()  # the steps whose `final_*` figures the run holds
         self._scorer: Scorer | None = None
         recorded = False
@@ -131,6 +131,7 @@ class Writer:
                 # The grids a kill left half-uploaded are deleted here: those steps are uploaded again, whole.
                 self.logged_until, self.logged_grids = run.logged_steps("g_loss", "samples")
                 self.fid_logged_until = max(run.metric_steps("fid_quick"), default=0)
+                self.looks_logged_until = max(run.metric_steps("watchdog_fid"), default=0)
                 self.ends_logged = run.metric_steps(f"final_{FINAL[-1]}")
                 if state.step == params.train.steps:  # a finished run again: did its end reach MLflow?
                     recorded = state.step in self.ends_logged and run.has_model()
@@ -240,7 +241,8 @@ class Writer:
             signals = scorer.watch(state.output, self.params)
             row = watchdog.watched_row(state, self.params.train.watchdog_every, signals)
             state.watch.looks.append(row)  # type: ignore[union-attr] - only called with the watchdog on
-            self.run.log_metrics([row])
+            if state.step > self.looks_logged_until:
+                self.run.log_metrics([row])
             return signals["fid"]
 
         return on_watch
@@ -254,6 +256,8 @@ class Writer:
         self.run.set_tags(event.tags())
         self.run.log_metrics([event.metric()])
         self.logged_until = min(self.logged_until, event.back_to)
+        self.fid_logged_until = min(self.fid_logged_until, event.back_to)
+        self.looks_logged_until = min(self.looks_logged_until, event.back_to)
 
     def holds_model(self, weights: dict[str, torch.Tensor]) -> bool:
         """Whether the run holds a finished model of exactly these weights (False when MLflow cannot say)."""
