@@ -79,7 +79,7 @@ def _child(off: tuple[str, ...], n: int, queue: Any) -> None:
     device = torch.device("cpu")
     if "heap" not in off:
         machine.keep_freed_memory()
-    classifier, reference = train_throughput.scoring_inputs(device)
+    classifier, reference, _ = train_throughput.scoring_inputs(device)
     if "classifier layout" in off:
         classifier.to(memory_format=torch.contiguous_format)
     if "centre" in off:

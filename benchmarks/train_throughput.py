@@ -62,7 +62,7 @@ import peak_flops  # benchmarks/peak_flops.py: this script's folder is first on 
 import torch
 import torch.nn.functional as F
 
-from pipeline import data, machine
+from pipeline import data, files, machine
 from pipeline.gan.architectures import build_discriminator, build_generator
 from pipeline.gan.loop import train
 from pipeline.gan.state import new_state
@@ -386,20 +386,24 @@ def print_table(rows: list[dict[str, Any]], peaks: dict[str, dict[str, Any]]) ->
               + "".join(cell(100 * fraction[a] if a in fraction else None, 9, ".1f") for a in ARMS))  # fmt: skip
 
 
-def scoring_inputs(device: torch.device) -> tuple[torch.nn.Module, Any]:
-    """The frozen classifier and the real data's reference, as evaluate loads them; on a fresh clone
-    (as in CI) the reference comes from the prepared test images, or from noise."""
+def scoring_inputs(device: torch.device) -> tuple[torch.nn.Module, Any, str]:
+    """The frozen classifier and the real data's reference, as evaluate loads them, and what the
+    reference was made of (its file's SHA-256, or how it was made): on a fresh clone (as in CI) the
+    reference comes from the prepared test images, or from noise."""
     from pipeline.scoring import frozen_classifier, scorer
 
     classifier, sha = frozen_classifier.load_classifier(PATHS.classifier, 128, device)
     if PATHS.reference.is_file():
-        return classifier, scorer.load_reference(PATHS.reference)
+        source = f"{PATHS.reference} (sha256 {files.sha256_file(PATHS.reference)[:12]})"
+        return classifier, scorer.load_reference(PATHS.reference), source
     if PATHS.prepared.is_file():
         real = data.load_prepared(PATHS.prepared).test_images
+        source = f"the test images of {PATHS.prepared} (sha256 {files.sha256_file(PATHS.prepared)[:12]})"
     else:
         real = load_images(device)[:2000].cpu().numpy()
+        source = "2,000 seeded noise images (no prepared data here)"
     features, _ = frozen_classifier.classify(classifier, real, 1000, device)
-    return classifier, scorer.compute_reference(features, np.arange(len(features)) % 10, sha)
+    return classifier, scorer.compute_reference(features, np.arange(len(features)) % 10, sha), source
 
 
 def _scoring_child(device_type: str, n: int, queue: Any) -> None:
@@ -411,7 +415,7 @@ def _scoring_child(device_type: str, n: int, queue: Any) -> None:
 
     device = torch.device(device_type)
     machine.keep_freed_memory()  # as the evaluate stage does
-    classifier, reference = scoring_inputs(device)
+    classifier, reference, source = scoring_inputs(device)
     params = EvaluateParams(n_samples=n, kid_subset_size=min(1000, n // 2))
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats()
@@ -423,6 +427,7 @@ def _scoring_child(device_type: str, n: int, queue: Any) -> None:
     result = {
         "device": device.type,
         "n": n,
+        "reference": source,
         "generate_s": round(generated - start, 2),
         "score_s": round(done - generated, 2),
         "samples_per_s": round(n / (done - start), 1),

@@ -15,7 +15,7 @@ import pytest
 import torch
 
 from benchmarks import peak_flops
-from pipeline import data, machine
+from pipeline import data, files, machine
 from pipeline.scoring import frozen_classifier, scorer
 from tests.conftest import ROOT, edit_params, synthetic_mnist
 
@@ -86,6 +86,8 @@ def test_train_throughput_quick_mode_reports_every_figure(bench_project: Path) -
         assert fraction == pytest.approx(useful / peak[row["peak_precision"][arm]]["gflops"], rel=0.02, abs=1e-4)
     (scoring_row,) = report["scoring"]
     assert scoring_row["n"] == 1000 and scoring_row["samples_per_s"] > 0 and scoring_row["score_s"] > 0
+    sha = files.sha256_file(bench_project / "data/prepared/mnist.npz")[:12]  # what the reference was made of
+    assert scoring_row["reference"] == f"the test images of data/prepared/mnist.npz (sha256 {sha})"
     assert " x" in stdout and "% of peak" in stdout and "Keras" in stdout  # the terminal table
     assert "bench.json" in stdout  # and where the JSON went
 
