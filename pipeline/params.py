@@ -152,6 +152,8 @@ class TrainParams(Section):
     # An exponential moving average of G's weights (and batch-norm statistics), updated after every
     # G step and used for the grids, the quick FID and the exported generator; 0 = off (the tutorial).
     ema_decay: Annotated[float, Field(ge=0.0, lt=1.0), RECIPE] = 0.0
+    # The given generator's batch norm from this many batches of 256 of its samples (gan/sampling.py); 0: off
+    standing_stats: Annotated[int, Field(ge=0, le=1000), RECIPE] = 0
     # Remedies for unstable runs (gan/remedies.py), each off by default: the EMA's decay ramped up from
     # 0 over this many steps; the R1 penalty's gamma on D's real images; differentiable augmentation of
     # every image D sees ("none", a name from remedies.AUGMENTATIONS, or two in its order, joined by ",").
@@ -174,9 +176,7 @@ class TrainParams(Section):
     # The weights depend on it (another order of float sums): jobs sharing a machine each take a share.
     threads: Annotated[int, Field(ge=0, le=1024), DEVICE] = 0
     sync_batchnorm: Annotated[bool, RECIPE] = True  # in a job on CUDA: batch norm over the global batch
-    dist_timeout_s: Annotated[int, Field(ge=10, le=86_400), DEVICE] = (
-        1800  # a rank waits this long for the others
-    )
+    dist_timeout_s: Annotated[int, Field(ge=10, le=86_400), DEVICE] = 1800  # a rank's wait for the others
     # auto: bf16 autocast where native (CUDA, CPUs with BF16)
     precision: Annotated[Literal["auto", "fp32", "bf16"], LEVERS] = "auto"
     # Each of these three computes the same function either way (phases of upsample+conv: 2.25x fewer

@@ -185,3 +185,68 @@ def test_a_decayed_run_is_fingerprinted_with_its_steps() -> None:
     assert mark(steps=100) == mark(steps=200)  # constant rates: a finished run may be extended
     assert mark(steps=100, lr_decay_from=0.5) != mark(steps=200, lr_decay_from=0.5)  # another schedule
     assert mark(steps=100, lr_decay_from=0.5) != mark(steps=100)
+
+
+# --- standing statistics (gan/sampling.py) ------------------------------------------------------
+
+
+def batch_norm_inputs(generator: torch.nn.Module, batches: list[tuple[torch.Tensor, torch.Tensor | None]]) -> list:
+    """Each batch norm's input in each batch, G run in training mode (each batch norm on its batch's statistics)."""
+    seen: dict[torch.nn.Module, list[torch.Tensor]] = {}
+    norms = [m for m in generator.modules() if isinstance(m, torch.nn.BatchNorm2d)]
+    hooks = [m.register_forward_hook(lambda m, inp, out: seen.setdefault(m, []).append(inp[0].double())) for m in norms]
+    generator.train()
+    with torch.no_grad():
+        for z, y in batches:
+            generator(z, y)
+    for hook in hooks:
+        hook.remove()
+    return [seen[m] for m in norms]
+
+
+@pytest.mark.parametrize("model", [{}, {"conditional": True}, {"arch": "resnet", "conditional": True}],
+                         ids=["dcgan", "conditional", "resnet"])  # fmt: skip
+def test_standing_stats_are_the_batch_statistics_of_the_generator_s_own_samples(model: dict) -> None:
+    from copy import deepcopy
+
+    from pipeline.gan.architectures import build_generator
+    from pipeline.gan.sampling import STANDING_BATCH, with_standing_stats
+
+    torch.manual_seed(0)
+    generator = build_generator(ModelParams(**{**SMALL_MODEL, **model}), n_classes=10).eval()
+    for norm in (m for m in generator.modules() if isinstance(m, torch.nn.BatchNorm2d)):
+        norm.running_mean.fill_(5.0)  # statistics as a long EMA could leave them, far from G's own
+    before = {k: v.clone() for k, v in generator.state_dict().items()}
+    standing = with_standing_stats(generator, 3, seed=7)
+
+    rng = torch.Generator().manual_seed(7)
+    labels = torch.arange(STANDING_BATCH) % 10 if generator.n_classes else None
+    batches = [(torch.randn(STANDING_BATCH, generator.latent_dim, generator=rng), labels) for _ in range(3)]
+    by_hand = batch_norm_inputs(deepcopy(generator), batches)
+    norms = [m for m in standing.modules() if isinstance(m, torch.nn.BatchNorm2d)]
+    assert norms and len(norms) == len(by_hand)
+    for norm, inputs in zip(norms, by_hand, strict=True):
+        mean = torch.stack([x.mean((0, 2, 3)) for x in inputs]).mean(0)  # the batches' average
+        var = torch.stack([x.var((0, 2, 3), unbiased=True) for x in inputs]).mean(0)
+        assert torch.allclose(norm.running_mean.double(), mean, atol=1e-5)
+        assert torch.allclose(norm.running_var.double(), var, rtol=1e-4, atol=1e-6)
+    assert not standing.training and all(torch.equal(v, before[k]) for k, v in generator.state_dict().items())
+    again = with_standing_stats(generator, 3, seed=7).state_dict()
+    assert all(torch.equal(v, again[k]) for k, v in standing.state_dict().items())  # seeded: the same again
+    synced = with_standing_stats(torch.nn.SyncBatchNorm.convert_sync_batchnorm(deepcopy(generator)), 3, seed=7)
+    assert not any(isinstance(m, torch.nn.SyncBatchNorm) for m in synced.modules())  # a job's G: plain batch norm
+    assert all(torch.equal(v, again[k]) for k, v in synced.state_dict().items())
+
+
+def test_a_run_with_standing_stats_gives_its_ema_with_batch_norm_from_its_own_samples() -> None:
+    state = train_tiny(4, ema_decay=0.9, standing_stats=2)
+    given, ema_g = state.output, state.ema.module
+    assert given is state.output and given is not ema_g  # made once a step
+    ema_weights, given_weights = ema_g.state_dict(), given.state_dict()
+    for key, value in ema_weights.items():
+        same = torch.equal(value, given_weights[key])
+        assert same == ("running_" not in key and "num_batches" not in key), key  # only the statistics differ
+    state = train_tiny(5, state=state, ema_decay=0.9, standing_stats=2)
+    assert state.output is not given  # a step later, made again
+    plain = train_tiny(2, ema_decay=0.9)
+    assert plain.output is plain.ema.module  # off: the EMA itself, as before

@@ -1,9 +1,13 @@
-"""Drawing from a generator: requested labels, batches of samples, the fixed noise of the sample grids."""
+"""Drawing from a generator: requested labels, batches of samples, the fixed noise of the sample grids,
+and the generator with standing batch-norm statistics."""
 
 from __future__ import annotations
 
+import copy
+
 import numpy as np
 import torch
+from torch.nn.modules.batchnorm import _BatchNorm
 
 from pipeline import data
 from pipeline.data import from_model
@@ -76,3 +80,45 @@ def sample_grid(generator: Generator, noise: torch.Tensor) -> np.ndarray:
     )  # (25, 28, 28)
     generator.train(was_training)
     return data.make_grid(pixels, GRID)
+
+
+STANDING_BATCH = 256  # samples in each batch over which standing statistics are gathered
+
+
+@torch.no_grad()
+def with_standing_stats(generator: Generator, batches: int, seed: int) -> Generator:
+    """A copy of `generator` whose batch-norm statistics are those of its own samples, averaged over
+    `batches` batches of STANDING_BATCH seeded noise vectors (the classes in turn, for a conditional
+    generator), in place of the running averages training left (of past weights, for an EMA of G):
+    BigGAN's "standing statistics". The noise has its own RNG; `generator` is left as it was."""
+    standing = copy.deepcopy(generator)
+    _plain_batchnorm(standing)  # a data-parallel job's SyncBatchNorm would wait for the other processes
+    norms = [m for m in standing.modules() if isinstance(m, _BatchNorm)]
+    momenta = [m.momentum for m in norms]
+    for norm in norms:
+        norm.reset_running_stats()
+        norm.momentum = None  # a cumulative average over the batches
+    device = next(standing.parameters()).device
+    rng = torch.Generator().manual_seed(seed)
+    labels = (
+        torch.arange(STANDING_BATCH, device=device) % generator.n_classes if generator.n_classes else None
+    )
+    standing.train()
+    for _ in range(batches):
+        standing(torch.randn(STANDING_BATCH, generator.latent_dim, generator=rng).to(device), labels)
+    for norm, momentum in zip(norms, momenta, strict=True):
+        norm.momentum = momentum
+    return standing.train(generator.training)
+
+
+def _plain_batchnorm(module: torch.nn.Module) -> None:
+    """Each SyncBatchNorm inside `module` replaced by a BatchNorm2d of the same state."""
+    for name, child in module.named_children():
+        if isinstance(child, torch.nn.SyncBatchNorm):
+            plain = torch.nn.BatchNorm2d(
+                child.num_features, child.eps, child.momentum, child.affine, child.track_running_stats
+            )
+            plain.load_state_dict(child.state_dict())
+            setattr(module, name, plain.to(next(child.buffers()).device))
+        else:
+            _plain_batchnorm(child)

@@ -19,6 +19,7 @@ from pipeline import machine
 from pipeline.gan.architectures import build_discriminator, build_generator
 from pipeline.gan.architectures.dcgan import Discriminator, Generator
 from pipeline.gan.remedies import EmaWarmup
+from pipeline.gan.sampling import with_standing_stats
 from pipeline.gan.watchdog import Watch, new_watch
 from pipeline.params import ModelParams, TrainParams
 
@@ -46,11 +47,20 @@ class TrainState:
     # gone, as samples/ is a DVC output that a finished run must be able to give back.
     grids: dict[int, np.ndarray] = field(default_factory=dict)
     watch: Watch | None = None  # with train.watchdog: the best state so far and the rescues
+    standing: tuple[int, int] = (0, 0)  # train.standing_stats and train.seed: see `output`
+    _given: tuple[int, Generator] | None = field(default=None, repr=False)  # output's, by step
 
     @property
     def output(self) -> Generator:
-        """The generator the run gives: the EMA of G when there is one, else G."""
-        return self.ema.module if self.ema is not None else self.generator
+        """The generator the run gives (grids, scores, export): the EMA of G when there is one, else G;
+        with train.standing_stats, a copy with batch norm from its own samples (made once a step)."""
+        given = self.ema.module if self.ema is not None else self.generator
+        batches, seed = self.standing
+        if not batches:
+            return given
+        if self._given is None or self._given[0] != self.step:
+            self._given = (self.step, with_standing_stats(given, batches, seed))
+        return self._given[1]
 
     def to_checkpoint(self, fingerprint: str, with_watch: bool = True) -> dict[str, Any]:
         """The state as a checkpoint's dict (of live tensors); `with_watch=False` leaves the watchdog's
@@ -82,6 +92,7 @@ class TrainState:
     def restore(self, ckpt: dict[str, Any], rank: int = 0, with_watch: bool = True) -> None:
         """Continue from `ckpt` as process `rank` of the job that wrote it (`with_watch=False`: the
         watchdog's own state stays as it is, for a rollback)."""
+        self._given = None
         self.generator.load_state_dict(ckpt["generator"])
         self.discriminator.load_state_dict(ckpt["discriminator"])
         self.opt_g.load_state_dict(ckpt["opt_g"])
@@ -124,6 +135,7 @@ def new_state(model: ModelParams, params: TrainParams, device: torch.device, n_c
         torch.optim.Adam(discriminator.parameters(), lr=params.lr_d, **adam),
         ema=ema(generator, params.ema_decay, params.ema_warmup) if params.ema_decay else None,
         watch=new_watch(params),
+        standing=(params.standing_stats, params.seed),
     )
 
 
