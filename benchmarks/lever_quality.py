@@ -4,7 +4,8 @@ An arm is a set of overrides of params.yaml's model and train sections (dotted k
 `dvc exp run -S` takes them). For each seed, every arm trains with `pipeline.gan.loop.train` for
 the same number of steps and its generator (the EMA of G where the arm keeps one) is scored
 with the frozen classifier (the same noise for all), with the 95 % interval of its FID over the draw
-of its samples (scoring/metrics.fid_with_interval, as evaluate records it). A difference between
+of its samples (scoring/metrics.fid_with_interval, as evaluate records it); an arm with
+train.standing_stats is also scored with the statistics training left (`fid_as_trained`, paired). A difference between
 two arms' mean FIDs is given with its 95 % interval from the seeds' spread (Welch's t); it is
 real when that interval excludes 0, as the champion moves only when the intervals part. With one
 seed an arm has no spread: the runs' own intervals are compared instead (the draw's noise only).
@@ -135,15 +136,24 @@ def train_arm(params_path: str, arm: dict[str, Any], steps: int, seed: int, fid_
     train(state, images, p, params.model.latent_dim, watch, labels=labels)
     rescues = [vars(event) for event in state.watch.events] if state.watch is not None else []
     seconds = time.perf_counter() - start
-    # Not frozen.quick_fid (seeded by train.seed, which differs between the seeds here): the same noise for all.
-    ref, batch = frozen.reference, params.evaluate.batch_size
-    images, _ = scorer.draw(state.output, fid_samples, 1234, batch, device, ref)
-    features, _ = classify(frozen.classifier, images, batch, device)
-    fid, low, high = metrics.fid_with_interval(features, ref.mean, ref.cov, params.evaluate.fid_resamples, 1234)
     grid = sample_grid(state.output, fixed_noise(params.model.latent_dim, seed, device))
-    return {"seed": seed, "fid": round(fid, 3), "fid_low": round(low, 3), "fid_high": round(high, 3),
-            "seconds": round(seconds, 1), "img_s": round(steps * p.batch_size / seconds, 1),
-            "threads": torch.get_num_threads(), "rescues": rescues, "quick_fid_by_step": curve, "grid": grid}  # fmt: skip
+    fid, low, high = final_fid(state.output, frozen, fid_samples, params)
+    row = {"seed": seed, "fid": round(fid, 3), "fid_low": round(low, 3), "fid_high": round(high, 3),
+           "seconds": round(seconds, 1), "img_s": round(steps * p.batch_size / seconds, 1),
+           "threads": torch.get_num_threads(), "rescues": rescues, "quick_fid_by_step": curve, "grid": grid}  # fmt: skip
+    if p.standing_stats:  # the same weights with the statistics training left: the lever's effect, paired
+        row["fid_as_trained"] = [round(x, 3) for x in final_fid(state.ema.module if state.ema else state.generator,
+                                                                 frozen, fid_samples, params)]  # fmt: skip
+    return row
+
+
+def final_fid(generator: Any, frozen: scorer.Scorer, n: int, params: Params) -> tuple[float, float, float]:
+    """The FID of n samples with its 95 % interval. Not frozen.quick_fid (seeded by train.seed, which
+    differs between the seeds here): the same noise for every arm and seed."""
+    ref, batch = frozen.reference, params.evaluate.batch_size
+    images, _ = scorer.draw(generator, n, 1234, batch, frozen.device, ref)
+    features, _ = classify(frozen.classifier, images, batch, frozen.device)
+    return metrics.fid_with_interval(features, ref.mean, ref.cov, params.evaluate.fid_resamples, 1234)
 
 
 def speed(params_path: str, arms: dict[str, dict[str, Any]], steps: int, device: torch.device, repeats: int = 3
@@ -184,7 +194,8 @@ def run(params_path: str, arms: dict[str, dict[str, Any]], steps: int, seeds: di
             row = future.result()
             grids[(name, seed)] = row.pop("grid")
             rows.append({"arm": name, **row})
-            print(f"seed {seed} {name:<28} FID {row['fid']:8.3f} [{row['fid_low']:.3f}, {row['fid_high']:.3f}]  "
+            paired = " (as trained: {:.3f} [{:.3f}, {:.3f}])".format(*row["fid_as_trained"]) if "fid_as_trained" in row else ""
+            print(f"seed {seed} {name:<28} FID {row['fid']:8.3f} [{row['fid_low']:.3f}, {row['fid_high']:.3f}]{paired}  "
                   f"({row['seconds']:.0f} s, {row['img_s']:.0f} img/s on {row['threads']} thread(s))", flush=True)  # fmt: skip
     summary = {}
     for name in arms:
