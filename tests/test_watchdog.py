@@ -201,20 +201,27 @@ def test_each_rescue_takes_the_next_remedy_and_the_last_one_stops_with_one_sente
               Callbacks(on_watch=lambda s: float("nan")))  # fmt: skip
 
 
-def test_the_train_stage_logs_each_rescue_to_mlflow_and_the_bar(
-    tmp_path: Path, mnist: Dataset, monkeypatch: pytest.MonkeyPatch, memory_store: MemoryStore,
-    capsys: pytest.CaptureFixture[str],
-) -> None:  # fmt: skip
-    from pipeline.stages import train as stage
+def stage_project(project: Path, mnist: Dataset, train: dict[str, Any]) -> Path:
+    """A project for the train stage: 4,096 real training images, the committed classifier, a reference
+    of 1,000 real test images, the small model and `train`."""
     from tests.conftest import write_reference
 
-    project = tmp_path / "p"
     subset = Dataset(mnist.train_images[:4096], mnist.train_labels[:4096], mnist.test_images[:1000], mnist.test_labels[:1000])
     save_prepared(subset, project / "data/prepared/mnist.npz")
     (project / "models").mkdir(parents=True)
     (project / "models/classifier-mnist.pt").write_bytes(COMMITTED.read_bytes())
     write_reference(project, subset)
-    (project / "params.yaml").write_text(yaml.safe_dump({"model": SMALL_MODEL, "train": {**TRAIN, "steps": JUDGED + 50}}))
+    (project / "params.yaml").write_text(yaml.safe_dump({"model": SMALL_MODEL, "train": train}))
+    return project
+
+
+def test_the_train_stage_logs_each_rescue_to_mlflow_and_the_bar(
+    tmp_path: Path, mnist: Dataset, monkeypatch: pytest.MonkeyPatch, memory_store: MemoryStore,
+    capsys: pytest.CaptureFixture[str],
+) -> None:  # fmt: skip
+    from pipeline.stages import train as stage
+
+    project = stage_project(tmp_path / "p", mnist, {**TRAIN, "steps": JUDGED + 50})
     collapse_once(monkeypatch)
     monkeypatch.chdir(project)
     stage.main(project / "params.yaml")
@@ -259,16 +266,8 @@ def test_a_run_killed_after_a_look_and_resumed_logs_each_look_once(
     """Killed at step 80, after the look at 75 but before a checkpoint (50, 100): the resumed run trains
     51-80 again and looks at 75 again, the same look bit for bit on the CPU, which MLflow holds already."""
     from pipeline.stages import train as stage
-    from tests.conftest import write_reference
 
-    project = tmp_path / "p"
-    subset = Dataset(mnist.train_images[:4096], mnist.train_labels[:4096], mnist.test_images[:1000], mnist.test_labels[:1000])
-    save_prepared(subset, project / "data/prepared/mnist.npz")
-    (project / "models").mkdir(parents=True)
-    (project / "models/classifier-mnist.pt").write_bytes(COMMITTED.read_bytes())
-    write_reference(project, subset)
-    train = {**TRAIN, "steps": 100, "checkpoint_every": 50}
-    (project / "params.yaml").write_text(yaml.safe_dump({"model": SMALL_MODEL, "train": train}))
+    project = stage_project(tmp_path / "p", mnist, {**TRAIN, "steps": 100, "checkpoint_every": 50})
     step_fn = loop.train_step
 
     def killed_at_80(state: TrainState, *args: Any, **kwargs: Any) -> torch.Tensor:
