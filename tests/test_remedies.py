@@ -250,3 +250,15 @@ def test_a_run_with_standing_stats_gives_its_ema_with_batch_norm_from_its_own_sa
     assert state.output is not given  # a step later, made again
     plain = train_tiny(2, ema_decay=0.9)
     assert plain.output is plain.ema.module  # off: the EMA itself, as before
+
+
+def test_a_run_with_standing_stats_resumes_bit_identically(tmp_path: Path) -> None:
+    lever = {"ema_decay": 0.9, "standing_stats": 2}
+    first = train_tiny(3, **lever)
+    first.output  # made at step 3: the checkpoint holds the statistics as trained, not these
+    files.save_checkpoint(first.to_checkpoint("fp"), tmp_path / "ckpt.pt")
+    resumed = new_state(ModelParams(**SMALL_MODEL), TrainParams(**{**TINY_TRAIN, **lever, "steps": 3}), CPU, 10)
+    resumed.restore(files.load_checkpoint(tmp_path / "ckpt.pt"))
+    a, b = train_tiny(6, state=resumed, **lever), train_tiny(6, **lever)
+    for x, y in ((everything(a), everything(b)), (a.output.state_dict(), b.output.state_dict())):
+        assert all(torch.equal(x[k], y[k]) for k in x)
