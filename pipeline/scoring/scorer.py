@@ -22,9 +22,12 @@ from pipeline.gan.architectures.dcgan import Generator
 from pipeline.gan.sampling import generate, requested_labels
 from pipeline.layout import Layout
 from pipeline.params import EvaluateParams, Params
-from pipeline.scoring import RECOMPUTE, metrics
+from pipeline.scoring import metrics
 from pipeline.scoring.frozen_classifier import Classifier, classify, load_classifier
 from pipeline.scoring.scores import score as score  # every registered score of a sample set (scores/)
+
+RECOMPUTE = "run `dvc repro reference` (or `python -m pipeline reference`) to compute it again"
+
 
 # --- the real-data reference --------------------------------------------------------------
 

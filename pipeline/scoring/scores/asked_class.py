@@ -13,7 +13,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from pipeline.errors import UserError
-from pipeline.scoring import RECOMPUTE, metrics
+from pipeline.scoring import metrics
 from pipeline.scoring.scores.base import Asked, Metric
 
 if TYPE_CHECKING:
@@ -25,6 +25,8 @@ def asked_class(
     features: np.ndarray, probs: np.ndarray, reference: Reference, params: EvaluateParams, asked: Asked
 ) -> dict[str, Any]:
     if len(asked.real_labels) != len(reference.features):
+        from pipeline.scoring.scorer import RECOMPUTE  # (not at the top: scorer imports this registry)
+
         raise UserError(
             f"the reference holds {len(reference.features)} images, the test split {len(asked.real_labels)}: "
             f"{RECOMPUTE}."
