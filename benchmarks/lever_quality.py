@@ -136,14 +136,13 @@ def train_arm(params_path: str, arm: dict[str, Any], steps: int, seed: int, fid_
     train(state, images, p, params.model.latent_dim, watch, labels=labels)
     rescues = [vars(event) for event in state.watch.events] if state.watch is not None else []
     seconds = time.perf_counter() - start
-    grid = sample_grid(state.output, fixed_noise(params.model.latent_dim, seed, device))
-    fid, low, high = final_fid(state.output, frozen, fid_samples, params)
+    grid = sample_grid(state.given(), fixed_noise(params.model.latent_dim, seed, device))
+    fid, low, high = final_fid(state.given(), frozen, fid_samples, params)
     row = {"seed": seed, "fid": round(fid, 3), "fid_low": round(low, 3), "fid_high": round(high, 3),
            "seconds": round(seconds, 1), "img_s": round(steps * p.batch_size / seconds, 1),
            "threads": torch.get_num_threads(), "rescues": rescues, "quick_fid_by_step": curve, "grid": grid}  # fmt: skip
     if p.standing_stats:  # the same weights with the statistics training left: the lever's effect, paired
-        row["fid_as_trained"] = [round(x, 3) for x in final_fid(state.ema.module if state.ema else state.generator,
-                                                                 frozen, fid_samples, params)]  # fmt: skip
+        row["fid_as_trained"] = [round(x, 3) for x in final_fid(state.output, frozen, fid_samples, params)]
     return row
 
 

@@ -186,12 +186,17 @@ def test_a_conditional_ema_run_from_params_to_scores_and_samples(tmp_path: Path)
         bad = run_cli(["generate", "-n", "2", *args], cwd=project, env=env)
         assert bad.returncode == 2 and said in bad.stderr, bad.stderr
     edit_params(project, model={"conditional": True, "spectral_norm": True},
-                train={"steps": 4, "ema_decay": 0.9, "loss": "hinge"})  # fmt: skip
+                train={"steps": 4, "ema_decay": 0.9, "loss": "hinge", "standing_stats": 1})  # fmt: skip
     for stage in ("train", "evaluate"):
         result = run_cli([stage], cwd=project, env=env)
         assert result.returncode == 0, result.stderr[-3000:]
     saved = files.load_checkpoint(project / "models/generator.pt")
     assert {"generator", "generator_raw"} <= saved.keys() and "embed.weight" in saved["generator"]
+    # The EMA as the checkpoint keeps it, exported with batch norm from its own samples (standing_stats).
+    ema = {k.removeprefix("module."): v for k, v in files.load_checkpoint(project / "checkpoints/train.pt")["ema"].items()}
+    for key, value in saved["generator"].items():
+        if "num_batches" not in key:
+            assert torch.equal(value, ema[key]) == ("running_" not in key), key
     scores = json.loads((project / "metrics/eval.json").read_text())
     assert 0.0 <= scores["label_accuracy"] <= 1.0
     assert scores["fid_per_class"] == [None] * 10 and "fid_class_mean" not in scores  # 64 samples: too few per class

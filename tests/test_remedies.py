@@ -240,25 +240,25 @@ def test_standing_stats_are_the_batch_statistics_of_the_generator_s_own_samples(
 
 def test_a_run_with_standing_stats_gives_its_ema_with_batch_norm_from_its_own_samples() -> None:
     state = train_tiny(4, ema_decay=0.9, standing_stats=2)
-    given, ema_g = state.output, state.ema.module
-    assert given is state.output and given is not ema_g  # made once a step
+    given, ema_g = state.given(), state.ema.module
+    assert given is state.given() and given is not ema_g and state.output is ema_g  # made once a step
     ema_weights, given_weights = ema_g.state_dict(), given.state_dict()
     for key, value in ema_weights.items():
-        same = torch.equal(value, given_weights[key])
-        assert same == ("running_" not in key and "num_batches" not in key), key  # only the statistics differ
+        if "num_batches" not in key:  # only the statistics differ
+            assert torch.equal(value, given_weights[key]) == ("running_" not in key), key
     state = train_tiny(5, state=state, ema_decay=0.9, standing_stats=2)
-    assert state.output is not given  # a step later, made again
+    assert state.given() is not given  # a step later, made again
     plain = train_tiny(2, ema_decay=0.9)
-    assert plain.output is plain.ema.module  # off: the EMA itself, as before
+    assert plain.given() is plain.ema.module  # off: the EMA itself, as before
 
 
 def test_a_run_with_standing_stats_resumes_bit_identically(tmp_path: Path) -> None:
     lever = {"ema_decay": 0.9, "standing_stats": 2}
     first = train_tiny(3, **lever)
-    first.output  # made at step 3: the checkpoint holds the statistics as trained, not these
+    first.given()  # made at step 3: the checkpoint holds the statistics as trained, not these
     files.save_checkpoint(first.to_checkpoint("fp"), tmp_path / "ckpt.pt")
     resumed = new_state(ModelParams(**SMALL_MODEL), TrainParams(**{**TINY_TRAIN, **lever, "steps": 3}), CPU, 10)
     resumed.restore(files.load_checkpoint(tmp_path / "ckpt.pt"))
     a, b = train_tiny(6, state=resumed, **lever), train_tiny(6, **lever)
-    for x, y in ((everything(a), everything(b)), (a.output.state_dict(), b.output.state_dict())):
+    for x, y in ((everything(a), everything(b)), (a.given().state_dict(), b.given().state_dict())):
         assert all(torch.equal(x[k], y[k]) for k in x)

@@ -47,19 +47,23 @@ class TrainState:
     # gone, as samples/ is a DVC output that a finished run must be able to give back.
     grids: dict[int, np.ndarray] = field(default_factory=dict)
     watch: Watch | None = None  # with train.watchdog: the best state so far and the rescues
-    standing: tuple[int, int] = (0, 0)  # train.standing_stats and train.seed: see `output`
-    _given: tuple[int, Generator] | None = field(default=None, repr=False)  # output's, by step
+    standing: tuple[int, int] = (0, 0)  # train.standing_stats and train.seed: see `given`
+    _given: tuple[int, Generator] | None = field(default=None, repr=False)  # given()'s, by step
 
     @property
     def output(self) -> Generator:
-        """The generator the run gives (grids, scores, export): the EMA of G when there is one, else G;
-        with train.standing_stats, a copy with batch norm from its own samples (made once a step)."""
-        given = self.ema.module if self.ema is not None else self.generator
+        """The generator as trained, that the grids and quick FIDs along the way show: the EMA of G when
+        there is one, else G."""
+        return self.ema.module if self.ema is not None else self.generator
+
+    def given(self) -> Generator:
+        """The generator the run gives (exported, scored at the end, its last grid): `output`; with
+        train.standing_stats, a copy with batch norm from its own samples (about a second; once a step)."""
         batches, seed = self.standing
         if not batches:
-            return given
+            return self.output
         if self._given is None or self._given[0] != self.step:
-            self._given = (self.step, with_standing_stats(given, batches, seed))
+            self._given = (self.step, with_standing_stats(self.output, batches, seed))
         return self._given[1]
 
     def to_checkpoint(self, fingerprint: str, with_watch: bool = True) -> dict[str, Any]:

@@ -87,7 +87,7 @@ def run_trial(
     state = new_state(params.model, params.train, device, len(reference.label_distribution))
     train(state, images, params.train, params.model.latent_dim, callbacks, labels=labels)
     p = params.evaluate
-    pixels, _ = scorer.draw(state.output, p.n_samples, p.seed, p.batch_size, device, reference)
+    pixels, _ = scorer.draw(state.given(), p.n_samples, p.seed, p.batch_size, device, reference)
     samples = pixels.numpy()
     features, probs = frozen_classifier.classify(frozen.classifier, samples, p.batch_size, device)
     return scorer.score(features, probs, reference, p), data.make_grid(samples[:25])

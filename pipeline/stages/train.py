@@ -293,7 +293,7 @@ class Writer:
             with files.atomic_files():  # all of them, or (a full disk) none: never new beside old
                 # The generator the run gives (the EMA of G with train.ema_decay), and the trained G beside it.
                 raw = {"generator_raw": state.generator.state_dict()} if state.ema is not None else {}
-                files.save_checkpoint({"generator": state.output.state_dict(), **raw}, paths.generator)
+                files.save_checkpoint({"generator": state.given().state_dict(), **raw}, paths.generator)
                 write_log(state.history, paths.train_log)
                 write_fid_log(state.fid_history, paths.fid_log)  # header only when train.fid_every is 0
                 files.write_json(paths.train_watchdog, watchdog.record(state.watch))
@@ -314,7 +314,7 @@ class Writer:
                 f"removed {dropped} unfinished logged model(s) of MLflow run {self.run.run_id}, left by an "
                 "interrupted upload."
             )
-        weights = state.output.state_dict()
+        weights = state.given().state_dict()
         if not (self.ends_logged and self.holds_model(weights)):
             self.run.log_model(*for_export(self.params.model, weights, state.generator.n_classes))
         self.run.finish()
@@ -440,5 +440,5 @@ def run(params: Params, paths: Layout, device: torch.device, world: World) -> No
         if first_step == p.steps:  # nothing trained now: the speed stays that of the session that trained
             summary.update(trained_speed(paths.train_metrics, first_step))
         writer.finish(
-            state, summary, sample_grid(state.output, fixed_noise(params.model.latent_dim, p.seed, device))
+            state, summary, sample_grid(state.given(), fixed_noise(params.model.latent_dim, p.seed, device))
         )
