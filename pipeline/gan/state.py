@@ -58,7 +58,7 @@ class TrainState:
 
     def given(self) -> Generator:
         """The generator the run gives (exported, scored at the end, its last grid): `output`; with
-        train.standing_stats, a copy with batch norm from its own samples (about a second; once a step)."""
+        train.standing_stats, a copy with batch norm from its own samples (seconds; made once a step)."""
         batches, seed = self.standing
         if not batches:
             return self.output
