@@ -18,7 +18,7 @@ from pipeline.errors import UserError
 from pipeline.layout import Layout
 from pipeline.params import Params, validate_params
 from pipeline.search_space import SET_BY_SWEEP, assign, lookup
-from pipeline.sections import BOOKKEEPING, DEVICE, values_without
+from pipeline.sections import BOOKKEEPING, DEVICE, fingerprinted
 from pipeline.tracking import connection
 
 PARENT_RUN = "mlflow_parent_run_id"  # study user attribute: the sweep's MLflow parent run
@@ -240,7 +240,7 @@ def fingerprint(params: Params, data_sha256: str, classifier_sha256: str) -> str
     """What every process and every resumption of one study must share for its trials to compare:
     every param but the bookkeeping of the study (its name, storage, size) and the device."""
     sections = {
-        name: values_without(getattr(params, name), BOOKKEEPING, DEVICE) for name in type(params).model_fields
+        name: fingerprinted(getattr(params, name), BOOKKEEPING, DEVICE) for name in type(params).model_fields
     }
     return files.fingerprint(sections, data_sha256, classifier_sha256)
 

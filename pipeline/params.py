@@ -27,6 +27,7 @@ from pipeline.sections import (
     LEVERS,
     OPTIMISER,
     RECIPE,
+    Added,
     BatchSize,
     Beta,
     Device,
@@ -149,11 +150,10 @@ class TrainParams(Section):
     beta2: Annotated[Beta, OPTIMISER] = 0.999
     # Both learning rates fall linearly towards 0 from this fraction of train.steps on; 1: constant (tutorial)
     lr_decay_from: Annotated[float, Field(ge=0.0, le=1.0), OPTIMISER] = 1.0
-    # An exponential moving average of G's weights (and batch-norm statistics), updated after every
-    # G step and used for the grids, the quick FID and the exported generator; 0 = off (the tutorial).
+    # EMA of G's weights and batch-norm statistics after each G step: grids, quick FIDs, export; 0: off
     ema_decay: Annotated[float, Field(ge=0.0, lt=1.0), RECIPE] = 0.0
     # The given generator's batch norm from this many batches of 256 of its samples (gan/sampling.py); 0: off
-    standing_stats: Annotated[int, Field(ge=0, le=1000), RECIPE] = 0
+    standing_stats: Annotated[int, Field(ge=0, le=1000), RECIPE, Added(off=0)] = 0
     # Remedies for unstable runs (gan/remedies.py), each off by default: the EMA's decay ramped up from
     # 0 over this many steps; the R1 penalty's gamma on D's real images; differentiable augmentation of
     # every image D sees ("none", a name from remedies.AUGMENTATIONS, or two in its order, joined by ",").

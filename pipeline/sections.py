@@ -38,10 +38,28 @@ DEVICE = Group("device")  # where it runs
 BOOKKEEPING = Group("bookkeeping")  # names and storage: never what a run computes
 
 
+@dataclass(frozen=True)
+class Added:
+    """A param added after runs existed: at `off` a run computes what those runs computed, so the
+    fingerprints leave it out there, and a checkpoint or study made before it still matches."""
+
+    off: Any
+
+
 class Section(BaseModel):
     """Base for every section: unknown keys are errors, values are immutable."""
 
     model_config = ConfigDict(extra="forbid", frozen=True, strict=False)
+
+
+def fingerprinted(section: Section, *groups: Group) -> dict[str, Any]:
+    """What a fingerprint takes of the section: `values_without` its groups and the added params at `off`."""
+    fields = type(section).model_fields
+    return {
+        name: value
+        for name, value in values_without(section, *groups).items()
+        if not any(isinstance(mark, Added) and mark.off == value for mark in fields[name].metadata)
+    }
 
 
 def values_without(section: Section, *groups: Group) -> dict[str, Any]:

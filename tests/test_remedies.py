@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 import torch
 
-from pipeline import files
+from pipeline import files, optuna_study
 from pipeline.gan import loop
 from pipeline.gan.architectures import build_discriminator
 from pipeline.gan.loop import Callbacks, decay_learning_rates, lr_share
@@ -185,6 +185,19 @@ def test_a_decayed_run_is_fingerprinted_with_its_steps() -> None:
     assert mark(steps=100) == mark(steps=200)  # constant rates: a finished run may be extended
     assert mark(steps=100, lr_decay_from=0.5) != mark(steps=200, lr_decay_from=0.5)  # another schedule
     assert mark(steps=100, lr_decay_from=0.5) != mark(steps=100)
+
+
+def test_a_param_added_later_is_left_out_of_the_fingerprints_when_off() -> None:
+    """Checkpoints and sweep studies made before `train.standing_stats` existed (9e98a50) still match.
+    A new param that changes these hashes needs `Added(off=...)` (sections.py): without it every
+    checkpoint and study of earlier versions stops matching."""
+    assert checkpoint_fingerprint(Params(), "data", "fp32") == "266ad1a4bd75d0c4"
+    decayed = Params(train=TrainParams(lr_decay_from=0.5, ema_decay=0.9995))
+    assert checkpoint_fingerprint(decayed, "data", "bf16") == "50b797b5972aea62"
+    assert optuna_study.fingerprint(Params(), "d", "c") == "58a02d66f09e8a88"
+    standing = Params(train=TrainParams(standing_stats=4))
+    assert checkpoint_fingerprint(standing, "data", "fp32") != "266ad1a4bd75d0c4"  # on, it is another run
+    assert optuna_study.fingerprint(standing, "d", "c") != "58a02d66f09e8a88"
 
 
 # --- standing statistics (gan/sampling.py) ------------------------------------------------------

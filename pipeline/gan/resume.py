@@ -12,7 +12,7 @@ from pipeline.distributed import World
 from pipeline.errors import UserError
 from pipeline.gan.state import TrainState, new_state
 from pipeline.params import Params
-from pipeline.sections import BUDGET, CADENCE, DEVICE, values_without
+from pipeline.sections import BUDGET, CADENCE, DEVICE, fingerprinted
 
 
 def checkpoint_fingerprint(params: Params, data_hash: str, precision: str) -> str:
@@ -23,7 +23,7 @@ def checkpoint_fingerprint(params: Params, data_hash: str, precision: str) -> st
     not change the trajectory (on one device). `precision` is the resolved one: `auto` may mean
     bf16 on one machine and fp32 on another.
     """
-    train = values_without(params.train, BUDGET, CADENCE, DEVICE)
+    train = fingerprinted(params.train, BUDGET, CADENCE, DEVICE)
     if params.train.lr_decay_from < 1:
         train["steps"] = params.train.steps
     return files.fingerprint(params.model.model_dump(), {**train, "precision": precision}, data_hash)
