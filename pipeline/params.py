@@ -159,6 +159,7 @@ class TrainParams(Section):
     # every image D sees ("none", a name from remedies.AUGMENTATIONS, or two in its order, joined by ",").
     ema_warmup: Annotated[NonNegativeInt, RECIPE] = 0
     r1_gamma: Annotated[float, Field(ge=0.0, le=1e4), RECIPE] = 0.0
+    r1_every: Annotated[PositiveInt, RECIPE, Added(off=1)] = 1  # lazy R1: every this many steps, gamma x it
     augment: Annotated[Literal[AUGMENT_CHOICES], RECIPE] = "none"  # type: ignore[valid-type]
     # The collapse watchdog (gan/watchdog.py), off by default: a quick FID above watchdog_factor x the best
     # (looked at every watchdog_every steps) or a non-finite loss goes back to the best state with the next
@@ -177,8 +178,7 @@ class TrainParams(Section):
     threads: Annotated[int, Field(ge=0, le=1024), DEVICE] = 0
     sync_batchnorm: Annotated[bool, RECIPE] = True  # in a job on CUDA: batch norm over the global batch
     dist_timeout_s: Annotated[int, Field(ge=10, le=86_400), DEVICE] = 1800  # a rank's wait for the others
-    # auto: bf16 autocast where native (CUDA, CPUs with BF16)
-    precision: Annotated[Literal["auto", "fp32", "bf16"], LEVERS] = "auto"
+    precision: Annotated[Literal["auto", "fp32", "bf16"], LEVERS] = "auto"  # auto: bf16 autocast where native
     # Each of these three computes the same function either way (phases of upsample+conv: 2.25x fewer
     # FLOPs; G's last conv as a 1x1 conv to its taps; NHWC); auto: the faster here (gan/levers.py).
     fast_upsample: Annotated[OrAuto, LEVERS] = True
@@ -189,8 +189,7 @@ class TrainParams(Section):
     sample_every: Annotated[PositiveInt, CADENCE] = 50
     log_every: Annotated[PositiveInt, CADENCE] = 50
     checkpoint_every: Annotated[PositiveInt, CADENCE] = 500
-    # Earlier runs' checkpoints kept in checkpoints/history/ (the oldest removed first), so that a
-    # change of params or budget, and back, resumes each run where it stood; 0 keeps none.
+    # Earlier runs' checkpoints kept in checkpoints/history/ (oldest out first) to resume each later; 0: none
     keep_checkpoints: Annotated[int, Field(ge=0, le=1000), CADENCE] = 5
     fid_every: Annotated[NonNegativeInt, CADENCE] = 0  # 0 turns the quick in-training FID off
     fid_samples: Annotated[PositiveInt, CADENCE] = 2000

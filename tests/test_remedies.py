@@ -82,6 +82,31 @@ def test_r1_of_the_dcgan_discriminator_matches_finite_differences() -> None:
     assert penalty == pytest.approx(2.0 / 2 * by_hand / 2, rel=1e-5)
 
 
+def test_lazy_r1_is_every_kth_step_from_the_first_with_gamma_times_k(monkeypatch: pytest.MonkeyPatch) -> None:
+    assert [Remedies(0.5, (), 3).r1_at(step) for step in range(7)] == [1.5, 0, 0, 1.5, 0, 0, 1.5]
+    assert {Remedies(0.5).r1_at(step) for step in range(5)} == {0.5}  # r1_every 1: every step, as before
+    assert {Remedies(0.0, (), 3).r1_at(step) for step in range(5)} == {0.0}
+    given: list[tuple[int, float]] = []  # (train_step calls so far, gamma) of each penalty the loop adds
+    calls, step, penalty = [0], loop.train_step, loop.r1_penalty
+
+    def counting(*args, **kwargs):  # type: ignore[no-untyped-def]
+        calls[0] += 1
+        return step(*args, **kwargs)
+
+    def recording(logits, real, gamma):  # type: ignore[no-untyped-def]
+        given.append((calls[0], gamma))
+        return penalty(logits, real, gamma)
+
+    monkeypatch.setattr(loop, "train_step", counting)
+    monkeypatch.setattr(loop, "r1_penalty", recording)
+    lazy = everything(train_tiny(5, r1_gamma=0.5, r1_every=2))
+    assert given == [(1, 1.0), (3, 1.0), (5, 1.0)]  # steps 0, 2 and 4 (the 1st, 3rd and 5th calls)
+    given.clear()
+    every = everything(train_tiny(5, r1_gamma=0.5))
+    assert [gamma for _, gamma in given] == [0.5] * 5
+    assert any(not torch.equal(lazy[k], every[k]) for k in lazy)
+
+
 def test_the_ema_warmup_ramps_the_decay_by_hand() -> None:
     """e_1 = p_1 (the first update copies), then e_t = d_t e_(t-1) + (1 - d_t) p_t, d_t = decay min(1, t / W)."""
     net = torch.nn.Linear(3, 2)
@@ -113,8 +138,13 @@ def test_a_short_warm_run_is_not_the_average_of_its_initial_weights() -> None:
 
 @pytest.mark.parametrize(
     "remedies",
-    [{"r1_gamma": 1.0}, {"augment": "translation,cutout"}, {"ema_decay": 0.99, "ema_warmup": 4, "r1_gamma": 0.5}],
-    ids=["r1", "augment", "all"],
+    [
+        {"r1_gamma": 1.0},
+        {"r1_gamma": 1.0, "r1_every": 2},  # resumed at step 3, between two R1 steps
+        {"augment": "translation,cutout"},
+        {"ema_decay": 0.99, "ema_warmup": 4, "r1_gamma": 0.5},
+    ],
+    ids=["r1", "lazy r1", "augment", "all"],
 )
 def test_runs_with_remedies_resume_bit_identically(tmp_path: Path, remedies: dict) -> None:
     saved = tmp_path / "ckpt.pt"
@@ -136,6 +166,8 @@ def test_a_remedy_param_out_of_range_is_one_sentence(tmp_path: Path) -> None:
         TrainParams(augment="flip")
     with pytest.raises(ValueError, match="r1_gamma"):
         TrainParams(r1_gamma=-1.0)
+    with pytest.raises(ValueError, match="r1_every"):
+        TrainParams(r1_every=0)
     with pytest.raises(ValueError, match="lr_decay_from"):
         TrainParams(lr_decay_from=1.5)
 

@@ -103,12 +103,13 @@ def train_step(
 
     # D on the real batch (label 1), then on the fake batch (label 0): two Adam steps.
     state.opt_d.zero_grad(set_to_none=True)
-    seen = remedies.view(real).requires_grad_(True) if remedies.r1_gamma else remedies.view(real)
+    r1_gamma = remedies.r1_at(state.step)
+    seen = remedies.view(real).requires_grad_(True) if r1_gamma else remedies.view(real)
     with autocast:
         logits_real = D(seen, labels).float()  # (B,)
         loss_real = loss.d_real(logits_real)
-    if remedies.r1_gamma:
-        (loss_real + r1_penalty(logits_real, seen, remedies.r1_gamma)).backward()
+    if r1_gamma:
+        (loss_real + r1_penalty(logits_real, seen, r1_gamma)).backward()
     else:
         loss_real.backward()
     state.opt_d.step()

@@ -2,7 +2,9 @@
 
 - `train.r1_gamma`: the R1 gradient penalty (Mescheder et al. 2018), gamma / 2 x the mean over the
   real batch of |d D(x) / d x|^2, added to D's loss on real images: D may not grow steep around
-  the real data, which keeps its gradients to G informative.
+  the real data, which keeps its gradients to G informative. With `train.r1_every` = k > 1 it is
+  lazy (StyleGAN2's lazy regularisation): only every k-th step, with gamma x k, the same penalty
+  on average for about 1/k of its cost (a double backward through D on the real batch).
 - `train.augment`: differentiable augmentation (Zhao et al. 2020, "DiffAugment"): the same random
   translation and/or cutout applied to every image D sees, real or fake, in D's and G's updates
   alike, so that D cannot memorise the training images and G is not taught the augmentation.
@@ -37,14 +39,21 @@ def augmentations(spec: str) -> tuple[str, ...]:
 
 @dataclass(frozen=True)
 class Remedies:
-    """What a training step applies beyond the tutorial: R1 (its gamma; 0 = off) and the augmentations."""
+    """What a training step applies beyond the tutorial: R1 (its gamma, 0 = off, and every how many
+    steps) and the augmentations."""
 
     r1_gamma: float = 0.0
     augment: tuple[str, ...] = ()
+    r1_every: int = 1
 
     @classmethod
     def of(cls, params: TrainParams) -> Remedies:
-        return cls(params.r1_gamma, augmentations(params.augment))
+        return cls(params.r1_gamma, augmentations(params.augment), params.r1_every)
+
+    def r1_at(self, step: int) -> float:
+        """R1's gamma at the training step `step` (0-based; the steps done before it): gamma x r1_every
+        at every r1_every-th step from the first, else 0 (none this step)."""
+        return self.r1_gamma * self.r1_every if self.r1_gamma and step % self.r1_every == 0 else 0.0
 
     def view(self, images: torch.Tensor) -> torch.Tensor:
         """The images as D sees them: augmented, or themselves."""
