@@ -157,14 +157,16 @@ def final_fid(generator: Any, frozen: scorer.Scorer, n: int, params: Params) -> 
 
 def speed(params_path: str, arms: dict[str, dict[str, Any]], steps: int, device: torch.device, repeats: int = 3
           ) -> dict[str, float]:  # fmt: skip
-    """Each arm's images/s alone in this process: `steps` timed steps after 20 warm-up, arms alternating, medians."""
+    """Each arm's images/s alone in this process: `steps` timed steps after 20 warm-up, arms alternating, medians.
+    The watchdog is off here: its looks (a quick FID every `watchdog_every` steps) are not the step's speed."""
     params = load_params(params_path)
     paths = Layout(dataset=params.data.dataset)
     images, labels = training_data(params, paths, device)
     rates: dict[str, list[float]] = {name: [] for name in arms}
     for _ in range(repeats):
         for name, arm in arms.items():
-            armed = with_overrides(params, {**arm, "train.steps": 20, "train.device": device.type})
+            fixed = {"train.steps": 20, "train.device": device.type, "train.watchdog": False}
+            armed = with_overrides(params, {**arm, **fixed})
             state = new_state(armed.model, armed.train, device, int(labels.max()) + 1)
             train(state, images, armed.train, armed.model.latent_dim, labels=labels)  # warm-up
             timed = armed.train.model_copy(update={"steps": 20 + steps})
