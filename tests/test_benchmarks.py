@@ -172,7 +172,7 @@ def test_lever_quality_compares_every_arm_over_seeds(bench_project: Path) -> Non
     save_reference(bench_project)
     edit_params(bench_project, evaluate={"fid_resamples": 10})
     out, grids = bench_project / "quality.json", bench_project / "grids.png"
-    lever, arm = '{"precision": "fp32", "fused_adam": false}', 'cond={"model.conditional": true, "train.ema_decay": 0.9}'
+    lever, arm = '{"precision": "fp32", "fused_adam": false}', 'cond={"model.conditional": true, "train.ema_decay": 0.9, "train.watchdog": true}'
     args = ["--steps", "2", "--seeds", "0", "1", "--fid-samples", "300", "--lever", lever, "--arm", arm,
             "--speed-steps", "2", "--grids", str(grids), "--output", str(out)]  # fmt: skip
     result = run_script([str(ROOT / "benchmarks/lever_quality.py"), *args], bench_project)
