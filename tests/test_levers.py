@@ -222,6 +222,8 @@ def test_the_readme_names_the_preset_the_study_measures() -> None:
     for preset in (study.PRESET, study.ROBUST, study.BEST_CANDIDATE):
         assert f"dvc exp run {study.dvc_overrides(preset)}\n" in readme
         study.with_overrides(load_params(root / "params.yaml"), preset)  # valid params
+    nested = study.with_overrides(load_params(root / "params.yaml"), {"model.dcgan.dropout": 0.0})
+    assert nested.model.dcgan.dropout == 0.0 and nested.model.dcgan.leaky_slope == 0.2  # as `-S` sets one key
     assert list(study.STUDY)[0] == "tutorial" and study.STUDY["tutorial"] == {}
     assert study.STUDY["quality preset"] == study.PRESET
     load_params(root / "params.yaml")  # the defaults the overrides apply to
