@@ -46,7 +46,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from pipeline import data, files, machine
+from pipeline import data, files, machine, search_space
 from pipeline.errors import UserError
 from pipeline.gan import levers
 from pipeline.gan.loop import Callbacks, train
@@ -101,11 +101,7 @@ def with_overrides(params: Params, arm: dict[str, Any]) -> Params:
     """params.yaml's values with the arm's dotted overrides, validated as the file would be."""
     raw = params.model_dump(mode="json")
     for key, value in arm.items():  # nested as `dvc exp run -S model.dcgan.dropout=0` takes them
-        *sections, name = key.split(".")
-        table = raw
-        for section in sections:
-            table = table[section]
-        table[name] = value
+        search_space.assign(raw, key, value)
     return validate_params(raw, source=f"the arm {arm}")
 
 
