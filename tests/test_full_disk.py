@@ -112,7 +112,7 @@ def test_a_full_disk_at_the_third_output_leaves_all_three_old(tmp_path: Path) ->
     with pytest.raises(UserError, match="eval.json"), files.atomic_files():
         files.write_json(paths[0], {"new": 1})
         files.write_json(paths[1], {"new": 2})
-        with files.atomic_open(paths[2]) as fh:
+        with files.atomic_open(paths[2]):
             raise no_space()
     assert [json.loads(p.read_text()) for p in paths] == [{"old": p.name} for p in paths]
     assert list(tmp_path.rglob(".*.tmp")) == []

@@ -12,6 +12,7 @@ import shutil
 from pathlib import Path
 
 import pytest
+
 from tests.conftest import FINISHED_RUNS, ROOT
 from tests.mlflow_ui import MlflowUIBrowser, browser_available
 

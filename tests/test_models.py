@@ -9,8 +9,8 @@ from pipeline import files
 from pipeline.errors import UserError
 from pipeline.gan.architectures import build_discriminator, build_generator
 from pipeline.gan.architectures.dcgan import Discriminator, Generator
-from pipeline.gan.summary import count_parameters, summary
 from pipeline.gan.export import load_generator
+from pipeline.gan.summary import count_parameters, summary
 from pipeline.params import ModelParams
 from pipeline.scoring.frozen_classifier import Classifier
 

@@ -18,7 +18,16 @@ from pipeline.layout import Layout
 from pipeline.params import ModelParams, Params, validate_params
 from pipeline.scoring import scorer
 from pipeline.tracking import connection
-from tests.conftest import ROOT, SMALL_MODEL, git_env, run_cli, stage_env, synthetic_mnist, with_db, write_reference
+from tests.conftest import (
+    ROOT,
+    SMALL_MODEL,
+    git_env,
+    run_cli,
+    stage_env,
+    synthetic_mnist,
+    with_db,
+    write_reference,
+)
 
 CPU = torch.device("cpu")
 # The train stage's and a sweep trial's training are the same: 12 steps, quick FIDs at 6 and 12. The

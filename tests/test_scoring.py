@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 import torch
 
-from pipeline.data import Dataset, MNIST, fetch_dataset, from_model, load_prepared
+from pipeline.data import MNIST, Dataset, fetch_dataset, from_model, load_prepared
 from pipeline.errors import UserError
 from pipeline.files import sha256_file
 from pipeline.params import EvaluateParams

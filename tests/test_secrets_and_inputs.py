@@ -18,10 +18,10 @@ import yaml
 from hypothesis import assume, given, settings
 from hypothesis import strategies as st
 
-from pipeline.stages import prepare
-from pipeline.tracking import connection
 from pipeline.errors import UserError
 from pipeline.params import load_params
+from pipeline.stages import prepare
+from pipeline.tracking import connection
 from tests.conftest import ROOT, assert_refused, edit_params, make_eval_project, run_cli, stage_env
 from tests.servers import ADMIN, MEMBER, MlflowServer, credentials
 

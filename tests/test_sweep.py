@@ -22,6 +22,7 @@ from pipeline import cli, optuna_study
 from pipeline.data import save_prepared
 from pipeline.params import Params, load_params
 from tests.conftest import ROOT, SMALL_MODEL, run_cli, synthetic_mnist, write_reference
+
 TINY_SWEEP = {"trials": 3, "steps": 12, "fid_every": 6, "fid_samples": 256, "eval_samples": 256, "heartbeat_s": 1,
               "prune_after_trials": 1, "prune_after_steps": 0, "startup_trials": 2}  # fmt: skip
 

@@ -21,7 +21,13 @@ from pipeline.gan.architectures import build_generator
 from pipeline.gan.export import for_export
 from pipeline.params import ModelParams, Params, flatten
 from pipeline.tracking import connection, runs
-from pipeline.tracking.logged_model import ARTIFACT_SHA_TAG, TENSORS_SHA_TAG, WEIGHTS_FILE, save_weights, tensors_sha256
+from pipeline.tracking.logged_model import (
+    ARTIFACT_SHA_TAG,
+    TENSORS_SHA_TAG,
+    WEIGHTS_FILE,
+    save_weights,
+    tensors_sha256,
+)
 from pipeline.tracking.memory import MemoryStore, RunData
 from pipeline.tracking.mlflow_run import MlflowRun
 from tests.conftest import SMALL_MODEL, make_eval_project, make_project

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 from pipeline.tracking.connection import redact
 from pipeline.tracking.mlflow_run import Lost, summarise_lost
 
