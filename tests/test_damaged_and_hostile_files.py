@@ -295,8 +295,8 @@ def test_output_paths_stay_inside_the_project(tmp_path: Path, monkeypatch: pytes
 
 
 @pytest.mark.slow
-def test_cli_writes_outside_the_project_only_when_told(tmp_path: Path) -> None:
-    project = make_eval_project(tmp_path / "p")
+def test_cli_writes_outside_the_project_only_when_told(tmp_path: Path, tracking_db: Path) -> None:
+    project = with_db(make_eval_project(tmp_path / "p"), tracking_db)
     env = stage_env(project)
     np.save(project / "mine.npy", synthetic_mnist(n_train=64).train_images)
     outside = tmp_path / "elsewhere.json"

@@ -98,9 +98,9 @@ def test_ranks_hold_identical_weights_after_every_step(tmp_path: Path) -> None:
 
 
 @pytest.mark.slow
-def test_train_nproc_launches_the_same_job_through_torchs_launcher(tmp_path: Path, two_processes: Path) -> None:
+def test_train_nproc_launches_the_same_job_through_torchs_launcher(tmp_path: Path, two_processes: Path, tracking_db: Path) -> None:
     """Same seed, same world size: the job of train.nproc=2 is bit-identical to torchrun's."""
-    project = make_project(tmp_path / "p", steps=STEPS, nproc=2, **DDP_TRAIN)
+    project = with_db(make_project(tmp_path / "p", steps=STEPS, nproc=2, **DDP_TRAIN), tracking_db)
     result = subprocess.run([sys.executable, "-m", "pipeline", "train"], cwd=project, env=one_thread_env(project),
                             capture_output=True, text=True, timeout=600)  # fmt: skip
     assert result.returncode == 0, result.stderr[-3000:]

@@ -32,6 +32,7 @@ from tests.conftest import (
     run_cli,
     stage_env,
     train_tiny,
+    with_db,
 )
 
 
@@ -177,10 +178,10 @@ def test_conditional_scores_per_class_and_the_asked_for_label() -> None:
 
 
 @pytest.mark.slow
-def test_a_conditional_ema_run_from_params_to_scores_and_samples(tmp_path: Path) -> None:
+def test_a_conditional_ema_run_from_params_to_scores_and_samples(tmp_path: Path, tracking_db: Path) -> None:
     """params.yaml -> train -> evaluate -> generate: the exported generator is the EMA, the raw G stays
     in the file, the scores say whether it draws the asked-for class, and `generate --label` draws one."""
-    project = make_eval_project(tmp_path / "p")  # with an unconditional generator trained without EMA
+    project = with_db(make_eval_project(tmp_path / "p"), tracking_db)  # with an unconditional generator trained without EMA
     env = stage_env(project)
     for args, said in ((["--label", "3"], "is not a conditional generator"), (["--raw"], "leave out --raw")):
         bad = run_cli(["generate", "-n", "2", *args], cwd=project, env=env)

@@ -25,7 +25,7 @@ from pipeline.gan.losses import LOSSES
 from pipeline.params import DataParams, ModelParams, Params, TrainParams, flatten
 from pipeline.registry import discover
 from pipeline.scoring.scores import CONDITIONAL_SCALARS, METRICS, SCALARS
-from tests.conftest import copy_project, make_eval_project, make_project, stage_env
+from tests.conftest import copy_project, make_eval_project, make_project, stage_env, with_db
 
 LEAST_SQUARES = '''"""Least-squares GAN (Mao et al. 2017): D regresses real to 1 and fake to 0; G pulls its fakes to 1."""
 
@@ -162,9 +162,9 @@ def test_two_modules_claiming_one_name_fail_at_import(tmp_path: Path, monkeypatc
 
 
 @pytest.mark.slow
-def test_a_new_loss_is_one_module(tmp_path: Path) -> None:
+def test_a_new_loss_is_one_module(tmp_path: Path, tracking_db: Path) -> None:
     code = add_module(tmp_path, "pipeline/gan/losses/least_squares.py", LEAST_SQUARES)
-    project = make_project(tmp_path / "project", steps=4, loss="least_squares")
+    project = with_db(make_project(tmp_path / "project", steps=4, loss="least_squares"), tracking_db)
     assert "least_squares" in schema_enum(code, project, "TrainParams", "loss")
     out = python(["-m", "pipeline", "train"], project, code)
     assert out.returncode == 0, out.stderr
@@ -172,9 +172,9 @@ def test_a_new_loss_is_one_module(tmp_path: Path) -> None:
 
 
 @pytest.mark.slow
-def test_a_new_architecture_is_one_module(tmp_path: Path) -> None:
+def test_a_new_architecture_is_one_module(tmp_path: Path, tracking_db: Path) -> None:
     code = add_module(tmp_path, "pipeline/gan/architectures/tiny_mlp.py", TINY_MLP)
-    project = make_project(tmp_path / "project", steps=4)
+    project = with_db(make_project(tmp_path / "project", steps=4), tracking_db)
     params = yaml.safe_load((project / "params.yaml").read_text())
     params["model"] = {"arch": "tiny_mlp", "latent_dim": 12, "tiny_mlp": {"hidden": 24}}
     (project / "params.yaml").write_text(yaml.safe_dump(params))
@@ -189,9 +189,9 @@ def test_a_new_architecture_is_one_module(tmp_path: Path) -> None:
 
 
 @pytest.mark.slow
-def test_a_new_metric_is_one_module(tmp_path: Path) -> None:
+def test_a_new_metric_is_one_module(tmp_path: Path, tracking_db: Path) -> None:
     code = add_module(tmp_path, "pipeline/scoring/scores/feature_norm.py", FEATURE_NORM)
-    project = make_eval_project(tmp_path / "project")
+    project = with_db(make_eval_project(tmp_path / "project"), tracking_db)
     out = python(["-m", "pipeline", "evaluate"], project, code)
     assert out.returncode == 0, out.stderr
     scores = json.loads((project / "metrics/eval.json").read_text())

@@ -30,6 +30,7 @@ from tests.conftest import (
     stage_env,
     start,
     train_tiny,
+    with_db,
 )
 from tests.servers import free_port
 from tests.test_levers import everything
@@ -73,8 +74,8 @@ def test_resnet_runs_resume_bit_identically(tmp_path: Path, conditional: bool) -
     assert all(torch.equal(wa[k], wb[k]) for k in wa) and a.history == b.history
 
 
-def resnet_project(path: Path) -> Path:
-    project = make_eval_project(path)
+def resnet_project(path: Path, tracking_db: Path) -> Path:
+    project = with_db(make_eval_project(path), tracking_db)
     edit_params(project, model={**RESNET, "conditional": True}, train={"steps": 4})
     params = yaml.safe_load((project / "params.yaml").read_text())
     params["sweep"] = {"trials": 1, "steps": 3, "fid_every": 3, "fid_samples": 32, "eval_samples": 64}
@@ -83,8 +84,8 @@ def resnet_project(path: Path) -> Path:
 
 
 @pytest.mark.slow
-def test_every_stage_runs_the_resnet_through_to_the_served_champion(tmp_path: Path) -> None:
-    project = resnet_project(tmp_path / "p")
+def test_every_stage_runs_the_resnet_through_to_the_served_champion(tmp_path: Path, tracking_db: Path) -> None:
+    project = resnet_project(tmp_path / "p", tracking_db)
     env = stage_env(project)
     for args in (["train"], ["evaluate"], ["sweep"]):
         result = run_cli(args, cwd=project, env=env)
@@ -107,8 +108,8 @@ def test_every_stage_runs_the_resnet_through_to_the_served_champion(tmp_path: Pa
 
 
 @pytest.mark.slow
-def test_a_two_process_resnet_job_trains(tmp_path: Path) -> None:
-    project = resnet_project(tmp_path / "p")
+def test_a_two_process_resnet_job_trains(tmp_path: Path, tracking_db: Path) -> None:
+    project = resnet_project(tmp_path / "p", tracking_db)
     edit_params(project, train={"nproc": 2, "steps": 3})
     started = time.monotonic()
     result = subprocess.run([sys.executable, "-m", "pipeline", "train"], cwd=project, env=one_thread_env(project),

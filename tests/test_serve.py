@@ -76,9 +76,9 @@ def test_the_served_champion_draws_what_generate_draws(finished_project: Path, t
         process.wait(timeout=30)
 
 
-def test_serving_a_missing_registered_model_is_one_sentence(tmp_path: Path) -> None:
-    from tests.conftest import make_project
+def test_serving_a_missing_registered_model_is_one_sentence(tmp_path: Path, tracking_db: Path) -> None:
+    from tests.conftest import make_project, with_db
 
-    project = make_project(tmp_path / "p")
+    project = with_db(make_project(tmp_path / "p"), tracking_db)
     result = run_cli(["serve", "--model", "models:/nobody@champion", "--port", "0"], cwd=project, env=stage_env(project))
     assert result.returncode == 2 and result.stderr.startswith("error: ") and len(result.stderr.splitlines()) == 1

@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from pipeline import machine
-from tests.conftest import make_project, run_cli, stage_env
+from tests.conftest import make_project, run_cli, stage_env, with_db
 
 
 @pytest.mark.parametrize(
@@ -38,10 +38,10 @@ def test_use_threads_sets_the_count_and_zero_keeps_torchs_choice() -> None:
 
 
 @pytest.mark.slow
-def test_the_thread_count_a_run_trains_with_is_its_param_and_tag(tmp_path: Path) -> None:
+def test_the_thread_count_a_run_trains_with_is_its_param_and_tag(tmp_path: Path, tracking_db: Path) -> None:
     from mlflow import MlflowClient
 
-    project = make_project(tmp_path / "p", steps=2, threads=1)
+    project = with_db(make_project(tmp_path / "p", steps=2, threads=1), tracking_db)
     result = run_cli(["train"], cwd=project, env=stage_env(project))
     assert result.returncode == 0, result.stderr
     client = MlflowClient(f"sqlite:///{project / 'mlflow.db'}")

@@ -24,6 +24,7 @@ from tests.conftest import (
     stage_env,
     tracking_uri,
     train_tiny,
+    with_db,
 )
 
 
@@ -88,8 +89,8 @@ def test_cuda_bf16_step_runs() -> None:
 
 
 @pytest.mark.slow
-def test_stage_writes_outputs_and_logs_to_mlflow(tmp_path: Path) -> None:
-    project = make_project(tmp_path / "p", steps=6)
+def test_stage_writes_outputs_and_logs_to_mlflow(tmp_path: Path, tracking_db: Path) -> None:
+    project = with_db(make_project(tmp_path / "p", steps=6), tracking_db)
     result = run_cli(["train"], cwd=project, env=stage_env(project))
     assert result.returncode == 0, result.stderr
     for out in ("models/generator.pt", "metrics/train.json", "metrics/train_log.csv", "plots/train_samples.png",
@@ -118,12 +119,12 @@ def test_stage_writes_outputs_and_logs_to_mlflow(tmp_path: Path) -> None:
 
 
 @pytest.mark.slow
-def test_a_model_upload_cut_short_is_removed_when_the_run_ends_again(tmp_path: Path) -> None:
+def test_a_model_upload_cut_short_is_removed_when_the_run_ends_again(tmp_path: Path, tracking_db: Path) -> None:
     """A kill during the final upload leaves a PENDING logged model beside the run; the next end of
     the run (here: the run extended by two steps) deletes it, says so, and logs one READY model."""
     import mlflow
 
-    project = make_project(tmp_path / "p", steps=3)
+    project = with_db(make_project(tmp_path / "p", steps=3), tracking_db)
     assert run_cli(["train"], cwd=project, env=stage_env(project)).returncode == 0
     info = json.loads((project / "models/train_run.json").read_text())
     client = project_client(project)
@@ -139,8 +140,8 @@ def test_a_model_upload_cut_short_is_removed_when_the_run_ends_again(tmp_path: P
 
 
 @pytest.mark.slow
-def test_checkpoint_from_other_params_is_not_resumed(tmp_path: Path) -> None:
-    project = make_project(tmp_path / "p", steps=3)
+def test_checkpoint_from_other_params_is_not_resumed(tmp_path: Path, tracking_db: Path) -> None:
+    project = with_db(make_project(tmp_path / "p", steps=3), tracking_db)
     assert run_cli(["train"], cwd=project, env=stage_env(project)).returncode == 0
     edit_params(project, train={"lr_g": 0.001})
     result = run_cli(["train"], cwd=project, env=stage_env(project))
