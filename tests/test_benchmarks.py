@@ -16,8 +16,9 @@ import torch
 
 from benchmarks import peak_flops
 from pipeline import data, files, machine
+from pipeline.errors import UserError
 from pipeline.scoring import frozen_classifier, scorer
-from tests.conftest import ROOT, edit_params, synthetic_mnist
+from tests.conftest import ROOT, SMALL_MODEL, edit_params, synthetic_mnist
 
 
 def run_script(args: list[str], cwd: Path) -> subprocess.CompletedProcess[str]:
@@ -43,6 +44,23 @@ def save_reference(project: Path) -> None:
     features, _ = frozen_classifier.classify(classifier, mnist.test_images, 100, torch.device("cpu"))
     reference = scorer.compute_reference(features, mnist.test_labels, sha)
     scorer.save_reference(reference, project / "data/reference/mnist.npz")
+
+
+def small_training(project: Path) -> None:
+    """params.yaml with the tests' small model at batch 8, for the scripts that train or draw with its
+    model: their reports have the same shape, for a fraction of the CPU time of the default DCGAN at
+    batch 32 (whose figures no test asserts)."""
+    edit_params(project, model=SMALL_MODEL, train={"batch_size": 8})
+
+
+def lever_quality_here(project: Path, monkeypatch: pytest.MonkeyPatch, *args: str) -> None:
+    """benchmarks/lever_quality.py with these arguments, in this process: for arguments it refuses
+    before it trains (no process of its own to start for a sentence)."""
+    from benchmarks import lever_quality
+
+    monkeypatch.chdir(project)
+    monkeypatch.setattr(sys, "argv", ["lever_quality.py", *args])
+    lever_quality.main()
 
 
 def quick_throughput(project: Path, device: str) -> tuple[dict[str, Any], str]:
@@ -168,9 +186,10 @@ def test_train_throughput_quick_mode_on_cuda(bench_project: Path) -> None:
 
 
 @pytest.mark.slow
-def test_lever_quality_compares_every_arm_over_seeds(bench_project: Path) -> None:
+def test_lever_quality_compares_every_arm_over_seeds(bench_project: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     save_reference(bench_project)
     edit_params(bench_project, evaluate={"fid_resamples": 10})
+    small_training(bench_project)
     out, grids = bench_project / "quality.json", bench_project / "grids.png"
     lever, arm = '{"precision": "fp32", "fused_adam": false}', 'cond={"model.conditional": true, "train.ema_decay": 0.9, "train.watchdog": true}'
     args = ["--steps", "2", "--seeds", "0", "1", "--fid-samples", "300", "--lever", lever, "--arm", arm,
@@ -198,13 +217,15 @@ def test_lever_quality_compares_every_arm_over_seeds(bench_project: Path) -> Non
     assert report["summary"]["default"]["mean"] == pytest.approx(np.mean(default), abs=1e-3)
     assert report["speed_img_s"].keys() == report["arms"].keys() and min(report["speed_img_s"].values()) > 0
     assert grids.is_file() and "FID mean" in result.stdout
-    bad = run_script([str(ROOT / "benchmarks/lever_quality.py"), "--arm", 'x={"train.ema_decay": 2}'], bench_project)
-    assert bad.returncode != 0 and "train.ema_decay" in bad.stderr
+    with pytest.raises(UserError, match=r"train\.ema_decay"):  # before any arm trains
+        lever_quality_here(bench_project, monkeypatch, "--arm", 'x={"train.ema_decay": 2}')
 
 
-def test_lever_quality_runs_part_of_the_study(bench_project: Path) -> None:
+def test_lever_quality_runs_part_of_the_study(bench_project: Path, monkeypatch: pytest.MonkeyPatch,
+                                             capsys: pytest.CaptureFixture[str]) -> None:  # fmt: skip
     save_reference(bench_project)
     edit_params(bench_project, evaluate={"fid_resamples": 10})
+    small_training(bench_project)
     out, script = bench_project / "quality.json", str(ROOT / "benchmarks/lever_quality.py")
     args = ["--study", "--arms", "quality preset", "--steps", "2", "--seeds", "0", "--fid-samples", "300",
             "--output", str(out)]  # fmt: skip
@@ -213,8 +234,10 @@ def test_lever_quality_runs_part_of_the_study(bench_project: Path) -> None:
     (report,) = json.loads(out.read_text())
     assert list(report["arms"]) == ["quality preset"] and report["arms"]["quality preset"]["model.conditional"]
     assert [r["arm"] for r in report["runs"]] == ["quality preset"] and report["comparisons"] == []
-    bad = run_script([script, "--study", "--arms", "tutorial", "qualty preset"], bench_project)
-    assert bad.returncode == 2 and "--arms picks from the study's arms" in bad.stderr, bad.stderr
+    with pytest.raises(SystemExit) as bad:
+        lever_quality_here(bench_project, monkeypatch, "--study", "--arms", "tutorial", "qualty preset")
+    error = capsys.readouterr().err
+    assert bad.value.code == 2 and "--arms picks from the study's arms" in error, error
     remedies = run_script([script, "--remedies", "--steps", "2", "--seeds", "0", "--fid-samples", "300",
                            "--output", str(out)], bench_project)  # fmt: skip
     assert remedies.returncode == 0, remedies.stderr[-3000:]
@@ -225,6 +248,7 @@ def test_lever_quality_runs_part_of_the_study(bench_project: Path) -> None:
 
 
 def test_profile_step_splits_the_step_into_its_phases(bench_project: Path) -> None:
+    small_training(bench_project)
     out = bench_project / "profile.json"
     args = ["--steps", "2", "--warmup", "1", "--devices", "cpu", "--output", str(out)]
     result = run_script([str(ROOT / "benchmarks/profile_step.py"), *args], bench_project)
@@ -242,20 +266,21 @@ def test_profile_step_splits_the_step_into_its_phases(bench_project: Path) -> No
 @pytest.mark.slow
 def test_ddp_scaling_quick_mode_reports_each_arm(tmp_path: Path) -> None:
     out = tmp_path / "ddp.json"
-    result = run_script([str(ROOT / "benchmarks/ddp_scaling.py"), "--quick", "--nprocs", "0", "2", "--output", str(out)],
-                        tmp_path)  # fmt: skip
+    args = ["--quick", "--nprocs", "0", "2", "--batch-size", "16", "--output", str(out)]  # 8 a rank: the split, cheaply
+    result = run_script([str(ROOT / "benchmarks/ddp_scaling.py"), *args], tmp_path)
     assert result.returncode == 0, result.stderr[-3000:]
     rows = {row["nproc"]: row for row in json.loads(out.read_text())["rows"]}
-    assert set(rows) == {0, 2} and rows[2]["per_rank_batch"] == 32
+    assert set(rows) == {0, 2} and rows[0]["per_rank_batch"] == 16 and rows[2]["per_rank_batch"] == 8
     assert all(row["images_per_second"] > 0 for row in rows.values())
     assert "efficiency" in result.stdout
 
 
 @pytest.mark.slow
 def test_shared_machine_quick_mode_times_one_job_and_two_with_and_without_a_share(bench_project: Path) -> None:
-    result = run_script([str(ROOT / "benchmarks/shared_machine.py"), "--quick"], bench_project)
+    result = run_script([str(ROOT / "benchmarks/shared_machine.py"), "--quick", "--batch-size", "8"], bench_project)
     assert result.returncode == 0, result.stderr[-3000:]
     report = json.loads(result.stdout.strip().splitlines()[-1])
+    assert report["batch_size"] == 8  # --quick's few steps, of a batch cheaper than the default's 32
     arms = {(row["jobs"], row["threads"]): row for row in report["rows"]}
     share = max(1, report["cores"] // 2)
     assert set(arms) == {(1, 0), (2, 0), (2, share)}
@@ -270,6 +295,7 @@ def test_fid_interval_scores_fresh_draws_beside_the_bootstrap(bench_project: Pat
 
     save_reference(bench_project)
     edit_params(bench_project, evaluate={"fid_resamples": 10})
+    small_training(bench_project)
     torch.manual_seed(0)
     generator = build_generator(load_params(bench_project / "params.yaml").model, n_classes=10)
     files.save_checkpoint({"generator": generator.state_dict()}, bench_project / "models/generator.pt")
@@ -282,6 +308,7 @@ def test_fid_interval_scores_fresh_draws_beside_the_bootstrap(bench_project: Pat
 
 
 def test_lever_forms_times_every_form_and_names_the_fastest(bench_project: Path) -> None:
+    small_training(bench_project)
     out = bench_project / "forms.json"
     args = ["--batch-sizes", "8", "--repeats", "2", "--steps", "1", "--output", str(out)]
     result = run_script([str(ROOT / "benchmarks/lever_forms.py"), *args], bench_project)
@@ -298,6 +325,7 @@ def test_lever_forms_times_every_form_and_names_the_fastest(bench_project: Path)
 
 def test_trace_run_looks_at_a_run_without_changing_it(bench_project: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     save_reference(bench_project)
+    small_training(bench_project)
     monkeypatch.chdir(bench_project)
     monkeypatch.syspath_prepend(str(ROOT / "benchmarks"))
     from benchmarks import trace_run

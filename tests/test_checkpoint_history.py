@@ -7,22 +7,34 @@ one again. The history is bounded by `train.keep_checkpoints`, the oldest remove
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
-import yaml
 
-from pipeline import files
-from tests.conftest import make_project, run_cli, stage_env
+from pipeline import cli, files
+from pipeline.tracking.memory import MemoryStore
+from tests.conftest import edit_params, make_project
 
 
-def train(project: Path, **overrides: object) -> str:
-    params = yaml.safe_load((project / "params.yaml").read_text())
-    params["train"].update(overrides)
-    (project / "params.yaml").write_text(yaml.safe_dump(params))
-    result = run_cli(["train"], cwd=project, env=stage_env(project))
-    assert result.returncode == 0, result.stderr[-2000:]
-    return result.stdout
+@pytest.fixture
+def train(monkeypatch: pytest.MonkeyPatch, memory_store: MemoryStore,
+          capsys: pytest.CaptureFixture[str]) -> Callable[..., str]:  # fmt: skip
+    """`python -m pipeline train` in this process (cli.main), its runs in memory (conftest's memory_store):
+    these tests follow the checkpoint files, which are the same from either; a stage process would spend
+    seconds on imports and on logging its model to a store for each run of three or six steps."""
+
+    def run(project: Path, **overrides: object) -> str:
+        """Train in `project` with these train params over its own: what the stage printed."""
+        edit_params(project, train=overrides)
+        monkeypatch.chdir(project)
+        capsys.readouterr()
+        code = cli.main(["train"])
+        out, err = capsys.readouterr()
+        assert code == 0, err[-2000:]
+        return out
+
+    return run
 
 
 def step_of(project: Path) -> int:
@@ -30,7 +42,7 @@ def step_of(project: Path) -> int:
 
 
 @pytest.mark.slow
-def test_a_back_and_forth_of_train_steps_resumes_both_runs(tmp_path: Path) -> None:
+def test_a_back_and_forth_of_train_steps_resumes_both_runs(tmp_path: Path, train: Callable[..., str]) -> None:
     project = make_project(tmp_path / "p", steps=6)
     train(project)
     long_run = (project / "models/generator.pt").read_bytes()
@@ -52,7 +64,7 @@ def test_a_back_and_forth_of_train_steps_resumes_both_runs(tmp_path: Path) -> No
 
 
 @pytest.mark.slow
-def test_the_history_keeps_at_most_keep_checkpoints(tmp_path: Path) -> None:
+def test_the_history_keeps_at_most_keep_checkpoints(tmp_path: Path, train: Callable[..., str]) -> None:
     project = make_project(tmp_path / "p", steps=3, keep_checkpoints=2)
     for seed in range(4):  # four recipes: each fresh run shelves the one before
         train(project, seed=seed)

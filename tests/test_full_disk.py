@@ -22,6 +22,7 @@ from tests.conftest import (
     assert_outputs_complete,
     assert_refused,
     assert_same_weights,
+    copy_tracked_project,
     edit_params,
     generator_weights,
     make_eval_project,
@@ -147,11 +148,17 @@ def test_cli_turns_a_stray_no_room_error_into_one_sentence(monkeypatch: pytest.M
 # --- the stages under a real file-size limit -------------------------------------------------
 
 
+@pytest.fixture(scope="module")
+def straight(tmp_path_factory: pytest.TempPathFactory, tracking_db: Path) -> Path:
+    """A run of BIG_G trained to 12 steps in one go, without a limit: the weights a resumed run must
+    reach, and a finished run to copy (copy_tracked_project); no test changes it."""
+    return trained(tmp_path_factory.mktemp("straight") / "p", tracking_db, steps=12)
+
+
 @pytest.mark.slow
 def test_train_failing_at_its_checkpoint_keeps_the_last_one_and_resumes_bit_identically(
-    tmp_path: Path, tracking_db: Path
+    tmp_path: Path, tracking_db: Path, straight: Path
 ) -> None:
-    straight = trained(tmp_path / "straight", tracking_db, steps=12)
     project = trained(tmp_path / "p", tracking_db, steps=6)
     checkpoint = (project / "checkpoints/train.pt").read_bytes()
 
@@ -174,9 +181,9 @@ def test_train_failing_at_its_checkpoint_keeps_the_last_one_and_resumes_bit_iden
 
 @pytest.mark.slow
 def test_a_finished_run_stays_finished_when_a_no_op_resume_cannot_write_its_outputs(
-    tmp_path: Path, tracking_db: Path
+    tmp_path: Path, straight: Path
 ) -> None:
-    project = trained(tmp_path / "p", tracking_db, steps=3)
+    project = copy_tracked_project(straight, tmp_path / "p")
     outputs = {p: p.read_bytes() for p in (project / "models").iterdir()} | {
         p: p.read_bytes() for p in (project / "metrics").iterdir()
     }
