@@ -466,8 +466,11 @@ class Payload:
 
 
 @pytest.fixture
-def mlflow_server(tmp_path: Path) -> Iterator[MlflowServer]:
+def mlflow_server(tmp_path: Path, tracking_db: Path) -> Iterator[MlflowServer]:
+    """`mlflow server` (not started yet) whose SQLite store is a copy of the pre-made empty one: the tests
+    using it are about a server, not about it building a store."""
     server = MlflowServer(tmp_path / "server")
+    shutil.copyfile(tracking_db, server.root / "store.db")  # its default store
     try:
         yield server
     finally:

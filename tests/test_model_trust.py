@@ -33,8 +33,8 @@ from tests.conftest import (
     edit_params,
     make_eval_project,
     project_client,
-    run_stage,
     stage_env,
+    with_db,
 )
 
 pytestmark = pytest.mark.slow
@@ -48,12 +48,12 @@ def set_steps(project: Path, steps: int) -> None:
 
 
 @pytest.fixture(scope="module")
-def built(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
+def built(tmp_path_factory: pytest.TempPathFactory, tracking_db: Path) -> dict[str, Path]:
     """The tiny project trained 4 steps ("trained"), and a copy of it evaluated too (its generator
     registered) with `generate`'s draw from models/generator.pt in local.npy ("evaluated"). Built once
     for the module: each test works on a copy of its own."""
     root = tmp_path_factory.mktemp("model-trust")
-    project = make_eval_project(root / "trained")
+    project = with_db(make_eval_project(root / "trained"), tracking_db)
     set_steps(project, 4)
     run_stage(project, "train")
     evaluated = copy_tracked_project(project, root / "evaluated")
@@ -73,10 +73,17 @@ def trained(built: dict[str, Path], path: Path, evaluated: bool = True) -> tuple
 
 def command(project: Path, *args: str, env: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:
     """`python -m pipeline ARGS` in `project`, run in this process (torch and MLflow are imported once, not
-    once a command: this module runs some thirty): its exit code and what it printed."""
+    once a command: this module runs some forty, the stages included): its exit code and what it printed.
+    The environment, the working directory and MLflow's tracking URI are as before afterwards, and MLflow's
+    artifact locations are looked up afresh: it caches them by run and model id, which the copies of one
+    project share (a cached one would send a copy's artifacts to the original's folder)."""
+    from mlflow.tracking._tracking_service import utils
+
     from pipeline import cli
 
     saved_env, saved_cwd, out, err = dict(os.environ), Path.cwd(), io.StringIO(), io.StringIO()
+    saved_uri = utils._tracking_uri  # a stage's connect() sets it
+    utils._artifact_repos_cache.clear()
     try:
         os.environ.clear()
         os.environ.update(env or stage_env(project))
@@ -87,7 +94,16 @@ def command(project: Path, *args: str, env: dict[str, str] | None = None) -> sub
         os.chdir(saved_cwd)
         os.environ.clear()
         os.environ.update(saved_env)
+        utils._tracking_uri = saved_uri
+        utils._artifact_repos_cache.clear()
     return subprocess.CompletedProcess(list(args), code, out.getvalue(), err.getvalue())
+
+
+def run_stage(project: Path, *args: str, env: dict[str, str] | None = None) -> str:
+    """`command`, which must succeed: what it printed on stdout."""
+    result = command(project, *args, env=env)
+    assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-3000:]
+    return result.stdout
 
 
 def draw(project: Path, name: str, *source: str, env: dict[str, str] | None = None) -> np.ndarray:

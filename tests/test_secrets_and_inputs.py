@@ -8,6 +8,8 @@ password holds '/', '@', ':' and '%', given in MLFLOW_TRACKING_URI.
 from __future__ import annotations
 
 import secrets
+import shutil
+import subprocess
 from collections.abc import Iterator
 from pathlib import Path
 from urllib.parse import quote
@@ -18,6 +20,7 @@ import yaml
 from hypothesis import assume, given, settings
 from hypothesis import strategies as st
 
+from pipeline import cli
 from pipeline.errors import UserError
 from pipeline.params import load_params
 from pipeline.stages import prepare
@@ -80,8 +83,12 @@ def test_an_http_login_leaves_the_uri_for_mlflows_variables() -> None:
 
 
 @pytest.fixture
-def auth_server(tmp_path: Path) -> Iterator[MlflowServer]:
-    server = MlflowServer(tmp_path / "server", auth=True)
+def auth_server(tmp_path: Path, tracking_db: Path) -> Iterator[MlflowServer]:
+    """A basic-auth `mlflow server` whose SQLite store is a copy of the suite's pre-made empty one."""
+    store = tmp_path / "server/store.db"
+    store.parent.mkdir()
+    shutil.copyfile(tracking_db, store)
+    server = MlflowServer(store.parent, backend_uri=f"sqlite:///{store}", auth=True)
     try:
         server.start()
         yield server
@@ -126,6 +133,15 @@ def test_train_and_evaluate_show_no_password_given_in_the_tracking_uri(tmp_path:
 # --- item 3: data.path ----------------------------------------------------------------------
 
 
+def run_here(capfd: pytest.CaptureFixture[str], *args: str) -> subprocess.CompletedProcess[str]:
+    """`python -m pipeline ARGS` in this process and working directory (no interpreter start, no torch
+    import): its exit code and what it printed, captured at the file descriptors."""
+    capfd.readouterr()
+    code = cli.main(list(args))
+    out, err = capfd.readouterr()
+    return subprocess.CompletedProcess(list(args), code, out, err)
+
+
 def own_params(project: Path, path: str) -> None:
     own = {"dataset": "own", "path": path, "classes": ["a", "b"]}
     (project / "params.yaml").write_text(yaml.safe_dump({"data": own}))
@@ -138,20 +154,23 @@ def own_npz(path: Path) -> None:
 
 @pytest.mark.parametrize("path", ["../mine.npz", "/etc/passwd", "{outside}", "data/own/../../mine.npz",
                                   "data/mine.npz", "data/own"])  # fmt: skip
-def test_a_data_path_outside_data_own_is_refused_before_anything_is_read(tmp_path: Path, path: str) -> None:
+def test_a_data_path_outside_data_own_is_refused_before_anything_is_read(
+    tmp_path: Path, path: str, monkeypatch: pytest.MonkeyPatch, capfd: pytest.CaptureFixture[str]
+) -> None:
     project = tmp_path / "p"
     (project / "data/own").mkdir(parents=True)
     own_npz(tmp_path / "mine.npz")
     path = path.format(outside=tmp_path / "mine.npz")
     own_params(project, path)
+    monkeypatch.chdir(project)
     for command in ("check-params", "prepare"):
-        error = assert_refused(run_cli([command], cwd=project), f"data.path {path} ", "data/own/")
+        error = assert_refused(run_here(capfd, command), f"data.path {path} ", "data/own/")
         assert "allow_pickle" not in error
     assert not (project / "data/prepared").exists()
 
 
 def test_the_prepare_stage_follows_symlinks_and_reads_only_npz_files(
-    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capfd: pytest.CaptureFixture[str]
 ) -> None:
     project = tmp_path / "p"
     own = project / "data/own"
@@ -159,9 +178,10 @@ def test_the_prepare_stage_follows_symlinks_and_reads_only_npz_files(
     own_npz(tmp_path / "mine.npz")
     (own / "out.npz").symlink_to(tmp_path / "mine.npz")
     own_params(project, "data/own/out.npz")
-    assert_refused(run_cli(["prepare"], cwd=project), "data.path data/own/out.npz leads out of data/own/", "symlink")
+    monkeypatch.chdir(project)
+    assert_refused(run_here(capfd, "prepare"), "data.path data/own/out.npz leads out of data/own/", "symlink")
 
-    monkeypatch.chdir(project)  # the rest in this process: the stage's function, as main() calls it
+    # The rest: the stage's function, as main() calls it.
     (own / "passwd.npz").write_bytes(b"root:x:0:0:root:/root:/bin/bash\n")
     np.savez(own / "objects.npz", images=np.array([object()], dtype=object), labels=np.zeros(1))
     for name, says in (("passwd.npz", "is not an .npz file"), ("objects.npz", "holds Python objects")):
@@ -208,8 +228,11 @@ def test_params_cut_inside_any_line_are_refused_naming_the_file(tmp_path: Path) 
     ],
     ids=["empty", "comments only", "cut inside train.steps", "cut halfway"],
 )
-def test_check_params_and_train_refuse_an_emptied_or_cut_params_file(tmp_path: Path, text: str, says: str) -> None:
+def test_check_params_and_train_refuse_an_emptied_or_cut_params_file(
+    tmp_path: Path, text: str, says: str, monkeypatch: pytest.MonkeyPatch, capfd: pytest.CaptureFixture[str]
+) -> None:
     (tmp_path / "params.yaml").write_text(text)
+    monkeypatch.chdir(tmp_path)
     for command in ("check-params", "train"):
-        assert_refused(run_cli([command], cwd=tmp_path), "params.yaml", says)
+        assert_refused(run_here(capfd, command), "params.yaml", says)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["params.yaml"]

@@ -75,7 +75,12 @@ def team_project(path: Path, experiment: str = "dcgan-mnist", **sweep: Any) -> P
     return path
 
 
-def test_every_command_works_against_the_team_server(tmp_path: Path, team: MlflowServer) -> None:
+def test_every_command_works_against_the_team_server_and_a_replayed_resume_logs_every_metric_once(
+    tmp_path: Path, team: MlflowServer
+) -> None:
+    """train, evaluate and resend as a member; then the run is extended from 6 to 12 steps, and a kill
+    after step 12's metrics went out but before its checkpoint is played: the run is trained again from
+    step 6 to 12, and every metric, the `final_*` ones included, still holds one point per step."""
     project = team_project(tmp_path / "p")
     env = member_env(team, project)
     for command in (["train"], ["evaluate"], ["resend"]):
@@ -115,35 +120,28 @@ def test_every_command_works_against_the_team_server(tmp_path: Path, team: Mlflo
     assert scored_against.dataset.name == "mnist-reference"
     assert scored_against.dataset.digest == files.sha256_file(project / "data/reference/mnist.npz")[:36]
     assert {t.key: t.value for t in scored_against.tags}["mlflow.data.context"] == "evaluation"
-    assert team.failed_requests() == []  # the sweep's runs on the server: the next two tests
+    assert team.failed_requests() == []  # the sweep's runs on the server: the last two tests
 
-
-def test_a_resume_replayed_from_an_earlier_checkpoint_logs_every_metric_once(tmp_path: Path, team: MlflowServer) -> None:
-    """A kill after step 10's metrics went out but before its checkpoint: the run is trained again from
-    step 5 to 10, and every metric, the `final_*` ones included, still holds one point per step."""
-    project = team_project(tmp_path / "p")
-    env = member_env(team, project)
-    for steps in (5, 10):
-        edit_params(project, train={"steps": steps, "fid_every": 0, "checkpoint_every": 5})
-        if steps == 10:
-            step_5 = (project / "checkpoints/train.pt").read_bytes()
-        result = run_cli(["train"], cwd=project, env=env)
-        assert result.returncode == 0, result.stderr[-3000:]
-    (project / "checkpoints/train.pt").write_bytes(step_5)
+    # The run extended to 12 steps; then step 6's checkpoint back, as a kill after step 12's metrics left it.
+    step_6 = (project / "checkpoints/train.pt").read_bytes()
+    edit_params(project, train={"steps": 12})
     result = run_cli(["train"], cwd=project, env=env)
     assert result.returncode == 0, result.stderr[-3000:]
-    assert "resuming from checkpoints/train.pt at step 5" in result.stdout
+    (project / "checkpoints/train.pt").write_bytes(step_6)
+    result = run_cli(["train"], cwd=project, env=env)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "resuming from checkpoints/train.pt at step 6" in result.stdout
 
-    client = team.client()
-    run_id = files.read_json(project / "models/train_run.json")["run_id"]
+    run_id = run.info.run_id
+    assert files.read_json(project / "models/train_run.json")["run_id"] == run_id
     run = client.get_run(run_id)
     for key in run.data.metrics:
         steps = [m.step for m in client.get_metric_history(run_id, key)]
         assert len(steps) == len(set(steps)), (key, steps)
-    assert [m.step for m in client.get_metric_history(run_id, "final_images_per_second")] == [5, 10]
-    assert [m.step for m in client.get_metric_history(run_id, "g_loss")] == list(range(1, 11))
+    assert [m.step for m in client.get_metric_history(run_id, "final_images_per_second")] == [6, 12]
+    assert [m.step for m in client.get_metric_history(run_id, "g_loss")] == list(range(1, 13))
     models = client.search_logged_models([run.info.experiment_id], filter_string=f"source_run_id = '{run_id}'")
-    assert len(models) == 2  # steps 5 and 10; the replayed step 10's weights are the model logged already
+    assert len(models) == 2  # steps 6 and 12; the replayed step 12's weights are the model logged already
 
 
 def test_a_refused_login_is_one_sentence_before_any_training(tmp_path: Path, team: MlflowServer) -> None:
@@ -173,7 +171,7 @@ def test_sweep_workers_share_one_postgres_study_and_rerun_a_killed_workers_trial
 ) -> None:
     storage = postgres.create_database("optuna_shared")
     # A new experiment: the three workers also race to create it on the server.
-    clones = [team_project(tmp_path / f"clone{i}", experiment="team-sweep", trials=5) for i in range(3)]
+    clones = [team_project(tmp_path / f"clone{i}", experiment="team-sweep", trials=4) for i in range(3)]
     logs = [tmp_path / f"worker{i}.log" for i in range(3)]
     workers = [sweep_worker(clone, member_env(team, clone), storage, log) for clone, log in zip(clones, logs, strict=True)]
     victim, deadline = workers[0], time.monotonic() + 300
@@ -189,7 +187,7 @@ def test_sweep_workers_share_one_postgres_study_and_rerun_a_killed_workers_trial
 
     trials = study(storage).get_trials()
     finished = [t for t in trials if t.state in (TrialState.COMPLETE, TrialState.PRUNED)]
-    assert len(finished) == 5 and len({t.number for t in trials}) == len(trials)
+    assert len(finished) == 4 and len({t.number for t in trials}) == len(trials)
     retried = [t for t in trials if t.system_attrs.get("failed_trial") is not None]
     assert len(retried) == 1 and retried[0].state.is_finished()  # the killed worker's trial, run by another
     tables = [log.read_text().split("rank  trial")[-1] for log in logs[1:]]
@@ -213,7 +211,7 @@ def test_postgres_going_away_stops_the_sweep_with_one_sentence_and_loses_nothing
     tmp_path: Path, postgres: PostgresCluster, team: MlflowServer
 ) -> None:
     storage = postgres.create_database("optuna_outage")
-    project = team_project(tmp_path / "p", trials=4)
+    project = team_project(tmp_path / "p", trials=2)
     log = tmp_path / "worker.log"
     worker = sweep_worker(project, member_env(team, project), storage, log)
     deadline = time.monotonic() + 300
@@ -233,5 +231,5 @@ def test_postgres_going_away_stops_the_sweep_with_one_sentence_and_loses_nothing
     assert again.returncode == 0, again.stdout[-3000:] + again.stderr[-3000:]
     trials = study(storage).get_trials()
     assert {t.number: t.value for t in trials if t.number in done} == done  # finished trials kept
-    assert len([t for t in trials if t.state in (TrialState.COMPLETE, TrialState.PRUNED)]) == 4
+    assert len([t for t in trials if t.state in (TrialState.COMPLETE, TrialState.PRUNED)]) == 2
     shutil.rmtree(project)

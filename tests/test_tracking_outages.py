@@ -7,6 +7,10 @@ here touches the network beyond 127.0.0.1.
 
 from __future__ import annotations
 
+import contextlib
+import dataclasses
+import io
+import os
 import re
 import socket
 import subprocess
@@ -17,7 +21,7 @@ import numpy as np
 import pytest
 import yaml
 
-from pipeline import files
+from pipeline import cli, files
 from pipeline.errors import UserError
 from pipeline.params import Params, flatten
 from pipeline.stages.resend import backfill
@@ -45,6 +49,28 @@ def tracking_env(project: Path, uri: str) -> dict[str, str]:
     return {**env, "MLFLOW_TRACKING_URI": uri}
 
 
+def resend(project: Path, env: dict[str, str]) -> subprocess.CompletedProcess[str]:
+    """`python -m pipeline resend` in `project` with `env`, run in this process (no interpreter start, no
+    torch and MLflow import): its exit code and what it printed. The environment, the working directory
+    and MLflow's tracking URI (connect() sets them) are as before afterwards."""
+    from mlflow.tracking._tracking_service import utils
+
+    saved_env, saved_cwd, saved_uri = dict(os.environ), Path.cwd(), utils._tracking_uri
+    out, err = io.StringIO(), io.StringIO()
+    try:
+        os.environ.clear()
+        os.environ.update(env)
+        os.chdir(project)
+        with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+            code = cli.main(["resend"])
+    finally:
+        os.chdir(saved_cwd)
+        os.environ.clear()
+        os.environ.update(saved_env)
+        utils._tracking_uri = saved_uri
+    return subprocess.CompletedProcess(["resend"], code, out.getvalue(), err.getvalue())
+
+
 # --- unreachable at the start ---------------------------------------------------------------------
 
 
@@ -55,31 +81,50 @@ def timed_train(project: Path, uri: str) -> tuple[subprocess.CompletedProcess[st
     return result, time.monotonic() - started
 
 
-def test_unreachable_server_is_reported_within_seconds_before_training(tmp_path: Path) -> None:
-    project = make_project(tmp_path / "p", steps=3)
+@dataclasses.dataclass
+class Refused:
+    """`train` run once against a port where nothing listens."""
+
+    project: Path
+    port: int
+    before: dict[str, str]  # the project's files before it
+    result: subprocess.CompletedProcess[str]
+    took: float  # wall seconds
+
+
+@pytest.fixture(scope="module")
+def refused(tmp_path_factory: pytest.TempPathFactory) -> Refused:
+    """`train` against a refused connection, run once for the module: what the unreachable test checks,
+    and the yardstick the hung test times its own `train` against, in the test after it."""
+    project = make_project(tmp_path_factory.mktemp("refused") / "p", steps=3)
     port = free_port()  # nothing listens there
     before = snapshot(project)
     result, took = timed_train(project, f"http://127.0.0.1:{port}")
-    assert took < 60, took  # a loaded machine's interpreter start; MLflow's own retries would take minutes
-    assert_refused(result, f"MLflow tracking server http://127.0.0.1:{port} is unreachable (connection refused)")
-    assert snapshot(project) == before  # no checkpoint, no sample: training never began
+    return Refused(project, port, before, result, took)
+
+
+def test_unreachable_server_is_reported_within_seconds_before_training(refused: Refused) -> None:
+    assert refused.took < 60, refused.took  # a loaded machine's interpreter start; MLflow's own retries: minutes
+    uri = f"http://127.0.0.1:{refused.port}"
+    assert_refused(refused.result, f"MLflow tracking server {uri} is unreachable (connection refused)")
+    assert snapshot(refused.project) == refused.before  # no checkpoint, no sample: training never began
 
 
 @pytest.mark.slow
-def test_hung_server_is_reported_within_seconds_before_training(tmp_path: Path) -> None:
+def test_hung_server_is_reported_within_seconds_before_training(refused: Refused) -> None:
     """A server that accepts connections and never answers (a hung process, a wedged proxy).
 
-    Timed against a refused connection in the same test, so a slow interpreter start on a
-    loaded machine cancels out: the hang may cost its 5 s timeout and one retry, not minutes."""
-    project = make_project(tmp_path / "p", steps=3)
-    _, refused = timed_train(project, f"http://127.0.0.1:{free_port()}")
+    Timed against the refused connection's `train` of the test before (the module's fixture), so a
+    slow interpreter start on a loaded machine cancels out: the hang may cost its 5 s timeout and one
+    retry, not minutes."""
+    project = refused.project  # the refused `train` left it as it was (the test before checks that)
     with socket.socket() as hung:
         hung.bind(("127.0.0.1", 0))
         hung.listen(64)  # the kernel completes the handshakes; nobody ever reads or answers
         uri = f"http://127.0.0.1:{hung.getsockname()[1]}"
         before = snapshot(project)
         result, took = timed_train(project, uri)
-    assert took - refused < 20, (took, refused)
+    assert took - refused.took < 20, (took, refused.took)
     assert_refused(result, f"MLflow tracking server {uri} is unreachable (no answer within 5 s)")
     assert snapshot(project) == before
 
@@ -125,11 +170,11 @@ def assert_run_complete(uri: str, run_id: str, project: Path, grid_steps: set[in
 @pytest.mark.slow
 def test_server_killed_mid_training_then_resend_restores_the_run(tmp_path: Path, mlflow_server: MlflowServer) -> None:
     mlflow_server.start()
-    steps, grid_steps = 40, set(range(4, 41, 4))
+    steps, grid_steps = 24, set(range(4, 25, 4))
     project = make_project(tmp_path / "p", steps=steps, log_every=2, sample_every=4, checkpoint_every=10)
     env = tracking_env(project, mlflow_server.uri)
     proc = start(["train"], project, env, tmp_path / "logs/train")
-    wait_for(proc, lambda: (project / "samples/step_000012.png").exists())
+    wait_for(proc, lambda: (project / "samples/step_000008.png").exists())  # the rest reaches no server
     mlflow_server.kill()
     assert proc.wait(timeout=300) == 0  # training went on to the end
 
@@ -152,12 +197,12 @@ def test_server_killed_mid_training_then_resend_restores_the_run(tmp_path: Path,
     mlflow_server.start()  # back, on the same port and store
     run_id = files.read_json(project / "models/train_run.json")["run_id"]
     assert mlflow_client(mlflow_server.uri).get_run(run_id).info.status == "RUNNING"  # cut off mid-run
-    result = run_cli(["resend"], cwd=project, env=env, timeout=120)
+    result = resend(project, env)
     assert result.returncode == 0, result.stderr
     assert f"re-sent to MLflow run {run_id}: " in result.stdout and "1 model" in result.stdout
     counts = assert_run_complete(mlflow_server.uri, run_id, project, grid_steps)
 
-    again = run_cli(["resend"], cwd=project, env=env, timeout=120)  # idempotent: nothing is sent twice
+    again = resend(project, env)  # idempotent: nothing is sent twice
     assert again.returncode == 0 and f"MLflow run {run_id} holds everything; nothing re-sent." in again.stdout
     assert assert_run_complete(mlflow_server.uri, run_id, project, grid_steps) == counts
 
@@ -165,7 +210,7 @@ def test_server_killed_mid_training_then_resend_restores_the_run(tmp_path: Path,
 def test_resend_refuses_where_no_training_finished(tmp_path: Path) -> None:
     project = make_project(tmp_path / "p", steps=3)
     env = tracking_env(project, f"http://127.0.0.1:{free_port()}")
-    assert_refused(run_cli(["resend"], cwd=project, env=env, timeout=120), "no finished training run here")
+    assert_refused(resend(project, env), "no finished training run here")
 
 
 def test_an_image_a_kill_left_half_uploaded_is_dropped_so_each_step_is_shown_once(
