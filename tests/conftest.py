@@ -24,6 +24,7 @@ import yaml
 from filelock import FileLock
 from PIL import Image
 
+from pipeline import cli as pipeline_cli
 from pipeline import data, files
 from pipeline.data import Dataset, IdxFile, load_prepared, save_prepared
 from pipeline.gan.architectures import build_generator
@@ -362,6 +363,15 @@ def run_cli(args: list[str], cwd: Path, env: dict[str, str] | None = None, timeo
     return subprocess.run(
         [sys.executable, "-m", "pipeline", *args], cwd=cwd, env=full_env, capture_output=True, text=True, timeout=timeout
     )
+
+
+def run_here(capfd: pytest.CaptureFixture[str], *args: str) -> subprocess.CompletedProcess[str]:
+    """`python -m pipeline ARGS` in this process and working directory (no interpreter start, no torch
+    import): its exit code and what it printed, captured at the file descriptors."""
+    capfd.readouterr()
+    code = pipeline_cli.main(list(args))
+    out, err = capfd.readouterr()
+    return subprocess.CompletedProcess(list(args), code, out, err)
 
 
 def run_stage(project: Path, *args: str, env: dict[str, str] | None = None) -> str:

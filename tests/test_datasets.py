@@ -12,7 +12,7 @@ import pytest
 import torch
 import yaml
 
-from pipeline import cli, data, own_data
+from pipeline import data, own_data
 from pipeline.errors import UserError
 from pipeline.scoring.frozen_classifier import classify, load_classifier
 from pipeline.scoring.metrics import fid
@@ -26,6 +26,7 @@ from tests.conftest import (
     edit_params,
     project_client,
     run_dvc,
+    run_here,
     shared_dataset_dir,
     with_db,
 )
@@ -91,15 +92,6 @@ def repo(tmp_path: Path, tracking_db: Path) -> tuple[Path, dict[str, str]]:
     are about datasets, not about creating a store)."""
     path, env = dvc_repo(tmp_path / "repo")
     return with_db(path, tracking_db), env
-
-
-def run_here(capfd: pytest.CaptureFixture[str], *args: str) -> subprocess.CompletedProcess[str]:
-    """`python -m pipeline ARGS` in this process and working directory (no interpreter start, no torch
-    import): its exit code and what it printed, captured at the file descriptors."""
-    capfd.readouterr()
-    code = cli.main(list(args))
-    out, err = capfd.readouterr()
-    return subprocess.CompletedProcess(list(args), code, out, err)
 
 
 @pytest.mark.slow

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import secrets
 import shutil
-import subprocess
 from collections.abc import Iterator
 from pathlib import Path
 from urllib.parse import quote
@@ -20,12 +19,11 @@ import yaml
 from hypothesis import assume, given, settings
 from hypothesis import strategies as st
 
-from pipeline import cli
 from pipeline.errors import UserError
 from pipeline.params import load_params
 from pipeline.stages import prepare
 from pipeline.tracking import connection
-from tests.conftest import ROOT, assert_refused, edit_params, make_eval_project, run_cli, stage_env
+from tests.conftest import ROOT, assert_refused, edit_params, make_eval_project, run_cli, run_here, stage_env
 from tests.servers import ADMIN, MEMBER, MlflowServer, credentials
 
 # --- item 2: passwords --------------------------------------------------------------------
@@ -131,15 +129,6 @@ def test_train_and_evaluate_show_no_password_given_in_the_tracking_uri(tmp_path:
 
 
 # --- item 3: data.path ----------------------------------------------------------------------
-
-
-def run_here(capfd: pytest.CaptureFixture[str], *args: str) -> subprocess.CompletedProcess[str]:
-    """`python -m pipeline ARGS` in this process and working directory (no interpreter start, no torch
-    import): its exit code and what it printed, captured at the file descriptors."""
-    capfd.readouterr()
-    code = cli.main(list(args))
-    out, err = capfd.readouterr()
-    return subprocess.CompletedProcess(list(args), code, out, err)
 
 
 def own_params(project: Path, path: str) -> None:
