@@ -117,10 +117,12 @@ def main(params_path: Path = Path("params.yaml"), port: int = 5000, open_browser
         "--port",
         str(port),
     ]
-    serve(command, address if open_browser else None)
+    # MLflow 3 otherwise starts a job runner and its worker processes beside the UI, which viewing runs never needs
+    env.setdefault("MLFLOW_SERVER_ENABLE_JOB_EXECUTION", "false")
+    serve(command, address if open_browser else None, env)
 
 
-def serve(command: list[str], address: str | None) -> None:
+def serve(command: list[str], address: str | None, env: dict[str, str] | None = None) -> None:
     """Run the MLflow UI until it ends (opening `address` in a browser, if given). Ctrl-C, SIGTERM and
     SIGHUP stop its whole process group, the server and whatever workers it started, so that it never
     outlives this command; the command then ends as a stopped stage does (exit 128 + the signal)."""
@@ -129,7 +131,7 @@ def serve(command: list[str], address: str | None) -> None:
 
     from pipeline import signals
 
-    with subprocess.Popen(command, start_new_session=True) as server:
+    with subprocess.Popen(command, start_new_session=True, env=env) as server:
         with signals.stop_on_signals(signals.StopRequest(), second_stops_at_once=False) as request:
             if address:
                 webbrowser.open(address)
