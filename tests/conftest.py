@@ -7,6 +7,7 @@ import contextlib
 import dataclasses
 import gzip
 import hashlib
+import io
 import json
 import os
 import shutil
@@ -372,6 +373,32 @@ def run_here(capfd: pytest.CaptureFixture[str], *args: str) -> subprocess.Comple
     code = pipeline_cli.main(list(args))
     out, err = capfd.readouterr()
     return subprocess.CompletedProcess(list(args), code, out, err)
+
+
+def run_in(project: Path, *args: str, env: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:
+    """`python -m pipeline ARGS` in `project` with `env` (default: `stage_env`), run in this process (torch and
+    MLflow are imported once, not once a command): its exit code and what it printed. The environment, the
+    working directory and MLflow's tracking URI (a stage's connect() sets it) are as before afterwards, and
+    MLflow's artifact locations are looked up afresh: it caches them by run and model id, which the copies of
+    one project share (a cached one would send a copy's artifacts to the original's folder)."""
+    from mlflow.tracking._tracking_service import utils
+
+    saved_env, saved_cwd, out, err = dict(os.environ), Path.cwd(), io.StringIO(), io.StringIO()
+    saved_uri = utils._tracking_uri
+    utils._artifact_repos_cache.clear()
+    try:
+        os.environ.clear()
+        os.environ.update(env or stage_env(project))
+        os.chdir(project)
+        with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+            code = pipeline_cli.main(list(args))
+    finally:
+        os.chdir(saved_cwd)
+        os.environ.clear()
+        os.environ.update(saved_env)
+        utils._tracking_uri = saved_uri
+        utils._artifact_repos_cache.clear()
+    return subprocess.CompletedProcess(list(args), code, out.getvalue(), err.getvalue())
 
 
 def run_stage(project: Path, *args: str, env: dict[str, str] | None = None) -> str:

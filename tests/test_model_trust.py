@@ -5,12 +5,9 @@ run; and `resend` repairs an extended run."""
 
 from __future__ import annotations
 
-import contextlib
 import io
-import os
 import pickle
 import shutil
-import subprocess
 import zipfile
 from collections.abc import Callable
 from pathlib import Path
@@ -33,6 +30,7 @@ from tests.conftest import (
     edit_params,
     make_eval_project,
     project_client,
+    run_in,
     stage_env,
     with_db,
 )
@@ -71,43 +69,15 @@ def trained(built: dict[str, Path], path: Path, evaluated: bool = True) -> tuple
     return project, run_id
 
 
-def command(project: Path, *args: str, env: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:
-    """`python -m pipeline ARGS` in `project`, run in this process (torch and MLflow are imported once, not
-    once a command: this module runs some forty, the stages included): its exit code and what it printed.
-    The environment, the working directory and MLflow's tracking URI are as before afterwards, and MLflow's
-    artifact locations are looked up afresh: it caches them by run and model id, which the copies of one
-    project share (a cached one would send a copy's artifacts to the original's folder)."""
-    from mlflow.tracking._tracking_service import utils
-
-    from pipeline import cli
-
-    saved_env, saved_cwd, out, err = dict(os.environ), Path.cwd(), io.StringIO(), io.StringIO()
-    saved_uri = utils._tracking_uri  # a stage's connect() sets it
-    utils._artifact_repos_cache.clear()
-    try:
-        os.environ.clear()
-        os.environ.update(env or stage_env(project))
-        os.chdir(project)
-        with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
-            code = cli.main(list(args))
-    finally:
-        os.chdir(saved_cwd)
-        os.environ.clear()
-        os.environ.update(saved_env)
-        utils._tracking_uri = saved_uri
-        utils._artifact_repos_cache.clear()
-    return subprocess.CompletedProcess(list(args), code, out.getvalue(), err.getvalue())
-
-
 def run_stage(project: Path, *args: str, env: dict[str, str] | None = None) -> str:
-    """`command`, which must succeed: what it printed on stdout."""
-    result = command(project, *args, env=env)
+    """`run_in`, which must succeed: what it printed on stdout."""
+    result = run_in(project, *args, env=env)
     assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-3000:]
     return result.stdout
 
 
 def draw(project: Path, name: str, *source: str, env: dict[str, str] | None = None) -> np.ndarray:
-    result = command(project, "generate", "-n", "16", *source, "--output", f"{name}.npy", env=env)
+    result = run_in(project, "generate", "-n", "16", *source, "--output", f"{name}.npy", env=env)
     assert result.returncode == 0, result.stderr
     return np.load(project / f"{name}.npy")
 
@@ -194,7 +164,7 @@ def test_a_tampered_mlflow_model_runs_no_code_and_tampered_weights_are_refused(
     for how in (swap_for_pth, poison_sample_inputs):
         for source in (["--run", run_id], ["--model", CHAMPION]):
             tampered(how)
-            result = command(project, "generate", "-n", "16", *source, "--output", "t.npy", env=stage_env(project))
+            result = run_in(project, "generate", "-n", "16", *source, "--output", "t.npy", env=stage_env(project))
             assert not marker.exists(), f"{how.__name__}, {source[0]}: loading the model ran its payload"
             assert result.returncode == 0, result.stderr
             assert np.array_equal(np.load(project / "t.npy"), local), (how.__name__, source[0])
@@ -207,14 +177,14 @@ def test_a_tampered_mlflow_model_runs_no_code_and_tampered_weights_are_refused(
     # The weights file fails its recorded SHA-256: refused before torch reads a byte of it.
     for how in (pickle_weights, other_weights):
         tampered(how)
-        error = assert_refused(command(project, "generate", "--run", run_id, env=stage_env(project)),
+        error = assert_refused(run_in(project, "generate", "--run", run_id, env=stage_env(project)),
                                f"MLflow run {run_id}'s generator weights fail their SHA-256 check")  # fmt: skip
         assert "refusing to load them" in error
-        assert_refused(command(project, "generate", "--model", CHAMPION, env=stage_env(project)),
+        assert_refused(run_in(project, "generate", "--model", CHAMPION, env=stage_env(project)),
                        f"registered model {NAME} version 1's generator weights fail their SHA-256 check")  # fmt: skip
         assert not marker.exists(), how.__name__
     tampered(delete_weights)
-    assert_refused(command(project, "generate", "--run", run_id, env=stage_env(project)),
+    assert_refused(run_in(project, "generate", "--run", run_id, env=stage_env(project)),
                    f"MLflow run {run_id}'s generator weights", "cannot be fetched", "resend")  # fmt: skip
     assert not (project / "generated.png").exists()
 
@@ -235,9 +205,9 @@ def test_through_a_tracking_server_the_weights_file_is_checked_too(tmp_path: Pat
     (weights,) = (mlflow_server.root / "artifacts").rglob(logged_model.WEIGHTS_FILE)
     marker = tmp_path / "marker"
     weights.write_bytes(pickle.dumps(Payload(marker)))
-    assert_refused(command(project, "generate", "--run", run_id, env=env),
+    assert_refused(run_in(project, "generate", "--run", run_id, env=env),
                    f"MLflow run {run_id}'s generator weights fail their SHA-256 check")  # fmt: skip
-    assert_refused(command(project, "generate", "--model", CHAMPION, env=env),
+    assert_refused(run_in(project, "generate", "--model", CHAMPION, env=env),
                    f"registered model {NAME} version 1's generator weights fail their SHA-256 check")  # fmt: skip
     assert not marker.exists()
 
@@ -255,9 +225,9 @@ def test_a_model_logged_without_a_weights_file_is_refused_until_resend_adds_one(
         mlflow.delete_model_version_tag(NAME, "1", tag)
     shutil.rmtree(model_dir(model) / "extra_files")
     env = stage_env(project)
-    assert_refused(command(project, "generate", "--run", run_id, env=env),
+    assert_refused(run_in(project, "generate", "--run", run_id, env=env),
                    f"MLflow run {run_id} was logged without a verifiable weights file", "resend")  # fmt: skip
-    assert_refused(command(project, "generate", "--model", CHAMPION, env=env),
+    assert_refused(run_in(project, "generate", "--model", CHAMPION, env=env),
                    f"registered model {NAME} version 1 was logged without", f"resend` for its training run {run_id}")  # fmt: skip
 
     assert "1 model" in run_stage(project, "resend")
@@ -322,5 +292,5 @@ def test_resend_repairs_an_extended_run_and_still_refuses_foreign_outputs(tmp_pa
     info = files.read_json(project / "models/train_run.json")
     info["params_sha256"] = files.fingerprint(flatten(load_params(project / "params.yaml")))
     files.write_json(project / "models/train_run.json", info)
-    assert_refused(command(project, "resend", env=stage_env(project)),
+    assert_refused(run_in(project, "resend", env=stage_env(project)),
                    f"run {run_id} has train.seed=0, not 5")  # fmt: skip

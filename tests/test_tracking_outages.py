@@ -7,10 +7,7 @@ here touches the network beyond 127.0.0.1.
 
 from __future__ import annotations
 
-import contextlib
 import dataclasses
-import io
-import os
 import re
 import socket
 import subprocess
@@ -21,7 +18,7 @@ import numpy as np
 import pytest
 import yaml
 
-from pipeline import cli, files
+from pipeline import files
 from pipeline.errors import UserError
 from pipeline.params import Params, flatten
 from pipeline.stages.resend import backfill
@@ -34,6 +31,7 @@ from tests.conftest import (
     make_project,
     mlflow_client,
     run_cli,
+    run_in,
     snapshot,
     stage_env,
     start,
@@ -47,28 +45,6 @@ def tracking_env(project: Path, uri: str) -> dict[str, str]:
     so the project's fail-fast defaults (tracking.connect) are what is tested."""
     env = {k: v for k, v in stage_env(project).items() if not k.startswith("MLFLOW_HTTP_REQUEST_")}
     return {**env, "MLFLOW_TRACKING_URI": uri}
-
-
-def resend(project: Path, env: dict[str, str]) -> subprocess.CompletedProcess[str]:
-    """`python -m pipeline resend` in `project` with `env`, run in this process (no interpreter start, no
-    torch and MLflow import): its exit code and what it printed. The environment, the working directory
-    and MLflow's tracking URI (connect() sets them) are as before afterwards."""
-    from mlflow.tracking._tracking_service import utils
-
-    saved_env, saved_cwd, saved_uri = dict(os.environ), Path.cwd(), utils._tracking_uri
-    out, err = io.StringIO(), io.StringIO()
-    try:
-        os.environ.clear()
-        os.environ.update(env)
-        os.chdir(project)
-        with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
-            code = cli.main(["resend"])
-    finally:
-        os.chdir(saved_cwd)
-        os.environ.clear()
-        os.environ.update(saved_env)
-        utils._tracking_uri = saved_uri
-    return subprocess.CompletedProcess(["resend"], code, out.getvalue(), err.getvalue())
 
 
 # --- unreachable at the start ---------------------------------------------------------------------
@@ -197,12 +173,12 @@ def test_server_killed_mid_training_then_resend_restores_the_run(tmp_path: Path,
     mlflow_server.start()  # back, on the same port and store
     run_id = files.read_json(project / "models/train_run.json")["run_id"]
     assert mlflow_client(mlflow_server.uri).get_run(run_id).info.status == "RUNNING"  # cut off mid-run
-    result = resend(project, env)
+    result = run_in(project, "resend", env=env)
     assert result.returncode == 0, result.stderr
     assert f"re-sent to MLflow run {run_id}: " in result.stdout and "1 model" in result.stdout
     counts = assert_run_complete(mlflow_server.uri, run_id, project, grid_steps)
 
-    again = resend(project, env)  # idempotent: nothing is sent twice
+    again = run_in(project, "resend", env=env)  # idempotent: nothing is sent twice
     assert again.returncode == 0 and f"MLflow run {run_id} holds everything; nothing re-sent." in again.stdout
     assert assert_run_complete(mlflow_server.uri, run_id, project, grid_steps) == counts
 
@@ -210,7 +186,7 @@ def test_server_killed_mid_training_then_resend_restores_the_run(tmp_path: Path,
 def test_resend_refuses_where_no_training_finished(tmp_path: Path) -> None:
     project = make_project(tmp_path / "p", steps=3)
     env = tracking_env(project, f"http://127.0.0.1:{free_port()}")
-    assert_refused(resend(project, env), "no finished training run here")
+    assert_refused(run_in(project, "resend", env=env), "no finished training run here")
 
 
 def test_an_image_a_kill_left_half_uploaded_is_dropped_so_each_step_is_shown_once(
