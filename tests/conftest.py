@@ -506,8 +506,7 @@ class Payload:
 def mlflow_server(tmp_path: Path, tracking_db: Path) -> Iterator[MlflowServer]:
     """`mlflow server` (not started yet) whose SQLite store is a copy of the pre-made empty one: the tests
     using it are about a server, not about it building a store."""
-    server = MlflowServer(tmp_path / "server")
-    shutil.copyfile(tracking_db, server.root / "store.db")  # its default store
+    server = MlflowServer(tmp_path / "server", store_from=tracking_db)
     try:
         yield server
     finally:

@@ -9,6 +9,7 @@ from __future__ import annotations
 import os
 import re
 import secrets
+import shutil
 import signal
 import socket
 import subprocess
@@ -41,7 +42,9 @@ class MlflowServer:
     """
 
     def __init__(self, root: Path, backend_uri: str | None = None, auth: bool = False, workers: int = 1,
-                 auth_cache_s: int = 300) -> None:  # fmt: skip
+                 auth_cache_s: int = 300, store_from: Path | None = None) -> None:  # fmt: skip
+        """`store_from`: a SQLite store to start from (copied to root/store.db, the default store), such as
+        the suite's pre-made empty one, for tests about a server rather than about it creating a store."""
         self.root, self.auth, self.workers, self.auth_cache_s = root, auth, workers, auth_cache_s
         self.backend_uri = backend_uri or f"sqlite:///{root / 'store.db'}"
         self.port = free_port()
@@ -50,6 +53,9 @@ class MlflowServer:
         self.proc: subprocess.Popen[bytes] | None = None
         self.starts = 0
         root.mkdir(parents=True, exist_ok=True)
+        if store_from is not None:
+            assert backend_uri is None, "store_from fills the default store"
+            shutil.copyfile(store_from, root / "store.db")
 
     @property
     def log(self) -> Path:

@@ -12,27 +12,25 @@ from pathlib import Path
 
 import pytest
 
-from pipeline import cli, files
+from pipeline import files
 from pipeline.tracking.memory import MemoryStore
-from tests.conftest import edit_params, make_project
+from tests.conftest import edit_params, make_project, run_here
 
 
 @pytest.fixture
 def train(monkeypatch: pytest.MonkeyPatch, memory_store: MemoryStore,
-          capsys: pytest.CaptureFixture[str]) -> Callable[..., str]:  # fmt: skip
-    """`python -m pipeline train` in this process (cli.main), its runs in memory (conftest's memory_store):
-    these tests follow the checkpoint files, which are the same from either; a stage process would spend
-    seconds on imports and on logging its model to a store for each run of three or six steps."""
+          capfd: pytest.CaptureFixture[str]) -> Callable[..., str]:  # fmt: skip
+    """`python -m pipeline train` in this process (conftest's run_here), its runs in memory (conftest's
+    memory_store): these tests follow the checkpoint files, which are the same from either; a stage process
+    would spend seconds on imports and on logging its model to a store for each run of three or six steps."""
 
     def run(project: Path, **overrides: object) -> str:
         """Train in `project` with these train params over its own: what the stage printed."""
         edit_params(project, train=overrides)
         monkeypatch.chdir(project)
-        capsys.readouterr()
-        code = cli.main(["train"])
-        out, err = capsys.readouterr()
-        assert code == 0, err[-2000:]
-        return out
+        result = run_here(capfd, "train")
+        assert result.returncode == 0, result.stderr[-2000:]
+        return result.stdout
 
     return run
 

@@ -8,7 +8,6 @@ password holds '/', '@', ':' and '%', given in MLFLOW_TRACKING_URI.
 from __future__ import annotations
 
 import secrets
-import shutil
 from collections.abc import Iterator
 from pathlib import Path
 from urllib.parse import quote
@@ -83,10 +82,7 @@ def test_an_http_login_leaves_the_uri_for_mlflows_variables() -> None:
 @pytest.fixture
 def auth_server(tmp_path: Path, tracking_db: Path) -> Iterator[MlflowServer]:
     """A basic-auth `mlflow server` whose SQLite store is a copy of the suite's pre-made empty one."""
-    store = tmp_path / "server/store.db"
-    store.parent.mkdir()
-    shutil.copyfile(tracking_db, store)
-    server = MlflowServer(store.parent, backend_uri=f"sqlite:///{store}", auth=True)
+    server = MlflowServer(tmp_path / "server", auth=True, store_from=tracking_db)
     try:
         server.start()
         yield server
