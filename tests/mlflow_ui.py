@@ -34,10 +34,15 @@ Gotchas encoded here (all found empirically on MLflow 3.17.2):
   localStorage ``mlflow.assistant.panelOpen_v1=false`` +
   ``mlflow.assistant.fab.autoOpenedOnFirstLoad_v1=true`` keeps it closed.
 * Use a wide window (1920x1200): ag-grid virtualises columns and chart cards render lazily.
+* MLflow 3.18 changed the image card: it fetches the step's compressed image itself and shows it
+  as a ``blob:`` URL, where 3.17 put the artifact's own URL (with ``+step+<n>+`` in it) in ``src``.
+  The check compares the bytes the card shows with the files logged at the step, which holds for both.
 """
 from __future__ import annotations
 
 import argparse
+import base64
+import hashlib
 import json
 import os
 import shutil
@@ -266,6 +271,44 @@ class MlflowUIBrowser:
             time.sleep(0.2)
         raise CheckFailed(f"timed out after {timeout}s waiting for {what or predicate_js[:80]} (last={last!r})")
 
+    def logged_images(self, run_id: str, key: str, step: str) -> dict[str, str]:
+        """sha256 -> name of each file MLflow's log_image wrote for `key` at `step` (the PNG and its
+        compressed copy), downloaded from the server as the UI would."""
+        listing = self.api("artifacts/list?" + urllib.parse.urlencode({"run_id": run_id, "path": "images"})).get("files", [])
+        found = {}
+        for f in listing:
+            if f["path"].startswith(f"images/{key}+step+{step}+") and not f.get("is_dir"):
+                query = urllib.parse.urlencode({"path": f["path"], "run_uuid": run_id})
+                with urllib.request.urlopen(self.base + "get-artifact?" + query, timeout=10) as r:
+                    found[hashlib.sha256(r.read()).hexdigest()] = f["path"]
+        if not found:
+            raise CheckFailed(f"the run logged no {key!r} image at step {step}: {[f['path'] for f in listing]}")
+        return found
+
+    def shown_image(self) -> tuple[str, str] | None:
+        """(src, sha256 of the bytes) of the loaded img.rc-image-img, read back through the page itself."""
+        shown = self.driver.execute_async_script("""const done=arguments[arguments.length-1];
+            const i=document.querySelector('img.rc-image-img');
+            if(!(i && i.complete && i.naturalWidth>0)) { done(null); return; }
+            fetch(i.src).then(r=>r.arrayBuffer()).then(b=>{ let s=''; const u=new Uint8Array(b);
+                for(let k=0;k<u.length;k+=8192) s+=String.fromCharCode(...u.subarray(k,k+8192));
+                done([i.getAttribute('src'), btoa(s)]); }).catch(e=>done(null));""")
+        return shown and (shown[0], hashlib.sha256(base64.b64decode(shown[1])).hexdigest())
+
+    def wait_image(self, run_id: str, key: str, step: str, timeout: float | None = None) -> str:
+        """Wait until the image card shows one of the files logged for `key` at `step`; returns its name."""
+        want = self.logged_images(run_id, key, step)
+        deadline = time.monotonic() + (timeout or self.timeout)
+        shown = None
+        while time.monotonic() < deadline:
+            shown = self.shown_image()
+            if shown and shown[1] in want:
+                return want[shown[1]]
+            time.sleep(0.2)
+        raise CheckFailed(f"the image card did not show a {key!r} image logged at step {step} in {timeout or self.timeout}s:"
+                          f" it showed {shown and shown[0]!r} (sha256 {shown and shown[1]}), the step's files are"
+                          f" {sorted(want.values())}")
+
     def wait_texts(self, texts: list[str], root_css: str = "body", timeout: float | None = None):
         js = ("const r=document.querySelector(arguments[0]); if(!r) return false;"
               "const t=r.innerText; return arguments[1].every(s => t.includes(s));")
@@ -426,32 +469,20 @@ class MlflowUIBrowser:
                                           const v=t && t.getAttribute('aria-valuenow'); return v!==arguments[0] && v;""",
                                        prev, timeout=5, what="slider to move")
                     steps.append(now)
-                loaded = """const i=document.querySelector('img.rc-image-img');
-                            return i && i.complete && i.naturalWidth>0 && i.getAttribute('src').includes(arguments[0]);"""
-                try:
-                    self.wait_js(loaded, f"%2Bstep%2B{vmax}%2B", what=f"image for step {vmax} loaded")
-                except CheckFailed as first:
-                    # CI once saw the last step's image not load in 30 s on a busy machine. A person would move
-                    # the slider away and back, which asks the server again; do that once and report what the
-                    # card showed before, so a real fault still fails with its evidence.
-                    shown = self.driver.execute_script("""const i=document.querySelector('img.rc-image-img');
-                        return i && {src: i.getAttribute('src'), complete: i.complete, width: i.naturalWidth};""")
-                    extra["image_retry"] = {"before": shown, "error": str(first)}
-                    thumb = self.driver.find_element("css selector", '[role="slider"]')
-                    for key, want in ((Keys.ARROW_LEFT, steps[-2] if len(steps) > 1 else vmax), (Keys.ARROW_RIGHT, vmax)):
-                        thumb.send_keys(key)
-                        self.wait_js("""const t=document.querySelector('[role="slider"]');
-                                        return t && t.getAttribute('aria-valuenow')===arguments[0];""",
-                                     want, timeout=5, what=f"slider at {want}")
-                    try:
-                        self.wait_js(loaded, f"%2Bstep%2B{vmax}%2B", what=f"image for step {vmax} loaded")
-                    except CheckFailed as second:
-                        raise CheckFailed(f"{second}; before the slider went back and forth the card showed {shown}") from first
-                src1 = self.driver.execute_script("""const i=document.querySelector('img.rc-image-img');
-                    i.scrollIntoView({block:'center'}); return i.getAttribute('src')""")  # for the screenshot
-                extra["steps"] = steps
-                extra.update(slider_max=vmax, src_last=src1)
-                waited += f"; img.rc-image-img loaded; [role=slider] ArrowRight until aria-valuenow == {vmax}"
+                # The card shows a step's image under a URL of its own or (MLflow 3.18) as a blob: URL it
+                # fetched itself, so compare the bytes it shows with the files logged at that step; then one
+                # step back, where the image must change to that step's.
+                shown = {vmax: self.wait_image(rid, image_key, vmax)}
+                thumb.send_keys(Keys.ARROW_LEFT)
+                back = self.wait_js("""const t=document.querySelector('[role="slider"]');
+                                       const v=t && t.getAttribute('aria-valuenow'); return v!==arguments[0] && v;""",
+                                    vmax, timeout=5, what="slider to move back")
+                shown[back] = self.wait_image(rid, image_key, back)
+                extra["images"] = shown
+                self.driver.execute_script("document.querySelector('img.rc-image-img').scrollIntoView({block:'center'})")
+                extra.update(steps=steps, slider_max=vmax)
+                waited += (f"; [role=slider] ArrowRight until aria-valuenow == {vmax}, img.rc-image-img shows the bytes"
+                           f" of a file logged at step {vmax}; ArrowLeft, it shows one logged at step {back}")
             return url, waited, extra
         return self._run_check("b_run_metrics", body)
 
