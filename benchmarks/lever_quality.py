@@ -85,10 +85,10 @@ FASTER_D: dict[str, Any] = {**PRESET, "train.r1_gamma": 0.1, "train.ema_warmup":
 # The robust preset (docs/training.md): that, with D's dropout off (MNIST 24.3 -> 9.5 mean FID over ten seeds,
 # Fashion-MNIST 105.6 at seeds 0-2 -> 40.9 over ten seeds).
 ROBUST: dict[str, Any] = {**FASTER_D, "model.dcgan.dropout": 0.0}
-# The `best` preset's candidate (docs/training.md, "Towards the best preset"): FASTER_D with EMA 0.9995,
-# lazy R1 (every fourth step) and 17,500 steps, the learning rates decayed over the second half (9.9 ± 0.8
-# over seeds 0-2, within noise of 16,000 steps with R1 at every step, 10.0 ± 1.0).
-BEST_CANDIDATE: dict[str, Any] = {**FASTER_D, "train.ema_decay": 0.9995, "train.r1_every": 4, "train.steps": 17500,
+# The `best` preset (docs/training.md, "Towards the best preset"): the robust preset with EMA 0.9995, lazy R1
+# (every fourth step) and 17,500 steps, the learning rates decayed over the second half: 6.1 ± 0.2 over seeds
+# 0-2 (9.9 ± 0.8 with D's dropout, FASTER_D's).
+BEST_CANDIDATE: dict[str, Any] = {**ROBUST, "train.ema_decay": 0.9995, "train.r1_every": 4, "train.steps": 17500,
                                   "train.lr_decay_from": 0.5}  # fmt: skip
 
 
