@@ -26,6 +26,7 @@ FINGERPRINT = "fingerprint"  # study user attribute: what every process of one s
 RUN_ID = "mlflow_run_id"  # trial user attribute: the trial's MLflow child run
 OVER_BUDGET = "over_budget"  # trial user attribute: started in a race past the budget, given back
 STARTED_BY = "started_by"  # trial user attribute: host:pid of the process running it, set first thing
+RESULT = "failed_as_result"  # trial user attribute: it failed in its process (diverged), a result
 MAX_RETRIES = 3  # a trial that keeps killing its process is not run forever
 
 
@@ -267,6 +268,26 @@ def orphans(trials: list[FrozenTrial], now: datetime.datetime, grace_s: float) -
     ]
 
 
+def retries_due(trials: list[FrozenTrial], now: datetime.datetime, grace_s: float) -> list[FrozenTrial]:
+    """FAILed trials that another process is queueing again right now: failed from outside their process (stale,
+    orphaned) or interrupted, with no retry queued yet. Optuna fails a stale trial first and queues its retry
+    after (the process doing it reports the child run to MLflow in between), so a process that looked between
+    the two would report the study finished without the retry. Not for long: a retry that has not come after
+    `grace_s` is not coming (the process queueing it died too)."""
+    queued = {n for t in trials for n in t.system_attrs.get("retry_history", [])}
+    return [
+        t
+        for t in trials
+        if t.state == TrialState.FAIL
+        and t.number not in queued
+        and not t.user_attrs.get(RESULT)
+        and not t.user_attrs.get(OVER_BUDGET)
+        and len(t.system_attrs.get("retry_history", [])) < MAX_RETRIES  # beyond it Optuna queues none
+        and t.datetime_complete is not None
+        and (now - t.datetime_complete).total_seconds() < grace_s
+    ]
+
+
 def fail_orphans(study: optuna.Study, grace_s: float) -> None:
     for trial in orphans(study.get_trials(deepcopy=False), datetime.datetime.now(), grace_s):
         try:  # whichever process fails it first queues it again; the others find it finished
@@ -289,18 +310,21 @@ def work(
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
             optuna.storages.fail_stale_trials(study)  # dead processes' trials -> FAIL, queued again
-        fail_orphans(study, grace_s=max(60.0, 4 * poll_s))
+        grace_s = max(60.0, 4 * poll_s)
+        fail_orphans(study, grace_s)
         trials = study.get_trials(deepcopy=False)
         states = {t.state for t in trials}
+        due = retries_due(trials, datetime.datetime.now(), grace_s)
         if budget_used(trials) < budget or TrialState.WAITING in states:
             # n_trials=1 keeps Optuna's own trial lifecycle (heartbeat thread, pruning, tell).
             study.optimize(objective, n_trials=1, catch=catch)
             waiting_said = False
-        elif TrialState.RUNNING in states:
+        elif TrialState.RUNNING in states or due:
             if not waiting_said:
                 running = sorted(t.number for t in trials if t.state == TrialState.RUNNING)
                 print(
                     f"waiting for trial(s) {running}, running in other processes (or stale within {poll_s * 2:.0f} s)"
+                    + (f", and for the retry of trial(s) {[t.number for t in due]}" if due else "")
                 )
                 waiting_said = True
             time.sleep(poll_s)

@@ -291,3 +291,52 @@ def test_a_trial_whose_process_died_before_its_first_heartbeat_is_found() -> Non
         trial.datetime_start = now - datetime.timedelta(seconds=age_s)
         trials.append(trial)
     assert [t.number for t in optuna_study.orphans(trials, now, grace_s=60)] == [0]
+
+
+def test_a_failed_trial_whose_retry_is_being_queued_is_waited_for() -> None:
+    """Optuna fails a stale trial, then queues its retry: a process that looks in between must not see a finished
+    study (CI saw a worker report a table without the retry). Failed from outside and recent: due; a result, given
+    back, retried already, out of retries or long ago: not."""
+    import datetime
+
+    now = datetime.datetime(2026, 12, 7, 22, 0, 0)
+    trials = [
+        _trial(0, TrialState.FAIL),  # stale a moment ago: its retry is on the way
+        _trial(1, TrialState.FAIL, user={optuna_study.RESULT: True}),  # diverged
+        _trial(2, TrialState.FAIL, user={optuna_study.OVER_BUDGET: True}),
+        _trial(3, TrialState.FAIL),  # retried as trial 4 already
+        _trial(4, TrialState.WAITING, system={"failed_trial": 3, "retry_history": [3]}),
+        _trial(5, TrialState.FAIL, system={"failed_trial": 8, "retry_history": [8, 9, 10]}),  # its retries are spent
+        _trial(6, TrialState.FAIL),  # long ago: whoever was queueing it died
+        _trial(7, TrialState.COMPLETE, 1.0),
+    ]
+    for trial in trials:
+        trial.datetime_complete = now - datetime.timedelta(seconds=120 if trial.number == 6 else 1)
+    assert [t.number for t in optuna_study.retries_due(trials, now, grace_s=60)] == [0]
+
+
+def test_work_waits_for_the_retry_of_a_trial_failed_elsewhere(tmp_path: Path) -> None:
+    """The race itself, on a real storage: trial 1 has just been failed by another process, which queues its
+    retry half a second later; `work` with the budget spent runs that retry instead of returning at once."""
+    import threading
+
+    storage = optuna.storages.RDBStorage(f"sqlite:///{tmp_path / 'study.db'}")
+    study = optuna.create_study(storage=storage, study_name="race")
+    study.add_trial(create_trial(state=TrialState.COMPLETE, value=1.0, params={"x": 0.5},
+                                 distributions={"x": FloatDistribution(0, 1)}))  # fmt: skip
+    stale = study.ask({"x": FloatDistribution(0, 1)})
+    storage.set_trial_state_values(stale._trial_id, state=TrialState.FAIL)  # what fail_stale_trials does first
+    queue = threading.Timer(0.5, optuna_study.retry, (study, storage.get_trial(stale._trial_id)))
+    ran: list[int] = []
+
+    def objective(trial: optuna.Trial) -> float:
+        ran.append(trial.number)
+        return trial.suggest_float("x", 0, 1)
+
+    queue.start()
+    try:
+        optuna_study.work(study, objective, budget=2, poll_s=0.1, catch=())
+    finally:
+        queue.join()
+    assert ran == [2] and study.trials[2].system_attrs["failed_trial"] == 1
+    assert optuna_study.budget_used(study.trials) == 2

@@ -44,6 +44,7 @@ from pipeline.optuna_study import (
     FINGERPRINT,
     OVER_BUDGET,
     PARENT_RUN,
+    RESULT,
     RUN_ID,
     STARTED_BY,
     OverBudget,
@@ -189,6 +190,7 @@ class Objective:
             raise
         except (Diverged, Collapsed) as exc:
             print(f"trial {trial.number}: failed, {exc}")
+            trial.set_user_attr(RESULT, True)  # a result: the other processes do not wait for a retry of it
             run.set_tags({"sweep.error": str(exc)})
             raise
         finally:
@@ -274,12 +276,13 @@ def shared_study(params: Params, url: str, experiment_id: str) -> tuple[optuna.S
     """The study in its storage at `url`, and whether this process created it."""
 
     def on_stale(st: optuna.Study, trial: FrozenTrial) -> None:
-        """A trial whose process died: its child run ends KILLED and the trial is queued again."""
+        """A trial whose process died: it is queued again (first: the other processes wait for it, see
+        retries_due), and its child run ends KILLED."""
+        retry(st, trial)
         run_id = trial.user_attrs.get(RUN_ID)
         if run_id and (run := runs.existing_run(run_id, experiment_id)) is not None:
             run.set_tags({"sweep.state": "STALE"})
             run.finish("KILLED")
-        retry(st, trial)
 
     optuna.logging.set_verbosity(optuna.logging.ERROR)  # this command prints its own line per trial
     with warnings.catch_warnings():
