@@ -295,7 +295,7 @@ def test_a_trial_whose_process_died_before_its_first_heartbeat_is_found() -> Non
 
 def test_a_failed_trial_whose_retry_is_being_queued_is_waited_for() -> None:
     """Optuna fails a stale trial, then queues its retry: a process that looks in between must not see a finished
-    study (CI saw a worker report a table without the retry). Failed from outside and recent: due; a result, given
+    study (the team test once saw a worker report a table without the retry). Failed from outside and recent: due; a result, given
     back, retried already, out of retries or long ago: not."""
     import datetime
 
