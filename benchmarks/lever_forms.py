@@ -1,8 +1,8 @@
 """The table behind `auto`: every form of the speed levers that may be `auto`, timed on this machine.
 
-`train.fast_upsample`, `train.fast_output` and `train.channels_last` each compute the same function
-in two forms (pipeline/gan/levers.py); `auto` times the eight combinations over a few steps when a
-run first needs them. This script times them longer, the combinations alternating over the
+`train.fast_upsample` (three forms), `train.fast_output` and `train.channels_last` (two each) compute
+the same function in every form (pipeline/gan/levers.py); `auto` times the twelve combinations over
+a few steps when a run first needs them. This script times them longer, the combinations alternating over the
 repeats (medians), at each batch, with params.yaml's model and precision, and says which one
 `auto` would keep and how far the defaults (true, true, false) are from it.
 

@@ -41,7 +41,7 @@ def read(where: Path) -> tuple[dict[str, Any], str | None]:
     return table, None
 
 
-def valid(entry: Any, forms: list[dict[str, bool]]) -> bool:
+def valid(entry: Any, forms: list[dict[str, bool | str]]) -> bool:
     """Whether a cache entry holds a positive img/s for each of `forms`."""
     if not isinstance(entry, dict) or not isinstance(entry.get("img_s"), dict):
         return False

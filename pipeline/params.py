@@ -179,9 +179,10 @@ class TrainParams(Section):
     sync_batchnorm: Annotated[bool, RECIPE] = True  # in a job on CUDA: batch norm over the global batch
     dist_timeout_s: Annotated[int, Field(ge=10, le=86_400), DEVICE] = 1800  # a rank's wait for the others
     precision: Annotated[Literal["auto", "fp32", "bf16"], LEVERS] = "auto"  # auto: bf16 autocast where native
-    # Each of these three computes the same function either way (phases of upsample+conv: 2.25x fewer
-    # FLOPs; G's last conv as a 1x1 conv to its taps; NHWC); auto: the faster here (gan/levers.py).
-    fast_upsample: Annotated[OrAuto, LEVERS] = True
+    # Each of these three computes the same function in every form (phases of upsample+conv: 2.25x fewer
+    # FLOPs, "taps": 4x fewer in CPU training; G's last conv as a 1x1 conv to its taps; NHWC); auto:
+    # the faster here (gan/levers.py).
+    fast_upsample: Annotated[Literal[True, False, "taps", "auto"], LEVERS] = True
     fast_output: Annotated[OrAuto, LEVERS] = True
     channels_last: Annotated[OrAuto, LEVERS] = False
     fused_adam: Annotated[bool, LEVERS] = True  # one fused kernel for each Adam update (CUDA and CPU)

@@ -314,7 +314,7 @@ def test_lever_forms_times_every_form_and_names_the_fastest(bench_project: Path)
     result = run_script([str(ROOT / "benchmarks/lever_forms.py"), *args], bench_project)
     assert result.returncode == 0, result.stderr[-3000:]
     (table,) = json.loads(out.read_text())["batches"]
-    assert table["batch"] == 8 and len(table["img_s"]) == 8  # two forms of each of the three levers
+    assert table["batch"] == 8 and len(table["img_s"]) == 12  # 3 x 2 x 2 forms (levers.FORMS)
     assert all(len(runs) == 2 for runs in table["runs"].values())
     fastest = json.dumps(table["fastest"], sort_keys=True)
     assert table["img_s"][fastest] == max(table["img_s"].values())

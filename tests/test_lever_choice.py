@@ -25,13 +25,13 @@ def small(**train: object) -> Params:
 
 
 @pytest.mark.parametrize("lever", levers.AUTO_LEVERS)
-def test_either_form_of_a_lever_is_the_same_function_to_1e_5_in_fp32(lever: str) -> None:
+def test_every_form_of_a_lever_is_the_same_function_to_1e_5_in_fp32(lever: str) -> None:
     """G's samples, D's logits, every gradient of G's and D's losses, and a training step's losses."""
     generator = torch.Generator().manual_seed(0)
     real = data.to_model(torch.randint(0, 256, (8, 28, 28), dtype=torch.uint8, generator=generator))
     z = torch.randn(8, 100, generator=generator)
     found = {}
-    for form in (True, False):
+    for form in levers.FORMS[lever]:
         params = small(precision="fp32", **{lever: form})
         state = new_state(params.model, params.train, CPU, 10)  # the same seed: the same initial weights
         G, D, bce = state.generator, state.discriminator, LOSSES["bce"]
@@ -42,12 +42,19 @@ def test_either_form_of_a_lever_is_the_same_function_to_1e_5_in_fp32(lever: str)
         torch.manual_seed(1)
         stats = train_step(state, real, z, contextlib.nullcontext(), bce)
         found[form] = (fake.detach(), grads, stats)
-    (fake, grads, stats), (fake2, grads2, stats2) = found[True], found[False]
-    torch.testing.assert_close(fake, fake2, rtol=0, atol=1e-5)
-    torch.testing.assert_close(stats, stats2, rtol=0, atol=1e-5)
-    assert grads.keys() == grads2.keys()
-    for name in grads:
-        torch.testing.assert_close(grads[name], grads2[name], rtol=0, atol=1e-5, msg=name)
+    (fake, grads, stats), *others = found.values()
+    for fake2, grads2, stats2 in others:
+        torch.testing.assert_close(fake, fake2, rtol=0, atol=1e-5)
+        torch.testing.assert_close(stats, stats2, rtol=0, atol=1e-5)
+        assert grads.keys() == grads2.keys()
+        for name in grads:
+            torch.testing.assert_close(grads[name], grads2[name], rtol=0, atol=1e-5, msg=name)
+
+
+def test_auto_times_every_combination_of_the_forms() -> None:
+    forms = levers.forms(small(fast_upsample="auto", channels_last="auto"))
+    assert len(forms) == 6 and {form["fast_upsample"] for form in forms} == {True, False, "taps"}
+    assert levers.forms(small(channels_last="auto")) == [{"channels_last": True}, {"channels_last": False}]
 
 
 def test_auto_is_timed_once_then_read_from_the_cache(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:

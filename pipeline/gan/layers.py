@@ -123,6 +123,104 @@ class _PhaseProduct(torch.autograd.Function):
         return grad_x, grad_matrix, grad_bias
 
 
+# The same conv by tap, at the input's resolution: the product of tap (dy, dx) with input pixel
+# (i, j) reaches the four output pixels of a 2x2 block, so each of the nine products is computed
+# once and added to four outputs, where the phases compute sixteen. Along each axis, output
+# phase 0 of row i reads taps (0, 1, 2) at input rows (i - 1, i, i), phase 1 at (i, i, i + 1).
+_CHUNK_BYTES = 2 << 20  # tap products spread (or gathered) per chunk of images: they stay in cache
+
+
+def _spread_taps(taps: torch.Tensor, y: torch.Tensor) -> None:
+    """taps (n, H, W, 3, 3, out), one product per input pixel and tap -> y (n, H, 2, W, 2, out): each
+    output pixel (2i + a, 2j + b) the sum of the nine it reads; columns first, then rows."""
+    n, height, width, *_, out = taps.shape
+    rows = taps.new_empty(n, height, width, 2, 3, out)  # (column phase b, row tap dy): summed over dx
+    torch.add(taps[:, :, :, :, 1], taps[:, :, :, :, 2], out=rows[:, :, :, 0])
+    rows[:, :, 1:, 0] += taps[:, :, :-1, :, 0]
+    torch.add(taps[:, :, :, :, 0], taps[:, :, :, :, 1], out=rows[:, :, :, 1])
+    rows[:, :, :-1, 1] += taps[:, :, 1:, :, 2]
+    pixels = y.permute(0, 1, 3, 2, 4, 5)  # (n, i, j, a, b, out)
+    torch.add(rows[..., 1, :], rows[..., 2, :], out=pixels[:, :, :, 0])
+    pixels[:, 1:, :, 0] += rows[:, :-1, ..., 0, :]
+    torch.add(rows[..., 0, :], rows[..., 1, :], out=pixels[:, :, :, 1])
+    pixels[:, :-1, :, 1] += rows[:, 1:, ..., 2, :]
+
+
+def _gather_taps(grad: torch.Tensor, taps: torch.Tensor) -> None:
+    """The adjoint of `_spread_taps`: grad (n, H, 2, W, 2, out) -> taps (n, H, W, 3, 3, out), the sum of
+    the four output pixels' gradients each tap product reached; rows first, then columns."""
+    n, height, _, width, _, out = grad.shape
+    pixels = grad.permute(0, 1, 3, 2, 4, 5)  # (n, i, j, a, b, out)
+    rows = grad.new_empty(n, height, width, 3, 2, out)  # (row tap dy, column phase b): summed over a
+    rows[:, :, :, 0] = pixels[:, :, :, 1]
+    rows[:, :-1, :, 0] += pixels[:, 1:, :, 0]
+    torch.add(pixels[:, :, :, 0], pixels[:, :, :, 1], out=rows[:, :, :, 1])
+    rows[:, :, :, 2] = pixels[:, :, :, 0]
+    rows[:, 1:, :, 2] += pixels[:, :-1, :, 1]
+    taps[:, :, :, :, 0] = rows[..., 1, :]
+    taps[:, :, :-1, :, 0] += rows[:, :, 1:, :, 0]
+    torch.add(rows[..., 0, :], rows[..., 1, :], out=taps[:, :, :, :, 1])
+    taps[:, :, :, :, 2] = rows[..., 0, :]
+    taps[:, :, 1:, :, 2] += rows[:, :, :-1, :, 1]
+
+
+class _TapProduct(torch.autograd.Function):
+    """x (B, C, H, W) -> (B, out, 2H, 2W), channels-last in memory: the nine tap products of every
+    input pixel, one matrix product with `matrix` (C, 9 out; columns: tap dy, dx, channel), spread
+    into the output pixels that read them (`_spread_taps`); the bias rides on the centre tap, which
+    every output pixel reads once. 9 multiply-adds per input pixel and channel pair where the phases
+    take 16 (and the window matrix product more, for the border's windows), at the cost of adding
+    each product to four pixels. The backward pass gathers the output gradient onto the taps and
+    takes two plain products. Chunks of images keep the tap products in cache between the product
+    and the spread; a chunk's size follows from the shapes, so a run computes alike every time.
+    """
+
+    @staticmethod
+    def forward(ctx: Any, x: torch.Tensor, matrix: torch.Tensor, bias: torch.Tensor) -> torch.Tensor:
+        batch, channels, height, width = x.shape
+        out = matrix.shape[1] // 9
+        pixels = x.permute(0, 2, 3, 1).reshape(batch, height * width, channels)
+        centre = torch.zeros(3, 3, out, dtype=x.dtype, device=x.device)
+        centre[1, 1] = bias
+        chunk = max(1, _CHUNK_BYTES // (height * width * matrix.shape[1] * x.element_size()))
+        y = x.new_empty(batch, height, 2, width, 2, out)
+        for start in range(0, batch, chunk):
+            part = slice(start, start + chunk)
+            taps = torch.addmm(centre.view(-1), pixels[part].flatten(0, 1), matrix)
+            _spread_taps(taps.view(-1, height, width, 3, 3, out), y[part])
+        ctx.save_for_backward(pixels, matrix)
+        ctx.chunk, ctx.channels_last = chunk, not x.is_contiguous()
+        return y.view(batch, 2 * height, 2 * width, out).permute(0, 3, 1, 2)
+
+    @staticmethod
+    def backward(ctx: Any, grad: torch.Tensor) -> tuple[torch.Tensor | None, ...]:
+        pixels, matrix = ctx.saved_tensors
+        (batch, _, height, width), chunk = grad.shape, ctx.chunk
+        channels, out = pixels.shape[2], grad.shape[1]
+        grads = grad.permute(0, 2, 3, 1).reshape(batch, height // 2, 2, width // 2, 2, out)
+        grad_x = pixels.new_empty(pixels.shape) if ctx.needs_input_grad[0] else None
+        wide = torch.promote_types(matrix.dtype, torch.float32)  # the chunks' weight gradients add up in it
+        grad_matrix = matrix.new_zeros(matrix.shape, dtype=wide) if ctx.needs_input_grad[1] else None
+        for start in range(0, batch, chunk):
+            part = slice(start, start + chunk)
+            taps = grad.new_empty(min(chunk, batch - start), height // 2, width // 2, 3, 3, out)
+            _gather_taps(grads[part], taps)
+            taps = taps.view(-1, 9 * out)
+            if grad_x is not None:
+                torch.mm(taps, matrix.t(), out=grad_x[part].view(-1, channels))
+            if grad_matrix is not None:
+                grad_matrix += pixels[part].flatten(0, 1).t() @ taps
+        if grad_x is not None:
+            grad_x = grad_x.view(batch, height // 2, width // 2, channels).permute(0, 3, 1, 2)
+            grad_x = grad_x.contiguous(
+                memory_format=torch.channels_last if ctx.channels_last else torch.contiguous_format
+            )
+        if grad_matrix is not None:
+            grad_matrix = grad_matrix.to(matrix.dtype)
+        grad_bias = grad.sum((0, 2, 3), dtype=wide).to(grad.dtype) if ctx.needs_input_grad[2] else None
+        return grad_x, grad_matrix, grad_bias
+
+
 class UpsampleConv(nn.Module):
     """Nearest x2 upsampling followed by a 3x3 "same" conv, optionally by output phase.
 
@@ -134,22 +232,32 @@ class UpsampleConv(nn.Module):
     and backward in bf16, where oneDNN's transposed-conv backward runs far below its matmul
     speed. In fp32 the extra multiply-adds cost more than they save, so it runs only in the
     dtypes of `matmul_dtypes` (docs/speed.md has the measurements). Its output is
-    channels-last in memory. Inference keeps the transposed conv. The parameters are the 3x3
-    conv's in every form, so checkpoints do not depend on it.
+    channels-last in memory. `by_taps` (with `phased`) trains on the CPU, in every dtype, by the
+    nine tap products instead (`_TapProduct`): fewer multiply-adds again, channels-last too.
+    Inference keeps the transposed conv. The parameters are the 3x3 conv's in every form, so
+    checkpoints do not depend on it.
     """
 
     matmul_dtypes: tuple[torch.dtype, ...] = (torch.bfloat16,)
 
-    def __init__(self, in_ch: int, out_ch: int, phased: bool = True, by_matmul: bool = True) -> None:
+    def __init__(
+        self, in_ch: int, out_ch: int, phased: bool = True, by_matmul: bool = True, by_taps: bool = False
+    ) -> None:
         super().__init__()
         self.conv = nn.Conv2d(in_ch, out_ch, 3, padding=1)
         self.phased = phased
         self.by_matmul = by_matmul
+        self.by_taps = by_taps
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if not self.phased:
             return self.conv(F.interpolate(x, scale_factor=2, mode="nearest"))
         dtype = torch.get_autocast_dtype("cpu") if torch.is_autocast_enabled("cpu") else x.dtype
+        if self.by_taps and self.training and x.device.type == "cpu":
+            with torch.autocast("cpu", enabled=False):
+                weight = self.conv.weight
+                matrix = weight.permute(1, 2, 3, 0).reshape(weight.shape[1], -1)  # (in; dy, dx, out)
+                return _TapProduct.apply(x.to(dtype), matrix.to(dtype), self.conv.bias.to(dtype))
         if self.by_matmul and self.training and x.device.type == "cpu" and dtype in self.matmul_dtypes:
             with torch.autocast("cpu", enabled=False):
                 weight = self.conv.weight

@@ -1,12 +1,12 @@
-"""Speed levers chosen per machine: where two forms compute the same function, the faster one here.
+"""Speed levers chosen per machine: where forms compute the same function, the faster one here.
 
-`train.fast_upsample` (the upsample + conv by phases as matrix products, or as torch's conv),
-`train.fast_output` (G's last conv as a 1x1 conv to its taps, or a 3x3 conv) and
-`train.channels_last` (NHWC or NCHW) each take true, false or `auto`. Either form of each gives
-the same function (tests/test_lever_choice.py: to 1e-5 in fp32); which is faster depends on the
-CPU (AMX tiles, AVX512, AVX2) or GPU. For the `auto` ones, `choose` times every combination of
-their forms once on this machine (a few training steps of the run's model and batch, the forms
-taking turns three times, each keeping its median) and keeps the fastest in a small cache
+`train.fast_upsample` (the upsample + conv by phases as matrix products, by tap products, or as
+torch's conv), `train.fast_output` (G's last conv as a 1x1 conv to its taps, or a 3x3 conv) and
+`train.channels_last` (NHWC or NCHW) each take one of their forms (`FORMS`) or `auto`. Every form
+of each gives the same function (tests/test_lever_choice.py: to 1e-5 in fp32); which is faster
+depends on the CPU (AMX tiles, AVX512, AVX2) or GPU. For the `auto` ones, `choose` times every
+combination of their forms once on this machine (a few training steps of the run's model and batch,
+the forms taking turns three times, each keeping its median) and keeps the fastest in a small cache
 (lever_cache.py), keyed by the processor's model, torch's version, the device, the precision, the
 batch and the model; later runs read it and time nothing. The forms chosen are in the run's params
 from then on (the checkpoint's fingerprint, MLflow's `levers` tag), so a run's numbers can be
@@ -30,7 +30,13 @@ from pipeline.gan.losses import LOSSES
 from pipeline.gan.remedies import Remedies
 from pipeline.params import Params
 
-AUTO_LEVERS = ("fast_upsample", "fast_output", "channels_last")  # the params that may be `auto`
+# The params that may be `auto`, and the forms `auto` chooses from.
+FORMS: dict[str, tuple[bool | str, ...]] = {
+    "fast_upsample": (True, False, "taps"),
+    "fast_output": (True, False),
+    "channels_last": (True, False),
+}
+AUTO_LEVERS = tuple(FORMS)
 WARMUP, TIMED = 3, 8  # training steps per form: untimed (allocation, kernel choice), then timed
 ROUNDS = 3  # the forms take turns this many times; each keeps its median (a busy moment hits one round)
 
@@ -57,17 +63,17 @@ def cache_key(params: Params, device: torch.device) -> str:
     )
 
 
-def forms(params: Params) -> list[dict[str, bool]]:
-    """Every combination of the auto levers' two forms."""
+def forms(params: Params) -> list[dict[str, bool | str]]:
+    """Every combination of the auto levers' forms."""
     names = auto_levers(params)
     return [
         dict(zip(names, values, strict=True))
-        for values in itertools.product((True, False), repeat=len(names))
+        for values in itertools.product(*(FORMS[name] for name in names))
     ]
 
 
 def images_per_second(params: Params, device: torch.device, n_classes: int, timed: int = TIMED) -> float:
-    """`timed` training steps of `params` (every lever a bool) on random data, after WARMUP: img/s."""
+    """`timed` training steps of `params` (no lever `auto`) on random data, after WARMUP: img/s."""
     from pipeline.gan.loop import _autocast, train_step
     from pipeline.gan.state import new_state
 

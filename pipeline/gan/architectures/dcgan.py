@@ -58,6 +58,7 @@ class Generator(nn.Module):
         n_classes: int = 0,
         by_matmul: bool = True,
         nhwc: bool = True,
+        upsample_by_taps: bool = False,
     ) -> None:
         super().__init__()
         self.latent_dim = latent_dim
@@ -72,7 +73,7 @@ class Generator(nn.Module):
         in_ch = dense_channels
         for out_ch in channels:  # 7 -> 14 -> 28
             layers += [
-                UpsampleConv(in_ch, out_ch, phased, by_matmul),
+                UpsampleConv(in_ch, out_ch, phased, by_matmul, upsample_by_taps),
                 keras_batch_norm(out_ch, bn_momentum, bn_eps),
                 nn.ReLU(inplace=True),
             ]
@@ -158,13 +159,14 @@ def build_generator(
     model: ModelParams,
     *,
     n_classes: int,
-    fast_upsample: bool = True,
+    fast_upsample: bool | str = True,
     fast_output: bool = True,
     fast_layout: bool = True,
     **_levers: bool,
 ) -> Generator:
     """The generator of `model` (conditional on `n_classes` with model.conditional); the flags choose
-    faster forms of the same function and, for inference on the CPU, channels-last activations."""
+    faster forms of the same function and, for inference on the CPU, channels-last activations;
+    `fast_upsample="taps"` trains the up-sampling on the CPU by tap products (UpsampleConv)."""
     sizes: DcganParams = model.dcgan
     return Generator(
         latent_dim=model.latent_dim,
@@ -172,8 +174,9 @@ def build_generator(
         channels=tuple(sizes.g_channels),
         bn_momentum=sizes.bn_momentum,
         bn_eps=sizes.bn_eps,
-        phased=fast_upsample,
-        by_matmul=fast_upsample,
+        phased=bool(fast_upsample),
+        by_matmul=fast_upsample is True,
+        upsample_by_taps=fast_upsample == "taps",
         by_taps=fast_output,
         n_classes=n_classes if model.conditional else 0,
         nhwc=fast_layout,
