@@ -1,10 +1,11 @@
 """The table behind `auto`: every form of the speed levers that may be `auto`, timed on this machine.
 
-`train.fast_upsample` (three forms), `train.fast_output` and `train.channels_last` (two each) compute
-the same function in every form (pipeline/gan/levers.py); `auto` times the twelve combinations over
-a few steps when a run first needs them. This script times them longer, the combinations alternating over the
-repeats (medians), at each batch, with params.yaml's model and precision, and says which one
-`auto` would keep and how far the defaults (true, true, false) are from it.
+`train.fast_upsample` (three forms), `train.fast_output` and `train.channels_last` (two each)
+compute the same function in every form (pipeline/gan/levers.py); `auto` times the twelve
+combinations over a few steps when a run first needs them. This script times them longer, the
+combinations alternating over the repeats (medians), at each batch, with params.yaml's model and
+precision, and says which one `auto` would keep and how far the defaults (true, true, false) are
+from it.
 
     python benchmarks/lever_forms.py                          # batches 32 and 128, 3 repeats of 30 steps
     python benchmarks/lever_forms.py --batch-sizes 32 --repeats 1 --steps 3    # a few seconds
