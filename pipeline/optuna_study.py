@@ -61,6 +61,11 @@ def suggest(trial: optuna.Trial, params: Params) -> dict[str, Any]:
     return values
 
 
+def reruns(trials: list[FrozenTrial]) -> dict[int, int]:
+    """Each trial that was queued again: its number -> its retry's (from the retries' Optuna history)."""
+    return {n: t.number for t in trials for n in t.system_attrs.get("retry_history", [])}
+
+
 def budget_used(trials: list[FrozenTrial], up_to: int | None = None) -> int:
     """Trials (numbered <= up_to) that count against `sweep.trials`.
 
@@ -68,7 +73,7 @@ def budget_used(trials: list[FrozenTrial], up_to: int | None = None) -> int:
     over budget do not count; every other trial does, running, waiting or failed alike
     (a diverged trial is a result, not a reason to train yet another one).
     """
-    skip = {n for t in trials for n in t.system_attrs.get("retry_history", [])}
+    skip = set(reruns(trials))
     skip |= {t.number for t in trials if t.user_attrs.get(OVER_BUDGET)}
     return sum(1 for t in trials if t.number not in skip and (up_to is None or t.number <= up_to))
 
@@ -101,7 +106,7 @@ def trial_seconds(trial: FrozenTrial) -> float | None:
 def table(trials: list[FrozenTrial], keys: list[str]) -> str:
     """The ranked table: rank, trial, state, FID (pruned: last quick FID @ step), seconds, params."""
     rows = [["rank", "trial", "state", "FID", "seconds", *keys]]
-    rerun = {n: t.number for t in trials for n in t.system_attrs.get("retry_history", [])}
+    rerun = reruns(trials)
     for rank, t in enumerate(ranked(trials), 1):
         fid = score_of(t)
         if t.state == TrialState.PRUNED and fid is not None:
@@ -274,7 +279,7 @@ def retries_due(trials: list[FrozenTrial], now: datetime.datetime, grace_s: floa
     after (the process doing it reports the child run to MLflow in between), so a process that looked between
     the two would report the study finished without the retry. Not for long: a retry that has not come after
     `grace_s` is not coming (the process queueing it died too)."""
-    queued = {n for t in trials for n in t.system_attrs.get("retry_history", [])}
+    queued = reruns(trials)
     return [
         t
         for t in trials
