@@ -64,6 +64,12 @@ class _PhaseProduct(torch.autograd.Function):
     """
 
     @staticmethod
+    def matrix(weight: torch.Tensor) -> torch.Tensor:
+        """The 3x3 conv's weight (out, in, 3, 3) as `forward`'s matrix."""
+        taps = _PHASE_TAPS.to(weight)
+        return torch.einsum("aty,bsx,oiyx->tsiabo", taps, taps, weight).reshape(4 * weight.shape[1], -1)
+
+    @staticmethod
     def forward(ctx: Any, x: torch.Tensor, matrix: torch.Tensor, bias: torch.Tensor) -> torch.Tensor:
         batch, channels, height, width = x.shape
         out = matrix.shape[1] // 4
@@ -176,6 +182,11 @@ class _TapProduct(torch.autograd.Function):
     """
 
     @staticmethod
+    def matrix(weight: torch.Tensor) -> torch.Tensor:
+        """The 3x3 conv's weight (out, in, 3, 3) as `forward`'s matrix (in; dy, dx, out)."""
+        return weight.permute(1, 2, 3, 0).reshape(weight.shape[1], -1)
+
+    @staticmethod
     def forward(ctx: Any, x: torch.Tensor, matrix: torch.Tensor, bias: torch.Tensor) -> torch.Tensor:
         batch, channels, height, width = x.shape
         out = matrix.shape[1] // 9
@@ -253,19 +264,16 @@ class UpsampleConv(nn.Module):
         if not self.phased:
             return self.conv(F.interpolate(x, scale_factor=2, mode="nearest"))
         dtype = torch.get_autocast_dtype("cpu") if torch.is_autocast_enabled("cpu") else x.dtype
-        if self.by_taps and self.training and x.device.type == "cpu":
+        product: type[_TapProduct] | type[_PhaseProduct] | None = None  # a matrix-product form (CPU training)
+        if self.training and x.device.type == "cpu":
+            if self.by_taps:
+                product = _TapProduct
+            elif self.by_matmul and dtype in self.matmul_dtypes:
+                product = _PhaseProduct
+        if product is not None:
             with torch.autocast("cpu", enabled=False):
-                weight = self.conv.weight
-                matrix = weight.permute(1, 2, 3, 0).reshape(weight.shape[1], -1)  # (in; dy, dx, out)
-                return _TapProduct.apply(x.to(dtype), matrix.to(dtype), self.conv.bias.to(dtype))
-        if self.by_matmul and self.training and x.device.type == "cpu" and dtype in self.matmul_dtypes:
-            with torch.autocast("cpu", enabled=False):
-                weight = self.conv.weight
-                taps = _PHASE_TAPS.to(weight)
-                matrix = torch.einsum("aty,bsx,oiyx->tsiabo", taps, taps, weight).reshape(
-                    4 * weight.shape[1], -1
-                )
-                return _PhaseProduct.apply(x.to(dtype), matrix.to(dtype), self.conv.bias.to(dtype))
+                matrix = product.matrix(self.conv.weight).to(dtype)
+                return product.apply(x.to(dtype), matrix, self.conv.bias.to(dtype))
         taps = _TAPS.to(self.conv.weight)
         kernel = torch.einsum("ty,sx,oiyx->iots", taps, taps, self.conv.weight)  # (in, out, 4, 4)
         return F.conv_transpose2d(x, kernel, self.conv.bias, stride=2, padding=1)
