@@ -4,6 +4,7 @@ from pathlib import Path
 
 import pytest
 import torch
+import torch.nn.functional as F
 
 from pipeline import files
 from pipeline.errors import UserError
@@ -208,6 +209,20 @@ def test_tap_conv_sums_bf16_taps_in_fp32() -> None:
     assert fast.dtype == torch.float32
     # No worse than the plain conv under autocast (whose inputs are rounded to bf16 alike).
     assert (fast.double() - exact).abs().max() <= 1.5 * (plain.double() - exact).abs().max()
+
+
+def test_tap_sum_backward_gives_autograd_s_gradient_bit_for_bit() -> None:
+    """_TapSum writes each tap's gradient once where autograd of the shifted slices zero-fills and adds."""
+    from pipeline.gan.layers import _TapSum
+
+    torch.manual_seed(0)
+    taps = torch.randn(2, 9 * 3, 5, 6).to(torch.bfloat16).requires_grad_()
+    y = _TapSum.apply(taps, 3)
+    padded = F.pad(taps, (1, 1, 1, 1)).unflatten(1, (9, 3)).float()
+    slices = sum(padded[:, 3 * dy + dx, :, dy : dy + 5, dx : dx + 6] for dy in range(3) for dx in range(3))
+    probe = torch.randn_like(y)
+    assert y.dtype == torch.float32 and torch.equal(y, slices)
+    assert torch.equal(*(torch.autograd.grad(out, taps, probe)[0] for out in (y, slices)))
 
 
 @pytest.mark.parametrize("p", [0.25, 0.3])  # a byte per element (256p whole), a float per element

@@ -191,13 +191,12 @@ class _TapProduct(torch.autograd.Function):
         batch, channels, height, width = x.shape
         out = matrix.shape[1] // 9
         pixels = x.permute(0, 2, 3, 1).reshape(batch, height * width, channels)
-        centre = torch.zeros(3, 3, out, dtype=x.dtype, device=x.device)
-        centre[1, 1] = bias
         chunk = max(1, _CHUNK_BYTES // (height * width * matrix.shape[1] * x.element_size()))
         y = x.new_empty(batch, height, 2, width, 2, out)
         for start in range(0, batch, chunk):
             part = slice(start, start + chunk)
-            taps = torch.addmm(centre.view(-1), pixels[part].flatten(0, 1), matrix)
+            taps = torch.mm(pixels[part].flatten(0, 1), matrix)
+            taps.view(-1, 9, out)[:, 4] += bias  # (addmm would first copy the bias to all nine taps)
             _spread_taps(taps.view(-1, height, width, 3, 3, out), y[part])
         ctx.save_for_backward(pixels, matrix)
         ctx.chunk, ctx.channels_last = chunk, not x.is_contiguous()
@@ -228,7 +227,8 @@ class _TapProduct(torch.autograd.Function):
             )
         if grad_matrix is not None:
             grad_matrix = grad_matrix.to(matrix.dtype)
-        grad_bias = grad.sum((0, 2, 3), dtype=wide).to(grad.dtype) if ctx.needs_input_grad[2] else None
+        # a bf16 sum accumulates in fp32 on the CPU (summing a copy widened to fp32 cost 3% of a step)
+        grad_bias = grad.sum((0, 2, 3)) if ctx.needs_input_grad[2] else None
         return grad_x, grad_matrix, grad_bias
 
 
@@ -295,16 +295,46 @@ class TapConv(nn.Conv2d):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if not self.by_taps:
             return super().forward(x)
-        out, height, width = self.out_channels, x.shape[-2], x.shape[-1]
+        out = self.out_channels
         kernel = self.weight.permute(2, 3, 0, 1).reshape(
             9 * out, self.in_channels, 1, 1
         )  # rows: (dy, dx, out)
-        taps = F.pad(F.conv2d(x, kernel), (1, 1, 1, 1)).unflatten(1, (9, out))
-        taps = taps.to(torch.promote_types(taps.dtype, torch.float32))  # sum bf16 taps in fp32
-        y = sum(
-            taps[:, 3 * dy + dx, :, dy : dy + height, dx : dx + width] for dy in range(3) for dx in range(3)
+        return _TapSum.apply(F.conv2d(x, kernel), out) + self.bias.view(1, -1, 1, 1)
+
+
+class _TapSum(torch.autograd.Function):
+    """taps (B, 9 out, H, W), the nine tap maps of a 3x3 "same" conv (rows: dy, dx, out) -> (B, out, H, W),
+    each output pixel the sum of the nine taps it reads, in fp32 (bf16 taps are widened first).
+
+    Autograd of the shifted slices would zero-fill a padded gradient for each tap and add the nine up;
+    the backward pass here writes each tap's gradient once: the same values, in a fraction of the time.
+    """
+
+    @staticmethod
+    def forward(ctx: Any, taps: torch.Tensor, out: int) -> torch.Tensor:
+        height, width = taps.shape[-2:]
+        padded = F.pad(taps, (1, 1, 1, 1)).unflatten(1, (9, out))
+        padded = padded.to(torch.promote_types(padded.dtype, torch.float32))
+        ctx.dtype = taps.dtype
+        return sum(
+            padded[:, 3 * dy + dx, :, dy : dy + height, dx : dx + width] for dy in range(3) for dx in range(3)
         )
-        return y + self.bias.view(1, -1, 1, 1)
+
+    @staticmethod
+    def backward(ctx: Any, grad: torch.Tensor) -> tuple[torch.Tensor, None]:
+        batch, out, height, width = grad.shape
+        taps = grad.new_zeros(batch, 3, 3, out, height, width, dtype=ctx.dtype)
+        for dy in range(3):  # tap (dy, dx) at pixel (p, q) reached output pixel (p - dy + 1, q - dx + 1)
+            rows, read_rows = _shifted(2 - dy, height), _shifted(dy, height)
+            for dx in range(3):
+                taps[:, dy, dx, :, rows, _shifted(2 - dx, width)] = grad[:, :, read_rows, _shifted(dx, width)]
+        return taps.view(batch, 9 * out, height, width), None
+
+
+def _shifted(tap: int, size: int) -> slice:
+    """The positions along an axis of `size` whose tap `tap` (0, 1, 2) lies inside: a 3-tap "same" window
+    reads position i + tap - 1."""
+    return slice(max(1 - tap, 0), size + min(1 - tap, 0))
 
 
 class Dropout(nn.Dropout):
@@ -313,8 +343,9 @@ class Dropout(nn.Dropout):
     The CPU's bernoulli_ and torch.rand draw a 32-bit number per element. Here one draw decides
     four elements, a byte each, kept when the byte is >= 256p: exactly probability 1 - p where
     256p is a whole number (the tutorial's 0.25 is); other rates draw one float per element.
-    The mask multiplies rather than selects (autograd's backward of torch.where is slow), and
-    the kept values are scaled by 1/(1-p) as in nn.Dropout. Other devices keep their fused kernel.
+    The mask multiplies rather than selects (autograd's backward of torch.where is slow), in x's
+    dtype (a bool mask would be cast again in every product, forward and backward), and the kept
+    values are scaled by 1/(1-p) as in nn.Dropout. Other devices keep their fused kernel.
     """
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -327,4 +358,4 @@ class Dropout(nn.Dropout):
             keep = draws.view(torch.uint8)[:n].view(x.shape) >= int(threshold)
         else:
             keep = torch.rand(x.shape, device=x.device) >= self.p
-        return (x * keep).mul_(1.0 / (1.0 - self.p))
+        return (x * keep.to(x.dtype)).mul_(1.0 / (1.0 - self.p))
