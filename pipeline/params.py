@@ -47,7 +47,7 @@ def _names(registry: dict[str, Any], *more: str) -> Any:
 class DataParams(Section):
     """Which images the pipeline learns: a published dataset, or your own."""
 
-    dataset: _names(DATASETS, OWN) = "mnist"  # type: ignore[valid-type]
+    dataset: _names(DATASETS, OWN) = "mnist"
     # own: an .npz of `images` (N, 28, 28) uint8 and `labels` (N,) in 0..K-1, or of train_*/test_* arrays
     path: str | None = None
     classes: (
@@ -128,7 +128,16 @@ class ClassifierParams(Section):
     min_accuracy: Annotated[float, Field(ge=0.0, le=1.0)] | None = None
 
 
-OrAuto = Literal[True, False, "auto"]  # a speed lever's two forms, or the faster one on this machine
+# The speed levers' forms, each computing the same function (gan/levers.py times them for `auto`);
+# a lever's param takes one of them, or `auto`: the faster one on this machine.
+LEVER_FORMS: dict[str, tuple[bool | str, ...]] = {
+    "fast_upsample": (True, False, "taps"),
+    "fast_output": (True, False),
+    "channels_last": (True, False),
+}
+UpsampleForm = Literal[(*LEVER_FORMS["fast_upsample"], "auto")]
+OutputForm = Literal[(*LEVER_FORMS["fast_output"], "auto")]
+LayoutForm = Literal[(*LEVER_FORMS["channels_last"], "auto")]
 # The watchdog's remedies (gan/watchdog.py applies them): D's learning rate halved; R1 on, or doubled.
 WATCHDOG_REMEDIES = ("halve_lr_d", "r1")
 
@@ -160,7 +169,7 @@ class TrainParams(Section):
     ema_warmup: Annotated[NonNegativeInt, RECIPE] = 0
     r1_gamma: Annotated[float, Field(ge=0.0, le=1e4), RECIPE] = 0.0
     r1_every: Annotated[PositiveInt, RECIPE, Added(off=1)] = 1  # lazy R1: every this many steps, gamma x it
-    augment: Annotated[Literal[AUGMENT_CHOICES], RECIPE] = "none"  # type: ignore[valid-type]
+    augment: Annotated[Literal[AUGMENT_CHOICES], RECIPE] = "none"
     # The collapse watchdog (gan/watchdog.py), off by default: a quick FID above watchdog_factor x the best
     # (looked at every watchdog_every steps) or a non-finite loss goes back to the best state with the next
     # of watchdog_remedies (names from WATCHDOG_REMEDIES); the collapse after watchdog_max_rescues stops it.
@@ -182,9 +191,9 @@ class TrainParams(Section):
     # Each of these three computes the same function in every form (phases of upsample+conv: 2.25x fewer
     # FLOPs, "taps": 4x fewer in CPU training; G's last conv as a 1x1 conv to its taps; NHWC); auto:
     # the faster here (gan/levers.py).
-    fast_upsample: Annotated[Literal[True, False, "taps", "auto"], LEVERS] = True
-    fast_output: Annotated[OrAuto, LEVERS] = True
-    channels_last: Annotated[OrAuto, LEVERS] = False
+    fast_upsample: Annotated[UpsampleForm, LEVERS] = True
+    fast_output: Annotated[OutputForm, LEVERS] = True
+    channels_last: Annotated[LayoutForm, LEVERS] = False
     fused_adam: Annotated[bool, LEVERS] = True  # one fused kernel for each Adam update (CUDA and CPU)
     compile: Annotated[bool, LEVERS] = False  # torch.compile the generator and discriminator
     sample_every: Annotated[PositiveInt, CADENCE] = 50

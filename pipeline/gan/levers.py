@@ -28,14 +28,9 @@ import torch
 from pipeline import data, lever_cache, machine
 from pipeline.gan.losses import LOSSES
 from pipeline.gan.remedies import Remedies
-from pipeline.params import Params
+from pipeline.params import LEVER_FORMS, Params
 
-# The params that may be `auto`, and the forms `auto` chooses from.
-FORMS: dict[str, tuple[bool | str, ...]] = {
-    "fast_upsample": (True, False, "taps"),
-    "fast_output": (True, False),
-    "channels_last": (True, False),
-}
+FORMS = LEVER_FORMS  # the params that may be `auto`, and the forms `auto` chooses from (params.py)
 AUTO_LEVERS = tuple(FORMS)
 WARMUP, TIMED = 3, 8  # training steps per form: untimed (allocation, kernel choice), then timed
 ROUNDS = 3  # the forms take turns this many times; each keeps its median (a busy moment hits one round)
