@@ -51,6 +51,11 @@ def _zero_border(t: torch.Tensor, top: int, left: int, height: int, width: int) 
     t[:, top : top + height, left + width :] = 0
 
 
+def _layout(x: torch.Tensor) -> torch.memory_format:
+    """The memory format of an NCHW tensor that is contiguous or channels-last: its gradient's."""
+    return torch.contiguous_format if x.is_contiguous() else torch.channels_last
+
+
 class _PhaseProduct(torch.autograd.Function):
     """x (B, C, H, W) -> (B, out, 2H, 2W), channels-last in memory: every 2x2 window of the padded
     input times `matrix` (4C, 4 out; rows: window tap dy, dx, channel; columns: phase a, b, channel)
@@ -97,7 +102,7 @@ class _PhaseProduct(torch.autograd.Function):
                 torch.add(phases[:, a : a + height, b : b + width, a, b], bias, out=pixels[:, :, a, :, b])
         ctx.save_for_backward(windows, matrix)
         ctx.dims = batch, channels, height, width, out
-        ctx.channels_last = not x.is_contiguous()
+        ctx.layout = _layout(x)
         return y.permute(0, 3, 1, 2)
 
     @staticmethod
@@ -118,9 +123,7 @@ class _PhaseProduct(torch.autograd.Function):
             for tap, offset in enumerate((0, 1, row, row + 1)):
                 flat[offset : offset + n].addmm_(phases, matrix[tap * channels : (tap + 1) * channels].t())
             grad_x = flat.view(batch, height + 2, row, channels)[:, 1:-1, 1:-1].permute(0, 3, 1, 2)
-            grad_x = grad_x.contiguous(
-                memory_format=torch.channels_last if ctx.channels_last else torch.contiguous_format
-            )
+            grad_x = grad_x.contiguous(memory_format=ctx.layout)
         if ctx.needs_input_grad[1]:
             grad_matrix = windows.t() @ phases
         if ctx.needs_input_grad[2]:
@@ -199,7 +202,7 @@ class _TapProduct(torch.autograd.Function):
             taps.view(-1, 9, out)[:, 4] += bias  # (addmm would first copy the bias to all nine taps)
             _spread_taps(taps.view(-1, height, width, 3, 3, out), y[part])
         ctx.save_for_backward(pixels, matrix)
-        ctx.chunk, ctx.channels_last = chunk, not x.is_contiguous()
+        ctx.chunk, ctx.layout = chunk, _layout(x)
         return y.view(batch, 2 * height, 2 * width, out).permute(0, 3, 1, 2)
 
     @staticmethod
@@ -222,9 +225,7 @@ class _TapProduct(torch.autograd.Function):
                 grad_matrix += pixels[part].flatten(0, 1).t() @ taps
         if grad_x is not None:
             grad_x = grad_x.view(batch, height // 2, width // 2, channels).permute(0, 3, 1, 2)
-            grad_x = grad_x.contiguous(
-                memory_format=torch.channels_last if ctx.channels_last else torch.contiguous_format
-            )
+            grad_x = grad_x.contiguous(memory_format=ctx.layout)
         if grad_matrix is not None:
             grad_matrix = grad_matrix.to(matrix.dtype)
         # a bf16 sum accumulates in fp32 on the CPU (summing a copy widened to fp32 cost 3% of a step)
