@@ -24,6 +24,7 @@ from pipeline.sections import (
     BUDGET,
     CADENCE,
     DEVICE,
+    LEVER_TYPES,
     LEVERS,
     OPTIMISER,
     RECIPE,
@@ -128,16 +129,6 @@ class ClassifierParams(Section):
     min_accuracy: Annotated[float, Field(ge=0.0, le=1.0)] | None = None
 
 
-# The speed levers' forms, each computing the same function (gan/levers.py times them for `auto`);
-# a lever's param takes one of them, or `auto`: the faster one on this machine.
-LEVER_FORMS: dict[str, tuple[bool | str, ...]] = {
-    "fast_upsample": (True, False, "taps"),
-    "fast_output": (True, False),
-    "channels_last": (True, False),
-}
-UpsampleForm = Literal[(*LEVER_FORMS["fast_upsample"], "auto")]
-OutputForm = Literal[(*LEVER_FORMS["fast_output"], "auto")]
-LayoutForm = Literal[(*LEVER_FORMS["channels_last"], "auto")]
 # The watchdog's remedies (gan/watchdog.py applies them): D's learning rate halved; R1 on, or doubled.
 WATCHDOG_REMEDIES = ("halve_lr_d", "r1")
 
@@ -191,9 +182,9 @@ class TrainParams(Section):
     # Each of these three computes the same function in every form (phases of upsample+conv: 2.25x fewer
     # FLOPs, "taps": 4x fewer in CPU training; G's last conv as a 1x1 conv to its taps; NHWC); auto:
     # the faster here (gan/levers.py).
-    fast_upsample: Annotated[UpsampleForm, LEVERS] = True
-    fast_output: Annotated[OutputForm, LEVERS] = True
-    channels_last: Annotated[LayoutForm, LEVERS] = False
+    fast_upsample: Annotated[LEVER_TYPES["fast_upsample"], LEVERS] = True
+    fast_output: Annotated[LEVER_TYPES["fast_output"], LEVERS] = True
+    channels_last: Annotated[LEVER_TYPES["channels_last"], LEVERS] = False
     fused_adam: Annotated[bool, LEVERS] = True  # one fused kernel for each Adam update (CUDA and CPU)
     compile: Annotated[bool, LEVERS] = False  # torch.compile the generator and discriminator
     sample_every: Annotated[PositiveInt, CADENCE] = 50

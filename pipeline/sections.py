@@ -20,6 +20,14 @@ Probability = Annotated[float, Field(ge=0.0, lt=1.0)]
 LearningRate = Annotated[float, Field(gt=0.0, le=1.0)]
 Beta = Annotated[float, Field(ge=0.0, lt=1.0)]
 Device = Literal["auto", "cpu", "cuda", "mps"]
+# The speed levers' forms, each computing the same function (gan/levers.py times them for `auto`),
+# and each lever's param type: one of its forms, or `auto`, the faster one on this machine.
+LEVER_FORMS: dict[str, tuple[bool | str, ...]] = {
+    "fast_upsample": (True, False, "taps"),
+    "fast_output": (True, False),
+    "channels_last": (True, False),
+}
+LEVER_TYPES: dict[str, Any] = {name: Literal[(*forms, "auto")] for name, forms in LEVER_FORMS.items()}
 
 
 @dataclass(frozen=True)

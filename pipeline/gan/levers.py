@@ -28,9 +28,10 @@ import torch
 from pipeline import data, lever_cache, machine
 from pipeline.gan.losses import LOSSES
 from pipeline.gan.remedies import Remedies
-from pipeline.params import LEVER_FORMS, Params
+from pipeline.params import Params
+from pipeline.sections import LEVER_FORMS
 
-FORMS = LEVER_FORMS  # the params that may be `auto`, and the forms `auto` chooses from (params.py)
+FORMS = LEVER_FORMS  # the params that may be `auto`, and the forms `auto` chooses from (sections.py)
 AUTO_LEVERS = tuple(FORMS)
 WARMUP, TIMED = 3, 8  # training steps per form: untimed (allocation, kernel choice), then timed
 ROUNDS = 3  # the forms take turns this many times; each keeps its median (a busy moment hits one round)
